@@ -1,0 +1,20 @@
+//! gemini-balancer: a Gemini API gateway that rotates many real keys behind
+//! one client token, steers around rate-limited and dead keys, and routes
+//! every request that uses an uploaded file to the key that owns it.
+
+pub mod auth;
+pub mod error;
+pub mod files;
+pub mod gateway;
+pub mod identity;
+pub mod keys;
+pub mod migrations;
+pub mod pipeline;
+pub mod routes;
+pub mod session;
+pub mod settings;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod upload;
+pub mod upstream;

@@ -1,0 +1,264 @@
+//! How one request travels, in order:
+//!
+//! 1. **pin** — a request that references files goes to the key owning them
+//!    (409 when they have different owners); else a request with a session
+//!    goes to the session's key; else it is unpinned.
+//! 2. **choose key** — the pin, or the next healthy key by shared rotation.
+//! 3. **build** — the client's forwardable headers and query, the real key.
+//! 4. **send** — the buffered body (small JSON, so it can be re-sent).
+//! 5. **classify** — a success streams straight back to the client; an error
+//!    body is read (bounded) to learn what it says about the key.
+//! 6. **record** — cooldowns and disabled keys go to the shared store; an
+//!    unpinned request moves to another key on 429, 5xx or a transport error,
+//!    up to `GB_MAX_RETRIES` times.
+
+use std::time::Instant;
+
+use actix_web::body::SizedStream;
+use actix_web::http::header::HeaderMap;
+use actix_web::http::{Method, StatusCode};
+use actix_web::HttpResponse;
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+
+use crate::error::{ApiError, Flavor};
+use crate::files;
+use crate::gateway::Gateway;
+use crate::keys::{classify, ApiKey, NoKey};
+use crate::session::{self, BindError, Session};
+use crate::store::now_ms;
+use crate::upstream::{response_forwardable, KeyStyle, Upstream};
+
+/// Largest upstream error body read to classify an answer.
+const ERROR_BODY_LIMIT: usize = 1 << 20;
+
+/// One client request, parsed at the edge.
+pub struct Call {
+    pub flavor: Flavor,
+    pub method: Method,
+    /// Upstream path, without any `/session/{sid}` prefix.
+    pub path: String,
+    /// Query string without the client's token and session id.
+    pub query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub session: Option<Session>,
+    pub key_style: KeyStyle,
+}
+
+impl Call {
+    pub fn path_and_query(&self) -> String {
+        if self.query.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{}?{}", self.path, self.query)
+        }
+    }
+}
+
+/// Why a request is bound to one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinReason {
+    File,
+    Session,
+}
+
+/// Step 1: the key a request must use, if any.
+pub async fn pin<'g>(
+    gw: &'g Gateway,
+    body: &[u8],
+    session: Option<&Session>,
+    flavor: Flavor,
+) -> Result<Option<(&'g ApiKey, PinReason)>, ApiError> {
+    let refs = files::scan_refs(body);
+    if !refs.is_empty() {
+        let records = files::owners(gw.store(), &refs)
+            .await
+            .map_err(|e| store_down(e, flavor))?;
+        let mut owners: Vec<(&str, &str)> = refs
+            .iter()
+            .zip(&records)
+            .filter_map(|(name, rec)| rec.as_ref().map(|r| (name.as_str(), r.key.as_str())))
+            .collect();
+        owners.sort_by_key(|(_, key)| *key);
+        let mut keys: Vec<&str> = owners.iter().map(|(_, k)| *k).collect();
+        keys.dedup();
+        match keys.as_slice() {
+            [] => {}
+            [one] => {
+                if let Some(key) = gw.keys.by_id(one) {
+                    return Ok(Some((key, PinReason::File)));
+                }
+            }
+            _ => {
+                let names: Vec<&str> = owners.iter().map(|(n, _)| *n).collect();
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "The files {} were uploaded under different API keys and cannot be used \
+                         in one request. Upload files that are used together with one session id \
+                         (X-Session-Id header or the /session/{{id}} base URL).",
+                        names.join(", ")
+                    ),
+                )
+                .flavor(flavor));
+            }
+        }
+    }
+    if let Some(s) = session {
+        return match session::resolve(gw.store(), &gw.keys, s, gw.settings.session_ttl).await {
+            Ok(key) => Ok(Some((key, PinReason::Session))),
+            Err(BindError::Store(e)) => Err(store_down(e, flavor)),
+            Err(BindError::NoKey(no)) => Err(no.into_error().flavor(flavor)),
+        };
+    }
+    Ok(None)
+}
+
+pub fn store_down(e: crate::store::StoreError, flavor: Flavor) -> ApiError {
+    tracing::warn!(error = %e, "state store unavailable for a request that needs a binding");
+    ApiError::store_unavailable().flavor(flavor)
+}
+
+/// The upstream answer of a request that succeeded on some key.
+pub struct Served<'g> {
+    pub key: &'g ApiKey,
+    pub response: awc::ClientResponse,
+}
+
+/// Steps 2–6 for a request with a buffered body. `Ok(Err(response))` is an
+/// upstream error answer, passed on as Google gave it.
+pub async fn send<'g>(
+    gw: &'g Gateway,
+    up: &Upstream,
+    call: &Call,
+    pinned: Option<&'g ApiKey>,
+) -> Result<Result<Served<'g>, HttpResponse>, ApiError> {
+    let attempts = if pinned.is_some() {
+        1
+    } else {
+        gw.settings.max_retries + 1
+    };
+    let target = call.path_and_query();
+    let mut tried: Vec<String> = Vec::new();
+    let mut last: Option<HttpResponse> = None;
+    for attempt in 0..attempts {
+        let key = match pinned {
+            Some(key) => key,
+            None => match gw.keys.next(gw.store(), &tried).await {
+                Ok(key) => key,
+                Err(NoKey::Exhausted) if last.is_some() => break,
+                Err(no) => return Err(no.into_error().flavor(call.flavor)),
+            },
+        };
+        let started = Instant::now();
+        let sent = up
+            .request(
+                call.method.clone(),
+                &target,
+                &call.headers,
+                Some(key),
+                call.key_style,
+            )
+            .send_body(call.body.clone())
+            .await;
+        let mut resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => {
+                let err = transport_error(&e).flavor(call.flavor);
+                tracing::warn!(key_id = %key.id, attempt, error = %e, "upstream unreachable");
+                if pinned.is_some() {
+                    return Err(err);
+                }
+                tried.push(key.id.clone());
+                last = Some(actix_web::ResponseError::error_response(&err));
+                continue;
+            }
+        };
+        let status = resp.status();
+        if status.is_success() {
+            tracing::debug!(key_id = %key.id, status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "upstream answered");
+            return Ok(Ok(Served {
+                key,
+                response: resp,
+            }));
+        }
+        let body = resp
+            .body()
+            .limit(ERROR_BODY_LIMIT)
+            .await
+            .unwrap_or_default();
+        let outcome = classify(status, &body, now_ms());
+        gw.keys.record(gw.store(), key, &outcome).await;
+        tracing::info!(key_id = %key.id, status = status.as_u16(), attempt, outcome = ?outcome, "upstream error");
+        let response = buffered_back(status, resp.headers(), body);
+        if pinned.is_none() && outcome.retryable(status) {
+            tried.push(key.id.clone());
+            last = Some(response);
+            continue;
+        }
+        return Ok(Err(response));
+    }
+    Ok(Err(last.unwrap_or_else(|| {
+        actix_web::ResponseError::error_response(&NoKey::Exhausted.into_error().flavor(call.flavor))
+    })))
+}
+
+/// A whole proxied request: pin, send with retries, stream the answer back.
+pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResponse, ApiError> {
+    let pinned = pin(gw, &call.body, call.session.as_ref(), call.flavor).await?;
+    Ok(match send(gw, up, &call, pinned.map(|(k, _)| k)).await? {
+        Ok(served) => stream_back(served.response),
+        Err(response) => response,
+    })
+}
+
+pub fn transport_error(e: &awc::error::SendRequestError) -> ApiError {
+    match e {
+        awc::error::SendRequestError::Timeout => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "The upstream did not answer in time.",
+        ),
+        _ => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "The upstream could not be reached.",
+        ),
+    }
+}
+
+fn copy_headers(builder: &mut actix_web::HttpResponseBuilder, headers: &HeaderMap) {
+    for (name, value) in headers {
+        if response_forwardable(name) {
+            builder.append_header((name.clone(), value.clone()));
+        }
+    }
+}
+
+/// A successful upstream answer, streamed to the client chunk by chunk as it
+/// arrives (SSE included), never buffered.
+pub fn stream_back<S>(resp: awc::ClientResponse<S>) -> HttpResponse
+where
+    S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
+{
+    let mut builder = HttpResponse::build(resp.status());
+    copy_headers(&mut builder, resp.headers());
+    let length = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = resp.inspect_err(|e| {
+        tracing::warn!(error = %e, "upstream body ended with an error; the client's response is cut short");
+    });
+    match length {
+        Some(len) => builder.body(SizedStream::new(len, body)),
+        None => builder.streaming(body),
+    }
+}
+
+/// An upstream answer that was read to classify it, passed on unchanged.
+pub fn buffered_back(status: StatusCode, headers: &HeaderMap, body: Bytes) -> HttpResponse {
+    let mut builder = HttpResponse::build(status);
+    copy_headers(&mut builder, headers);
+    builder.body(body)
+}

@@ -1,0 +1,147 @@
+//! `/{ver}/files…`: the Files API, routed to the key that owns each file and
+//! visible only to the client token that uploaded it.
+
+use actix_web::http::{Method, StatusCode};
+use actix_web::{HttpRequest, HttpResponse};
+use bytes::Bytes;
+use futures_util::future::join_all;
+use serde_json::{json, Value};
+
+use super::{authorize, Edge};
+use crate::error::{ApiError, Flavor};
+use crate::files;
+use crate::gateway::Gateway;
+use crate::pipeline::{self, stream_back};
+use crate::upstream::{query_param, KeyStyle, Upstream};
+
+const FLAVOR: Flavor = Flavor::Gemini;
+const DEFAULT_PAGE: usize = 10;
+const MAX_PAGE: usize = 100;
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("File {name} was not found. It may have expired, or it was not uploaded through this gateway with this token."),
+    )
+}
+
+pub async fn handle(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    edge: &Edge,
+    ver: &str,
+    rest: &[String],
+) -> Result<HttpResponse, ApiError> {
+    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    match rest {
+        [] if req.method() == Method::GET => list(gw, up, req, edge, ver, &token.id).await,
+        [id] => {
+            // `files/{id}` or `files/{id}:download`
+            let bare = id.split(':').next().unwrap_or("");
+            if !files::valid_file_id(bare) {
+                return Err(ApiError::bad_request(
+                    "A file id is 1-40 characters of a-z, 0-9 and -.",
+                ));
+            }
+            let name = format!("files/{bare}");
+            let record = files::owner(gw.store(), &name)
+                .await
+                .map_err(|e| pipeline::store_down(e, FLAVOR))?
+                .filter(|r| r.owner == token.id)
+                .ok_or_else(|| not_found(&name))?;
+            let key = gw.keys.by_id(&record.key).ok_or_else(|| not_found(&name))?;
+            let query = edge.forward_query();
+            let target = if query.is_empty() {
+                edge.path.clone()
+            } else {
+                format!("{}?{query}", edge.path)
+            };
+            let method = req.method().clone();
+            let resp = up
+                .request(
+                    method.clone(),
+                    &target,
+                    req.headers(),
+                    Some(key),
+                    KeyStyle::GoogHeader,
+                )
+                .send()
+                .await
+                .map_err(|e| pipeline::transport_error(&e))?;
+            if method == Method::DELETE && resp.status().is_success() {
+                if let Err(e) = files::forget(gw.store(), &name, &token.id).await {
+                    tracing::warn!(file = %name, error = %e, "deleted upstream but the binding stays until it expires");
+                }
+            }
+            Ok(stream_back(resp))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} is not supported on {}.", req.method(), req.uri().path()),
+        )),
+    }
+}
+
+/// The calling token's files, newest first, paged with the gateway's own
+/// page tokens; metadata fetched from each file's owner key concurrently.
+async fn list(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    edge: &Edge,
+    ver: &str,
+    token_id: &str,
+) -> Result<HttpResponse, ApiError> {
+    let page_size = query_param(&edge.query, "pageSize")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_PAGE)
+        .min(MAX_PAGE);
+    let offset = match query_param(&edge.query, "pageToken").filter(|t| !t.is_empty()) {
+        Some(t) => t
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request("Invalid pageToken."))?,
+        None => 0,
+    };
+    let names = files::of_token(gw.store(), token_id)
+        .await
+        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+    let page: Vec<String> = names.iter().skip(offset).take(page_size).cloned().collect();
+    let records = files::owners(gw.store(), &page)
+        .await
+        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+    let fetches = page.iter().zip(records).map(|(name, record)| async move {
+        let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
+        let mut resp = up
+            .request(
+                Method::GET,
+                &format!("/{ver}/{name}"),
+                req.headers(),
+                Some(key),
+                KeyStyle::GoogHeader,
+            )
+            .send()
+            .await
+            .ok()?;
+        if !resp.status().is_success() {
+            if resp.status() == StatusCode::NOT_FOUND || resp.status() == StatusCode::FORBIDDEN {
+                let _ = files::forget(gw.store(), name, token_id).await;
+            }
+            return None;
+        }
+        let body: Bytes = resp.body().limit(1 << 20).await.ok()?;
+        serde_json::from_slice::<Value>(&body).ok()
+    });
+    let found: Vec<Value> = join_all(fetches).await.into_iter().flatten().collect();
+    let mut out = json!({});
+    if !found.is_empty() {
+        out["files"] = Value::Array(found);
+    }
+    if offset + page_size < names.len() {
+        out["nextPageToken"] = Value::String((offset + page_size).to_string());
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("application/json; charset=UTF-8")
+        .body(out.to_string()))
+}

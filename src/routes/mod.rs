@@ -1,0 +1,246 @@
+//! The HTTP surface. Operational routes are registered with actix; every API
+//! route goes through [`dispatch`], which mirrors Google's URL layout (with an
+//! optional `/session/{sid}` prefix) and hands each request to a thin handler.
+
+use actix_web::http::header::HeaderMap;
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+
+use crate::auth::Auth;
+use crate::error::{ApiError, Flavor};
+use crate::gateway::Gateway;
+use crate::identity::ClientToken;
+use crate::pipeline::{self, Call};
+use crate::session::{self, Session};
+use crate::upstream::{filtered_query, query_param, KeyStyle, Upstream};
+
+pub mod files;
+pub mod health;
+pub mod openai;
+pub mod upload;
+
+pub const VERSIONS: [&str; 3] = ["v1", "v1beta", "v1alpha"];
+
+/// Methods that generate content must be called with POST.
+const POST_ACTIONS: [&str; 5] = [
+    ":generateContent",
+    ":streamGenerateContent",
+    ":countTokens",
+    ":embedContent",
+    ":batchEmbedContents",
+];
+
+/// What the edge learned from a request before any handler runs.
+pub struct Edge {
+    /// `/session/{sid}` as the client sent it, or empty.
+    pub prefix: String,
+    /// The path after the prefix, as Google would see it.
+    pub path: String,
+    pub query: String,
+    pub session: Option<Session>,
+}
+
+impl Edge {
+    fn parse(req: &HttpRequest) -> Result<Self, ApiError> {
+        let full = req.uri().path();
+        if full
+            .split('/')
+            .any(|seg| seg == ".." || seg == "." || seg.to_ascii_lowercase().contains("%2e%2e"))
+        {
+            return Err(ApiError::bad_request(
+                "Path segments '.' and '..' are not allowed.",
+            ));
+        }
+        let (prefix, path_sid, path) = match full.strip_prefix("/session/") {
+            Some(rest) => {
+                let (sid, tail) = rest.split_once('/').unwrap_or((rest, ""));
+                let prefix_len = "/session/".len() + sid.len();
+                (
+                    full[..prefix_len].to_string(),
+                    Some(sid.to_string()),
+                    format!("/{tail}"),
+                )
+            }
+            None => (String::new(), None, full.to_string()),
+        };
+        let query = req.query_string().to_string();
+        let header_sid = req
+            .headers()
+            .get("x-session-id")
+            .and_then(|v| v.to_str().ok());
+        let query_sid = query_param(&query, "session_id");
+        let session = session::pick(path_sid.as_deref(), header_sid, query_sid.as_deref());
+        Ok(Edge {
+            prefix,
+            path,
+            query,
+            session,
+        })
+    }
+
+    pub fn segments(&self) -> Vec<&str> {
+        self.path.split('/').filter(|s| !s.is_empty()).collect()
+    }
+
+    pub fn query_key(&self) -> Option<String> {
+        query_param(&self.query, "key")
+    }
+
+    pub fn forward_query(&self) -> String {
+        filtered_query(&self.query)
+    }
+}
+
+/// Authenticates the client; the token's id is all the rest of the request sees.
+pub fn authorize<'a>(
+    auth: &'a Auth,
+    headers: &HeaderMap,
+    edge: &Edge,
+    flavor: Flavor,
+) -> Result<&'a ClientToken, ApiError> {
+    let query_key = edge.query_key();
+    auth.verify(Auth::presented(headers, query_key.as_deref()))
+        .map_err(|e| e.flavor(flavor))
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes.
+pub async fn read_body(
+    mut payload: web::Payload,
+    headers: &HeaderMap,
+    limit: usize,
+    flavor: Flavor,
+) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("The request body is larger than the gateway's limit of {limit} bytes."),
+        )
+        .flavor(flavor)
+    };
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request(format!("The request body could not be read: {e}")).flavor(flavor)
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Rejects a body that claims to be JSON but is not, before it costs an
+/// upstream call.
+fn check_json(body: &[u8], headers: &HeaderMap, flavor: Flavor) -> Result<(), ApiError> {
+    let is_json = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| ct.to_ascii_lowercase().contains("json"));
+    if !is_json || body.is_empty() {
+        return Ok(());
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map(|_| ())
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "Invalid JSON payload received: line {} column {}.",
+                e.line(),
+                e.column()
+            ))
+            .flavor(flavor)
+        })
+}
+
+/// Every API route.
+pub async fn dispatch(
+    req: HttpRequest,
+    payload: web::Payload,
+    gw: web::Data<Gateway>,
+    up: web::Data<Upstream>,
+) -> Result<HttpResponse, ApiError> {
+    let edge = Edge::parse(&req)?;
+    let segs = edge.segments();
+    let method = req.method().clone();
+    match segs.as_slice() {
+        ["upload", ver, "files"] if VERSIONS.contains(ver) => {
+            let ver = ver.to_string();
+            upload::handle(&gw, &up, &req, payload, &edge, &ver).await
+        }
+        [ver, "openai", ..] if VERSIONS.contains(ver) => {
+            let path = edge.path.clone();
+            openai::handle(&gw, &up, &req, payload, &edge, path).await
+        }
+        ["v1", "chat", "completions"] | ["v1", "embeddings"] => {
+            let path = format!("/v1beta/openai{}", &edge.path["/v1".len()..]);
+            openai::handle(&gw, &up, &req, payload, &edge, path).await
+        }
+        ["v1", "models", ..] if openai::is_openai_client(req.headers()) => {
+            let path = format!("/v1beta/openai{}", &edge.path["/v1".len()..]);
+            openai::handle(&gw, &up, &req, payload, &edge, path).await
+        }
+        [ver, "files", rest @ ..] if VERSIONS.contains(ver) && method != Method::POST => {
+            let ver = ver.to_string();
+            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            files::handle(&gw, &up, &req, &edge, &ver, &rest).await
+        }
+        [ver, ..] if VERSIONS.contains(ver) => native(&gw, &up, &req, payload, &edge).await,
+        _ => Err(ApiError::not_found(format!(
+            "No route for {} {}. The gateway serves Google's layout: /v1beta/models/..., \
+             /upload/v1beta/files, /v1beta/openai/... (also under /session/{{id}}/).",
+            method,
+            req.uri().path()
+        ))),
+    }
+}
+
+/// Native Gemini routes: models, generate, stream, count, embed, and every
+/// other `/{ver}/…` path, forwarded with rotation and file routing.
+async fn native(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+) -> Result<HttpResponse, ApiError> {
+    let flavor = Flavor::Gemini;
+    if let Some(action) = POST_ACTIONS.iter().find(|a| edge.path.ends_with(**a)) {
+        if req.method() != Method::POST {
+            return Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "{} must be called with POST, not {}.",
+                    &action[1..],
+                    req.method()
+                ),
+            ));
+        }
+    }
+    authorize(&gw.auth, req.headers(), edge, flavor)?;
+    let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, flavor).await?;
+    check_json(&body, req.headers(), flavor)?;
+    pipeline::forward(
+        gw,
+        up,
+        Call {
+            flavor,
+            method: req.method().clone(),
+            path: edge.path.clone(),
+            query: edge.forward_query(),
+            headers: req.headers().clone(),
+            body,
+            session: edge.session.clone(),
+            key_style: KeyStyle::GoogHeader,
+        },
+    )
+    .await
+}

@@ -1,0 +1,358 @@
+//! `/upload/{ver}/files`: resumable uploads (start, chunks, finalize, status
+//! query) and single-shot `raw`/`multipart` uploads.
+//!
+//! The start is sent upstream with the session's key (or the next key); the
+//! client gets back the gateway's own upload URL, whose unguessable id is
+//! the credential for the chunks, which may arrive on any replica with no
+//! key at all. Chunk bodies are streamed upstream, never held in memory and
+//! never parsed, whatever their `Content-Type`.
+
+use actix_web::body::SizedStream;
+use actix_web::http::header::{HeaderMap, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+
+use super::{authorize, read_body, Edge};
+use crate::error::{ApiError, Flavor};
+use crate::files::{self, FileRecord};
+use crate::gateway::Gateway;
+use crate::pipeline::{self, buffered_back, stream_back, transport_error, Call};
+use crate::upload::{self, Commands, UploadRecord};
+use crate::upstream::{query_param, KeyStyle, Upstream};
+
+const FLAVOR: Flavor = Flavor::Upload;
+const FINAL_BODY_LIMIT: usize = 1 << 20;
+
+fn upload_error(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError::new(status, message).flavor(FLAVOR)
+}
+
+pub async fn handle(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+    ver: &str,
+) -> Result<HttpResponse, ApiError> {
+    if let Some(id) = query_param(&edge.query, "upload_id") {
+        return chunk(gw, up, req, payload, &id).await;
+    }
+    if req.method() != Method::POST {
+        return Err(upload_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Uploads start with POST; chunks go to the upload URL the start returned.",
+        ));
+    }
+    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    let owner = token.id.clone();
+    let protocol = header(req.headers(), "x-goog-upload-protocol")
+        .or_else(|| query_param(&edge.query, "uploadType"))
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if protocol == "resumable" {
+        let commands = commands(req.headers())?;
+        if !commands.start {
+            return Err(upload_error(
+                StatusCode::BAD_REQUEST,
+                "A resumable upload starts with X-Goog-Upload-Command: start.",
+            ));
+        }
+        start(gw, up, req, payload, edge, ver, owner).await
+    } else {
+        single_shot(gw, up, req, payload, edge, ver, owner).await
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string())
+}
+
+fn commands(headers: &HeaderMap) -> Result<Commands, ApiError> {
+    let raw = header(headers, "x-goog-upload-command").unwrap_or_default();
+    Commands::parse(&raw).map_err(|m| upload_error(StatusCode::BAD_REQUEST, m))
+}
+
+/// Resumable start: open the upstream session, keep its URL in the store,
+/// and hand the client the gateway's own URL for it.
+async fn start(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+    ver: &str,
+    owner: String,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, FLAVOR).await?;
+    let call = Call {
+        flavor: FLAVOR,
+        method: Method::POST,
+        path: format!("/upload/{ver}/files"),
+        query: edge.forward_query(),
+        headers: req.headers().clone(),
+        body,
+        session: edge.session.clone(),
+        key_style: KeyStyle::GoogHeader,
+    };
+    let pinned = pipeline::pin(gw, &[], call.session.as_ref(), FLAVOR).await?;
+    let mut served = match pipeline::send(gw, up, &call, pinned.map(|(k, _)| k)).await? {
+        Ok(served) => served,
+        Err(response) => return Ok(ensure_final(response)),
+    };
+    let Some(upstream_url) = header(served.response.headers(), "x-goog-upload-url") else {
+        return Ok(stream_back(served.response));
+    };
+    let id = upload::new_upload_id().map_err(|_| {
+        upload_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "No randomness available for an upload id.",
+        )
+    })?;
+    let record = UploadRecord {
+        key: served.key.id.clone(),
+        url: upload::strip_key_param(&upstream_url),
+        session: edge.session.as_ref().map(|s| s.id.to_string()),
+        owner,
+    };
+    upload::save(gw.store(), &id, &record, gw.settings.upload_ttl)
+        .await
+        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+    let ours = format!(
+        "{}{}/upload/{ver}/files?upload_id={id}&upload_protocol=resumable",
+        public_base(gw, req),
+        edge.prefix
+    );
+    tracing::info!(key_id = %served.key.id, session = record.session.as_deref().unwrap_or(""), "resumable upload started");
+    let status = served.response.status();
+    let headers = served.response.headers().clone();
+    let body = served
+        .response
+        .body()
+        .limit(FINAL_BODY_LIMIT)
+        .await
+        .unwrap_or_default();
+    let mut response = buffered_back(status, &headers, body);
+    if let Ok(v) = HeaderValue::from_str(&ours) {
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("x-goog-upload-url"),
+            v,
+        );
+    }
+    Ok(response)
+}
+
+/// The gateway's externally visible base URL: `GB_PUBLIC_URL`, else the
+/// request's scheme and `Host` (or, behind a trusted proxy,
+/// `X-Forwarded-Proto`/`-Host`/`-Prefix`).
+fn public_base(gw: &Gateway, req: &HttpRequest) -> String {
+    if let Some(url) = &gw.settings.public_url {
+        return url.clone();
+    }
+    let headers = req.headers();
+    let safe = |v: String| {
+        (!v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b)))
+        .then_some(v)
+    };
+    let forwarded = |name: &str| {
+        gw.settings
+            .trust_forwarded
+            .then(|| header(headers, name))
+            .flatten()
+            .map(|v| v.split(',').next().unwrap_or("").trim().to_string())
+    };
+    let scheme = forwarded("x-forwarded-proto")
+        .filter(|p| p == "http" || p == "https")
+        .unwrap_or_else(|| {
+            if req.app_config().secure() {
+                "https".into()
+            } else {
+                "http".into()
+            }
+        });
+    let host = forwarded("x-forwarded-host")
+        .and_then(safe)
+        .or_else(|| header(headers, "host").and_then(safe))
+        .unwrap_or_else(|| req.app_config().host().to_string());
+    let prefix = forwarded("x-forwarded-prefix")
+        .filter(|p| {
+            p.starts_with('/')
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
+        })
+        .map(|p| p.trim_end_matches('/').to_string())
+        .unwrap_or_default();
+    format!("{scheme}://{host}{prefix}")
+}
+
+/// Chunks, finalize and status queries, routed by the upload id alone.
+async fn chunk(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    id: &str,
+) -> Result<HttpResponse, ApiError> {
+    let unknown = || {
+        upload_error(
+            StatusCode::NOT_FOUND,
+            "Unknown or expired upload id. Start the upload again.",
+        )
+    };
+    if !upload::valid_upload_id(id) {
+        return Err(unknown());
+    }
+    let commands = commands(req.headers())?;
+    let record = upload::load(gw.store(), id)
+        .await
+        .map_err(|e| pipeline::store_down(e, FLAVOR))?
+        .ok_or_else(unknown)?;
+    let key = gw.keys.by_id(&record.key);
+    let request = up.request_to(
+        req.method().clone(),
+        &record.url,
+        req.headers(),
+        key,
+        KeyStyle::GoogHeader,
+    );
+    let length = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
+    let sent = match length {
+        Some(len) => request.send_body(SizedStream::new(len, payload)).await,
+        None => request.send_stream(payload).await,
+    };
+    let mut resp = match sent {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::warn!(key_id = %record.key, error = %e, "upload chunk could not be forwarded");
+            return Err(transport_error(&e).flavor(FLAVOR));
+        }
+    };
+    let is_final = header(resp.headers(), "x-goog-upload-status").as_deref() == Some("final");
+    if !(commands.finalize && resp.status().is_success() && is_final) {
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let body = resp
+                .body()
+                .limit(FINAL_BODY_LIMIT)
+                .await
+                .unwrap_or_default();
+            return Ok(ensure_final(buffered_back(status, &headers, body)));
+        }
+        return Ok(stream_back(resp));
+    }
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.body().limit(FINAL_BODY_LIMIT).await.map_err(|_| {
+        upload_error(
+            StatusCode::BAD_GATEWAY,
+            "The upstream's final answer could not be read.",
+        )
+    })?;
+    record_file(gw, &body, &record.key, &record.owner).await;
+    Ok(buffered_back(status, &headers, body))
+}
+
+/// Remembers who owns the file an upload created, from Google's answer
+/// (`{"file": {"name": "files/…"}}`).
+async fn record_file(gw: &Gateway, body: &Bytes, key_id: &str, owner: &str) {
+    let name = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            let file = v.get("file").cloned().unwrap_or(v);
+            file.get("name")
+                .and_then(|n| n.as_str())
+                .map(str::to_string)
+        });
+    let Some(name) = name.filter(|n| files::file_name_from_uri(n).as_deref() == Some(n.as_str()))
+    else {
+        tracing::warn!(
+            key_id,
+            "upload finished but its answer names no file; ownership not recorded"
+        );
+        return;
+    };
+    let record = FileRecord {
+        key: key_id.to_string(),
+        owner: owner.to_string(),
+    };
+    match files::remember(gw.store(), &name, &record, gw.settings.file_ttl).await {
+        Ok(()) => tracing::info!(file = %name, key_id, "file uploaded; owner recorded"),
+        Err(e) => {
+            tracing::error!(file = %name, key_id, error = %e, "file uploaded but its owner could not be recorded")
+        }
+    }
+}
+
+/// Single-shot `raw` or `multipart` upload: streamed upstream with the
+/// session's key (or the next key); not retried, since the body is gone.
+async fn single_shot(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+    ver: &str,
+    owner: String,
+) -> Result<HttpResponse, ApiError> {
+    let key = match pipeline::pin(gw, &[], edge.session.as_ref(), FLAVOR).await? {
+        Some((key, _)) => key,
+        None => gw
+            .keys
+            .next(gw.store(), &[])
+            .await
+            .map_err(|no| no.into_error().flavor(FLAVOR))?,
+    };
+    let query = edge.forward_query();
+    let target = if query.is_empty() {
+        format!("/upload/{ver}/files")
+    } else {
+        format!("/upload/{ver}/files?{query}")
+    };
+    let request = up.request(
+        Method::POST,
+        &target,
+        req.headers(),
+        Some(key),
+        KeyStyle::GoogHeader,
+    );
+    let length = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
+    let sent = match length {
+        Some(len) => request.send_body(SizedStream::new(len, payload)).await,
+        None => request.send_stream(payload).await,
+    };
+    let mut resp = sent.map_err(|e| transport_error(&e).flavor(FLAVOR))?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp
+        .body()
+        .limit(FINAL_BODY_LIMIT)
+        .await
+        .unwrap_or_default();
+    if status.is_success() {
+        record_file(gw, &body, &key.id, &owner).await;
+    } else {
+        let outcome = crate::keys::classify(status, &body, crate::store::now_ms());
+        gw.keys.record(gw.store(), key, &outcome).await;
+        return Ok(ensure_final(buffered_back(status, &headers, body)));
+    }
+    Ok(buffered_back(status, &headers, body))
+}
+
+/// Every error on the upload path says `x-goog-upload-status: final`, or the
+/// SDKs keep retrying.
+fn ensure_final(mut response: HttpResponse) -> HttpResponse {
+    if !response.status().is_success() {
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("x-goog-upload-status"),
+            HeaderValue::from_static("final"),
+        );
+    }
+    response
+}

@@ -1,0 +1,200 @@
+//! Session ids: which requests must share one key, and which key that is.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::keys::{ApiKey, KeyPool, NoKey};
+use crate::store::{StateStore, StoreError};
+
+const NS: &str = "session";
+
+/// A normalised, valid session id: 1–128 of `[a-z0-9._:-]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionId(String);
+
+impl SessionId {
+    /// Trims and lower-cases; `None` for anything invalid.
+    pub fn parse(raw: &str) -> Option<Self> {
+        let s = raw.trim().to_ascii_lowercase();
+        let valid = !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._:-".contains(&b));
+        valid.then_some(SessionId(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a request carried its session id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Path,
+    Header,
+    Query,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Path => "path",
+            Source::Header => "header",
+            Source::Query => "query",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: SessionId,
+    pub source: Source,
+}
+
+/// Picks the session id of a request: path prefix, then header, then query.
+/// An invalid id is ignored with a warning, never refused.
+pub fn pick(path: Option<&str>, header: Option<&str>, query: Option<&str>) -> Option<Session> {
+    [
+        (path, Source::Path),
+        (header, Source::Header),
+        (query, Source::Query),
+    ]
+    .into_iter()
+    .find_map(|(raw, source)| {
+        let raw = raw?;
+        match SessionId::parse(raw) {
+            Some(id) => Some(Session { id, source }),
+            None => {
+                tracing::warn!(
+                    source = source.as_str(),
+                    len = raw.len(),
+                    "ignoring an invalid session id (want 1-128 of a-z 0-9 . _ : -)"
+                );
+                None
+            }
+        }
+    })
+}
+
+#[derive(Debug)]
+pub enum BindError {
+    Store(StoreError),
+    NoKey(NoKey),
+}
+
+/// The key a session is bound to, binding it now if it is new. Every use
+/// slides the binding's expiry. A binding to a disabled (or no longer
+/// configured) key is moved to a healthy key.
+pub async fn resolve<'a>(
+    store: &dyn StateStore,
+    pool: &'a KeyPool,
+    session: &Session,
+    ttl: Duration,
+) -> Result<&'a ApiKey, BindError> {
+    let sid = session.id.as_str();
+    let (bound, disabled) = {
+        let bound = store.touch(NS, sid, ttl);
+        let states = store.member_states(crate::keys::RING);
+        let (bound, states) = futures_util::future::join(bound, states).await;
+        let bound = bound.map_err(BindError::Store)?;
+        let states = states.map_err(BindError::Store)?;
+        let disabled = bound.as_ref().is_some_and(|id| {
+            matches!(
+                states.get(id),
+                Some(crate::store::MemberState::Disabled { .. })
+            )
+        });
+        (bound, disabled)
+    };
+
+    if let Some(id) = &bound {
+        if !disabled {
+            if let Some(key) = pool.by_id(id) {
+                tracing::info!(session = sid, key_id = %key.id, source = session.source.as_str(), "reusing the key bound to the session");
+                return Ok(key);
+            }
+        }
+    }
+
+    let candidate = pool.next(store, &[]).await.map_err(BindError::NoKey)?;
+    match bound {
+        Some(old) => {
+            let now = store
+                .replace(NS, sid, &old, &candidate.id, ttl)
+                .await
+                .map_err(BindError::Store)?;
+            let key = pool.by_id(&now).unwrap_or(candidate);
+            tracing::info!(session = sid, old_key_id = %old, key_id = %key.id, source = session.source.as_str(), "session re-bound: its key is disabled or gone");
+            Ok(key)
+        }
+        None => {
+            let (now, created) = store
+                .claim(NS, sid, &candidate.id, ttl)
+                .await
+                .map_err(BindError::Store)?;
+            match pool.by_id(&now) {
+                Some(key) if created => {
+                    tracing::info!(session = sid, key_id = %key.id, source = session.source.as_str(), "session bound to a key");
+                    Ok(key)
+                }
+                Some(key) => {
+                    tracing::info!(session = sid, key_id = %key.id, source = session.source.as_str(), "reusing the key bound to the session");
+                    Ok(key)
+                }
+                None => {
+                    // Bound concurrently by a replica that knows a key this one
+                    // does not: take it over with ours.
+                    let now = store
+                        .replace(NS, sid, &now, &candidate.id, ttl)
+                        .await
+                        .map_err(BindError::Store)?;
+                    Ok(pool.by_id(&now).unwrap_or(candidate))
+                }
+            }
+        }
+    }
+}
+
+/// The key id a session is bound to, without touching it (admin look-ups).
+pub async fn lookup(store: &dyn StateStore, sid: &SessionId) -> Result<Option<String>, StoreError> {
+    Ok(store
+        .get_many(NS, &[sid.as_str().to_string()])
+        .await?
+        .into_iter()
+        .next()
+        .flatten())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_normalised_and_validated() {
+        assert_eq!(
+            SessionId::parse("  ABC-123:x.y_z ").unwrap().as_str(),
+            "abc-123:x.y_z"
+        );
+        assert!(SessionId::parse("").is_none());
+        assert!(SessionId::parse("has space").is_none());
+        assert!(SessionId::parse("slash/no").is_none());
+        assert!(SessionId::parse(&"a".repeat(128)).is_some());
+        assert!(SessionId::parse(&"a".repeat(129)).is_none());
+    }
+
+    #[test]
+    fn first_valid_source_wins_and_invalid_ones_are_skipped() {
+        let s = pick(Some("bad id"), Some("H"), Some("q")).unwrap();
+        assert_eq!((s.id.as_str(), s.source), ("h", Source::Header));
+        let s = pick(Some("p"), Some("h"), None).unwrap();
+        assert_eq!(s.source, Source::Path);
+        assert!(pick(None, None, None).is_none());
+    }
+}

@@ -1,0 +1,143 @@
+//! Wiring: the store, the shared gateway state, one upstream client per
+//! worker, the routes, and a server bound before it is returned (so tests
+//! can bind port 0 and read the address).
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::{web, App, HttpMessage, HttpServer};
+use anyhow::Context;
+use tracing_actix_web::TracingLogger;
+
+use crate::gateway::Gateway;
+use crate::routes;
+use crate::settings::Settings;
+use crate::store::{MemoryStore, RedisStore, StateStore};
+use crate::telemetry::{GatewaySpan, RequestId};
+use crate::upstream::{tls_config, Upstream};
+
+pub struct Application {
+    server: Server,
+    addr: SocketAddr,
+    gateway: Arc<Gateway>,
+}
+
+/// Opens the configured store. Redis is checked for a layout this build can
+/// read; a Redis that is down at start is logged and retried lazily.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn StateStore>> {
+    let Some(url) = &settings.redis_url else {
+        tracing::info!("no GB_REDIS_URL: using the embedded in-memory store (single replica only)");
+        return Ok(Arc::new(MemoryStore::new()));
+    };
+    let store = RedisStore::new(
+        url,
+        &settings.redis_prefix,
+        settings.redis_timeout,
+        settings.redis_pool_size,
+    )?;
+    match crate::migrations::apply(&store).await {
+        Ok(version) => {
+            tracing::info!(layout = version, prefix = %settings.redis_prefix, "Redis store ready")
+        }
+        Err(crate::store::StoreError::Layout(msg)) => anyhow::bail!(msg),
+        Err(e) => {
+            tracing::warn!(error = %e, "Redis unreachable at start; serving unpinned traffic until it is back")
+        }
+    }
+    Ok(Arc::new(store))
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = open_store(&settings).await?;
+        let tls = tls_config(settings.upstream_ca_file.as_deref())?;
+        let listener = TcpListener::bind(settings.listen)
+            .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen))?;
+        let addr = listener.local_addr()?;
+        let grace = settings.shutdown_grace;
+        let gateway = Arc::new(Gateway::new(settings, store));
+        let data = web::Data::from(gateway.clone());
+        let server = HttpServer::new(move || {
+            let upstream = Upstream::new(
+                &data.settings.upstream_url,
+                tls.clone(),
+                data.settings.upstream_timeout,
+            );
+            App::new()
+                .app_data(data.clone())
+                .app_data(web::Data::new(upstream))
+                .wrap_fn(|req, srv| {
+                    let id = req.extensions().get::<RequestId>().cloned();
+                    let fut = actix_web::dev::Service::call(srv, req);
+                    async move {
+                        let mut res = fut.await?;
+                        if let Some(RequestId(id)) = id {
+                            if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&id) {
+                                res.headers_mut().insert(
+                                    actix_web::http::header::HeaderName::from_static(
+                                        "x-request-id",
+                                    ),
+                                    v,
+                                );
+                            }
+                        }
+                        Ok(res)
+                    }
+                })
+                .wrap(TracingLogger::<GatewaySpan>::new())
+                .route("/healthz", web::get().to(routes::health::healthz))
+                .route("/readyz", web::get().to(routes::health::readyz))
+                .default_service(web::to(routes::dispatch))
+        })
+        .listen(listener)?
+        .shutdown_timeout(grace.as_secs())
+        .disable_signals()
+        .run();
+        tracing::info!("listening on http://{addr}");
+        Ok(Self {
+            server,
+            addr,
+            gateway,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains: readiness turns 503, no new
+    /// connections are accepted, in-flight requests and streams finish within
+    /// `GB_SHUTDOWN_GRACE` seconds.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let gateway = self.gateway.clone();
+        actix_rt::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal: draining in-flight requests");
+            gateway.start_draining();
+            handle.stop(true).await;
+        });
+        self.server.await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The embedded store: one process, no Redis. Same semantics as the Redis
+//! store, kept in maps behind one short-held lock.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{choose, MemberState, Pick, StateStore, StoreError};
+
+#[derive(Default)]
+struct Inner {
+    counters: HashMap<String, u64>,
+    states: HashMap<String, HashMap<String, MemberState>>,
+    bindings: HashMap<String, (String, Instant)>,
+    indexes: HashMap<String, HashMap<String, u64>>,
+    locks: HashMap<String, (String, Instant)>,
+    writes_since_sweep: usize,
+}
+
+impl Inner {
+    fn live(&mut self, key: &str) -> Option<&mut (String, Instant)> {
+        let now = Instant::now();
+        if self.bindings.get(key).is_some_and(|(_, exp)| *exp <= now) {
+            self.bindings.remove(key);
+        }
+        self.bindings.get_mut(key)
+    }
+
+    fn insert(&mut self, key: String, value: String, ttl: Duration) {
+        self.writes_since_sweep += 1;
+        if self.writes_since_sweep >= 4096 {
+            let now = Instant::now();
+            self.bindings.retain(|_, (_, exp)| *exp > now);
+            self.locks.retain(|_, (_, exp)| *exp > now);
+            self.writes_since_sweep = 0;
+        }
+        self.bindings.insert(key, (value, Instant::now() + ttl));
+    }
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> Result<T, StoreError> {
+        let mut guard = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError::Unavailable("embedded store lock poisoned".into()))?;
+        Ok(f(&mut guard))
+    }
+}
+
+fn key(ns: &str, id: &str) -> String {
+    format!("{ns}:{id}")
+}
+
+#[async_trait]
+impl StateStore for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    async fn ping(&self) -> Result<Duration, StoreError> {
+        let start = Instant::now();
+        self.with(|_| ())?;
+        Ok(start.elapsed())
+    }
+
+    async fn rotate(
+        &self,
+        ring: &str,
+        members: &[String],
+        exclude: &[String],
+        now_ms: u64,
+    ) -> Result<Pick, StoreError> {
+        self.with(|inner| {
+            let states: Vec<Option<MemberState>> = {
+                let ring_states = inner.states.get(ring);
+                members
+                    .iter()
+                    .map(|m| ring_states.and_then(|s| s.get(m)).cloned())
+                    .collect()
+            };
+            choose(members, &states, exclude, now_ms, || {
+                let c = inner.counters.entry(ring.to_string()).or_insert(0);
+                *c += 1;
+                *c
+            })
+        })
+    }
+
+    async fn member_states(&self, ring: &str) -> Result<HashMap<String, MemberState>, StoreError> {
+        self.with(|inner| inner.states.get(ring).cloned().unwrap_or_default())
+    }
+
+    async fn set_member_state(
+        &self,
+        ring: &str,
+        member: &str,
+        state: Option<&MemberState>,
+    ) -> Result<(), StoreError> {
+        self.with(|inner| {
+            let ring_states = inner.states.entry(ring.to_string()).or_default();
+            match state {
+                Some(s) => {
+                    ring_states.insert(member.to_string(), s.clone());
+                }
+                None => {
+                    ring_states.remove(member);
+                }
+            }
+        })
+    }
+
+    async fn touch(&self, ns: &str, id: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+        self.with(|inner| {
+            inner.live(&key(ns, id)).map(|(value, exp)| {
+                *exp = Instant::now() + ttl;
+                value.clone()
+            })
+        })
+    }
+
+    async fn claim(
+        &self,
+        ns: &str,
+        id: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<(String, bool), StoreError> {
+        self.with(|inner| {
+            let k = key(ns, id);
+            if let Some((current, exp)) = inner.live(&k) {
+                *exp = Instant::now() + ttl;
+                return (current.clone(), false);
+            }
+            inner.insert(k, value.to_string(), ttl);
+            (value.to_string(), true)
+        })
+    }
+
+    async fn replace(
+        &self,
+        ns: &str,
+        id: &str,
+        expected: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<String, StoreError> {
+        self.with(|inner| {
+            let k = key(ns, id);
+            match inner.live(&k) {
+                Some((current, exp)) if current != expected => {
+                    *exp = Instant::now() + ttl;
+                    current.clone()
+                }
+                _ => {
+                    inner.insert(k, value.to_string(), ttl);
+                    value.to_string()
+                }
+            }
+        })
+    }
+
+    async fn put(&self, ns: &str, id: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.with(|inner| inner.insert(key(ns, id), value.to_string(), ttl))
+    }
+
+    async fn get_many(&self, ns: &str, ids: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        self.with(|inner| {
+            ids.iter()
+                .map(|id| inner.live(&key(ns, id)).map(|(v, _)| v.clone()))
+                .collect()
+        })
+    }
+
+    async fn delete(&self, ns: &str, id: &str) -> Result<(), StoreError> {
+        self.with(|inner| {
+            inner.bindings.remove(&key(ns, id));
+        })
+    }
+
+    async fn index_add(
+        &self,
+        name: &str,
+        member: &str,
+        ttl: Duration,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.with(|inner| {
+            let index = inner.indexes.entry(name.to_string()).or_default();
+            index.retain(|_, exp| *exp > now_ms);
+            index.insert(member.to_string(), now_ms + ttl.as_millis() as u64);
+        })
+    }
+
+    async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        self.with(|inner| {
+            let mut live: Vec<(u64, String)> = inner
+                .indexes
+                .get(name)
+                .map(|index| {
+                    index
+                        .iter()
+                        .filter(|(_, exp)| **exp > now_ms)
+                        .map(|(m, exp)| (*exp, m.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            live.sort_by(|a, b| b.cmp(a));
+            live.into_iter().map(|(_, m)| m).collect()
+        })
+    }
+
+    async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {
+        self.with(|inner| {
+            if let Some(index) = inner.indexes.get_mut(name) {
+                index.remove(member);
+            }
+        })
+    }
+
+    async fn try_lock(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.with(|inner| {
+            let now = Instant::now();
+            match inner.locks.get(name) {
+                Some((_, exp)) if *exp > now => false,
+                _ => {
+                    inner
+                        .locks
+                        .insert(name.to_string(), (holder.to_string(), now + ttl));
+                    true
+                }
+            }
+        })
+    }
+
+    async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        self.with(|inner| {
+            if inner.locks.get(name).is_some_and(|(h, _)| h == holder) {
+                inner.locks.remove(name);
+            }
+        })
+    }
+}

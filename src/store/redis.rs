@@ -1,0 +1,493 @@
+//! The Redis store: what lets any replica serve any request.
+//!
+//! Key layout (version 1, see `migrations/`), all under the configured prefix:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `{p}:layout` | string | layout version |
+//! | `{p}:{ring:NAME}:n` | string | rotation counter (INCR) |
+//! | `{p}:{ring:NAME}:s` | hash | member id → `c:<until ms>` / `d:<since ms>:<reason>` |
+//! | `{p}:NS:ID` | string, TTL | one binding (session → key id, upload → record, file → record) |
+//! | `{p}:idx:NAME` | sorted set, TTL | member → expiry (ms) |
+//! | `{p}:lock:NAME` | string, TTL | lock holder |
+//!
+//! A ring's counter and states share a hash tag, so the rotation script touches
+//! one Redis Cluster slot; every other operation touches one key.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_redis::redis::{self, Script};
+use deadpool_redis::{Pool, Runtime};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{MemberState, Pick, StateStore, StoreError};
+
+/// The newest layout this build knows.
+pub const LAYOUT_VERSION: u64 = 1;
+
+const ROTATE: &str = r#"
+local now = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local members = {}
+for i = 1, n do members[i] = ARGV[2 + i] end
+local excluded = {}
+for i = 3 + n, #ARGV do excluded[ARGV[i]] = true end
+local states = redis.call('HMGET', KEYS[2], unpack(members))
+local usable = {}
+local min_until = nil
+local excluded_usable = false
+for i = 1, n do
+  local s = states[i]
+  local ok = true
+  if s then
+    local kind = string.sub(s, 1, 1)
+    if kind == 'd' then
+      ok = false
+    elseif kind == 'c' then
+      local u = tonumber(string.sub(s, 3))
+      if u and u > now then
+        ok = false
+        if not excluded[members[i]] and (min_until == nil or u < min_until) then min_until = u end
+      end
+    end
+  end
+  if ok then
+    if excluded[members[i]] then excluded_usable = true else usable[#usable + 1] = i end
+  end
+end
+if #usable == 0 then
+  if excluded_usable then return {-3, 0} end
+  if min_until then return {-1, tostring(min_until)} end
+  return {-2, 0}
+end
+local c = redis.call('INCR', KEYS[1])
+return {usable[((c - 1) % #usable) + 1] - 1, 0}
+"#;
+
+const CLAIM: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return {ARGV[1], 1}
+end
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return {ARGV[1], 1}
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {cur, 0}
+"#;
+
+const REPLACE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return cur
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return ARGV[2]
+"#;
+
+const UNLOCK: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+const INDEX_ADD: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+local ttl = redis.call('PTTL', KEYS[1])
+local want = tonumber(ARGV[2]) - tonumber(ARGV[1])
+if ttl < want then redis.call('PEXPIRE', KEYS[1], want) end
+return 1
+"#;
+
+pub struct RedisStore {
+    pool: Pool,
+    prefix: String,
+    timeout: Duration,
+    rotate: Script,
+    claim: Script,
+    replace: Script,
+    unlock: Script,
+    index_add: Script,
+}
+
+impl RedisStore {
+    /// Builds the pool; connects lazily, so a Redis that is down at start
+    /// does not keep the gateway from starting.
+    pub fn new(
+        url: &SecretString,
+        prefix: &str,
+        timeout: Duration,
+        pool_size: usize,
+    ) -> Result<Self, StoreError> {
+        let cfg = deadpool_redis::Config::from_url(url.expose_secret());
+        let pool = cfg
+            .builder()
+            .map_err(|e| StoreError::Unavailable(format!("bad Redis configuration: {e}")))?
+            .max_size(pool_size)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot build the Redis pool: {e}")))?;
+        Ok(Self {
+            pool,
+            prefix: prefix.to_string(),
+            timeout,
+            rotate: Script::new(ROTATE),
+            claim: Script::new(CLAIM),
+            replace: Script::new(REPLACE),
+            unlock: Script::new(UNLOCK),
+            index_add: Script::new(INDEX_ADD),
+        })
+    }
+
+    fn k(&self, parts: &[&str]) -> String {
+        let mut s = self.prefix.clone();
+        for p in parts {
+            s.push(':');
+            s.push_str(p);
+        }
+        s
+    }
+
+    fn ring_keys(&self, ring: &str) -> (String, String) {
+        let tag = format!("{{ring:{ring}}}");
+        (self.k(&[&tag, "n"]), self.k(&[&tag, "s"]))
+    }
+
+    /// Runs one Redis exchange on a pooled connection, bounded by the timeout.
+    async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let work = async {
+            let conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Unavailable(pool_error(&e)))?;
+            f(conn).await.map_err(redis_error)
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Timeout)?
+    }
+
+    /// Records or checks the layout version. Called once at start, under a lock.
+    pub async fn ensure_layout(&self, known: u64) -> Result<u64, StoreError> {
+        let key = self.k(&["layout"]);
+        let current: Option<u64> = self
+            .run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
+            .await?;
+        match current {
+            Some(v) if v > known => Err(StoreError::Layout(format!(
+                "Redis holds key layout version {v}, newer than this build knows ({known}); \
+                 upgrade this replica or point it at another GB_REDIS_PREFIX"
+            ))),
+            Some(v) => Ok(v),
+            None => {
+                let key = self.k(&["layout"]);
+                let _: Option<String> = self
+                    .run(|mut c| async move {
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(known)
+                            .arg("NX")
+                            .query_async(&mut c)
+                            .await
+                    })
+                    .await?;
+                Ok(known)
+            }
+        }
+    }
+}
+
+fn pool_error(e: &deadpool_redis::PoolError) -> String {
+    match e {
+        deadpool_redis::PoolError::Timeout(_) => "timed out waiting for a connection".into(),
+        deadpool_redis::PoolError::Backend(err) => redis_error(err.clone()).to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn redis_error(e: redis::RedisError) -> StoreError {
+    if e.is_timeout() {
+        StoreError::Timeout
+    } else {
+        // The message of a RedisError names the failing command kind, never
+        // its arguments, so it is safe to pass on.
+        StoreError::Unavailable(format!("{:?}: {}", e.kind(), e.detail().unwrap_or("")))
+    }
+}
+
+fn secs(ttl: Duration) -> u64 {
+    ttl.as_secs().max(1)
+}
+
+#[async_trait]
+impl StateStore for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn ping(&self) -> Result<Duration, StoreError> {
+        let start = Instant::now();
+        let _: String = self
+            .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .await?;
+        Ok(start.elapsed())
+    }
+
+    async fn rotate(
+        &self,
+        ring: &str,
+        members: &[String],
+        exclude: &[String],
+        now_ms: u64,
+    ) -> Result<Pick, StoreError> {
+        if members.is_empty() {
+            return Ok(Pick::AllDisabled);
+        }
+        let (counter, states) = self.ring_keys(ring);
+        let (code, extra): (i64, String) = self
+            .run(|mut c| async move {
+                let mut inv = self.rotate.prepare_invoke();
+                inv.key(&counter)
+                    .key(&states)
+                    .arg(now_ms)
+                    .arg(members.len())
+                    .arg(members)
+                    .arg(exclude);
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(match code {
+            -1 => Pick::AllCooling {
+                until_ms: extra.parse().unwrap_or(now_ms),
+            },
+            -2 => Pick::AllDisabled,
+            -3 => Pick::Exhausted,
+            i if i >= 0 && (i as usize) < members.len() => Pick::Member(i as usize),
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "rotation answered {other} for {} members",
+                    members.len()
+                )))
+            }
+        })
+    }
+
+    async fn member_states(&self, ring: &str) -> Result<HashMap<String, MemberState>, StoreError> {
+        let (_, states) = self.ring_keys(ring);
+        let raw: HashMap<String, String> = self
+            .run(
+                |mut c| async move { redis::cmd("HGETALL").arg(&states).query_async(&mut c).await },
+            )
+            .await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(k, v)| MemberState::decode(&v).map(|s| (k, s)))
+            .collect())
+    }
+
+    async fn set_member_state(
+        &self,
+        ring: &str,
+        member: &str,
+        state: Option<&MemberState>,
+    ) -> Result<(), StoreError> {
+        let (_, states) = self.ring_keys(ring);
+        let mut cmd = redis::cmd(if state.is_some() { "HSET" } else { "HDEL" });
+        cmd.arg(&states).arg(member);
+        if let Some(s) = state {
+            cmd.arg(s.encode());
+        }
+        let _: i64 = self
+            .run(|mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    async fn touch(&self, ns: &str, id: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+        let key = self.k(&[ns, id]);
+        self.run(|mut c| async move {
+            redis::cmd("GETEX")
+                .arg(&key)
+                .arg("EX")
+                .arg(secs(ttl))
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        ns: &str,
+        id: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<(String, bool), StoreError> {
+        let key = self.k(&[ns, id]);
+        let (bound, created): (String, i64) = self
+            .run(|mut c| async move {
+                self.claim
+                    .key(&key)
+                    .arg(value)
+                    .arg(secs(ttl))
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok((bound, created == 1))
+    }
+
+    async fn replace(
+        &self,
+        ns: &str,
+        id: &str,
+        expected: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<String, StoreError> {
+        let key = self.k(&[ns, id]);
+        self.run(|mut c| async move {
+            self.replace
+                .key(&key)
+                .arg(expected)
+                .arg(value)
+                .arg(secs(ttl))
+                .invoke_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn put(&self, ns: &str, id: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        let key = self.k(&[ns, id]);
+        let _: String = self
+            .run(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(value)
+                    .arg("EX")
+                    .arg(secs(ttl))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn get_many(&self, ns: &str, ids: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A pipeline of single-key GETs rather than MGET: the keys are unrelated
+        // entities and may live in different Cluster slots.
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("GET").arg(self.k(&[ns, id]));
+        }
+        self.run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    async fn delete(&self, ns: &str, id: &str) -> Result<(), StoreError> {
+        let key = self.k(&[ns, id]);
+        let _: i64 = self
+            .run(|mut c| async move { redis::cmd("DEL").arg(&key).query_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    async fn index_add(
+        &self,
+        name: &str,
+        member: &str,
+        ttl: Duration,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let key = self.k(&["idx", name]);
+        let _: i64 = self
+            .run(|mut c| async move {
+                self.index_add
+                    .key(&key)
+                    .arg(now_ms)
+                    .arg(now_ms + ttl.as_millis() as u64)
+                    .arg(member)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        let key = self.k(&["idx", name]);
+        self.run(|mut c| async move {
+            redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg("+inf")
+                .arg(format!("({now_ms}"))
+                .arg("BYSCORE")
+                .arg("REV")
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {
+        let key = self.k(&["idx", name]);
+        let _: i64 = self
+            .run(|mut c| async move {
+                redis::cmd("ZREM")
+                    .arg(&key)
+                    .arg(member)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn try_lock(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let key = self.k(&["lock", name]);
+        let got: Option<String> = self
+            .run(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(holder)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(got.is_some())
+    }
+
+    async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let key = self.k(&["lock", name]);
+        let _: i64 = self
+            .run(
+                |mut c| async move { self.unlock.key(&key).arg(holder).invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(())
+    }
+}
