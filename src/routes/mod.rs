@@ -44,6 +44,7 @@ pub struct Edge {
 
 impl Edge {
     fn parse(req: &HttpRequest) -> Result<Self, ApiError> {
+        check_header_sizes(req.headers())?;
         let full = req.uri().path();
         if full
             .split('/')
@@ -93,6 +94,29 @@ impl Edge {
     }
 }
 
+/// Longest single header value and all headers together that the gateway
+/// accepts; larger ones are refused with 431 before any work is done.
+const MAX_HEADER_VALUE: usize = 8 * 1024;
+const MAX_HEADERS_TOTAL: usize = 32 * 1024;
+
+fn check_header_sizes(headers: &HeaderMap) -> Result<(), ApiError> {
+    let mut total = 0;
+    for (name, value) in headers {
+        let len = name.as_str().len() + value.len();
+        total += len;
+        if value.len() > MAX_HEADER_VALUE || total > MAX_HEADERS_TOTAL {
+            return Err(ApiError::new(
+                StatusCode::from_u16(431).unwrap_or(StatusCode::BAD_REQUEST),
+                format!(
+                    "Request headers too large: at most {MAX_HEADER_VALUE} bytes a header and \
+                     {MAX_HEADERS_TOTAL} bytes in all."
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Authenticates the client; the token's id is all the rest of the request sees.
 pub fn authorize<'a>(
     auth: &'a Auth,
@@ -139,21 +163,66 @@ pub async fn read_body(
     Ok(body.freeze())
 }
 
-/// Rejects a body that claims to be JSON but is not, before it costs an
-/// upstream call.
-fn check_json(body: &[u8], headers: &HeaderMap, flavor: Flavor) -> Result<(), ApiError> {
-    let is_json = headers
+const MAX_JSON_DEPTH: usize = 100;
+
+/// The deepest nesting of arrays and objects, by one pass over the bytes
+/// (brackets inside strings do not count).
+fn json_depth(body: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Rejects a body that is not JSON where JSON is required (content routes),
+/// or that claims to be JSON but is not, before it costs an upstream call.
+fn check_json(
+    body: &[u8],
+    headers: &HeaderMap,
+    required: bool,
+    flavor: Flavor,
+) -> Result<(), ApiError> {
+    let declared_json = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
-        .is_none_or(|ct| ct.to_ascii_lowercase().contains("json"));
-    if !is_json || body.is_empty() {
+        .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"));
+    if !(required || declared_json) || body.is_empty() {
         return Ok(());
+    }
+    if json_depth(body) > MAX_JSON_DEPTH {
+        return Err(ApiError::bad_request(format!(
+            "Invalid JSON payload received: nested deeper than {MAX_JSON_DEPTH} levels."
+        ))
+        .flavor(flavor));
     }
     serde_json::from_slice::<serde::de::IgnoredAny>(body)
         .map(|_| ())
         .map_err(|e| {
             ApiError::bad_request(format!(
-                "Invalid JSON payload received: line {} column {}.",
+                "Invalid JSON payload received: {} at line {} column {}.",
+                match e.classify() {
+                    serde_json::error::Category::Eof => "unexpected end of input",
+                    serde_json::error::Category::Io => "unreadable input",
+                    _ => "malformed JSON",
+                },
                 e.line(),
                 e.column()
             ))
@@ -213,7 +282,8 @@ async fn native(
     edge: &Edge,
 ) -> Result<HttpResponse, ApiError> {
     let flavor = Flavor::Gemini;
-    if let Some(action) = POST_ACTIONS.iter().find(|a| edge.path.ends_with(**a)) {
+    let action = POST_ACTIONS.iter().find(|a| edge.path.ends_with(**a));
+    if let Some(action) = action {
         if req.method() != Method::POST {
             return Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -227,7 +297,7 @@ async fn native(
     }
     authorize(&gw.auth, req.headers(), edge, flavor)?;
     let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, flavor).await?;
-    check_json(&body, req.headers(), flavor)?;
+    check_json(&body, req.headers(), action.is_some(), flavor)?;
     pipeline::forward(
         gw,
         up,
@@ -243,4 +313,16 @@ async fn native(
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_depth;
+
+    #[test]
+    fn depth_ignores_brackets_in_strings() {
+        assert_eq!(json_depth(br#"{"a":[1,{"b":"[[[[\"]]"}]}"#), 3);
+        assert_eq!(json_depth(b"[[[]]]"), 3);
+        assert_eq!(json_depth(b"12"), 0);
+    }
 }

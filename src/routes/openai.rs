@@ -31,7 +31,12 @@ pub async fn handle(
     let flavor = Flavor::OpenAi;
     authorize(&gw.auth, req.headers(), edge, flavor)?;
     let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, flavor).await?;
-    check_json(&body, req.headers(), flavor)?;
+    check_json(
+        &body,
+        req.headers(),
+        req.method() == actix_web::http::Method::POST,
+        flavor,
+    )?;
     pipeline::forward(
         gw,
         up,

@@ -1,1 +1,260 @@
-fn main() {}
+//! A fake Gemini API for tests, demos and benchmarks. It behaves like Google
+//! where the gateway depends on it: per-key file ownership with Google's 403,
+//! the resumable upload protocol with offset checks, 429 with RetryInfo,
+//! invalid keys, SSE streams, the OpenAI-compatible endpoints.
+//!
+//! Environment: `FAKE_LISTEN` (default `127.0.0.1:0`), `FAKE_KEYS` (the valid
+//! keys, comma-separated), `FAKE_TLS_CERT`/`FAKE_TLS_KEY` (PEM; serve HTTPS),
+//! `FAKE_DELAY_MS` (added to every model call), `FAKE_RECORD` (`0` turns the
+//! request log off, for benchmarks). Prints `listening on URL` on stdout.
+//!
+//! Control endpoints for tests, under `/_fake/`: `GET requests`, `POST reset`,
+//! `GET served` (successful model calls per key), `POST keys/{key}` with a
+//! JSON mode (`{"mode":"quota","retryDelay":"2s"}`, `invalid`, `error`,
+//! `slow`, `normal`), `POST release/{name}` (let a held stream continue).
+#![allow(clippy::print_stdout)]
+
+mod errors;
+mod files;
+mod gemini;
+mod openai;
+mod state;
+
+use std::time::Duration;
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::json;
+
+use state::{Fake, Mode, Seen};
+
+struct Config {
+    delay: Duration,
+    record: bool,
+}
+
+async fn read_all(mut payload: web::Payload) -> Bytes {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(Ok(chunk)) = payload.next().await {
+        buf.extend_from_slice(&chunk);
+    }
+    buf.freeze()
+}
+
+async fn control(
+    fake: &Fake,
+    req: &HttpRequest,
+    payload: web::Payload,
+    rest: &[&str],
+) -> HttpResponse {
+    match rest {
+        ["requests"] => HttpResponse::Ok().json(&fake.lock().seen),
+        ["served"] => HttpResponse::Ok().json(&fake.lock().served),
+        ["reset"] => {
+            let mut inner = fake.lock();
+            inner.seen.clear();
+            inner.served.clear();
+            HttpResponse::Ok().json(json!({}))
+        }
+        ["release", name] => {
+            fake.release(name);
+            HttpResponse::Ok().json(json!({}))
+        }
+        ["keys", key] if req.method() == actix_web::http::Method::POST => {
+            let body = read_all(payload).await;
+            match serde_json::from_slice::<Mode>(&body) {
+                Ok(mode) => {
+                    fake.lock().modes.insert(key.to_string(), mode);
+                    HttpResponse::Ok().json(json!({}))
+                }
+                Err(e) => HttpResponse::BadRequest().body(e.to_string()),
+            }
+        }
+        ["files"] => {
+            let inner = fake.lock();
+            let owners: std::collections::HashMap<&String, &String> =
+                inner.files.iter().map(|(n, m)| (n, &m.owner)).collect();
+            HttpResponse::Ok().json(owners)
+        }
+        _ => HttpResponse::NotFound().finish(),
+    }
+}
+
+async fn handle(
+    req: HttpRequest,
+    payload: web::Payload,
+    fake: web::Data<Fake>,
+    cfg: web::Data<Config>,
+) -> HttpResponse {
+    let path = req.path().to_string();
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if let ["_fake", rest @ ..] = segs.as_slice() {
+        return control(&fake, &req, payload, rest).await;
+    }
+    let key = gemini::presented_key(req.headers(), req.query_string());
+    if cfg.record {
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    v.to_str().unwrap_or("<binary>").to_string(),
+                )
+            })
+            .collect();
+        fake.lock().seen.push(Seen {
+            method: req.method().to_string(),
+            path: path.clone(),
+            query: req.query_string().to_string(),
+            headers,
+            key: key.clone(),
+        });
+    }
+    match segs.as_slice() {
+        ["upload", ver, "files"] => files::upload(&fake, &req, payload, ver, key).await,
+        [ver, "openai", rest @ ..] => {
+            let key = match gemini::gate(&fake, key, true).await {
+                Ok(k) => k,
+                Err(r) => return r,
+            };
+            let _ = ver;
+            let body = read_all(payload).await;
+            let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or(json!({}));
+            let response = match rest {
+                ["models"] => openai::models(),
+                ["models", id @ ..] => openai::model(&id.join("/")),
+                ["chat", "completions"] => {
+                    if !cfg.delay.is_zero() {
+                        tokio::time::sleep(cfg.delay).await;
+                    }
+                    openai::chat(&value)
+                }
+                ["embeddings"] => openai::embeddings(&value),
+                _ => {
+                    return errors::respond(
+                        404,
+                        errors::google(404, "Not found.", "NOT_FOUND", json!([])),
+                        true,
+                    )
+                }
+            };
+            gemini::served(&fake, &key);
+            response
+        }
+        [ver, rest @ ..] if ver.starts_with("v1") => {
+            let key = match gemini::gate(&fake, key, false).await {
+                Ok(k) => k,
+                Err(r) => return r,
+            };
+            match rest {
+                ["models"] => gemini::models_list(),
+                ["files"] => files::files(&fake, &req, ver, &key, None),
+                ["files", id] => files::files(&fake, &req, ver, &key, Some(id)),
+                ["models", action] if action.contains(':') => {
+                    let body = read_all(payload).await;
+                    let value = match gemini::parse_json(&body) {
+                        Ok(v) => v,
+                        Err(r) => return r,
+                    };
+                    let n_files = match gemini::check_files(&fake, &key, &value, false) {
+                        Ok(n) => n,
+                        Err(r) => return r,
+                    };
+                    if !cfg.delay.is_zero() {
+                        tokio::time::sleep(cfg.delay).await;
+                    }
+                    let (_, method) = action.split_once(':').unwrap_or((action, ""));
+                    let response = match method {
+                        "generateContent" => gemini::generate(n_files),
+                        "streamGenerateContent" => {
+                            gemini::stream(&fake, &req, req.query_string().contains("alt=sse"))
+                        }
+                        "countTokens" => gemini::count_tokens(&value),
+                        "embedContent" => gemini::embed(),
+                        "batchEmbedContents" => gemini::batch_embed(&value),
+                        _ => {
+                            return errors::respond(
+                                404,
+                                errors::google(404, "Method not found.", "NOT_FOUND", json!([])),
+                                false,
+                            )
+                        }
+                    };
+                    gemini::served(&fake, &key);
+                    response
+                }
+                ["models", name] => gemini::model_get(name),
+                _ => errors::respond(
+                    404,
+                    errors::google(404, "Not found.", "NOT_FOUND", json!([])),
+                    false,
+                ),
+            }
+        }
+        _ => errors::respond(
+            404,
+            errors::google(404, "Not found.", "NOT_FOUND", json!([])),
+            false,
+        ),
+    }
+}
+
+fn tls_config(cert: &str, key: &str) -> std::io::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(e.to_string()))?;
+    rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| bad(e.to_string()))
+}
+
+#[actix_web::main]
+async fn main() -> std::io::Result<()> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let listen = env("FAKE_LISTEN").unwrap_or_else(|| "127.0.0.1:0".into());
+    let keys = env("FAKE_KEYS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>();
+    let cfg = web::Data::new(Config {
+        delay: Duration::from_millis(
+            env("FAKE_DELAY_MS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        ),
+        record: env("FAKE_RECORD").as_deref() != Some("0"),
+    });
+    let fake = web::Data::new(Fake::new(keys));
+    let listener = std::net::TcpListener::bind(&listen)?;
+    let addr = listener.local_addr()?;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(fake.clone())
+            .app_data(cfg.clone())
+            .default_service(web::to(handle))
+    })
+    .workers(2);
+    let (server, scheme) = match (env("FAKE_TLS_CERT"), env("FAKE_TLS_KEY")) {
+        (Some(cert), Some(key)) => (
+            server.listen_rustls_0_23(listener, tls_config(&cert, &key)?)?,
+            "https",
+        ),
+        _ => (server.listen(listener)?, "http"),
+    };
+    println!("listening on {scheme}://{addr}");
+    server.run().await
+}

@@ -1,0 +1,250 @@
+//! The native Gemini endpoints: models, generate, stream, count, embed, and
+//! the per-key gate every call passes (key checks and the test's switches).
+
+use std::time::Duration;
+
+use actix_web::http::header::HeaderMap;
+use actix_web::{HttpRequest, HttpResponse};
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::errors;
+use crate::state::{Fake, Mode};
+
+pub const MODELS: [&str; 3] = ["gemini-2.0-flash", "gemini-2.5-flash", "text-embedding-004"];
+
+/// The key a request authenticates with: `x-goog-api-key`, `?key=` or Bearer.
+pub fn presented_key(headers: &HeaderMap, query: &str) -> Option<String> {
+    if let Some(v) = headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.to_string());
+    }
+    if let Some(k) = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("key="))
+        .map(str::to_string)
+    {
+        return Some(k);
+    }
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string)
+}
+
+/// Checks the key and applies its switch. `Ok(key)` lets the call proceed.
+pub async fn gate(fake: &Fake, key: Option<String>, openai: bool) -> Result<String, HttpResponse> {
+    let Some(key) = key else {
+        return Err(errors::respond(403, errors::no_key(), openai));
+    };
+    let (valid, mode) = {
+        let inner = fake.lock();
+        (
+            inner.keys.contains(&key),
+            inner.modes.get(&key).cloned().unwrap_or_default(),
+        )
+    };
+    if !valid {
+        return Err(errors::respond(400, errors::invalid_key(), openai));
+    }
+    match mode {
+        Mode::Normal | Mode::Drop => Ok(key),
+        Mode::Quota {
+            retry_delay,
+            quota_id,
+        } => Err(errors::respond(
+            429,
+            errors::quota(retry_delay.as_deref(), quota_id.as_deref()),
+            openai,
+        )),
+        Mode::Invalid => Err(errors::respond(400, errors::invalid_key(), openai)),
+        Mode::Error { status } => Err(errors::respond(status, errors::server(status), openai)),
+        Mode::Slow { ms } => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(key)
+        }
+    }
+}
+
+pub fn served(fake: &Fake, key: &str) {
+    *fake.lock().served.entry(key.to_string()).or_insert(0) += 1;
+}
+
+fn model_json(name: &str) -> Value {
+    json!({
+        "name": format!("models/{name}"),
+        "version": "001",
+        "displayName": name,
+        "description": "A model of the fake Gemini upstream.",
+        "inputTokenLimit": 1048576,
+        "outputTokenLimit": 8192,
+        "supportedGenerationMethods": ["generateContent", "countTokens", "embedContent", "batchEmbedContents"]
+    })
+}
+
+pub fn models_list() -> HttpResponse {
+    HttpResponse::Ok()
+        .json(json!({"models": MODELS.iter().map(|m| model_json(m)).collect::<Vec<_>>()}))
+}
+
+pub fn model_get(name: &str) -> HttpResponse {
+    if MODELS.contains(&name) {
+        HttpResponse::Ok().json(model_json(name))
+    } else {
+        errors::respond(
+            404,
+            errors::google(
+                404,
+                &format!("models/{name} is not found for API version v1beta, or is not supported."),
+                "NOT_FOUND",
+                json!([]),
+            ),
+            false,
+        )
+    }
+}
+
+/// Every `fileData` URI in a request, in both spellings.
+pub fn file_refs(body: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    if (k == "fileUri" || k == "file_uri") && v.is_string() {
+                        if let Some(s) = v.as_str() {
+                            if let Some(at) = s.rfind("files/") {
+                                out.push(s[at..].to_string());
+                            }
+                        }
+                    } else {
+                        walk(v, out);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            _ => {}
+        }
+    }
+    walk(body, &mut out);
+    out
+}
+
+/// Google refuses a file that the calling key did not upload.
+pub fn check_files(
+    fake: &Fake,
+    key: &str,
+    body: &Value,
+    openai: bool,
+) -> Result<usize, HttpResponse> {
+    let refs = file_refs(body);
+    let inner = fake.lock();
+    for name in &refs {
+        let id = name.trim_start_matches("files/");
+        match inner.files.get(name) {
+            Some(meta) if meta.owner == key => {}
+            _ => return Err(errors::respond(403, errors::file_denied(id), openai)),
+        }
+    }
+    Ok(refs.len())
+}
+
+fn candidate(text: &str) -> Value {
+    json!({
+        "candidates": [{
+            "content": {"parts": [{"text": text}], "role": "model"},
+            "finishReason": "STOP",
+            "index": 0
+        }],
+        "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 4, "totalTokenCount": 8},
+        "modelVersion": "gemini-2.0-flash"
+    })
+}
+
+pub fn parse_json(body: &Bytes) -> Result<Value, HttpResponse> {
+    serde_json::from_slice(body).map_err(|_| {
+        errors::respond(
+            400,
+            errors::google(
+                400,
+                "Invalid JSON payload received.",
+                "INVALID_ARGUMENT",
+                json!([]),
+            ),
+            false,
+        )
+    })
+}
+
+pub fn generate(files: usize) -> HttpResponse {
+    HttpResponse::Ok().json(candidate(&format!(
+        "Hello from the fake upstream ({files} files)."
+    )))
+}
+
+/// `streamGenerateContent?alt=sse`: three events. With `x-fake-hold: NAME`
+/// the fake sends the first event, then waits for `/_fake/release/NAME`.
+pub fn stream(fake: &Fake, req: &HttpRequest, sse: bool) -> HttpResponse {
+    let hold = req
+        .headers()
+        .get("x-fake-hold")
+        .and_then(|v| v.to_str().ok())
+        .map(|name| fake.hold(name));
+    let events: Vec<Value> = (0..3).map(|i| candidate(&format!("chunk {i} "))).collect();
+    let stream = async_stream(events, hold, sse);
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    HttpResponse::Ok()
+        .content_type(content_type)
+        .streaming(stream)
+}
+
+fn async_stream(
+    events: Vec<Value>,
+    hold: Option<std::sync::Arc<tokio::sync::Notify>>,
+    sse: bool,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    let n = events.len();
+    futures_util::stream::unfold(
+        (0usize, events, hold),
+        move |(i, events, hold)| async move {
+            if i >= n {
+                return None;
+            }
+            if i == 1 {
+                if let Some(h) = &hold {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), h.notified()).await;
+                }
+            }
+            let ev = &events[i];
+            let chunk = if sse {
+                format!("data: {ev}\r\n\r\n")
+            } else {
+                let sep = if i == 0 { "[" } else { "," };
+                let end = if i + 1 == n { "]" } else { "" };
+                format!("{sep}{ev}{end}")
+            };
+            Some((Ok(Bytes::from(chunk)), (i + 1, events, hold)))
+        },
+    )
+}
+
+pub fn count_tokens(body: &Value) -> HttpResponse {
+    let n = body.to_string().len() / 4;
+    HttpResponse::Ok().json(json!({"totalTokens": n.max(1)}))
+}
+
+pub fn embed() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"embedding": {"values": [0.1, 0.2, 0.3]}}))
+}
+
+pub fn batch_embed(body: &Value) -> HttpResponse {
+    let n = body
+        .get("requests")
+        .and_then(|r| r.as_array())
+        .map_or(1, Vec::len);
+    HttpResponse::Ok().json(json!({"embeddings": (0..n).map(|_| json!({"values": [0.1, 0.2, 0.3]})).collect::<Vec<_>>()}))
+}

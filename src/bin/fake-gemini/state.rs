@@ -1,0 +1,119 @@
+//! What the fake remembers: valid keys and their switches, files and their
+//! owner keys, open upload sessions, held streams, and every request seen.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// A per-key switch a test flips at run time.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Normal,
+    /// 429 RESOURCE_EXHAUSTED with these details.
+    Quota {
+        #[serde(rename = "retryDelay", default)]
+        retry_delay: Option<String>,
+        #[serde(rename = "quotaId", default)]
+        quota_id: Option<String>,
+    },
+    /// 400 API_KEY_INVALID, as for a key Google does not know.
+    Invalid,
+    /// This status with a Google error body.
+    Error { status: u16 },
+    /// Answer after this many milliseconds.
+    Slow { ms: u64 },
+    /// Close the connection without an answer.
+    Drop,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub headers: HashMap<String, String>,
+    /// The key the request authenticated with, if any.
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FileMeta {
+    pub owner: String,
+    pub display_name: String,
+    pub mime_type: String,
+    pub size: u64,
+    pub created: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub key: String,
+    pub display_name: String,
+    pub mime_type: String,
+    pub declared: Option<u64>,
+    pub received: u64,
+    pub done: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Inner {
+    pub keys: HashSet<String>,
+    pub modes: HashMap<String, Mode>,
+    pub files: HashMap<String, FileMeta>,
+    pub uploads: HashMap<String, Upload>,
+    pub seen: Vec<Seen>,
+    pub holds: HashMap<String, Arc<Notify>>,
+    /// Model calls served successfully, per key.
+    pub served: HashMap<String, u64>,
+}
+
+#[derive(Clone)]
+pub struct Fake {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Fake {
+    pub fn new(keys: impl IntoIterator<Item = String>) -> Self {
+        let inner = Inner {
+            keys: keys.into_iter().collect(),
+            ..Default::default()
+        };
+        Self {
+            inner: Arc::new(Mutex::new(inner)),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    pub fn hold(&self, name: &str) -> Arc<Notify> {
+        self.lock()
+            .holds
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    pub fn release(&self, name: &str) {
+        let notify = self.hold(name);
+        notify.notify_one();
+    }
+}
+
+pub fn random_id(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = vec![0u8; len];
+    let _ = getrandom::fill(&mut bytes);
+    bytes
+        .iter()
+        .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
+        .collect()
+}

@@ -1,0 +1,390 @@
+//! Test support: a real `redis-server` on a free port, the fake upstream and
+//! gateway processes as real binaries, and a small HTTP client.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const TOKEN: &str = "tok-alpha-0123456789";
+pub const TOKEN_B: &str = "tok-bravo-0123456789";
+
+pub fn keys(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("AIzaFakeKey{i:02}-abcdefghijklmnop"))
+        .collect()
+}
+
+pub fn key_id(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(key.as_bytes())[..6])
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Redis {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(proc) = Self::spawn(port) {
+                return Redis { port, _proc: proc };
+            }
+        }
+        panic!("redis-server did not start");
+    }
+
+    pub fn spawn(port: u16) -> Option<Proc> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the test command installs it)");
+        let proc = Proc { child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if redis_cmd(port, &["PING"]).is_some_and(|r| r.contains("PONG")) {
+                return Some(proc);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> String {
+        redis_cmd(self.port, args).unwrap_or_default()
+    }
+}
+
+/// One raw RESP command; the raw reply text.
+pub fn redis_cmd(port: u16, args: &[&str]) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+    }
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = vec![0u8; 1 << 16];
+    let n = s.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn read_url_line(reader: &mut impl BufRead, what: &str) -> (String, Vec<String>) {
+    let mut seen = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("{what} exited before listening:\n{}", seen.join(""));
+        }
+        seen.push(line.clone());
+        if let Some(at) = line.find("listening on ") {
+            let url = line[at + "listening on ".len()..].trim().to_string();
+            return (url, seen);
+        }
+    }
+}
+
+pub struct FakeUpstream {
+    pub url: String,
+    pub keys: Vec<String>,
+    _proc: Proc,
+}
+
+impl FakeUpstream {
+    pub fn start(keys: &[String]) -> FakeUpstream {
+        Self::start_with(keys, &[])
+    }
+
+    pub fn start_with(keys: &[String], env: &[(&str, String)]) -> FakeUpstream {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fake-gemini"));
+        cmd.env("FAKE_KEYS", keys.join(","))
+            .env("FAKE_LISTEN", "127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("fake-gemini starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = BufReader::new(stdout);
+        let (url, _) = read_url_line(&mut reader, "fake-gemini");
+        std::thread::spawn(move || for _ in reader.lines() {});
+        FakeUpstream {
+            url,
+            keys: keys.to_vec(),
+            _proc: Proc { child },
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let mut resp = client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("fake control");
+        resp.json().limit(64 << 20).await.expect("fake json")
+    }
+
+    pub async fn post(&self, path: &str, body: Value) {
+        let resp = client()
+            .post(format!("{}{path}", self.url))
+            .send_json(&body)
+            .await
+            .expect("fake control");
+        assert!(resp.status().is_success(), "fake control {path}");
+    }
+
+    pub async fn requests(&self) -> Vec<Value> {
+        self.get("/_fake/requests")
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Successful model calls per key id.
+    pub async fn served(&self) -> std::collections::HashMap<String, u64> {
+        let v = self.get("/_fake/served").await;
+        v.as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (key_id(k), v.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[allow(dead_code)]
+    pub async fn set_mode(&self, key: &str, mode: Value) {
+        self.post(&format!("/_fake/keys/{key}"), mode).await;
+    }
+
+    /// file name → owner key id.
+    pub async fn file_owners(&self) -> std::collections::HashMap<String, String> {
+        let v = self.get("/_fake/files").await;
+        v.as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(n, k)| (n.clone(), key_id(k.as_str().unwrap_or(""))))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+pub struct Gateway {
+    pub url: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+    _proc: Proc,
+}
+
+impl Gateway {
+    pub fn start(
+        upstream: &FakeUpstream,
+        redis: Option<&Redis>,
+        extra: &[(&str, &str)],
+    ) -> Gateway {
+        let mut env: Vec<(String, String)> = vec![
+            ("GB_API_KEYS".into(), upstream.keys.join(",")),
+            ("GB_AUTH_TOKENS".into(), format!("{TOKEN},{TOKEN_B}")),
+            ("GB_UPSTREAM_URL".into(), upstream.url.clone()),
+        ];
+        if let Some(r) = redis {
+            env.push(("GB_REDIS_URL".into(), r.url()));
+        }
+        for (k, v) in extra {
+            env.push((k.to_string(), v.to_string()));
+        }
+        Self::start_env(&env)
+    }
+
+    pub fn start_env(env: &[(String, String)]) -> Gateway {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gemini-balancer"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("GB_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("gateway starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut reader = BufReader::new(stderr);
+        let (url, seen) = read_url_line(&mut reader, "gemini-balancer");
+        let log = Arc::new(Mutex::new(seen));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                sink.lock().expect("log").push(line);
+            }
+        });
+        Gateway {
+            url,
+            log,
+            _proc: Proc { child },
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+}
+
+/// Runs the gateway binary to completion (configuration errors).
+pub fn run_gateway_expecting_exit(env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gemini-balancer"));
+    cmd.env_clear().env("GB_LISTEN", "127.0.0.1:0");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            return (status.code().unwrap_or(-1), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("gateway did not exit on bad configuration");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn client() -> awc::Client {
+    awc::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .disable_redirects()
+        .finish()
+}
+
+pub fn generate_body() -> Value {
+    serde_json::json!({"contents": [{"parts": [{"text": "hello"}]}]})
+}
+
+pub fn file_body(uris: &[&str]) -> Value {
+    let parts: Vec<Value> = uris
+        .iter()
+        .map(|u| serde_json::json!({"fileData": {"fileUri": u, "mimeType": "text/plain"}}))
+        .chain(std::iter::once(serde_json::json!({"text": "use these"})))
+        .collect();
+    serde_json::json!({"contents": [{"parts": parts}]})
+}
+
+/// POST JSON with the gateway token; status and parsed body.
+pub async fn post_json(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut req = client().post(url).insert_header(("x-goog-api-key", TOKEN));
+    for (k, v) in headers {
+        req = req.insert_header((*k, *v));
+    }
+    let mut resp = req.send_json(body).await.expect("request");
+    let status = resp.status().as_u16();
+    let bytes = resp.body().limit(64 << 20).await.expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// A resumable upload through the gateway: start on `start_url`, one
+/// upload+finalize chunk on the returned URL (optionally re-hosted to
+/// another replica). Returns the file name.
+pub async fn upload_file(
+    start_url: &str,
+    chunk_base: Option<&str>,
+    headers: &[(&str, &str)],
+    data: &[u8],
+) -> String {
+    let mut req = client()
+        .post(start_url)
+        .insert_header(("x-goog-api-key", TOKEN))
+        .insert_header(("x-goog-upload-protocol", "resumable"))
+        .insert_header(("x-goog-upload-command", "start"))
+        .insert_header((
+            "x-goog-upload-header-content-length",
+            data.len().to_string(),
+        ));
+    for (k, v) in headers {
+        req = req.insert_header((*k, *v));
+    }
+    let meta = serde_json::json!({"file": {"display_name": "t", "mime_type": "text/plain", "size_bytes": data.len()}});
+    let resp = req.send_json(&meta).await.expect("start");
+    assert_eq!(resp.status().as_u16(), 200, "upload start");
+    let url = resp
+        .headers()
+        .get("x-goog-upload-url")
+        .and_then(|v| v.to_str().ok())
+        .expect("upload url")
+        .to_string();
+    let url = match chunk_base {
+        Some(base) => rehost(&url, base),
+        None => url,
+    };
+    let mut resp = client()
+        .post(&url)
+        .insert_header(("x-goog-upload-command", "upload, finalize"))
+        .insert_header(("x-goog-upload-offset", "0"))
+        .send_body(data.to_vec())
+        .await
+        .expect("chunk");
+    assert_eq!(resp.status().as_u16(), 200, "finalize");
+    let v: Value = resp.json().await.expect("file json");
+    v["file"]["name"].as_str().expect("file name").to_string()
+}
+
+/// The same path and query on another base URL (another replica).
+pub fn rehost(url: &str, base: &str) -> String {
+    let after_scheme = url.split_once("://").map_or(url, |(_, r)| r);
+    let path = after_scheme.find('/').map_or("", |i| &after_scheme[i..]);
+    format!("{base}{path}")
+}

@@ -1,0 +1,9 @@
+//! The gateway tested as its users meet it: real binaries, a real
+//! `redis-server` per test on a free port, the project's fake upstream.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod core;
+mod files;
+mod helpers;
+mod store;
+mod tls;
