@@ -10,6 +10,7 @@ pub mod identity;
 pub mod keys;
 pub mod migrations;
 pub mod pipeline;
+pub mod recheck;
 pub mod routes;
 pub mod session;
 pub mod settings;

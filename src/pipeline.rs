@@ -15,16 +15,16 @@
 use std::time::Instant;
 
 use actix_web::body::SizedStream;
-use actix_web::http::header::HeaderMap;
+use actix_web::http::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use actix_web::http::{Method, StatusCode};
 use actix_web::HttpResponse;
 use bytes::Bytes;
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 
 use crate::error::{ApiError, Flavor};
 use crate::files;
 use crate::gateway::Gateway;
-use crate::keys::{classify, ApiKey, NoKey};
+use crate::keys::{classify, ApiKey, NoKey, Outcome};
 use crate::session::{self, BindError, Session};
 use crate::store::now_ms;
 use crate::upstream::{response_forwardable, KeyStyle, Upstream};
@@ -145,11 +145,18 @@ pub async fn send<'g>(
     for attempt in 0..attempts {
         let key = match pinned {
             Some(key) => key,
-            None => match gw.keys.next(gw.store(), &tried).await {
-                Ok(key) => key,
-                Err(NoKey::Exhausted) if last.is_some() => break,
-                Err(no) => return Err(no.into_error().flavor(call.flavor)),
-            },
+            None => {
+                match gw.keys.next(gw.store(), &tried).await {
+                    Ok(key) => key,
+                    Err(NoKey::Exhausted) if last.is_some() => break,
+                    Err(no) => {
+                        if matches!(no, NoKey::AllCooling { .. }) && !tried.is_empty() {
+                            tracing::warn!(tried = tried.len(), "every key is rate-limited: likely an IP-level throttle; answering 429");
+                        }
+                        return Err(no.into_error().flavor(call.flavor));
+                    }
+                }
+            }
         };
         let started = Instant::now();
         let sent = up
@@ -191,7 +198,15 @@ pub async fn send<'g>(
         let outcome = classify(status, &body, now_ms());
         gw.keys.record(gw.store(), key, &outcome).await;
         tracing::info!(key_id = %key.id, status = status.as_u16(), attempt, outcome = ?outcome, "upstream error");
-        let response = buffered_back(status, resp.headers(), body);
+        let mut response = buffered_back(status, resp.headers(), body);
+        if let Outcome::RateLimited { until_ms, .. } = outcome {
+            if !response.headers().contains_key(RETRY_AFTER) {
+                let secs = until_ms.saturating_sub(now_ms()).div_ceil(1000).max(1);
+                if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                    response.headers_mut().insert(RETRY_AFTER, v);
+                }
+            }
+        }
         if pinned.is_none() && outcome.retryable(status) {
             tried.push(key.id.clone());
             last = Some(response);
@@ -247,9 +262,30 @@ where
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body = resp.inspect_err(|e| {
-        tracing::warn!(error = %e, "upstream body ended with an error; the client's response is cut short");
-    });
+    let body = futures_util::stream::unfold(
+        (resp, 0u64, false),
+        move |(mut upstream, sent, failed)| async move {
+            if failed {
+                return None;
+            }
+            match upstream.next().await {
+                Some(Ok(chunk)) => {
+                    let sent = sent + chunk.len() as u64;
+                    Some((Ok(chunk), (upstream, sent, false)))
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, sent, "upstream body ended with an error; the client's response is cut short");
+                    Some((Err(e), (upstream, sent, true)))
+                }
+                None => {
+                    if length.is_some_and(|want| sent < want) {
+                        tracing::warn!(sent, expected = length, "upstream body ended with an error: closed early; the client's response is cut short");
+                    }
+                    None
+                }
+            }
+        },
+    );
     match length {
         Some(len) => builder.body(SizedStream::new(len, body)),
         None => builder.streaming(body),

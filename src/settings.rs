@@ -56,6 +56,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    pub recheck_interval: Duration,
 }
 
 /// Reads settings from the layered sources described in the module docs.
@@ -265,6 +266,7 @@ impl Raw {
             log_format,
             max_body_bytes,
             shutdown_grace: self.secs("shutdown_grace")?,
+            recheck_interval: self.secs("recheck_interval")?,
         })
     }
 }

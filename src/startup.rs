@@ -58,7 +58,9 @@ impl Application {
         let grace = settings.shutdown_grace;
         let gateway = Arc::new(Gateway::new(settings, store));
         let data = web::Data::from(gateway.clone());
+        let worker_tls = tls.clone();
         let server = HttpServer::new(move || {
+            let tls = worker_tls.clone();
             let upstream = Upstream::new(
                 &data.settings.upstream_url,
                 tls.clone(),
@@ -95,6 +97,16 @@ impl Application {
         .disable_signals()
         .run();
         tracing::info!("listening on http://{addr}");
+        {
+            let gw = gateway.clone();
+            let replica = uuid::Uuid::new_v4().to_string();
+            let upstream = Upstream::new(
+                &gw.settings.upstream_url,
+                tls.clone(),
+                gw.settings.upstream_timeout,
+            );
+            actix_rt::spawn(crate::recheck::run(gw, upstream, replica));
+        }
         Ok(Self {
             server,
             addr,

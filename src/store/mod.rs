@@ -102,7 +102,7 @@ pub fn choose(
     for (i, member) in members.iter().enumerate() {
         let state = states.get(i).and_then(Option::as_ref);
         if let Some(MemberState::Cooling { until_ms }) = state {
-            if *until_ms > now_ms && !exclude.contains(member) {
+            if *until_ms > now_ms {
                 min_until = Some(min_until.map_or(*until_ms, |m| m.min(*until_ms)));
             }
         }

@@ -50,7 +50,7 @@ for i = 1, n do
       local u = tonumber(string.sub(s, 3))
       if u and u > now then
         ok = false
-        if not excluded[members[i]] and (min_until == nil or u < min_until) then min_until = u end
+        if min_until == nil or u < min_until then min_until = u end
       end
     end
   end

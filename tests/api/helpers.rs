@@ -194,7 +194,6 @@ impl FakeUpstream {
             .unwrap_or_default()
     }
 
-    #[allow(dead_code)]
     pub async fn set_mode(&self, key: &str, mode: Value) {
         self.post(&format!("/_fake/keys/{key}"), mode).await;
     }
@@ -224,10 +223,20 @@ impl Gateway {
         redis: Option<&Redis>,
         extra: &[(&str, &str)],
     ) -> Gateway {
+        Self::start_for(&upstream.url, &upstream.keys, redis, extra)
+    }
+
+    /// A gateway with its own key list (keys the fake may not know).
+    pub fn start_for(
+        url: &str,
+        keys: &[String],
+        redis: Option<&Redis>,
+        extra: &[(&str, &str)],
+    ) -> Gateway {
         let mut env: Vec<(String, String)> = vec![
-            ("GB_API_KEYS".into(), upstream.keys.join(",")),
+            ("GB_API_KEYS".into(), keys.join(",")),
             ("GB_AUTH_TOKENS".into(), format!("{TOKEN},{TOKEN_B}")),
-            ("GB_UPSTREAM_URL".into(), upstream.url.clone()),
+            ("GB_UPSTREAM_URL".into(), url.to_string()),
         ];
         if let Some(r) = redis {
             env.push(("GB_REDIS_URL".into(), r.url()));

@@ -4,6 +4,7 @@
 
 mod core;
 mod files;
+mod health;
 mod helpers;
 mod store;
 mod tls;

@@ -48,7 +48,7 @@ pub async fn gate(fake: &Fake, key: Option<String>, openai: bool) -> Result<Stri
         return Err(errors::respond(400, errors::invalid_key(), openai));
     }
     match mode {
-        Mode::Normal | Mode::Drop => Ok(key),
+        Mode::Normal | Mode::BreakStream => Ok(key),
         Mode::Quota {
             retry_delay,
             quota_id,
@@ -184,28 +184,34 @@ pub fn generate(files: usize) -> HttpResponse {
 
 /// `streamGenerateContent?alt=sse`: three events. With `x-fake-hold: NAME`
 /// the fake sends the first event, then waits for `/_fake/release/NAME`.
-pub fn stream(fake: &Fake, req: &HttpRequest, sse: bool) -> HttpResponse {
+pub fn stream(fake: &Fake, req: &HttpRequest, key: &str, sse: bool) -> HttpResponse {
+    let breaks = matches!(fake.lock().modes.get(key), Some(Mode::BreakStream));
     let hold = req
         .headers()
         .get("x-fake-hold")
         .and_then(|v| v.to_str().ok())
         .map(|name| fake.hold(name));
     let events: Vec<Value> = (0..3).map(|i| candidate(&format!("chunk {i} "))).collect();
-    let stream = async_stream(events, hold, sse);
+    let stream = async_stream(events, hold, sse, breaks);
     let content_type = if sse {
         "text/event-stream"
     } else {
         "application/json"
     };
-    HttpResponse::Ok()
-        .content_type(content_type)
-        .streaming(stream)
+    let mut builder = HttpResponse::Ok();
+    builder.content_type(content_type);
+    if breaks {
+        // Promise more than is sent, so the cut is visible on the wire.
+        return builder.body(actix_web::body::SizedStream::new(1 << 20, stream));
+    }
+    builder.streaming(stream)
 }
 
 fn async_stream(
     events: Vec<Value>,
     hold: Option<std::sync::Arc<tokio::sync::Notify>>,
     sse: bool,
+    breaks: bool,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
     let n = events.len();
     futures_util::stream::unfold(
@@ -213,6 +219,15 @@ fn async_stream(
         move |(i, events, hold)| async move {
             if i >= n {
                 return None;
+            }
+            if i == 1 && breaks {
+                // Let the first event reach the wire before the break.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let err = std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "stream broken by test switch",
+                );
+                return Some((Err(err), (n, events, hold)));
             }
             if i == 1 {
                 if let Some(h) = &hold {

@@ -11,7 +11,7 @@
 //! Control endpoints for tests, under `/_fake/`: `GET requests`, `POST reset`,
 //! `GET served` (successful model calls per key), `POST keys/{key}` with a
 //! JSON mode (`{"mode":"quota","retryDelay":"2s"}`, `invalid`, `error`,
-//! `slow`, `normal`), `POST release/{name}` (let a held stream continue).
+//! `slow`, `break_stream`, `normal`), `POST release/{name}` (let a held stream continue).
 #![allow(clippy::print_stdout, clippy::result_large_err)]
 
 mod errors;
@@ -168,9 +168,12 @@ async fn handle(
                     let (_, method) = action.split_once(':').unwrap_or((action, ""));
                     let response = match method {
                         "generateContent" => gemini::generate(n_files),
-                        "streamGenerateContent" => {
-                            gemini::stream(&fake, &req, req.query_string().contains("alt=sse"))
-                        }
+                        "streamGenerateContent" => gemini::stream(
+                            &fake,
+                            &req,
+                            &key,
+                            req.query_string().contains("alt=sse"),
+                        ),
                         "countTokens" => gemini::count_tokens(&value),
                         "embedContent" => gemini::embed(),
                         "batchEmbedContents" => gemini::batch_embed(&value),

@@ -26,8 +26,8 @@ pub enum Mode {
     Error { status: u16 },
     /// Answer after this many milliseconds.
     Slow { ms: u64 },
-    /// Close the connection without an answer.
-    Drop,
+    /// Streams send their first event, then the connection breaks.
+    BreakStream,
 }
 
 #[derive(Debug, Clone, Serialize)]

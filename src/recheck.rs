@@ -1,0 +1,75 @@
+//! The periodic re-check of disabled keys: a cheap `models.list` call with
+//! each disabled key; a key that works again is re-enabled. One replica runs
+//! it per interval, cluster-wide, under a store lock that is left to lapse
+//! (so the next interval may run anywhere).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header::HeaderMap;
+use actix_web::http::Method;
+
+use crate::gateway::Gateway;
+use crate::keys::{ApiKey, RING};
+use crate::store::MemberState;
+use crate::upstream::{KeyStyle, Upstream};
+
+const LOCK: &str = "recheck";
+
+/// Runs forever on the current (actix) runtime.
+pub async fn run(gw: Arc<Gateway>, upstream: Upstream, replica: String) {
+    let interval = gw.settings.recheck_interval;
+    loop {
+        tokio::time::sleep(interval).await;
+        if gw.draining() {
+            return;
+        }
+        match gw.store().try_lock(LOCK, &replica, interval).await {
+            Ok(true) => {
+                let n = recheck_once(&gw, &upstream).await;
+                if n > 0 {
+                    tracing::info!(replica = %replica, re_enabled = n, "re-check of disabled keys done");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "re-check skipped: store unavailable"),
+        }
+    }
+}
+
+/// Checks every disabled key once; returns how many were re-enabled.
+pub async fn recheck_once(gw: &Gateway, upstream: &Upstream) -> usize {
+    let states = match gw.store().member_states(RING).await {
+        Ok(s) => s,
+        Err(_) => return 0,
+    };
+    let mut re_enabled = 0;
+    for key in gw.keys.keys() {
+        if matches!(states.get(&key.id), Some(MemberState::Disabled { .. }))
+            && works(upstream, key).await
+        {
+            match gw.store().set_member_state(RING, &key.id, None).await {
+                Ok(()) => {
+                    tracing::info!(key_id = %key.id, "re-enabled key: it works again");
+                    re_enabled += 1;
+                }
+                Err(e) => tracing::warn!(key_id = %key.id, error = %e, "could not re-enable key"),
+            }
+        }
+    }
+    re_enabled
+}
+
+async fn works(upstream: &Upstream, key: &ApiKey) -> bool {
+    let req = upstream.request(
+        Method::GET,
+        "/v1beta/models?pageSize=1",
+        &HeaderMap::new(),
+        Some(key),
+        KeyStyle::GoogHeader,
+    );
+    match tokio::time::timeout(Duration::from_secs(30), req.send()).await {
+        Ok(Ok(resp)) => resp.status().is_success(),
+        _ => false,
+    }
+}

@@ -1,0 +1,253 @@
+//! Key health shared by every replica: cooldowns, disabled keys, retries,
+//! throttling, the re-check.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+const GENERATE: &str = "/v1beta/models/gemini-2.0-flash:generateContent";
+
+/// key id → raw state, straight from Redis.
+fn states(redis: &Redis) -> std::collections::HashMap<String, String> {
+    let raw = redis.cmd(&["HGETALL", "gb:{ring:keys}:s"]);
+    let vals: Vec<&str> = raw
+        .lines()
+        .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
+        .collect();
+    vals.chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| (c[0].to_string(), c[1].to_string()))
+        .collect()
+}
+
+async fn generate(gw: &Gateway) -> (u16, Value) {
+    post_json(&format!("{}{GENERATE}", gw.url), &generate_body(), &[]).await
+}
+
+fn count_for(seen: &[Value], key: &str) -> usize {
+    seen.iter().filter(|r| r["key"] == key).count()
+}
+
+#[actix_rt::test]
+async fn a_cooling_key_gets_no_traffic_from_any_replica_until_its_delay_passes() {
+    let redis = Redis::start();
+    let ks = keys(3);
+    let fake = FakeUpstream::start(&ks);
+    let gws: Vec<Gateway> = (0..2)
+        .map(|_| Gateway::start(&fake, Some(&redis), &[]))
+        .collect();
+    fake.set_mode(&ks[0], json!({"mode": "quota", "retryDelay": "4s"}))
+        .await;
+    // Replica 1 meets the 429 (and retries elsewhere: the client sees success).
+    for _ in 0..3 {
+        assert_eq!(generate(&gws[0]).await.0, 200);
+    }
+    let st = states(&redis);
+    assert!(st[&key_id(&ks[0])].starts_with("c:"), "{st:?}");
+    fake.set_mode(&ks[0], json!({"mode": "normal"})).await;
+    fake.post("/_fake/reset", json!({})).await;
+    for _ in 0..6 {
+        assert_eq!(generate(&gws[1]).await.0, 200);
+    }
+    assert_eq!(
+        count_for(&fake.requests().await, &ks[0]),
+        0,
+        "replica 2 skipped the cooling key"
+    );
+    // Once the delay has passed, the key is back in rotation.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert_eq!(generate(&gws[1]).await.0, 200);
+        if count_for(&fake.requests().await, &ks[0]) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "key never came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn an_invalid_key_is_disabled_after_its_first_400_on_every_replica() {
+    let redis = Redis::start();
+    let ks = keys(5);
+    // The fake knows only four of the five keys: the fifth is invalid.
+    let fake = FakeUpstream::start(&ks[..4]);
+    let gws: Vec<Gateway> = (0..3)
+        .map(|_| Gateway::start_for(&fake.url, &ks, Some(&redis), &[]))
+        .collect();
+    for i in 0..100 {
+        let (status, v) = generate(&gws[i % 3]).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let seen = fake.requests().await;
+    assert_eq!(
+        count_for(&seen, &ks[4]),
+        1,
+        "one request found it invalid; none after"
+    );
+    let st = states(&redis);
+    assert!(st[&key_id(&ks[4])].starts_with("d:"), "{st:?}");
+    assert!(st[&key_id(&ks[4])].contains("api_key_invalid"));
+}
+
+#[actix_rt::test]
+async fn all_keys_429_gives_the_client_429_with_retry_after_and_disables_nothing() {
+    let redis = Redis::start();
+    let ks = keys(3);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    for k in &ks {
+        fake.set_mode(k, json!({"mode": "quota", "retryDelay": "30s"}))
+            .await;
+    }
+    let mut resp = client()
+        .post(format!("{}{GENERATE}", gw.url))
+        .insert_header(("x-goog-api-key", TOKEN))
+        .send_json(&generate_body())
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    let retry_after: u64 = resp
+        .headers()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry_after));
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], 429);
+    let (status, _) = generate(&gw).await;
+    assert_eq!(
+        status, 429,
+        "still throttled, answered without an upstream call"
+    );
+    assert_eq!(fake.requests().await.len(), 3, "each key tried once");
+    let st = states(&redis);
+    assert_eq!(st.len(), 3);
+    assert!(
+        st.values().all(|s| s.starts_with("c:")),
+        "cooling, never disabled: {st:?}"
+    );
+}
+
+#[actix_rt::test]
+async fn streams_are_retried_only_before_their_first_byte() {
+    let ks = keys(2);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, None, &[]);
+    let stream_url = format!(
+        "{}/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+        gw.url
+    );
+    // Fails before the first byte (503): retried on the other key.
+    fake.set_mode(&ks[0], json!({"mode": "error", "status": 503}))
+        .await;
+    for _ in 0..4 {
+        let mut resp = client()
+            .post(&stream_url)
+            .insert_header(("x-goog-api-key", TOKEN))
+            .send_json(&generate_body())
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let body = resp.body().await.unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("chunk 2"));
+    }
+    // Breaks after the first byte: the client keeps what it got, no retry.
+    fake.set_mode(&ks[0], json!({"mode": "break_stream"})).await;
+    fake.set_mode(&ks[1], json!({"mode": "break_stream"})).await;
+    fake.post("/_fake/reset", json!({})).await;
+    let mut resp = client()
+        .post(&stream_url)
+        .insert_header(("x-goog-api-key", TOKEN))
+        .send_json(&generate_body())
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut got = Vec::new();
+    while let Some(Ok(chunk)) = resp.next().await {
+        got.extend_from_slice(&chunk);
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains("chunk 0") && !got.contains("chunk 1"), "{got}");
+    assert_eq!(fake.requests().await.len(), 1, "not retried");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw.log_text().contains("upstream body ended with an error") {
+        assert!(
+            Instant::now() < deadline,
+            "the broken stream was not logged:\n{}",
+            gw.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The gateway is still fine.
+    fake.set_mode(&ks[0], json!({"mode": "normal"})).await;
+    fake.set_mode(&ks[1], json!({"mode": "normal"})).await;
+    assert_eq!(generate(&gw).await.0, 200);
+}
+
+#[actix_rt::test]
+async fn a_request_pinned_to_a_file_is_not_moved_when_its_key_answers_429() {
+    let ks = keys(3);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, None, &[]);
+    let name = upload_file(
+        &format!("{}/upload/v1beta/files", gw.url),
+        None,
+        &[],
+        b"pinned",
+    )
+    .await;
+    let owner_id = fake.file_owners().await[&name].clone();
+    let owner = ks.iter().find(|k| key_id(k) == owner_id).unwrap().clone();
+    fake.set_mode(&owner, json!({"mode": "quota", "retryDelay": "20s"}))
+        .await;
+    fake.post("/_fake/reset", json!({})).await;
+    let (status, v) = post_json(&format!("{}{GENERATE}", gw.url), &file_body(&[&name]), &[]).await;
+    assert_eq!(status, 429, "{v}");
+    let seen = fake.requests().await;
+    assert_eq!(seen.len(), 1, "never retried on another key: {seen:?}");
+    assert_eq!(seen[0]["key"], owner.as_str());
+}
+
+#[actix_rt::test]
+async fn the_recheck_re_enables_a_key_that_works_again_on_one_replica() {
+    let redis = Redis::start();
+    let ks = keys(3);
+    let fake = FakeUpstream::start(&ks);
+    let gws: Vec<Gateway> = (0..2)
+        .map(|_| Gateway::start(&fake, Some(&redis), &[("GB_RECHECK_INTERVAL", "1")]))
+        .collect();
+    fake.set_mode(&ks[1], json!({"mode": "invalid"})).await;
+    for _ in 0..4 {
+        assert_eq!(generate(&gws[0]).await.0, 200);
+    }
+    assert!(states(&redis)[&key_id(&ks[1])].starts_with("d:"));
+    fake.set_mode(&ks[1], json!({"mode": "normal"})).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while states(&redis).contains_key(&key_id(&ks[1])) {
+        assert!(Instant::now() < deadline, "never re-enabled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines: Vec<String> = gws
+        .iter()
+        .flat_map(|g| {
+            g.log_text()
+                .lines()
+                .filter(|l| l.contains("re-enabled key"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one replica re-enabled it: {lines:?}"
+    );
+    assert!(lines[0].contains(&key_id(&ks[1])));
+}
