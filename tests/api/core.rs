@@ -101,6 +101,7 @@ async fn client_credentials_and_session_ids_never_reach_the_upstream() {
             "other headers pass"
         );
     }
+    gw.assert_no_secrets_logged(&fake.keys);
 }
 
 #[actix_rt::test]

@@ -59,6 +59,9 @@ async fn files_of_one_session_uploaded_on_two_replicas_work_together_on_a_third(
     let logs: String = c.gws.iter().map(Gateway::log_text).collect();
     assert!(logs.contains("session bound to a key"), "{logs}");
     assert!(logs.contains("reusing the key bound to the session"));
+    for gw in &c.gws {
+        gw.assert_no_secrets_logged(&c.fake.keys);
+    }
 }
 
 #[actix_rt::test]
@@ -409,4 +412,69 @@ async fn single_shot_raw_and_multipart_uploads_record_the_owner() {
     let owners: std::collections::HashSet<String> =
         c.fake.file_owners().await.into_values().collect();
     assert_eq!(owners.len(), 1, "one session, one key");
+}
+
+async fn start_upload_url(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut req = client()
+        .post(format!("{}{path}", gw.url))
+        .insert_header(("x-goog-api-key", TOKEN))
+        .insert_header(("x-goog-upload-protocol", "resumable"))
+        .insert_header(("x-goog-upload-command", "start"));
+    for h in headers {
+        req = req.insert_header(*h);
+    }
+    let resp = req.send_json(&json!({"file": {}})).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.headers()
+        .get("x-goog-upload-url")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[actix_rt::test]
+async fn handed_out_upload_urls_use_the_public_base_and_keep_the_path_prefix() {
+    let fake = FakeUpstream::start(&keys(1));
+    let public = Gateway::start(
+        &fake,
+        None,
+        &[("GB_PUBLIC_URL", "https://gw.example.com/gemini/")],
+    );
+    let url = start_upload_url(&public, "/session/abc/upload/v1beta/files", &[]).await;
+    assert!(
+        url.starts_with("https://gw.example.com/gemini/session/abc/upload/v1beta/files?upload_id="),
+        "{url}"
+    );
+    assert!(
+        !url.contains(&fake.url),
+        "Google's upload URL never reaches the client"
+    );
+
+    let forwarded = [
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "api.example.org"),
+        ("x-forwarded-prefix", "/llm"),
+    ];
+    let trusting = Gateway::start(&fake, None, &[("GB_TRUST_FORWARDED", "true")]);
+    let url = start_upload_url(&trusting, "/upload/v1/files", &forwarded).await;
+    assert!(
+        url.starts_with("https://api.example.org/llm/upload/v1/files?upload_id="),
+        "{url}"
+    );
+
+    let plain = Gateway::start(&fake, None, &[]);
+    let url = start_upload_url(&plain, "/upload/v1/files", &forwarded).await;
+    assert!(
+        url.starts_with(&format!("{}/upload/v1/files?upload_id=", plain.url)),
+        "forwarded headers ignored unless trusted: {url}"
+    );
+    let id = url
+        .split("upload_id=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    assert!(id.len() >= 32, "at least 128 random bits");
 }

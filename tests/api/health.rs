@@ -91,6 +91,9 @@ async fn an_invalid_key_is_disabled_after_its_first_400_on_every_replica() {
     let st = states(&redis);
     assert!(st[&key_id(&ks[4])].starts_with("d:"), "{st:?}");
     assert!(st[&key_id(&ks[4])].contains("api_key_invalid"));
+    for gw in &gws {
+        gw.assert_no_secrets_logged(&ks);
+    }
 }
 
 #[actix_rt::test]

@@ -279,6 +279,14 @@ impl Gateway {
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log").join("\n")
     }
+
+    /// No configured key or client token in anything the replica logged.
+    pub fn assert_no_secrets_logged(&self, keys: &[String]) {
+        let log = self.log_text();
+        for secret in keys.iter().map(String::as_str).chain([TOKEN, TOKEN_B]) {
+            assert!(!log.contains(secret), "a secret was logged:\n{log}");
+        }
+    }
 }
 
 /// Runs the gateway binary to completion (configuration errors).

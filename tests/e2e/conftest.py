@@ -158,3 +158,6 @@ def stack():
     s = Stack()
     yield s
     s.stop()
+    logs = s.logs()
+    for secret in KEYS + [TOKEN]:
+        assert secret not in logs, "a key or token was logged"
