@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use crate::auth::Auth;
 use crate::keys::KeyPool;
+use crate::metrics::Metrics;
 use crate::settings::Settings;
+use crate::stats::KeyStats;
 use crate::store::StateStore;
 
 pub struct Gateway {
@@ -13,18 +15,33 @@ pub struct Gateway {
     pub keys: KeyPool,
     pub auth: Auth,
     pub store: Arc<dyn StateStore>,
+    pub metrics: Arc<Metrics>,
+    pub stats: KeyStats,
+    /// This process's id among the replicas (heartbeats, locks, logs).
+    pub replica: String,
+    pub started_ms: u64,
     draining: AtomicBool,
 }
 
 impl Gateway {
-    pub fn new(settings: Settings, store: Arc<dyn StateStore>) -> Self {
+    pub fn new(settings: Settings, store: Arc<dyn StateStore>, metrics: Arc<Metrics>) -> Self {
         Self {
             keys: KeyPool::new(&settings.api_keys),
             auth: Auth::new(&settings.auth_tokens, settings.admin_token.as_ref()),
             settings,
             store,
+            metrics,
+            stats: KeyStats::default(),
+            replica: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            started_ms: crate::store::now_ms(),
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// Records one upstream answer for a key: metrics and hourly statistics.
+    pub fn observe(&self, key_id: &str, outcome: &'static str) {
+        self.metrics.outcome(key_id, outcome);
+        self.stats.record(key_id, outcome);
     }
 
     pub fn store(&self) -> &dyn StateStore {

@@ -165,6 +165,48 @@ impl KeyPool {
     }
 }
 
+/// One key as operators see it: never the key itself.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyView {
+    pub id: String,
+    pub masked: String,
+    /// `healthy`, `cooling` or `disabled`.
+    pub state: &'static str,
+    pub cooldown_until_ms: Option<u64>,
+    pub disabled_reason: Option<String>,
+}
+
+impl KeyPool {
+    /// Every configured key with its shared state at `now`.
+    pub fn view(
+        &self,
+        states: &std::collections::HashMap<String, MemberState>,
+        now: u64,
+    ) -> Vec<KeyView> {
+        self.keys
+            .iter()
+            .map(|k| {
+                let (state, until, reason) = match states.get(&k.id) {
+                    Some(MemberState::Cooling { until_ms }) if *until_ms > now => {
+                        ("cooling", Some(*until_ms), None)
+                    }
+                    Some(MemberState::Disabled { reason, .. }) => {
+                        ("disabled", None, Some(reason.clone()))
+                    }
+                    _ => ("healthy", None, None),
+                };
+                KeyView {
+                    id: k.id.clone(),
+                    masked: k.masked.clone(),
+                    state,
+                    cooldown_until_ms: until,
+                    disabled_reason: reason,
+                }
+            })
+            .collect()
+    }
+}
+
 /// What one upstream answer means for the key that got it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -185,6 +227,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome's name in metrics and statistics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::RateLimited { .. } => "rate_limited",
+            Outcome::KeyRejected { .. } => "key_rejected",
+            Outcome::ServerError => "server_error",
+            Outcome::ClientError => "client_error",
+        }
+    }
+
     /// Whether an unpinned request should be tried again on another key.
     pub fn retryable(&self, status: StatusCode) -> bool {
         match self {

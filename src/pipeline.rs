@@ -107,7 +107,12 @@ pub async fn pin<'g>(
     }
     if let Some(s) = session {
         return match session::resolve(gw.store(), &gw.keys, s, gw.settings.session_ttl).await {
-            Ok(key) => Ok(Some((key, PinReason::Session))),
+            Ok((key, bound_now)) => {
+                if bound_now {
+                    gw.metrics.sessions_bound.inc();
+                }
+                Ok(Some((key, PinReason::Session)))
+            }
             Err(BindError::Store(e)) => Err(store_down(e, flavor)),
             Err(BindError::NoKey(no)) => Err(no.into_error().flavor(flavor)),
         };
@@ -174,16 +179,21 @@ pub async fn send<'g>(
             Err(e) => {
                 let err = transport_error(&e).flavor(call.flavor);
                 tracing::warn!(key_id = %key.id, attempt, error = %e, "upstream unreachable");
+                gw.observe(&key.id, "transport");
                 if pinned.is_some() {
                     return Err(err);
                 }
+                gw.metrics.retry("transport");
                 tried.push(key.id.clone());
                 last = Some(actix_web::ResponseError::error_response(&err));
                 continue;
             }
         };
         let status = resp.status();
+        gw.metrics
+            .upstream(api_label(call.flavor), started.elapsed());
         if status.is_success() {
+            gw.observe(&key.id, "success");
             tracing::debug!(key_id = %key.id, status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "upstream answered");
             return Ok(Ok(Served {
                 key,
@@ -196,6 +206,7 @@ pub async fn send<'g>(
             .await
             .unwrap_or_default();
         let outcome = classify(status, &body, now_ms());
+        gw.observe(&key.id, outcome.name());
         gw.keys.record(gw.store(), key, &outcome).await;
         tracing::info!(key_id = %key.id, status = status.as_u16(), attempt, outcome = ?outcome, "upstream error");
         let mut response = buffered_back(status, resp.headers(), body);
@@ -208,6 +219,7 @@ pub async fn send<'g>(
             }
         }
         if pinned.is_none() && outcome.retryable(status) {
+            gw.metrics.retry(outcome.name());
             tried.push(key.id.clone());
             last = Some(response);
             continue;
@@ -226,6 +238,14 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
         Ok(served) => stream_back(served.response),
         Err(response) => response,
     })
+}
+
+pub fn api_label(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::Gemini => "gemini",
+        Flavor::OpenAi => "openai",
+        Flavor::Upload => "upload",
+    }
 }
 
 pub fn transport_error(e: &awc::error::SendRequestError) -> ApiError {

@@ -46,18 +46,25 @@ pub async fn recheck_once(gw: &Gateway, upstream: &Upstream) -> usize {
     let mut re_enabled = 0;
     for key in gw.keys.keys() {
         if matches!(states.get(&key.id), Some(MemberState::Disabled { .. }))
-            && works(upstream, key).await
+            && recheck_key(gw, upstream, key).await
         {
-            match gw.store().set_member_state(RING, &key.id, None).await {
-                Ok(()) => {
-                    tracing::info!(key_id = %key.id, "re-enabled key: it works again");
-                    re_enabled += 1;
-                }
-                Err(e) => tracing::warn!(key_id = %key.id, error = %e, "could not re-enable key"),
-            }
+            re_enabled += 1;
         }
     }
     re_enabled
+}
+
+/// Checks one key now (admin "re-check"): re-enabled if it works. Returns
+/// whether it works.
+pub async fn recheck_key(gw: &Gateway, upstream: &Upstream, key: &ApiKey) -> bool {
+    let ok = works(upstream, key).await;
+    if ok {
+        match gw.store().set_member_state(RING, &key.id, None).await {
+            Ok(()) => tracing::info!(key_id = %key.id, "re-enabled key: it works again"),
+            Err(e) => tracing::warn!(key_id = %key.id, error = %e, "could not re-enable key"),
+        }
+    }
+    ok
 }
 
 async fn works(upstream: &Upstream, key: &ApiKey) -> bool {

@@ -89,15 +89,16 @@ pub enum BindError {
     NoKey(NoKey),
 }
 
-/// The key a session is bound to, binding it now if it is new. Every use
-/// slides the binding's expiry. A binding to a disabled (or no longer
-/// configured) key is moved to a healthy key.
+/// The key a session is bound to, binding it now if it is new (the flag says
+/// whether this call bound it). Every use slides the binding's expiry. A
+/// binding to a disabled (or no longer configured) key is moved to a healthy
+/// key.
 pub async fn resolve<'a>(
     store: &dyn StateStore,
     pool: &'a KeyPool,
     session: &Session,
     ttl: Duration,
-) -> Result<&'a ApiKey, BindError> {
+) -> Result<(&'a ApiKey, bool), BindError> {
     let sid = session.id.as_str();
     let (bound, disabled) = {
         let bound = store.touch(NS, sid, ttl);
@@ -118,7 +119,7 @@ pub async fn resolve<'a>(
         if !disabled {
             if let Some(key) = pool.by_id(id) {
                 tracing::info!(session = sid, key_id = %key.id, source = session.source.as_str(), "reusing the key bound to the session");
-                return Ok(key);
+                return Ok((key, false));
             }
         }
     }
@@ -132,7 +133,7 @@ pub async fn resolve<'a>(
                 .map_err(BindError::Store)?;
             let key = pool.by_id(&now).unwrap_or(candidate);
             tracing::info!(session = sid, old_key_id = %old, key_id = %key.id, source = session.source.as_str(), "session re-bound: its key is disabled or gone");
-            Ok(key)
+            Ok((key, true))
         }
         None => {
             let (now, created) = store
@@ -142,11 +143,11 @@ pub async fn resolve<'a>(
             match pool.by_id(&now) {
                 Some(key) if created => {
                     tracing::info!(session = sid, key_id = %key.id, source = session.source.as_str(), "session bound to a key");
-                    Ok(key)
+                    Ok((key, true))
                 }
                 Some(key) => {
                     tracing::info!(session = sid, key_id = %key.id, source = session.source.as_str(), "reusing the key bound to the session");
-                    Ok(key)
+                    Ok((key, false))
                 }
                 None => {
                     // Bound concurrently by a replica that knows a key this one
@@ -155,7 +156,7 @@ pub async fn resolve<'a>(
                         .replace(NS, sid, &now, &candidate.id, ttl)
                         .await
                         .map_err(BindError::Store)?;
-                    Ok(pool.by_id(&now).unwrap_or(candidate))
+                    Ok((pool.by_id(&now).unwrap_or(candidate), true))
                 }
             }
         }

@@ -11,6 +11,7 @@ use anyhow::Context;
 use tracing_actix_web::TracingLogger;
 
 use crate::gateway::Gateway;
+use crate::metrics::Metrics;
 use crate::routes;
 use crate::settings::Settings;
 use crate::store::{MemoryStore, RedisStore, StateStore};
@@ -25,7 +26,10 @@ pub struct Application {
 
 /// Opens the configured store. Redis is checked for a layout this build can
 /// read; a Redis that is down at start is logged and retried lazily.
-pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn StateStore>> {
+pub async fn open_store(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Arc<dyn StateStore>> {
     let Some(url) = &settings.redis_url else {
         tracing::info!("no GB_REDIS_URL: using the embedded in-memory store (single replica only)");
         return Ok(Arc::new(MemoryStore::new()));
@@ -35,7 +39,11 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn StateStor
         &settings.redis_prefix,
         settings.redis_timeout,
         settings.redis_pool_size,
-    )?;
+    )?
+    .with_observer({
+        let metrics = metrics.clone();
+        Arc::new(move |elapsed, ok| metrics.store_call(elapsed, ok))
+    });
     match crate::migrations::apply(&store).await {
         Ok(version) => {
             tracing::info!(layout = version, prefix = %settings.redis_prefix, "Redis store ready")
@@ -50,13 +58,14 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn StateStor
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let store = open_store(&settings).await?;
+        let metrics = Arc::new(Metrics::new());
+        let store = open_store(&settings, &metrics).await?;
         let tls = tls_config(settings.upstream_ca_file.as_deref())?;
         let listener = TcpListener::bind(settings.listen)
             .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen))?;
         let addr = listener.local_addr()?;
         let grace = settings.shutdown_grace;
-        let gateway = Arc::new(Gateway::new(settings, store));
+        let gateway = Arc::new(Gateway::new(settings, store, metrics));
         let data = web::Data::from(gateway.clone());
         let worker_tls = tls.clone();
         let server = HttpServer::new(move || {
@@ -71,9 +80,16 @@ impl Application {
                 .app_data(web::Data::new(upstream))
                 .wrap_fn(|req, srv| {
                     let id = req.extensions().get::<RequestId>().cloned();
+                    let route = crate::metrics::route_class(req.method().as_str(), req.path());
+                    let metrics = req
+                        .app_data::<web::Data<Gateway>>()
+                        .map(|gw| gw.metrics.clone());
                     let fut = actix_web::dev::Service::call(srv, req);
                     async move {
                         let mut res = fut.await?;
+                        if let Some(metrics) = metrics {
+                            metrics.request(route, res.status().as_u16());
+                        }
                         if let Some(RequestId(id)) = id {
                             if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&id) {
                                 res.headers_mut().insert(
@@ -90,6 +106,8 @@ impl Application {
                 .wrap(TracingLogger::<GatewaySpan>::new())
                 .route("/healthz", web::get().to(routes::health::healthz))
                 .route("/readyz", web::get().to(routes::health::readyz))
+                .route("/metrics", web::get().to(routes::health::metrics))
+                .configure(routes::admin::configure)
                 .default_service(web::to(routes::dispatch))
         })
         .listen(listener)?
@@ -99,13 +117,14 @@ impl Application {
         tracing::info!("listening on http://{addr}");
         {
             let gw = gateway.clone();
-            let replica = uuid::Uuid::new_v4().to_string();
+            let replica = gw.replica.clone();
             let upstream = Upstream::new(
                 &gw.settings.upstream_url,
                 tls.clone(),
                 gw.settings.upstream_timeout,
             );
-            actix_rt::spawn(crate::recheck::run(gw, upstream, replica));
+            actix_rt::spawn(crate::recheck::run(gw.clone(), upstream, replica));
+            actix_rt::spawn(crate::replicas::run(gw, addr));
         }
         Ok(Self {
             server,

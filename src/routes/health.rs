@@ -34,3 +34,37 @@ pub async fn readyz(gw: web::Data<Gateway>) -> HttpResponse {
         })),
     }
 }
+
+/// Prometheus text (OpenMetrics). Key states, cooldowns and store health are
+/// read at scrape time, so every replica reports the shared view.
+pub async fn metrics(gw: web::Data<Gateway>) -> HttpResponse {
+    use crate::metrics::{KeyLabel, KeyState};
+    let store = gw.store();
+    gw.metrics
+        .store_up
+        .set(i64::from(store.ping().await.is_ok()));
+    if let Ok(states) = store.member_states(crate::keys::RING).await {
+        let now = crate::store::now_ms();
+        for view in gw.keys.view(&states, now) {
+            for state in ["healthy", "cooling", "disabled"] {
+                gw.metrics
+                    .key_state
+                    .get_or_create(&KeyState {
+                        key_id: view.id.clone(),
+                        state,
+                    })
+                    .set(i64::from(state == view.state));
+            }
+            let cooldown = view
+                .cooldown_until_ms
+                .map_or(0, |until| until.saturating_sub(now).div_ceil(1000));
+            gw.metrics
+                .key_cooldown
+                .get_or_create(&KeyLabel { key_id: view.id })
+                .set(cooldown as i64);
+        }
+    }
+    HttpResponse::Ok()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(gw.metrics.encode())
+}

@@ -16,6 +16,7 @@ use crate::pipeline::{self, Call};
 use crate::session::{self, Session};
 use crate::upstream::{filtered_query, query_param, KeyStyle, Upstream};
 
+pub mod admin;
 pub mod files;
 pub mod health;
 pub mod openai;

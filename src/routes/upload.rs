@@ -128,6 +128,7 @@ async fn start(
         edge.prefix
     );
     tracing::info!(key_id = %served.key.id, session = record.session.as_deref().unwrap_or(""), "resumable upload started");
+    gw.metrics.uploads_started.inc();
     let status = served.response.status();
     let headers = served.response.headers().clone();
     let body = served
@@ -283,7 +284,10 @@ async fn record_file(gw: &Gateway, body: &Bytes, key_id: &str, owner: &str) {
         owner: owner.to_string(),
     };
     match files::remember(gw.store(), &name, &record, gw.settings.file_ttl).await {
-        Ok(()) => tracing::info!(file = %name, key_id, "file uploaded; owner recorded"),
+        Ok(()) => {
+            gw.metrics.files_recorded.inc();
+            tracing::info!(file = %name, key_id, "file uploaded; owner recorded")
+        }
         Err(e) => {
             tracing::error!(file = %name, key_id, error = %e, "file uploaded but its owner could not be recorded")
         }

@@ -16,6 +16,7 @@ struct Inner {
     bindings: HashMap<String, (String, Instant)>,
     indexes: HashMap<String, HashMap<String, u64>>,
     locks: HashMap<String, (String, Instant)>,
+    counts: HashMap<String, (HashMap<String, u64>, Instant)>,
     writes_since_sweep: usize,
 }
 
@@ -34,6 +35,7 @@ impl Inner {
             let now = Instant::now();
             self.bindings.retain(|_, (_, exp)| *exp > now);
             self.locks.retain(|_, (_, exp)| *exp > now);
+            self.counts.retain(|_, (_, exp)| *exp > now);
             self.writes_since_sweep = 0;
         }
         self.bindings.insert(key, (value, Instant::now() + ttl));
@@ -253,6 +255,44 @@ impl StateStore for MemoryStore {
             if inner.locks.get(name).is_some_and(|(h, _)| h == holder) {
                 inner.locks.remove(name);
             }
+        })
+    }
+
+    async fn add_counts(
+        &self,
+        bucket: &str,
+        counts: &[(String, u64)],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.with(|inner| {
+            let now = Instant::now();
+            let entry = inner
+                .counts
+                .entry(bucket.to_string())
+                .or_insert_with(|| (HashMap::new(), now + ttl));
+            if entry.1 <= now {
+                *entry = (HashMap::new(), now + ttl);
+            }
+            for (name, n) in counts {
+                *entry.0.entry(name.clone()).or_insert(0) += n;
+            }
+        })
+    }
+
+    async fn read_counts(&self, buckets: &[String]) -> Result<HashMap<String, u64>, StoreError> {
+        self.with(|inner| {
+            let now = Instant::now();
+            let mut sum = HashMap::new();
+            for b in buckets {
+                if let Some((counts, exp)) = inner.counts.get(b) {
+                    if *exp > now {
+                        for (name, n) in counts {
+                            *sum.entry(name.clone()).or_insert(0) += n;
+                        }
+                    }
+                }
+            }
+            sum
         })
     }
 }

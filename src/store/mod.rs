@@ -209,6 +209,17 @@ pub trait StateStore: Send + Sync {
 
     /// Releases the lock if `holder` still has it.
     async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+
+    /// Adds to named counters in one time bucket; the bucket lapses after `ttl`.
+    async fn add_counts(
+        &self,
+        bucket: &str,
+        counts: &[(String, u64)],
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// The sums of every counter over the given buckets.
+    async fn read_counts(&self, buckets: &[String]) -> Result<HashMap<String, u64>, StoreError>;
 }
 
 pub fn now_ms() -> u64 {

@@ -10,12 +10,16 @@
 //! | `{p}:NS:ID` | string, TTL | one binding (session → key id, upload → record, file → record) |
 //! | `{p}:idx:NAME` | sorted set, TTL | member → expiry (ms) |
 //! | `{p}:lock:NAME` | string, TTL | lock holder |
+//! | `{p}:stats:BUCKET` | hash, TTL | counter name → count (per-minute admin statistics) |
+//! | `{p}:replica:ID` | string, TTL | a replica's heartbeat |
 //!
 //! A ring's counter and states share a hash tag, so the rotation script touches
 //! one Redis Cluster slot; every other operation touches one key.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -104,8 +108,25 @@ if ttl < want then redis.call('PEXPIRE', KEYS[1], want) end
 return 1
 "#;
 
+/// Called after every Redis exchange with its latency and whether it worked.
+pub type Observer = Arc<dyn Fn(Duration, bool) + Send + Sync>;
+
+/// Consecutive failures that open the circuit, and how long it stays open:
+/// while open, calls fail at once instead of each waiting for a timeout on a
+/// Redis that is down. The first call after the pause probes Redis again.
+const TRIP_AFTER: u32 = 3;
+const OPEN_FOR_MS: u64 = 1_000;
+
+#[derive(Default)]
+struct Breaker {
+    failures: AtomicU32,
+    open_until_ms: AtomicU64,
+}
+
 pub struct RedisStore {
     pool: Pool,
+    breaker: Breaker,
+    observer: Option<Observer>,
     prefix: String,
     timeout: Duration,
     rotate: Script,
@@ -137,6 +158,8 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot build the Redis pool: {e}")))?;
         Ok(Self {
             pool,
+            breaker: Breaker::default(),
+            observer: None,
             prefix: prefix.to_string(),
             timeout,
             rotate: Script::new(ROTATE),
@@ -145,6 +168,11 @@ impl RedisStore {
             unlock: Script::new(UNLOCK),
             index_add: Script::new(INDEX_ADD),
         })
+    }
+
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     fn k(&self, parts: &[&str]) -> String {
@@ -175,9 +203,33 @@ impl RedisStore {
                 .map_err(|e| StoreError::Unavailable(pool_error(&e)))?;
             f(conn).await.map_err(redis_error)
         };
-        tokio::time::timeout(self.timeout, work)
+        let now = super::now_ms();
+        if self.breaker.open_until_ms.load(Ordering::Relaxed) > now {
+            return Err(StoreError::Unavailable(
+                "circuit open after repeated failures; retrying shortly".into(),
+            ));
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, work)
             .await
-            .map_err(|_| StoreError::Timeout)?
+            .map_err(|_| StoreError::Timeout)
+            .and_then(|r| r);
+        if let Some(observe) = &self.observer {
+            observe(started.elapsed(), result.is_ok());
+        }
+        match &result {
+            Ok(_) => self.breaker.failures.store(0, Ordering::Relaxed),
+            Err(StoreError::Timeout | StoreError::Unavailable(_)) => {
+                let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures >= TRIP_AFTER {
+                    self.breaker
+                        .open_until_ms
+                        .store(super::now_ms() + OPEN_FOR_MS, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {}
+        }
+        result
     }
 
     /// Records or checks the layout version. Called once at start, under a lock.
@@ -489,5 +541,44 @@ impl StateStore for RedisStore {
             )
             .await?;
         Ok(())
+    }
+
+    async fn add_counts(
+        &self,
+        bucket: &str,
+        counts: &[(String, u64)],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let key = self.k(&["stats", bucket]);
+        let mut pipe = redis::pipe();
+        for (name, n) in counts {
+            pipe.cmd("HINCRBY").arg(&key).arg(name).arg(*n).ignore();
+        }
+        pipe.cmd("EXPIRE").arg(&key).arg(secs(ttl)).ignore();
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    async fn read_counts(&self, buckets: &[String]) -> Result<HashMap<String, u64>, StoreError> {
+        if buckets.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut pipe = redis::pipe();
+        for b in buckets {
+            pipe.cmd("HGETALL").arg(self.k(&["stats", b]));
+        }
+        let all: Vec<HashMap<String, u64>> = self
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        let mut sum = HashMap::new();
+        for counts in all {
+            for (name, n) in counts {
+                *sum.entry(name).or_insert(0) += n;
+            }
+        }
+        Ok(sum)
     }
 }

@@ -44,7 +44,7 @@ impl Drop for Proc {
 
 pub struct Redis {
     pub port: u16,
-    _proc: Proc,
+    proc: Option<Proc>,
 }
 
 impl Redis {
@@ -52,7 +52,10 @@ impl Redis {
         for _ in 0..5 {
             let port = free_port();
             if let Some(proc) = Self::spawn(port) {
-                return Redis { port, _proc: proc };
+                return Redis {
+                    port,
+                    proc: Some(proc),
+                };
             }
         }
         panic!("redis-server did not start");
@@ -89,6 +92,17 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Kills the server (its data is gone with it).
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// A new server on the same port.
+    pub fn restart(&mut self) {
+        self.proc = None;
+        self.proc = Some(Self::spawn(self.port).expect("redis-server restarts on its port"));
+    }
+
     pub fn cmd(&self, args: &[&str]) -> String {
         redis_cmd(self.port, args).unwrap_or_default()
     }
@@ -118,7 +132,11 @@ fn read_url_line(reader: &mut impl BufRead, what: &str) -> (String, Vec<String>)
         }
         seen.push(line.clone());
         if let Some(at) = line.find("listening on ") {
-            let url = line[at + "listening on ".len()..].trim().to_string();
+            let url = line[at + "listening on ".len()..]
+                .split(|c: char| c.is_whitespace() || c == '"')
+                .next()
+                .unwrap_or("")
+                .to_string();
             return (url, seen);
         }
     }
@@ -214,7 +232,7 @@ impl FakeUpstream {
 pub struct Gateway {
     pub url: String,
     pub log: Arc<Mutex<Vec<String>>>,
-    _proc: Proc,
+    pub proc: Proc,
 }
 
 impl Gateway {
@@ -272,7 +290,7 @@ impl Gateway {
         Gateway {
             url,
             log,
-            _proc: Proc { child },
+            proc: Proc { child },
         }
     }
 

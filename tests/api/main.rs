@@ -6,5 +6,6 @@ mod core;
 mod files;
 mod health;
 mod helpers;
+mod ops;
 mod store;
 mod tls;

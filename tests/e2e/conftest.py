@@ -48,7 +48,7 @@ class Proc:
                 break
             self.lines.append(line)
             if "listening on " in line:
-                self.url = line.split("listening on ", 1)[1].strip()
+                self.url = line.split("listening on ", 1)[1].split()[0].split('"')[0]
                 break
         if self.url is None:
             self.stop()

@@ -1,0 +1,403 @@
+//! `/admin`: a JSON API and a small server-rendered status page for
+//! operators, behind `GB_ADMIN_TOKEN` (every admin route answers 404 while it
+//! is unset). The API takes the token as `Authorization: Bearer`; the page
+//! logs in with a form and keeps a cookie derived from the token (never the
+//! token itself). Every action is logged with the key id, never the key.
+
+use std::fmt::Write as _;
+
+use actix_web::http::header::{HeaderMap, AUTHORIZATION, COOKIE, LOCATION, SET_COOKIE};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::files;
+use crate::gateway::Gateway;
+use crate::keys::{KeyView, RING};
+use crate::replicas;
+use crate::session::{self, SessionId};
+use crate::stats::KeyStats;
+use crate::store::{now_ms, MemberState};
+use crate::upstream::Upstream;
+
+const COOKIE_NAME: &str = "gb_admin";
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/admin")
+            .route("", web::get().to(page))
+            .route("/", web::get().to(page))
+            .route("/login", web::post().to(login))
+            .route("/logout", web::post().to(logout))
+            .route("/keys/{id}/{action}", web::post().to(page_action))
+            .route("/api/keys", web::get().to(api_keys))
+            .route("/api/keys/{id}/{action}", web::post().to(api_action))
+            .route("/api/sessions/{sid}", web::get().to(api_session))
+            .route("/api/files/{id}", web::get().to(api_file))
+            .route("/api/replicas", web::get().to(api_replicas))
+            .default_service(web::to(|| async { Err::<HttpResponse, _>(not_enabled()) })),
+    );
+}
+
+fn cookie_value(gw: &Gateway) -> Option<String> {
+    use secrecy::ExposeSecret;
+    gw.settings.admin_token.as_ref().map(|t| {
+        let d = Sha256::digest(format!("gb-admin-session:{}", t.expose_secret()).as_bytes());
+        hex::encode(d)
+    })
+}
+
+fn cookie_from(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix("gb_admin=").map(str::to_string))
+}
+
+fn not_enabled() -> ApiError {
+    ApiError::not_found("No route for this path.")
+}
+
+/// 404 while admin is off; 401 without a token; 403 with a wrong one (a
+/// client token included).
+fn check(gw: &Gateway, req: &HttpRequest) -> Result<(), ApiError> {
+    if !gw.auth.admin_enabled() {
+        return Err(not_enabled());
+    }
+    if let (Some(cookie), Some(want)) = (cookie_from(req.headers()), cookie_value(gw)) {
+        if bool::from(cookie.as_bytes().ct_eq(want.as_bytes())) {
+            return Ok(());
+        }
+    }
+    let bearer = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    match bearer {
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Admin token required (Authorization: Bearer).",
+        )),
+        Some(t) if gw.auth.is_admin(Some(t)) => Ok(()),
+        Some(_) => Err(ApiError::new(StatusCode::FORBIDDEN, "Not the admin token.")),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct KeyRow {
+    #[serde(flatten)]
+    view: KeyView,
+    last_hour: std::collections::HashMap<String, u64>,
+    failures_last_hour: u64,
+    requests_last_hour: u64,
+}
+
+async fn key_rows(gw: &Gateway) -> Result<Vec<KeyRow>, ApiError> {
+    let store = gw.store();
+    let states = store
+        .member_states(RING)
+        .await
+        .map_err(|e| crate::pipeline::store_down(e, crate::error::Flavor::Gemini))?;
+    let mut hour = KeyStats::last_hour(store).await.unwrap_or_default();
+    Ok(gw
+        .keys
+        .view(&states, now_ms())
+        .into_iter()
+        .map(|view| {
+            let last_hour = hour.remove(&view.id).unwrap_or_default();
+            let requests = last_hour.values().sum();
+            let failures = last_hour
+                .iter()
+                .filter(|(k, _)| k.as_str() != "success" && k.as_str() != "client_error")
+                .map(|(_, n)| n)
+                .sum();
+            KeyRow {
+                view,
+                last_hour,
+                failures_last_hour: failures,
+                requests_last_hour: requests,
+            }
+        })
+        .collect())
+}
+
+async fn api_keys(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    check(&gw, &req)?;
+    Ok(HttpResponse::Ok().json(json!({"keys": key_rows(&gw).await?})))
+}
+
+/// Applies enable / disable / recheck to one key.
+async fn act(
+    gw: &Gateway,
+    up: &Upstream,
+    id: &str,
+    action: &str,
+) -> Result<serde_json::Value, ApiError> {
+    let key = gw
+        .keys
+        .by_id(id)
+        .ok_or_else(|| ApiError::not_found(format!("No key with id {id}.")))?;
+    let store = gw.store();
+    let down = |e| crate::pipeline::store_down(e, crate::error::Flavor::Gemini);
+    let result = match action {
+        "enable" => {
+            store
+                .set_member_state(RING, &key.id, None)
+                .await
+                .map_err(down)?;
+            json!({"id": key.id, "state": "healthy"})
+        }
+        "disable" => {
+            let state = MemberState::Disabled {
+                since_ms: now_ms(),
+                reason: "admin".into(),
+            };
+            store
+                .set_member_state(RING, &key.id, Some(&state))
+                .await
+                .map_err(down)?;
+            json!({"id": key.id, "state": "disabled"})
+        }
+        "recheck" => {
+            let works = crate::recheck::recheck_key(gw, up, key).await;
+            json!({"id": key.id, "works": works})
+        }
+        other => {
+            return Err(ApiError::not_found(format!(
+                "Unknown action {:?}; use enable, disable or recheck.",
+                other.chars().take(20).collect::<String>()
+            )))
+        }
+    };
+    tracing::info!(key_id = %key.id, action, "admin action");
+    Ok(result)
+}
+
+async fn api_action(
+    gw: web::Data<Gateway>,
+    up: web::Data<Upstream>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    check(&gw, &req)?;
+    let (id, action) = path.into_inner();
+    Ok(HttpResponse::Ok().json(act(&gw, &up, &id, &action).await?))
+}
+
+async fn api_session(
+    gw: web::Data<Gateway>,
+    req: HttpRequest,
+    sid: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    check(&gw, &req)?;
+    let sid = SessionId::parse(&sid).ok_or_else(|| ApiError::bad_request("Invalid session id."))?;
+    let key = session::lookup(gw.store(), &sid)
+        .await
+        .map_err(|e| crate::pipeline::store_down(e, crate::error::Flavor::Gemini))?
+        .ok_or_else(|| ApiError::not_found(format!("Session {sid} is not bound.")))?;
+    Ok(HttpResponse::Ok().json(json!({"session": sid.as_str(), "key_id": key})))
+}
+
+async fn api_file(
+    gw: web::Data<Gateway>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    check(&gw, &req)?;
+    let id = id.trim_start_matches("files/").to_string();
+    if !files::valid_file_id(&id) {
+        return Err(ApiError::bad_request(
+            "A file id is 1-40 characters of a-z, 0-9 and -.",
+        ));
+    }
+    let name = format!("files/{id}");
+    let record = files::owner(gw.store(), &name)
+        .await
+        .map_err(|e| crate::pipeline::store_down(e, crate::error::Flavor::Gemini))?
+        .ok_or_else(|| ApiError::not_found(format!("No owner recorded for {name}.")))?;
+    Ok(HttpResponse::Ok()
+        .json(json!({"file": name, "key_id": record.key, "owner_token_id": record.owner})))
+}
+
+async fn api_replicas(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    check(&gw, &req)?;
+    let list = replicas::list(gw.store())
+        .await
+        .map_err(|e| crate::pipeline::store_down(e, crate::error::Flavor::Gemini))?;
+    Ok(HttpResponse::Ok().json(json!({"replicas": list})))
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(
+    gw: web::Data<Gateway>,
+    form: web::Form<LoginForm>,
+) -> Result<HttpResponse, ApiError> {
+    if !gw.auth.admin_enabled() {
+        return Err(not_enabled());
+    }
+    if !gw.auth.is_admin(Some(form.token.trim())) {
+        tracing::warn!("admin login refused");
+        return Ok(html(
+            StatusCode::FORBIDDEN,
+            &login_page(Some("That is not the admin token.")),
+        ));
+    }
+    let value = cookie_value(&gw).unwrap_or_default();
+    tracing::info!("admin logged in");
+    Ok(HttpResponse::SeeOther()
+        .insert_header((LOCATION, "/admin"))
+        .insert_header((
+            SET_COOKIE,
+            format!("{COOKIE_NAME}={value}; Path=/admin; HttpOnly; SameSite=Strict"),
+        ))
+        .finish())
+}
+
+async fn logout() -> HttpResponse {
+    HttpResponse::SeeOther()
+        .insert_header((LOCATION, "/admin"))
+        .insert_header((
+            SET_COOKIE,
+            format!("{COOKIE_NAME}=; Path=/admin; Max-Age=0"),
+        ))
+        .finish()
+}
+
+async fn page_action(
+    gw: web::Data<Gateway>,
+    up: web::Data<Upstream>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    check(&gw, &req)?;
+    let (id, action) = path.into_inner();
+    act(&gw, &up, &id, &action).await?;
+    Ok(HttpResponse::SeeOther()
+        .insert_header((LOCATION, "/admin"))
+        .finish())
+}
+
+fn html(status: StatusCode, body: &str) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("text/html; charset=utf-8")
+        .insert_header(("cache-control", "no-store"))
+        .body(body.to_string())
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}\
+.healthy{color:#070}.cooling{color:#a60}.disabled{color:#b00}form{display:inline}";
+
+fn login_page(error: Option<&str>) -> String {
+    let error = error
+        .map(|e| format!("<p class=\"disabled\">{}</p>", esc(e)))
+        .unwrap_or_default();
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>gemini-balancer admin</title>\
+         <style>{STYLE}</style></head><body><h1>gemini-balancer</h1>{error}\
+         <form method=\"post\" action=\"/admin/login\"><label>Admin token \
+         <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"off\"></label> \
+         <button type=\"submit\" id=\"login\">Log in</button></form></body></html>"
+    )
+}
+
+async fn page(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    if !gw.auth.admin_enabled() {
+        return Err(not_enabled());
+    }
+    if check(&gw, &req).is_err() {
+        return Ok(html(StatusCode::OK, &login_page(None)));
+    }
+    let store = gw.store();
+    let store_status = match store.ping().await {
+        Ok(latency) => format!(
+            "{} up ({:.2} ms)",
+            store.kind(),
+            latency.as_secs_f64() * 1000.0
+        ),
+        Err(e) => format!("{} DOWN: {}", store.kind(), e),
+    };
+    let rows = key_rows(&gw).await.unwrap_or_default();
+    let replicas = replicas::list(store).await.unwrap_or_default();
+    let now = now_ms();
+    let total: u64 = rows.iter().map(|r| r.requests_last_hour).sum();
+    let mut body = String::new();
+    let _ = write!(
+        body,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>gemini-balancer admin</title>\
+         <style>{STYLE}</style></head><body><h1>gemini-balancer</h1>\
+         <p>State store: <b id=\"store\">{}</b> · requests in the last hour: <b>{total}</b> \
+         ({:.1}/min) · <form method=\"post\" action=\"/admin/logout\"><button>Log out</button></form></p>\
+         <h2>Keys</h2><table id=\"keys\"><tr><th>id</th><th>key</th><th>state</th><th>until / reason</th>\
+         <th>requests (1h)</th><th>failures (1h)</th><th>by outcome</th><th>actions</th></tr>",
+        esc(&store_status),
+        total as f64 / 60.0
+    );
+    for r in &rows {
+        let v = &r.view;
+        let detail = match (v.cooldown_until_ms, &v.disabled_reason) {
+            (Some(until), _) => format!("{} s left", until.saturating_sub(now).div_ceil(1000)),
+            (_, Some(reason)) => esc(reason),
+            _ => String::new(),
+        };
+        let mut outcomes: Vec<String> = r
+            .last_hour
+            .iter()
+            .map(|(k, n)| format!("{}: {n}", esc(k)))
+            .collect();
+        outcomes.sort();
+        let (action, label) = if v.state == "disabled" {
+            ("enable", "Enable")
+        } else {
+            ("disable", "Disable")
+        };
+        let id = esc(&v.id);
+        let _ = write!(
+            body,
+            "<tr id=\"key-{id}\"><td>{id}</td><td>{}</td><td class=\"state {}\">{}</td><td>{detail}</td>\
+             <td>{}</td><td>{}</td><td>{}</td><td>\
+             <form method=\"post\" action=\"/admin/keys/{id}/{action}\"><button name=\"{action}\">{label}</button></form> \
+             <form method=\"post\" action=\"/admin/keys/{id}/recheck\"><button>Re-check</button></form></td></tr>",
+            esc(&v.masked),
+            v.state,
+            v.state,
+            r.requests_last_hour,
+            r.failures_last_hour,
+            outcomes.join(", ")
+        );
+    }
+    body.push_str("</table><h2>Replicas seen recently</h2><table id=\"replicas\"><tr><th>id</th><th>address</th><th>version</th><th>last seen</th></tr>");
+    for rep in &replicas {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} s ago</td></tr>",
+            esc(&rep.id),
+            esc(&rep.addr),
+            esc(&rep.version),
+            now.saturating_sub(rep.seen_ms) / 1000
+        );
+    }
+    body.push_str("</table></body></html>");
+    Ok(html(StatusCode::OK, &body))
+}
