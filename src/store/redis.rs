@@ -29,9 +29,6 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::{MemberState, Pick, StateStore, StoreError};
 
-/// The newest layout this build knows.
-pub const LAYOUT_VERSION: u64 = 1;
-
 const ROTATE: &str = r#"
 local now = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
@@ -232,33 +229,39 @@ impl RedisStore {
         result
     }
 
-    /// Records or checks the layout version. Called once at start, under a lock.
-    pub async fn ensure_layout(&self, known: u64) -> Result<u64, StoreError> {
+    /// The layout version recorded in Redis (0 for an empty Redis).
+    pub async fn layout_version(&self) -> Result<u64, StoreError> {
         let key = self.k(&["layout"]);
-        let current: Option<u64> = self
+        let v: Option<u64> = self
             .run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
             .await?;
-        match current {
-            Some(v) if v > known => Err(StoreError::Layout(format!(
-                "Redis holds key layout version {v}, newer than this build knows ({known}); \
-                 upgrade this replica or point it at another GB_REDIS_PREFIX"
-            ))),
-            Some(v) => Ok(v),
-            None => {
-                let key = self.k(&["layout"]);
-                let _: Option<String> = self
-                    .run(|mut c| async move {
-                        redis::cmd("SET")
-                            .arg(&key)
-                            .arg(known)
-                            .arg("NX")
-                            .query_async(&mut c)
-                            .await
-                    })
-                    .await?;
-                Ok(known)
-            }
-        }
+        Ok(v.unwrap_or(0))
+    }
+
+    pub async fn set_layout_version(&self, version: u64) -> Result<(), StoreError> {
+        let key = self.k(&["layout"]);
+        self.run(|mut c| async move {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(version)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// The full name of a key under this store's prefix (for migrations).
+    pub fn key(&self, parts: &[&str]) -> String {
+        self.k(parts)
+    }
+
+    /// One raw command, bounded like every other (for migrations).
+    pub async fn command<T: redis::FromRedisValue>(
+        &self,
+        cmd: redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.run(|mut c| async move { cmd.query_async(&mut c).await })
+            .await
     }
 }
 

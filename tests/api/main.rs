@@ -6,6 +6,7 @@ mod core;
 mod files;
 mod health;
 mod helpers;
+mod migrations;
 mod ops;
 mod store;
 mod tls;

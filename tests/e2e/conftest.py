@@ -94,10 +94,13 @@ class Redis:
 
 
 class Fake:
-    def __init__(self):
-        env = dict(os.environ, FAKE_KEYS=",".join(KEYS), FAKE_LISTEN="127.0.0.1:0")
-        self.proc = Proc([str(BIN_DIR / "fake-gemini")], env, "stdout")
-        self.url = self.proc.url
+    def __init__(self, url=None):
+        self.proc = None
+        if url is None:
+            env = dict(os.environ, FAKE_KEYS=",".join(KEYS), FAKE_LISTEN="127.0.0.1:0")
+            self.proc = Proc([str(BIN_DIR / "fake-gemini")], env, "stdout")
+            url = self.proc.url
+        self.url = url
 
     def _call(self, method, path, body=None):
         data = json.dumps(body).encode() if body is not None else None
