@@ -78,7 +78,7 @@ impl ApiError {
     /// Google's canonical status name for an HTTP status.
     pub fn gemini_status(status: StatusCode) -> &'static str {
         match status.as_u16() {
-            400 | 411 | 413 | 431 => "INVALID_ARGUMENT",
+            400 | 411 | 413 | 414 | 431 => "INVALID_ARGUMENT",
             401 => "UNAUTHENTICATED",
             403 => "PERMISSION_DENIED",
             404 | 405 => "NOT_FOUND",

@@ -200,4 +200,44 @@ mod tests {
         assert!(!valid_file_id("../x"));
         assert!(!valid_file_id(&"a".repeat(41)));
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn scanning_arbitrary_bytes_never_panics(body in proptest::collection::vec(any::<u8>(), 0..2048)) {
+                for name in scan_refs(&body) {
+                    prop_assert!(name.starts_with("files/") && valid_file_id(&name[6..]));
+                }
+            }
+
+            #[test]
+            fn every_referenced_file_is_found(
+                ids in proptest::collection::vec("[a-z0-9-]{1,40}", 1..6),
+                full in any::<bool>(),
+                snake in any::<bool>(),
+                space in "[ \t\n]{0,3}",
+            ) {
+                let field = if snake { "file_uri" } else { "fileUri" };
+                let parts: Vec<String> = ids.iter().map(|id| {
+                    let uri = if full { format!("https://generativelanguage.googleapis.com/v1beta/files/{id}") } else { format!("files/{id}") };
+                    format!(r#"{{"fileData":{{"{field}"{space}:{space}"{uri}","mimeType":"text/plain"}}}}"#)
+                }).collect();
+                let body = format!(r#"{{"contents":[{{"parts":[{}]}}]}}"#, parts.join(","));
+                let mut want: Vec<String> = ids.iter().map(|id| format!("files/{id}")).collect();
+                want.sort();
+                want.dedup();
+                prop_assert_eq!(scan_refs(body.as_bytes()), want);
+            }
+
+            #[test]
+            fn file_names_from_uris_are_always_valid(uri in ".{0,200}") {
+                if let Some(name) = file_name_from_uri(&uri) {
+                    prop_assert!(valid_file_id(name.trim_start_matches("files/")));
+                }
+            }
+        }
+    }
 }

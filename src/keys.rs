@@ -345,13 +345,23 @@ fn error_object(body: &[u8]) -> Option<serde_json::Value> {
     v.get("error").cloned()
 }
 
-/// `"38s"`, `"1.5s"`, `"0.250s"` → milliseconds.
+/// `"38s"`, `"1.5s"`, `"0.250s"` → milliseconds, parsed as a decimal (no
+/// float rounding), sub-millisecond remainders rounded up, capped at a week.
 pub fn parse_duration_ms(s: &str) -> Option<u64> {
-    let n: f64 = s.trim().strip_suffix('s')?.parse().ok()?;
-    if !n.is_finite() || n < 0.0 {
+    const CAP: u64 = 7 * 86_400_000;
+    let num = s.trim().strip_suffix('s')?;
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
         return None;
     }
-    Some((n * 1000.0).ceil().min(7.0 * 86_400_000.0) as u64)
+    if int.len() > 12 {
+        return Some(CAP);
+    }
+    let secs: u64 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    let ms: u64 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
+    let round_up = u64::from(frac.bytes().skip(3).any(|b| b != b'0'));
+    Some((secs * 1000 + ms + round_up).min(CAP))
 }
 
 /// The next midnight in America/Los_Angeles (Google's daily quota reset),
@@ -505,5 +515,43 @@ mod tests {
         assert_eq!(parse_duration_ms("0.25s"), Some(250));
         assert_eq!(parse_duration_ms("x"), None);
         assert_eq!(parse_duration_ms("-1s"), None);
+        assert_eq!(parse_duration_ms("0.0001s"), Some(1));
+        assert_eq!(parse_duration_ms(".5s"), Some(500));
+        assert_eq!(parse_duration_ms("99999999999999s"), Some(7 * 86_400_000));
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn classifying_arbitrary_answers_never_panics(status in 100u16..600, body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                if let Ok(status) = StatusCode::from_u16(status) {
+                    let _ = classify(status, &body, 1_000);
+                }
+            }
+
+            #[test]
+            fn retry_delays_become_cooldowns(secs in 0u32..100_000, millis in 0u32..1000) {
+                let delay = format!("{secs}.{millis:03}s");
+                let body = serde_json::json!({"error": {"code": 429, "details": [
+                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]}});
+                let want = (u64::from(secs) * 1000 + u64::from(millis)).min(7 * 86_400_000);
+                prop_assert_eq!(
+                    classify(StatusCode::TOO_MANY_REQUESTS, body.to_string().as_bytes(), 5),
+                    Outcome::RateLimited { until_ms: 5 + want, per_day: false }
+                );
+            }
+
+            #[test]
+            fn pacific_midnight_is_ahead_and_within_a_day(now in 0u64..4_102_444_800_000) {
+                let next = next_pacific_midnight_ms(now);
+                prop_assert!(next > now && next - now <= 25 * 3_600_000);
+                // Midnight Pacific is 07:00 or 08:00 UTC.
+                let hour = (next / 3_600_000) % 24;
+                prop_assert!(hour == 7 || hour == 8, "hour {}", hour);
+            }
+        }
     }
 }

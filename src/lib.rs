@@ -3,6 +3,7 @@
 //! every request that uses an uploaded file to the key that owns it.
 
 pub mod auth;
+pub mod discovery;
 pub mod error;
 pub mod files;
 pub mod gateway;

@@ -43,6 +43,8 @@ pub struct Call {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub session: Option<Session>,
+    /// Id of the client token the request authenticated with.
+    pub token_id: String,
     pub key_style: KeyStyle,
 }
 
@@ -66,15 +68,24 @@ pub enum PinReason {
 /// Step 1: the key a request must use, if any.
 pub async fn pin<'g>(
     gw: &'g Gateway,
+    up: &Upstream,
     body: &[u8],
     session: Option<&Session>,
+    token_id: &str,
     flavor: Flavor,
 ) -> Result<Option<(&'g ApiKey, PinReason)>, ApiError> {
     let refs = files::scan_refs(body);
     if !refs.is_empty() {
-        let records = files::owners(gw.store(), &refs)
+        let mut records = files::owners(gw.store(), &refs)
             .await
             .map_err(|e| store_down(e, flavor))?;
+        for (name, record) in refs.iter().zip(records.iter_mut()) {
+            if record.is_none() {
+                *record = crate::discovery::discover(gw, up, name, token_id)
+                    .await
+                    .map_err(|e| store_down(e, flavor))?;
+            }
+        }
         let mut owners: Vec<(&str, &str)> = refs
             .iter()
             .zip(&records)
@@ -233,7 +244,15 @@ pub async fn send<'g>(
 
 /// A whole proxied request: pin, send with retries, stream the answer back.
 pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResponse, ApiError> {
-    let pinned = pin(gw, &call.body, call.session.as_ref(), call.flavor).await?;
+    let pinned = pin(
+        gw,
+        up,
+        &call.body,
+        call.session.as_ref(),
+        &call.token_id,
+        call.flavor,
+    )
+    .await?;
     Ok(match send(gw, up, &call, pinned.map(|(k, _)| k)).await? {
         Ok(served) => stream_back(served.response),
         Err(response) => response,

@@ -198,4 +198,27 @@ mod tests {
         assert_eq!(s.source, Source::Path);
         assert!(pick(None, None, None).is_none());
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn parsing_is_total_and_normalises(raw in ".{0,200}") {
+                if let Some(id) = SessionId::parse(&raw) {
+                    let s = id.as_str();
+                    prop_assert!(!s.is_empty() && s.len() <= 128);
+                    prop_assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._:-".contains(&b)));
+                    prop_assert_eq!(SessionId::parse(s), Some(id.clone()));
+                }
+            }
+
+            #[test]
+            fn valid_ids_in_any_case_parse(raw in "[A-Za-z0-9._:-]{1,128}", pad in " {0,3}") {
+                let id = SessionId::parse(&format!("{pad}{raw}{pad}")).expect("valid");
+                prop_assert_eq!(id.as_str(), raw.to_ascii_lowercase());
+            }
+        }
+    }
 }

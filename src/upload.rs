@@ -139,4 +139,37 @@ mod tests {
             "https://g/upload"
         );
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn command_parsing_is_total(raw in ".{0,100}") {
+                let _ = Commands::parse(&raw);
+            }
+
+            #[test]
+            fn spacing_and_case_do_not_matter(tokens in proptest::sample::subsequence(vec!["start", "upload", "finalize", "query", "cancel"], 1..5), sep in "[ ]{0,2},[ ]{0,2}", upper in any::<bool>()) {
+                let joined = tokens.join(&sep);
+                let raw = if upper { joined.to_uppercase() } else { joined };
+                let c = Commands::parse(&raw).expect("valid tokens");
+                prop_assert_eq!(c.start, tokens.contains(&"start"));
+                prop_assert_eq!(c.upload, tokens.contains(&"upload"));
+                prop_assert_eq!(c.finalize, tokens.contains(&"finalize"));
+                prop_assert_eq!(c.query, tokens.contains(&"query"));
+            }
+
+            #[test]
+            fn stored_urls_never_keep_a_key(base in "https://[a-z.]{1,20}/upload", params in proptest::collection::vec(("[a-z_]{1,8}", "[A-Za-z0-9%]{0,12}"), 0..5), key in "[A-Za-z0-9]{1,20}") {
+                let mut pairs: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                pairs.push(format!("key={key}"));
+                let url = format!("{base}?{}", pairs.join("&"));
+                let stripped = strip_key_param(&url);
+                let query = stripped.split_once('?').map(|(_, q)| q).unwrap_or("");
+                prop_assert!(query.split('&').all(|p| !p.starts_with("key=") && p != "key"));
+            }
+        }
+    }
 }

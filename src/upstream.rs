@@ -252,4 +252,28 @@ mod tests {
             assert!(forwardable(&HeaderName::from_static(h)));
         }
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn forwarded_queries_never_carry_credentials_or_sessions(pairs in proptest::collection::vec(("(key|session_id|alt|pageSize|[a-z]{1,6})", "[A-Za-z0-9%+=]{0,10}"), 0..8)) {
+                let query = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
+                let out = filtered_query(&query);
+                for p in out.split('&').filter(|p| !p.is_empty()) {
+                    let name = p.split('=').next().unwrap_or("");
+                    prop_assert!(name != "key" && name != "session_id");
+                }
+                let kept: Vec<String> = pairs.iter().filter(|(k, _)| k != "key" && k != "session_id").map(|(k, v)| format!("{k}={v}")).collect();
+                prop_assert_eq!(out, kept.join("&"));
+            }
+
+            #[test]
+            fn query_params_decode_without_panicking(query in ".{0,200}", name in "[a-z]{1,5}") {
+                let _ = query_param(&query, &name);
+            }
+        }
+    }
 }

@@ -45,11 +45,17 @@ pub async fn handle(
                 ));
             }
             let name = format!("files/{bare}");
-            let record = files::owner(gw.store(), &name)
+            let known = files::owner(gw.store(), &name)
                 .await
-                .map_err(|e| pipeline::store_down(e, FLAVOR))?
-                .filter(|r| r.owner == token.id)
-                .ok_or_else(|| not_found(&name))?;
+                .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+            let record = match known {
+                Some(r) => Some(r),
+                None => crate::discovery::discover(gw, up, &name, &token.id)
+                    .await
+                    .map_err(|e| pipeline::store_down(e, FLAVOR))?,
+            }
+            .filter(|r| r.owner == token.id)
+            .ok_or_else(|| not_found(&name))?;
             let key = gw.keys.by_id(&record.key).ok_or_else(|| not_found(&name))?;
             let query = edge.forward_query();
             let target = if query.is_empty() {

@@ -47,6 +47,20 @@ impl Edge {
     fn parse(req: &HttpRequest) -> Result<Self, ApiError> {
         check_header_sizes(req.headers())?;
         let full = req.uri().path();
+        if full.len() > MAX_PATH || req.query_string().len() > MAX_QUERY {
+            return Err(ApiError::new(
+                StatusCode::URI_TOO_LONG,
+                format!("The path may be {MAX_PATH} and the query {MAX_QUERY} bytes at most."),
+            ));
+        }
+        if full
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b'\\' || !b.is_ascii())
+        {
+            return Err(ApiError::bad_request(
+                "The path holds characters a Gemini path never has.",
+            ));
+        }
         if full
             .split('/')
             .any(|seg| seg == ".." || seg == "." || seg.to_ascii_lowercase().contains("%2e%2e"))
@@ -94,6 +108,9 @@ impl Edge {
         filtered_query(&self.query)
     }
 }
+
+const MAX_PATH: usize = 2048;
+const MAX_QUERY: usize = 8192;
 
 /// Longest single header value and all headers together that the gateway
 /// accepts; larger ones are refused with 431 before any work is done.
@@ -296,7 +313,7 @@ async fn native(
             ));
         }
     }
-    authorize(&gw.auth, req.headers(), edge, flavor)?;
+    let token = authorize(&gw.auth, req.headers(), edge, flavor)?;
     let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, flavor).await?;
     check_json(&body, req.headers(), action.is_some(), flavor)?;
     pipeline::forward(
@@ -310,6 +327,7 @@ async fn native(
             headers: req.headers().clone(),
             body,
             session: edge.session.clone(),
+            token_id: token.id.clone(),
             key_style: KeyStyle::GoogHeader,
         },
     )
@@ -325,5 +343,23 @@ mod tests {
         assert_eq!(json_depth(br#"{"a":[1,{"b":"[[[[\"]]"}]}"#), 3);
         assert_eq!(json_depth(b"[[[]]]"), 3);
         assert_eq!(json_depth(b"12"), 0);
+    }
+
+    mod props {
+        use super::super::json_depth;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn depth_of_nested_arrays_is_counted(n in 0usize..300) {
+                let body = format!("{}{}", "[".repeat(n), "]".repeat(n));
+                prop_assert_eq!(json_depth(body.as_bytes()), n);
+            }
+
+            #[test]
+            fn depth_never_panics(body in proptest::collection::vec(any::<u8>(), 0..1024)) {
+                let _ = json_depth(&body);
+            }
+        }
     }
 }

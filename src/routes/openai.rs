@@ -29,7 +29,7 @@ pub async fn handle(
     upstream_path: String,
 ) -> Result<HttpResponse, ApiError> {
     let flavor = Flavor::OpenAi;
-    authorize(&gw.auth, req.headers(), edge, flavor)?;
+    let token = authorize(&gw.auth, req.headers(), edge, flavor)?;
     let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, flavor).await?;
     check_json(
         &body,
@@ -48,6 +48,7 @@ pub async fn handle(
             headers: req.headers().clone(),
             body,
             session: edge.session.clone(),
+            token_id: token.id.clone(),
             key_style: KeyStyle::Bearer,
         },
     )

@@ -97,9 +97,10 @@ async fn start(
         headers: req.headers().clone(),
         body,
         session: edge.session.clone(),
+        token_id: owner.clone(),
         key_style: KeyStyle::GoogHeader,
     };
-    let pinned = pipeline::pin(gw, &[], call.session.as_ref(), FLAVOR).await?;
+    let pinned = pipeline::pin(gw, up, &[], call.session.as_ref(), &call.token_id, FLAVOR).await?;
     let mut served = match pipeline::send(gw, up, &call, pinned.map(|(k, _)| k)).await? {
         Ok(served) => served,
         Err(response) => return Ok(ensure_final(response)),
@@ -210,6 +211,14 @@ async fn chunk(
         return Err(unknown());
     }
     let commands = commands(req.headers())?;
+    if let Some(offset) = header(req.headers(), "x-goog-upload-offset") {
+        if offset.is_empty() || offset.len() > 20 || !offset.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(upload_error(
+                StatusCode::BAD_REQUEST,
+                "X-Goog-Upload-Offset must be a whole number of bytes.",
+            ));
+        }
+    }
     let record = upload::load(gw.store(), id)
         .await
         .map_err(|e| pipeline::store_down(e, FLAVOR))?
@@ -305,7 +314,7 @@ async fn single_shot(
     ver: &str,
     owner: String,
 ) -> Result<HttpResponse, ApiError> {
-    let key = match pipeline::pin(gw, &[], edge.session.as_ref(), FLAVOR).await? {
+    let key = match pipeline::pin(gw, up, &[], edge.session.as_ref(), &owner, FLAVOR).await? {
         Some((key, _)) => key,
         None => gw
             .keys

@@ -4,6 +4,7 @@
 
 mod core;
 mod files;
+mod hardening;
 mod health;
 mod helpers;
 mod migrations;

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Soak test: mixed traffic (generate, stream, session uploads across
+replicas, file-referencing requests) through three replicas on one Redis,
+while Redis is restarted (losing its data) and one replica is stopped and
+started again. Reports requests by outcome and checks afterwards that every
+file uploaded during the run is still routed to its owner key.
+
+Usage: bench/soak [--seconds N] [--workers N] [--out FILE]
+Exit status 1 when a request failed outside the Redis outage window or a
+file is misrouted."""
+
+import argparse
+import collections
+import http.client
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+from conftest import BIN_DIR, KEYS, TOKEN, Proc, Stack  # noqa: E402
+
+GENERATE = "/v1beta/models/gemini-2.0-flash:generateContent"
+STREAM = "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"
+GRACE = 5.0  # seconds after Redis is back during which failures still count as the outage's
+
+
+class Soak:
+    def __init__(self, seconds, workers):
+        self.seconds = seconds
+        self.workers = workers
+        self.stack = Stack(replicas=3)
+        self.urls = list(self.stack.urls)
+        self.lock = threading.Lock()
+        self.outage = [None, None]
+        self.outcomes = collections.Counter()
+        self.failures = []
+        self.files = []
+        self.rr = 0
+
+    # -- HTTP with client-side failover (what a load balancer does) --
+    def pick(self, offset=0):
+        with self.lock:
+            self.rr += 1
+            return self.urls[(self.rr + offset) % len(self.urls)]
+
+    def call(self, method, path, body=None, headers=None, base=None, read=True):
+        headers = dict(headers or {})
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        tries = [base] if base else [self.pick(i) for i in range(3)]
+        last = None
+        for url in tries:
+            u = urllib.parse.urlparse(url)
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                resp = conn.getresponse()
+                payload = resp.read() if read else b""
+                return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), payload
+            except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected) as e:
+                last = e
+                continue
+            finally:
+                conn.close()
+        raise ConnectionError(f"no replica answered: {last}")
+
+    def in_outage(self, started, ended):
+        s, e = self.outage
+        if s is None:
+            return False
+        e = (e or time.monotonic()) + GRACE
+        return started <= e and ended >= s
+
+    def record(self, op, started, ok, detail=""):
+        ended = time.monotonic()
+        with self.lock:
+            if ok:
+                self.outcomes[f"{op}:ok"] += 1
+            elif self.in_outage(started, ended):
+                self.outcomes[f"{op}:expected_during_redis_outage"] += 1
+            else:
+                self.outcomes[f"{op}:FAILED"] += 1
+                if len(self.failures) < 20:
+                    self.failures.append(f"{op}: {detail}")
+
+    # -- operations --
+    def generate(self, body, headers=None):
+        h = {"x-goog-api-key": TOKEN, "content-type": "application/json"}
+        h.update(headers or {})
+        return self.call("POST", GENERATE, body, h)
+
+    def op_generate(self):
+        t = time.monotonic()
+        status, _, body = self.generate({"contents": [{"parts": [{"text": "hi"}]}]})
+        self.record("generate", t, status == 200, f"{status} {body[:200]!r}")
+
+    def op_stream(self):
+        t = time.monotonic()
+        status, _, body = self.call("POST", STREAM, {"contents": [{"parts": [{"text": "hi"}]}]},
+                                    {"x-goog-api-key": TOKEN, "content-type": "application/json"})
+        self.record("stream", t, status == 200 and b"chunk 2" in body, f"{status} {body[:200]!r}")
+
+    def upload(self, sid, data):
+        start_base = self.pick()
+        status, headers, body = self.call(
+            "POST", "/upload/v1beta/files", {"file": {"display_name": "soak", "mime_type": "text/plain"}},
+            {"x-goog-api-key": TOKEN, "x-goog-upload-protocol": "resumable", "x-goog-upload-command": "start",
+             "x-session-id": sid, "content-type": "application/json"}, base=start_base)
+        if status != 200:
+            return None, f"start {status} {body[:200]!r}"
+        url = urllib.parse.urlparse(headers["x-goog-upload-url"])
+        # Chunks go to another replica than the start.
+        status, _, body = self.call("POST", f"{url.path}?{url.query}", data,
+                                    {"x-goog-upload-command": "upload, finalize", "x-goog-upload-offset": "0"})
+        if status != 200:
+            return None, f"finalize {status} {body[:200]!r}"
+        return json.loads(body)["file"]["name"], ""
+
+    def op_upload_pair(self):
+        t = time.monotonic()
+        sid = str(uuid.uuid4())
+        names = []
+        for data in (b"first", b"second"):
+            name, err = self.upload(sid, data)
+            if name is None:
+                self.record("upload_pair", t, False, err)
+                return
+            names.append(name)
+            with self.lock:
+                self.files.append(name)
+        status, _, body = self.generate(file_body(names))
+        self.record("upload_pair", t, status == 200 and b"2 files" in body, f"{status} {body[:200]!r}")
+
+    def op_use_file(self):
+        with self.lock:
+            name = random.choice(self.files) if self.files else None
+        if name is None:
+            return self.op_generate()
+        t = time.monotonic()
+        status, _, body = self.generate(file_body([name]))
+        self.record("use_file", t, status == 200, f"{status} {body[:200]!r}")
+
+    def worker(self, deadline):
+        ops = [(0.40, self.op_generate), (0.60, self.op_stream), (0.80, self.op_upload_pair), (1.0, self.op_use_file)]
+        while time.monotonic() < deadline:
+            r = random.random()
+            op = next(f for p, f in ops if r < p)
+            try:
+                op()
+            except Exception as e:  # a crash of the client is a lost request too
+                self.record(op.__name__.removeprefix("op_"), time.monotonic(), False, repr(e))
+
+    # -- faults --
+    def faults(self, t0):
+        d = self.seconds
+        time.sleep(d * 0.25)
+        self.outage[0] = time.monotonic()
+        self.stack.redis.proc.kill()
+        self.stack.redis.proc.wait(timeout=10)
+        time.sleep(d * 0.15)
+        self.stack.redis.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.stack.redis.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        self.outage[1] = time.monotonic()
+        time.sleep(d * 0.15)
+        victim = self.stack.gateways[1]
+        with self.lock:
+            self.urls.remove(victim.url)
+        victim.proc.send_signal(signal.SIGTERM)
+        victim.proc.wait(timeout=60)
+        time.sleep(d * 0.1)
+        env = {"PATH": os.environ.get("PATH", ""), "GB_LISTEN": "127.0.0.1:0", "GB_API_KEYS": ",".join(KEYS),
+               "GB_AUTH_TOKENS": TOKEN, "GB_UPSTREAM_URL": self.stack.fake.url,
+               "GB_REDIS_URL": self.stack.redis.url, "RUST_LOG": "info"}
+        fresh = Proc([str(BIN_DIR / "gemini-balancer")], env, "stderr")
+        self.stack.gateways[1] = fresh
+        with self.lock:
+            self.urls.insert(1, fresh.url)
+
+    def verify_files(self):
+        owners = self.stack.fake.file_owners()
+        misrouted = []
+        for name in self.files:
+            for base in self.urls:
+                status, _, body = self.call("POST", GENERATE, file_body([name]),
+                                            {"x-goog-api-key": TOKEN, "content-type": "application/json"}, base=base)
+                if status != 200:
+                    misrouted.append(f"{name} via {base}: {status} {body[:120]!r}")
+        return owners, misrouted
+
+    def run(self):
+        t0 = time.monotonic()
+        deadline = t0 + self.seconds
+        threads = [threading.Thread(target=self.worker, args=(deadline,)) for _ in range(self.workers)]
+        chaos = threading.Thread(target=self.faults, args=(t0,))
+        for th in threads + [chaos]:
+            th.start()
+        for th in threads + [chaos]:
+            th.join()
+        owners, misrouted = self.verify_files()
+        failed = sum(n for k, n in self.outcomes.items() if k.endswith(":FAILED"))
+        report = {
+            "seconds": self.seconds,
+            "workers": self.workers,
+            "requests_by_outcome": dict(sorted(self.outcomes.items())),
+            "failed_outside_outage": failed,
+            "first_failures": self.failures,
+            "files_uploaded": len(self.files),
+            "files_misrouted": len(misrouted),
+            "misrouted": misrouted[:20],
+            "secrets_in_logs": any(s in self.stack.logs() for s in KEYS + [TOKEN]),
+        }
+        self.stack.stop()
+        return report
+
+
+def file_body(names):
+    parts = [{"fileData": {"fileUri": n, "mimeType": "text/plain"}} for n in names]
+    return {"contents": [{"parts": parts + [{"text": "use these"}]}]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=300)
+    ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "soak-results.json"))
+    args = ap.parse_args()
+    report = Soak(args.seconds, args.workers).run()
+    pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    ok = report["failed_outside_outage"] == 0 and report["files_misrouted"] == 0 and not report["secrets_in_logs"]
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The soak test (bench/soak) in its short mode: mixed traffic through three
+replicas while Redis restarts empty and one replica restarts."""
+
+import json
+import subprocess
+import sys
+import tempfile
+
+from conftest import ROOT
+
+
+def test_short_soak_loses_nothing_and_misroutes_nothing():
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "soak.py"), "--seconds", "15", "--workers", "3", "--out", out.name],
+            capture_output=True, text=True, timeout=600,
+        )
+        report = json.loads(open(out.name).read())
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert report["failed_outside_outage"] == 0, report["first_failures"]
+    assert report["files_misrouted"] == 0, report["misrouted"]
+    assert report["files_uploaded"] > 0
+    outcomes = report["requests_by_outcome"]
+    for op in ("generate", "stream", "upload_pair", "use_file"):
+        assert outcomes.get(f"{op}:ok", 0) > 0, outcomes
+    assert not report["secrets_in_logs"]
