@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::auth::Auth;
 use crate::keys::KeyPool;
 use crate::metrics::Metrics;
+use crate::proxy::ProxyRouter;
 use crate::settings::Settings;
 use crate::stats::KeyStats;
 use crate::store::StateStore;
@@ -20,11 +21,15 @@ pub struct Gateway {
     /// This process's id among the replicas (heartbeats, locks, logs).
     pub replica: String,
     pub started_ms: u64,
+    /// Outbound proxies, when configured.
+    pub proxies: Option<Arc<ProxyRouter>>,
     draining: AtomicBool,
 }
 
 impl Gateway {
     pub fn new(settings: Settings, store: Arc<dyn StateStore>, metrics: Arc<Metrics>) -> Self {
+        let settings_proxies = settings.proxies.clone();
+        let proxy_cooldown = settings.proxy_cooldown;
         Self {
             keys: KeyPool::new(&settings.api_keys),
             auth: Auth::new(&settings.auth_tokens, settings.admin_token.as_ref()),
@@ -34,6 +39,8 @@ impl Gateway {
             stats: KeyStats::default(),
             replica: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
             started_ms: crate::store::now_ms(),
+            proxies: (!settings_proxies.is_empty())
+                .then(|| Arc::new(ProxyRouter::new(settings_proxies, proxy_cooldown))),
             draining: AtomicBool::new(false),
         }
     }

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod metrics;
 pub mod migrations;
 pub mod pipeline;
+pub mod proxy;
 pub mod recheck;
 pub mod replicas;
 pub mod routes;

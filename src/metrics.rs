@@ -39,6 +39,11 @@ pub struct KeyState {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyLabel {
+    pub proxy_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyLabel {
     pub key_id: String,
 }
@@ -61,6 +66,8 @@ pub struct Metrics {
     pub sessions_bound: Counter,
     pub uploads_started: Counter,
     pub files_recorded: Counter,
+    pub proxy_requests: Family<ProxyLabel, Counter>,
+    pub proxy_up: Family<ProxyLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -85,6 +92,8 @@ impl Metrics {
             sessions_bound: Counter::default(),
             uploads_started: Counter::default(),
             files_recorded: Counter::default(),
+            proxy_requests: Family::default(),
+            proxy_up: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -147,6 +156,16 @@ impl Metrics {
             "File owners recorded by this replica",
             m.files_recorded.clone(),
         );
+        registry.register(
+            "proxy_requests",
+            "Upstream requests sent through each outbound proxy",
+            m.proxy_requests.clone(),
+        );
+        registry.register(
+            "proxy_up",
+            "1 while an outbound proxy is usable",
+            m.proxy_up.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -170,6 +189,14 @@ impl Metrics {
             .get_or_create(&KeyOutcome {
                 key_id: key_id.to_string(),
                 outcome,
+            })
+            .inc();
+    }
+
+    pub fn proxy_request(&self, proxy_id: &str) {
+        self.proxy_requests
+            .get_or_create(&ProxyLabel {
+                proxy_id: proxy_id.to_string(),
             })
             .inc();
     }

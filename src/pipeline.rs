@@ -175,6 +175,7 @@ pub async fn send<'g>(
             }
         };
         let started = Instant::now();
+        count_proxy(gw, up, key);
         let sent = up
             .request(
                 call.method.clone(),
@@ -190,6 +191,7 @@ pub async fn send<'g>(
             Err(e) => {
                 let err = transport_error(&e).flavor(call.flavor);
                 tracing::warn!(key_id = %key.id, attempt, error = %e, "upstream unreachable");
+                note_transport_failure(gw, up, key, &e).await;
                 gw.observe(&key.id, "transport");
                 if pinned.is_some() {
                     return Err(err);
@@ -219,6 +221,9 @@ pub async fn send<'g>(
         let outcome = classify(status, &body, now_ms());
         gw.observe(&key.id, outcome.name());
         gw.keys.record(gw.store(), key, &outcome).await;
+        if matches!(outcome, Outcome::RateLimited { .. }) {
+            egress_throttle_check(gw, up, key).await;
+        }
         tracing::info!(key_id = %key.id, status = status.as_u16(), attempt, outcome = ?outcome, "upstream error");
         let mut response = buffered_back(status, resp.headers(), body);
         if let Outcome::RateLimited { until_ms, .. } = outcome {
@@ -257,6 +262,62 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
         Ok(served) => stream_back(served.response),
         Err(response) => response,
     })
+}
+
+/// Counts a request leaving through a key's proxy, if it uses one.
+pub fn count_proxy(gw: &Gateway, up: &Upstream, key: &ApiKey) {
+    if let (Some(router), Some(i)) = (&gw.proxies, up.proxy_of(key)) {
+        if let Some(spec) = router.specs.get(i) {
+            gw.metrics.proxy_request(&spec.id);
+        }
+    }
+}
+
+/// With proxies in use, 429s from every key behind one proxy within a short
+/// window mean that proxy's egress IP is throttled: the proxy is marked down
+/// (its keys move to other proxies) and those keys' cooldowns are lifted.
+async fn egress_throttle_check(gw: &Gateway, up: &Upstream, key: &ApiKey) {
+    let (Some(router), Some(idx)) = (&gw.proxies, up.proxy_of(key)) else {
+        return;
+    };
+    let Some(spec) = router.specs.get(idx) else {
+        return;
+    };
+    // Shared through the store: each replica sees only part of the 429s.
+    let index = format!("proxy-429:{}", spec.id);
+    let store = gw.store();
+    let now = now_ms();
+    let recent = match store
+        .index_add(&index, &key.id, crate::proxy::THROTTLE_WINDOW, now)
+        .await
+    {
+        Ok(()) => store.index_members(&index, now).await.unwrap_or_default(),
+        Err(_) => return,
+    };
+    let behind = router.keys_behind(idx, gw.keys.keys().iter().map(|k| k.id.as_str()));
+    if !behind.is_empty() && behind.iter().all(|k| recent.contains(k)) {
+        tracing::warn!(proxy_id = %spec.id, keys = behind.len(), "every key behind one proxy answered 429: its egress IP is throttled; moving its keys");
+        router.mark_down(store, idx).await;
+        for id in &behind {
+            let _ = store.set_member_state(crate::keys::RING, id, None).await;
+            let _ = store.index_remove(&index, id).await;
+        }
+    }
+}
+
+/// A connection that could not be opened through a key's proxy marks that
+/// proxy down (for every replica), so its keys move to the next proxy.
+pub async fn note_transport_failure(
+    gw: &Gateway,
+    up: &Upstream,
+    key: &ApiKey,
+    e: &awc::error::SendRequestError,
+) {
+    if let (awc::error::SendRequestError::Connect(_), Some(router), Some(i)) =
+        (e, &gw.proxies, up.proxy_of(key))
+    {
+        router.mark_down(gw.store(), i).await;
+    }
 }
 
 pub fn api_label(flavor: Flavor) -> &'static str {

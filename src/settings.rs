@@ -57,6 +57,9 @@ pub struct Settings {
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
     pub recheck_interval: Duration,
+    /// Outbound proxies (`GB_PROXIES`), parsed; empty with `GB_PROXY_MODE=none`.
+    pub proxies: Vec<crate::proxy::ProxySpec>,
+    pub proxy_cooldown: Duration,
 }
 
 /// Reads settings from the layered sources described in the module docs.
@@ -143,6 +146,28 @@ impl Raw {
         self.opt(key)
             .map(|v| split_list(&v, ','))
             .unwrap_or_default()
+    }
+
+    fn proxies(&self) -> Result<Vec<crate::proxy::ProxySpec>, SettingsError> {
+        let mode = self.req("proxy_mode")?.to_ascii_lowercase();
+        let list = self.opt("proxies").unwrap_or_default();
+        match mode.as_str() {
+            "none" => Ok(Vec::new()),
+            "hash" => list
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .enumerate()
+                .map(|(i, url)| {
+                    crate::proxy::parse(url)
+                        .map_err(|problem| err("proxies", format!("entry {} {problem}", i + 1)))
+                })
+                .collect(),
+            other => Err(err(
+                "proxy_mode",
+                format!("expected hash or none, got {other:?}"),
+            )),
+        }
     }
 
     fn settings(&self) -> Result<Settings, SettingsError> {
@@ -267,6 +292,8 @@ impl Raw {
             max_body_bytes,
             shutdown_grace: self.secs("shutdown_grace")?,
             recheck_interval: self.secs("recheck_interval")?,
+            proxies: self.proxies()?,
+            proxy_cooldown: self.secs("proxy_cooldown")?,
         })
     }
 }

@@ -74,6 +74,7 @@ impl Application {
                 &data.settings.upstream_url,
                 tls.clone(),
                 data.settings.upstream_timeout,
+                data.proxies.clone(),
             );
             App::new()
                 .app_data(data.clone())
@@ -122,8 +123,18 @@ impl Application {
                 &gw.settings.upstream_url,
                 tls.clone(),
                 gw.settings.upstream_timeout,
+                gw.proxies.clone(),
             );
             actix_rt::spawn(crate::recheck::run(gw.clone(), upstream, replica));
+            if let Some(router) = gw.proxies.clone() {
+                let gw = gw.clone();
+                actix_rt::spawn(async move {
+                    loop {
+                        router.refresh(gw.store()).await;
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                });
+            }
             actix_rt::spawn(crate::replicas::run(gw, addr));
         }
         Ok(Self {

@@ -11,6 +11,7 @@ use anyhow::Context;
 use awc::{Client, ClientRequest, Connector};
 
 use crate::keys::ApiKey;
+use crate::proxy::{ProxyConnector, ProxyRouter};
 
 /// How the real key travels upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,33 +52,75 @@ pub fn tls_config(ca_file: Option<&str>) -> anyhow::Result<Arc<rustls::ClientCon
     Ok(Arc::new(config))
 }
 
-/// One worker's upstream client.
+/// One worker's upstream clients: a direct one, and one per outbound proxy
+/// (each with its own connection pool).
 pub struct Upstream {
-    client: Client,
+    direct: Client,
+    via: Vec<Client>,
+    router: Option<Arc<ProxyRouter>>,
     base: String,
 }
 
 impl Upstream {
-    pub fn new(base: &str, tls: Arc<rustls::ClientConfig>, timeout: Duration) -> Self {
-        let connector = Connector::new()
-            .rustls_0_23(tls)
-            .timeout(Duration::from_secs(10))
-            .limit(1024)
-            .conn_keep_alive(Duration::from_secs(60));
-        let client = Client::builder()
-            .connector(connector)
+    pub fn new(
+        base: &str,
+        tls: Arc<rustls::ClientConfig>,
+        timeout: Duration,
+        router: Option<Arc<ProxyRouter>>,
+    ) -> Self {
+        let connect_timeout = Duration::from_secs(10);
+        let direct = Client::builder()
+            .connector(
+                Connector::new()
+                    .rustls_0_23(tls.clone())
+                    .timeout(connect_timeout)
+                    .limit(1024)
+                    .conn_keep_alive(Duration::from_secs(60)),
+            )
             .timeout(timeout)
             .disable_redirects()
             .no_default_headers()
             .finish();
+        let via = router
+            .iter()
+            .flat_map(|r| r.specs.iter())
+            .map(|spec| {
+                Client::builder()
+                    .connector(
+                        Connector::new()
+                            .connector(ProxyConnector::new(spec.clone(), connect_timeout))
+                            .rustls_0_23(tls.clone())
+                            .timeout(connect_timeout)
+                            .limit(1024)
+                            .conn_keep_alive(Duration::from_secs(60)),
+                    )
+                    .timeout(timeout)
+                    .disable_redirects()
+                    .no_default_headers()
+                    .finish()
+            })
+            .collect();
         Self {
-            client,
+            direct,
+            via,
+            router,
             base: base.to_string(),
         }
     }
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// The proxy (index) a key's requests leave through now, if any.
+    pub fn proxy_of(&self, key: &ApiKey) -> Option<usize> {
+        self.router.as_ref().and_then(|r| r.route(&key.id))
+    }
+
+    fn client_for(&self, key: Option<&ApiKey>) -> &Client {
+        key.and_then(|k| self.proxy_of(k))
+            .and_then(|i| self.via.get(i))
+            .unwrap_or(&self.direct)
     }
 
     /// A request to `path_and_query` on the upstream with the client's
@@ -108,7 +151,7 @@ impl Upstream {
         key: Option<&ApiKey>,
         style: KeyStyle,
     ) -> ClientRequest {
-        let mut req = self.client.request(method, url);
+        let mut req = self.client_for(key).request(method, url);
         for (name, value) in client_headers {
             if forwardable(name) {
                 req = req.append_header((name.clone(), value.clone()));

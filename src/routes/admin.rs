@@ -39,6 +39,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/api/sessions/{sid}", web::get().to(api_session))
             .route("/api/files/{id}", web::get().to(api_file))
             .route("/api/replicas", web::get().to(api_replicas))
+            .route("/api/proxies", web::get().to(api_proxies))
             .default_service(web::to(|| async { Err::<HttpResponse, _>(not_enabled()) })),
     );
 }
@@ -237,6 +238,23 @@ async fn api_replicas(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpRe
     Ok(HttpResponse::Ok().json(json!({"replicas": list})))
 }
 
+fn proxy_rows(gw: &Gateway) -> Vec<serde_json::Value> {
+    gw.proxies
+        .as_ref()
+        .map(|r| {
+            r.status()
+                .into_iter()
+                .map(|(display, id, up)| json!({"id": id, "proxy": display, "state": if up { "up" } else { "down" }}))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn api_proxies(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    check(&gw, &req)?;
+    Ok(HttpResponse::Ok().json(json!({"proxies": proxy_rows(&gw)})))
+}
+
 #[derive(Deserialize)]
 struct LoginForm {
     token: String,
@@ -398,6 +416,21 @@ async fn page(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, 
             now.saturating_sub(rep.seen_ms) / 1000
         );
     }
-    body.push_str("</table></body></html>");
+    body.push_str("</table>");
+    let proxies = proxy_rows(&gw);
+    if !proxies.is_empty() {
+        body.push_str("<h2>Outbound proxies</h2><table id=\"proxies\"><tr><th>id</th><th>proxy</th><th>state</th></tr>");
+        for p in &proxies {
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(p["id"].as_str().unwrap_or("")),
+                esc(p["proxy"].as_str().unwrap_or("")),
+                esc(p["state"].as_str().unwrap_or(""))
+            );
+        }
+        body.push_str("</table>");
+    }
+    body.push_str("</body></html>");
     Ok(html(StatusCode::OK, &body))
 }

@@ -64,6 +64,14 @@ pub async fn metrics(gw: web::Data<Gateway>) -> HttpResponse {
                 .set(cooldown as i64);
         }
     }
+    if let Some(router) = &gw.proxies {
+        for (_, id, up) in router.status() {
+            gw.metrics
+                .proxy_up
+                .get_or_create(&crate::metrics::ProxyLabel { proxy_id: id })
+                .set(i64::from(up));
+        }
+    }
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
         .body(gw.metrics.encode())

@@ -181,6 +181,7 @@ fn public_base(gw: &Gateway, req: &HttpRequest) -> String {
     let host = forwarded("x-forwarded-host")
         .and_then(safe)
         .or_else(|| header(headers, "host").and_then(safe))
+        .or_else(|| req.uri().authority().map(|a| a.to_string()).and_then(safe))
         .unwrap_or_else(|| req.app_config().host().to_string());
     let prefix = forwarded("x-forwarded-prefix")
         .filter(|p| {
@@ -224,6 +225,9 @@ async fn chunk(
         .map_err(|e| pipeline::store_down(e, FLAVOR))?
         .ok_or_else(unknown)?;
     let key = gw.keys.by_id(&record.key);
+    if let Some(key) = key {
+        pipeline::count_proxy(gw, up, key);
+    }
     let request = up.request_to(
         req.method().clone(),
         &record.url,
@@ -240,6 +244,9 @@ async fn chunk(
         Ok(resp) => resp,
         Err(e) => {
             tracing::warn!(key_id = %record.key, error = %e, "upload chunk could not be forwarded");
+            if let Some(key) = key {
+                pipeline::note_transport_failure(gw, up, key, &e).await;
+            }
             return Err(transport_error(&e).flavor(FLAVOR));
         }
     };
@@ -340,7 +347,13 @@ async fn single_shot(
         Some(len) => request.send_body(SizedStream::new(len, payload)).await,
         None => request.send_stream(payload).await,
     };
-    let mut resp = sent.map_err(|e| transport_error(&e).flavor(FLAVOR))?;
+    let mut resp = match sent {
+        Ok(resp) => resp,
+        Err(e) => {
+            pipeline::note_transport_failure(gw, up, key, &e).await;
+            return Err(transport_error(&e).flavor(FLAVOR));
+        }
+    };
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp

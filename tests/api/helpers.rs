@@ -144,6 +144,9 @@ fn read_url_line(reader: &mut impl BufRead, what: &str) -> (String, Vec<String>)
 
 pub struct FakeUpstream {
     pub url: String,
+    /// Where the control endpoints answer in plain HTTP (same as `url`
+    /// unless the fake serves TLS).
+    pub control: String,
     pub keys: Vec<String>,
     _proc: Proc,
 }
@@ -165,10 +168,15 @@ impl FakeUpstream {
         let mut child = cmd.spawn().expect("fake-gemini starts");
         let stdout = child.stdout.take().expect("stdout");
         let mut reader = BufReader::new(stdout);
-        let (url, _) = read_url_line(&mut reader, "fake-gemini");
+        let (url, seen) = read_url_line(&mut reader, "fake-gemini");
+        let control = seen
+            .iter()
+            .find_map(|l| l.strip_prefix("control on ").map(|u| u.trim().to_string()))
+            .unwrap_or_else(|| url.clone());
         std::thread::spawn(move || for _ in reader.lines() {});
         FakeUpstream {
             url,
+            control,
             keys: keys.to_vec(),
             _proc: Proc { child },
         }
@@ -176,7 +184,7 @@ impl FakeUpstream {
 
     pub async fn get(&self, path: &str) -> Value {
         let mut resp = client()
-            .get(format!("{}{path}", self.url))
+            .get(format!("{}{path}", self.control))
             .send()
             .await
             .expect("fake control");
@@ -185,7 +193,7 @@ impl FakeUpstream {
 
     pub async fn post(&self, path: &str, body: Value) {
         let resp = client()
-            .post(format!("{}{path}", self.url))
+            .post(format!("{}{path}", self.control))
             .send_json(&body)
             .await
             .expect("fake control");
@@ -412,7 +420,12 @@ pub async fn upload_file(
         .send_body(data.to_vec())
         .await
         .expect("chunk");
-    assert_eq!(resp.status().as_u16(), 200, "finalize");
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "finalize: {:?}",
+        resp.body().await
+    );
     let v: Value = resp.json().await.expect("file json");
     v["file"]["name"].as_str().expect("file name").to_string()
 }
@@ -422,4 +435,98 @@ pub fn rehost(url: &str, base: &str) -> String {
     let after_scheme = url.split_once("://").map_or(url, |(_, r)| r);
     let path = after_scheme.find('/').map_or("", |i| &after_scheme[i..]);
     format!("{base}{path}")
+}
+
+/// A test CA and a certificate for localhost / 127.0.0.1 signed by it.
+pub struct Pki {
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("gb-tls-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+        Pki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    /// The fake upstream over TLS with this PKI's certificate.
+    pub fn fake(&self, keys: &[String]) -> FakeUpstream {
+        FakeUpstream::start_with(
+            keys,
+            &[
+                ("FAKE_TLS_CERT", self.path("cert.pem")),
+                ("FAKE_TLS_KEY", self.path("key.pem")),
+            ],
+        )
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `test-proxy` binary: an HTTP CONNECT or SOCKS5 proxy that prints a
+/// line per tunnel.
+pub struct TestProxy {
+    pub port: u16,
+    pub tunnels: Arc<Mutex<Vec<String>>>,
+    _proc: Proc,
+}
+
+impl TestProxy {
+    pub fn start(kind: &str, bind_ip: &str, auth: Option<&str>, port: u16) -> TestProxy {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_test-proxy"));
+        cmd.env("PROXY_KIND", kind)
+            .env("PROXY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("PROXY_BIND_IP", bind_ip)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(a) = auth {
+            cmd.env("PROXY_AUTH", a);
+        }
+        let mut child = cmd.spawn().expect("test-proxy starts");
+        let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+        let (url, _) = read_url_line(&mut reader, "test-proxy");
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        let tunnels = Arc::new(Mutex::new(Vec::new()));
+        let sink = tunnels.clone();
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                sink.lock().expect("tunnels").push(line);
+            }
+        });
+        TestProxy {
+            port,
+            tunnels,
+            _proc: Proc { child },
+        }
+    }
+
+    pub fn tunnel_count(&self) -> usize {
+        self.tunnels.lock().expect("tunnels").len()
+    }
 }

@@ -9,5 +9,6 @@ mod health;
 mod helpers;
 mod migrations;
 mod ops;
+mod proxies;
 mod store;
 mod tls;

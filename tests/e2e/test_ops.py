@@ -14,6 +14,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import KEYS, TOKEN, Stack
 
@@ -54,23 +55,28 @@ def state_of(browser, kid):
     return browser.find_element(By.CSS_SELECTOR, f"#key-{kid} td.state").text
 
 
+def wait_for(browser, condition):
+    """Form posts navigate; wait (bounded) until the new page shows it."""
+    return WebDriverWait(browser, 15, ignored_exceptions=(Exception,)).until(lambda b: condition(b))
+
+
 def test_log_in_see_the_keys_and_disable_one(admin_stack, browser):
     url = admin_stack.urls[0]
     browser.get(f"{url}/admin")
     # A client token does not open the admin page.
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "login").click()
-    assert "not the admin token" in browser.page_source
+    wait_for(browser, lambda b: "not the admin token" in b.page_source)
     browser.find_element(By.ID, "token").send_keys(ADMIN)
     browser.find_element(By.ID, "login").click()
-    table = browser.find_element(By.ID, "keys")
+    table = wait_for(browser, lambda b: b.find_element(By.ID, "keys"))
     for k in KEYS:
         assert k not in browser.page_source, "a raw key on the page"
         assert state_of(browser, key_id(k)) == "healthy"
     assert "up" in browser.find_element(By.ID, "store").text
     target = key_id(KEYS[2])
     table.find_element(By.CSS_SELECTOR, f"#key-{target} button[name=disable]").click()
-    assert state_of(browser, target) == "disabled"
+    assert wait_for(browser, lambda b: state_of(b, target) == "disabled")
     # Every replica sees it: the other replica's API says so too.
     req = urllib.request.Request(f"{admin_stack.urls[1]}/admin/api/keys",
                                  headers={"authorization": f"Bearer {ADMIN}"})
@@ -78,7 +84,7 @@ def test_log_in_see_the_keys_and_disable_one(admin_stack, browser):
         rows = json.loads(resp.read())["keys"]
     assert next(r for r in rows if r["id"] == target)["state"] == "disabled"
     browser.find_element(By.CSS_SELECTOR, f"#key-{target} button[name=enable]").click()
-    assert state_of(browser, target) == "healthy"
+    assert wait_for(browser, lambda b: state_of(b, target) == "healthy")
 
 
 def test_metrics_parse_as_openmetrics(admin_stack):

@@ -18,7 +18,11 @@ fn base_url(req: &HttpRequest) -> String {
     } else {
         "http"
     };
-    let host = header(req, "host").unwrap_or("localhost");
+    // HTTP/2 carries the host as the :authority, not a Host header.
+    let host = header(req, "host")
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| "localhost".into());
     format!("{scheme}://{host}")
 }
 

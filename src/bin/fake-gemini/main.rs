@@ -6,12 +6,15 @@
 //! Environment: `FAKE_LISTEN` (default `127.0.0.1:0`), `FAKE_KEYS` (the valid
 //! keys, comma-separated), `FAKE_TLS_CERT`/`FAKE_TLS_KEY` (PEM; serve HTTPS),
 //! `FAKE_DELAY_MS` (added to every model call), `FAKE_RECORD` (`0` turns the
-//! request log off, for benchmarks). Prints `listening on URL` on stdout.
+//! request log off, for benchmarks). Prints `listening on URL` on stdout
+//! (over TLS, first `control on URL`: the same endpoints in plain HTTP).
 //!
 //! Control endpoints for tests, under `/_fake/`: `GET requests`, `POST reset`,
 //! `GET served` (successful model calls per key), `POST keys/{key}` with a
 //! JSON mode (`{"mode":"quota","retryDelay":"2s"}`, `invalid`, `error`,
-//! `slow`, `break_stream`, `normal`), `POST release/{name}` (let a held stream continue).
+//! `slow`, `break_stream`, `normal`), `POST throttle/{ip}` with
+//! `{"on": bool}` (every request from that source IP gets 429: an IP-level
+//! throttle), `POST release/{name}` (let a held stream continue).
 #![allow(clippy::print_stdout, clippy::result_large_err)]
 
 mod errors;
@@ -55,6 +58,20 @@ async fn control(
             let mut inner = fake.lock();
             inner.seen.clear();
             inner.served.clear();
+            HttpResponse::Ok().json(json!({}))
+        }
+        ["throttle", ip] => {
+            let body = read_all(payload).await;
+            let on = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("on").and_then(|b| b.as_bool()))
+                .unwrap_or(true);
+            let mut inner = fake.lock();
+            if on {
+                inner.throttled_ips.insert(ip.to_string());
+            } else {
+                inner.throttled_ips.remove(*ip);
+            }
             HttpResponse::Ok().json(json!({}))
         }
         ["release", name] => {
@@ -110,7 +127,19 @@ async fn handle(
             query: req.query_string().to_string(),
             headers,
             key: key.clone(),
+            peer: req
+                .peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default(),
         });
+    }
+    let peer = req
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    if fake.lock().throttled_ips.contains(&peer) {
+        let openai = segs.get(1) == Some(&"openai");
+        return errors::respond(429, errors::quota(Some("30s"), None), openai);
     }
     match segs.as_slice() {
         ["upload", ver, "files"] => files::upload(&fake, &req, payload, ver, key).await,
@@ -251,13 +280,22 @@ async fn main() -> std::io::Result<()> {
             .default_service(web::to(handle))
     })
     .workers(2);
-    let (server, scheme) = match (env("FAKE_TLS_CERT"), env("FAKE_TLS_KEY")) {
-        (Some(cert), Some(key)) => (
-            server.listen_rustls_0_23(listener, tls_config(&cert, &key)?)?,
-            "https",
-        ),
-        _ => (server.listen(listener)?, "http"),
+    let (server, scheme, control) = match (env("FAKE_TLS_CERT"), env("FAKE_TLS_KEY")) {
+        (Some(cert), Some(key)) => {
+            // Over TLS, the control endpoints are also served in plain HTTP
+            // on a second port, so tests need no client TLS setup.
+            let plain = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let control = plain.local_addr()?;
+            let server = server
+                .listen_rustls_0_23(listener, tls_config(&cert, &key)?)?
+                .listen(plain)?;
+            (server, "https", Some(control))
+        }
+        _ => (server.listen(listener)?, "http", None),
     };
+    if let Some(control) = control {
+        println!("control on http://{control}");
+    }
     println!("listening on {scheme}://{addr}");
     server.run().await
 }

@@ -38,6 +38,8 @@ pub struct Seen {
     pub headers: HashMap<String, String>,
     /// The key the request authenticated with, if any.
     pub key: Option<String>,
+    /// The peer's IP address (tells outbound proxies apart in tests).
+    pub peer: String,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +71,8 @@ pub struct Inner {
     pub holds: HashMap<String, Arc<Notify>>,
     /// Model calls served successfully, per key.
     pub served: HashMap<String, u64>,
+    /// Source IPs answered with 429 whatever the key (an IP-level throttle).
+    pub throttled_ips: HashSet<String>,
 }
 
 #[derive(Clone)]

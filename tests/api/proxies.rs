@@ -1,0 +1,271 @@
+//! Outbound proxies: every key through one proxy, the same on every replica;
+//! a stopped proxy moves only its keys; no credential in any log line.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+const GENERATE: &str = "/v1beta/models/gemini-2.0-flash:generateContent";
+const SECRETS: [&str; 2] = ["pw-for-http", "pw-for-socks"];
+const IPS: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+
+struct Setup {
+    _pki: Pki,
+    _redis: Redis,
+    fake: FakeUpstream,
+    proxies: Vec<TestProxy>,
+    gws: Vec<Gateway>,
+    ks: Vec<String>,
+}
+
+fn setup() -> Setup {
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let ks = keys(6);
+    let fake = pki.fake(&ks);
+    let proxies = vec![
+        TestProxy::start("http", IPS[0], Some("alice:pw-for-http"), 0),
+        TestProxy::start("socks5", IPS[1], Some("bob:pw-for-socks"), 0),
+        TestProxy::start("http", IPS[2], None, 0),
+    ];
+    let list = format!(
+        "http://alice:pw-for-http@127.0.0.1:{},socks5://bob:pw-for-socks@127.0.0.1:{},http://127.0.0.1:{}",
+        proxies[0].port, proxies[1].port, proxies[2].port
+    );
+    let port = fake.url.rsplit(':').next().unwrap().to_string();
+    let upstream = format!("https://localhost:{port}");
+    let ca = pki.path("ca.pem");
+    let gws = (0..2)
+        .map(|_| {
+            Gateway::start_for(
+                &upstream,
+                &ks,
+                Some(&redis),
+                &[
+                    ("GB_UPSTREAM_CA_FILE", &ca),
+                    ("GB_PROXIES", &list),
+                    ("GB_PROXY_COOLDOWN", "2"),
+                    ("GB_ADMIN_TOKEN", "proxy-admin"),
+                ],
+            )
+        })
+        .collect();
+    Setup {
+        _pki: pki,
+        _redis: redis,
+        fake,
+        proxies,
+        gws,
+        ks,
+    }
+}
+
+/// key → the set of source IPs (proxies) its requests came from.
+async fn routes(fake: &FakeUpstream) -> HashMap<String, HashSet<String>> {
+    let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+    for r in fake.requests().await {
+        if let Some(k) = r["key"].as_str() {
+            out.entry(k.to_string())
+                .or_default()
+                .insert(r["peer"].as_str().unwrap_or("").to_string());
+        }
+    }
+    out
+}
+
+async fn traffic(s: &Setup, n: usize) {
+    for i in 0..n {
+        let (status, v) = post_json(
+            &format!("{}{GENERATE}", s.gws[i % 2].url),
+            &generate_body(),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+}
+
+#[actix_rt::test]
+async fn every_key_leaves_through_one_proxy_on_every_replica() {
+    let s = setup();
+    traffic(&s, 24).await;
+    for i in 0..4 {
+        let mut resp = client()
+            .post(format!(
+                "{}/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+                s.gws[i % 2].url
+            ))
+            .insert_header(("x-goog-api-key", TOKEN))
+            .send_json(&generate_body())
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        assert!(String::from_utf8_lossy(&resp.body().await.unwrap()).contains("chunk 2"));
+    }
+    let name = upload_file(
+        &format!("{}/upload/v1beta/files", s.gws[0].url),
+        Some(&s.gws[1].url),
+        &[],
+        b"via proxy",
+    )
+    .await;
+    let (status, v) = post_json(
+        &format!("{}{GENERATE}", s.gws[1].url),
+        &file_body(&[&name]),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+
+    let routes = routes(&s.fake).await;
+    assert_eq!(routes.len(), s.ks.len(), "every key was used: {routes:?}");
+    for (key, ips) in &routes {
+        assert_eq!(ips.len(), 1, "key {} used {ips:?}", key_id(key));
+        assert!(
+            IPS.contains(&ips.iter().next().unwrap().as_str()),
+            "never direct: {ips:?}"
+        );
+    }
+    let used: HashSet<&String> = routes.values().flatten().collect();
+    assert!(used.len() >= 2, "keys spread over the proxies: {used:?}");
+    for p in &s.proxies {
+        let _ = p.tunnel_count();
+    }
+    assert!(s.proxies.iter().map(TestProxy::tunnel_count).sum::<usize>() >= used.len());
+    // Admin and metrics show proxies without credentials.
+    let mut r = client()
+        .get(format!("{}/admin/api/proxies", s.gws[0].url))
+        .insert_header(("authorization", "Bearer proxy-admin"))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["proxies"].as_array().unwrap().len(), 3);
+    let mut m = client()
+        .get(format!("{}/metrics", s.gws[0].url))
+        .send()
+        .await
+        .unwrap();
+    let metrics = String::from_utf8(m.body().await.unwrap().to_vec()).unwrap();
+    assert!(metrics.contains("gb_proxy_requests_total"));
+    for secret in SECRETS {
+        assert!(!v.to_string().contains(secret) && !metrics.contains(secret));
+        for gw in &s.gws {
+            assert!(
+                !gw.log_text().contains(secret),
+                "a proxy credential was logged"
+            );
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn stopping_a_proxy_moves_only_its_keys_and_restarting_brings_them_back() {
+    let mut s = setup();
+    traffic(&s, 24).await;
+    let before: HashMap<String, String> = routes(&s.fake)
+        .await
+        .into_iter()
+        .map(|(k, ips)| (k, ips.into_iter().next().unwrap()))
+        .collect();
+    // Stop the proxy that carries the most keys.
+    let victim = (0..3)
+        .max_by_key(|i| before.values().filter(|ip| *ip == IPS[*i]).count())
+        .unwrap();
+    let victim_ip = IPS[victim].to_string();
+    let port = s.proxies[victim].port;
+    let kind = if victim == 1 { "socks5" } else { "http" };
+    let auth = [Some("alice:pw-for-http"), Some("bob:pw-for-socks"), None][victim];
+    drop(std::mem::replace(
+        &mut s.proxies[victim],
+        TestProxy::start("http", "127.0.0.9", None, 0),
+    ));
+    s.fake.post("/_fake/reset", json!({})).await;
+    traffic(&s, 36).await;
+    let during = routes(&s.fake).await;
+    for (key, ips) in &during {
+        if before[key] == victim_ip {
+            assert!(
+                !ips.contains(&victim_ip),
+                "a key of the stopped proxy moved"
+            );
+        } else {
+            assert_eq!(
+                ips,
+                &HashSet::from([before[key].clone()]),
+                "a key of a healthy proxy stayed"
+            );
+        }
+    }
+    // Restart it on its port: after its cooldown its keys come back.
+    s.proxies[victim] = TestProxy::start(kind, &victim_ip, auth, port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        s.fake.post("/_fake/reset", json!({})).await;
+        traffic(&s, 12).await;
+        let now = routes(&s.fake).await;
+        let back = now
+            .iter()
+            .filter(|(k, _)| before[*k] == victim_ip)
+            .all(|(_, ips)| ips == &HashSet::from([victim_ip.clone()]));
+        if back && now.keys().any(|k| before[k] == victim_ip) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "keys never came back: {now:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for gw in &s.gws {
+        for secret in SECRETS {
+            assert!(
+                !gw.log_text().contains(secret),
+                "a proxy credential was logged"
+            );
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn an_egress_ip_throttle_moves_the_proxys_keys_instead_of_cooling_them() {
+    let s = setup();
+    traffic(&s, 24).await;
+    let before: HashMap<String, String> = routes(&s.fake)
+        .await
+        .into_iter()
+        .map(|(k, ips)| (k, ips.into_iter().next().unwrap()))
+        .collect();
+    let throttled_ip = before.values().next().unwrap().clone();
+    let behind: Vec<&String> = before
+        .iter()
+        .filter(|(_, ip)| **ip == throttled_ip)
+        .map(|(k, _)| k)
+        .collect();
+    // Google throttles that proxy's egress IP: every key behind it gets 429.
+    s.fake
+        .post(
+            &format!("/_fake/throttle/{throttled_ip}"),
+            json!({"on": true}),
+        )
+        .await;
+    // Requests keep succeeding (retried on other keys) while the 429s arrive.
+    traffic(&s, 24).await;
+    s.fake.post("/_fake/reset", json!({})).await;
+    traffic(&s, 24).await;
+    let after = routes(&s.fake).await;
+    for k in &behind {
+        let ips = after.get(*k).unwrap_or_else(|| {
+            panic!(
+                "key {} got no traffic: its cooldown was not lifted",
+                key_id(k)
+            )
+        });
+        assert!(
+            !ips.contains(&throttled_ip),
+            "moved off the throttled egress IP"
+        );
+    }
+    let logs: String = s.gws.iter().map(Gateway::log_text).collect();
+    assert!(logs.contains("egress IP is throttled"));
+}
