@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod error;
 pub mod files;
 pub mod gateway;
+pub mod health;
 pub mod identity;
 pub mod keys;
 pub mod metrics;

@@ -24,7 +24,8 @@ use futures_util::StreamExt;
 use crate::error::{ApiError, Flavor};
 use crate::files;
 use crate::gateway::Gateway;
-use crate::keys::{classify, ApiKey, NoKey, Outcome};
+use crate::health::{classify, Outcome};
+use crate::keys::{ApiKey, NoKey};
 use crate::session::{self, BindError, Session};
 use crate::store::now_ms;
 use crate::upstream::{response_forwardable, KeyStyle, Upstream};
@@ -175,6 +176,7 @@ pub async fn send<'g>(
             }
         };
         let started = Instant::now();
+        let via = up.proxy_of(key);
         count_proxy(gw, up, key);
         let sent = up
             .request(
@@ -221,8 +223,8 @@ pub async fn send<'g>(
         let outcome = classify(status, &body, now_ms());
         gw.observe(&key.id, outcome.name());
         gw.keys.record(gw.store(), key, &outcome).await;
-        if matches!(outcome, Outcome::RateLimited { .. }) {
-            egress_throttle_check(gw, up, key).await;
+        if let (Outcome::RateLimited { .. }, Some(via)) = (&outcome, via) {
+            egress_throttle_check(gw, key, via).await;
         }
         tracing::info!(key_id = %key.id, status = status.as_u16(), attempt, outcome = ?outcome, "upstream error");
         let mut response = buffered_back(status, resp.headers(), body);
@@ -276,13 +278,25 @@ pub fn count_proxy(gw: &Gateway, up: &Upstream, key: &ApiKey) {
 /// With proxies in use, 429s from every key behind one proxy within a short
 /// window mean that proxy's egress IP is throttled: the proxy is marked down
 /// (its keys move to other proxies) and those keys' cooldowns are lifted.
-async fn egress_throttle_check(gw: &Gateway, up: &Upstream, key: &ApiKey) {
-    let (Some(router), Some(idx)) = (&gw.proxies, up.proxy_of(key)) else {
+async fn egress_throttle_check(gw: &Gateway, key: &ApiKey, idx: usize) {
+    let Some(router) = &gw.proxies else {
         return;
     };
     let Some(spec) = router.specs.get(idx) else {
         return;
     };
+    // Another replica may have found the throttle first (a 429 is the rare
+    // path, so one more store read here is cheap).
+    router.refresh(gw.store()).await;
+    if router.is_down(idx, now_ms()) {
+        // The proxy it went through is already known to be throttled (or
+        // failing): the 429 says nothing about the key.
+        let _ = gw
+            .store()
+            .set_member_state(crate::keys::RING, &key.id, None)
+            .await;
+        return;
+    }
     // Shared through the store: each replica sees only part of the 429s.
     let index = format!("proxy-429:{}", spec.id);
     let store = gw.store();

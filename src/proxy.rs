@@ -299,7 +299,7 @@ impl ProxyRouter {
         }
     }
 
-    fn is_down(&self, idx: usize, now: u64) -> bool {
+    pub fn is_down(&self, idx: usize, now: u64) -> bool {
         self.down
             .read()
             .map(|d| d.get(&idx).is_some_and(|until| *until > now))

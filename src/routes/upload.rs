@@ -364,7 +364,7 @@ async fn single_shot(
     if status.is_success() {
         record_file(gw, &body, &key.id, &owner).await;
     } else {
-        let outcome = crate::keys::classify(status, &body, crate::store::now_ms());
+        let outcome = crate::health::classify(status, &body, crate::store::now_ms());
         gw.keys.record(gw.store(), key, &outcome).await;
         return Ok(ensure_final(buffered_back(status, &headers, body)));
     }

@@ -18,92 +18,27 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, Script};
 use deadpool_redis::{Pool, Runtime};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{MemberState, Pick, StateStore, StoreError};
 
-const ROTATE: &str = r#"
-local now = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-local members = {}
-for i = 1, n do members[i] = ARGV[2 + i] end
-local excluded = {}
-for i = 3 + n, #ARGV do excluded[ARGV[i]] = true end
-local states = redis.call('HMGET', KEYS[2], unpack(members))
-local usable = {}
-local min_until = nil
-local excluded_usable = false
-for i = 1, n do
-  local s = states[i]
-  local ok = true
-  if s then
-    local kind = string.sub(s, 1, 1)
-    if kind == 'd' then
-      ok = false
-    elseif kind == 'c' then
-      local u = tonumber(string.sub(s, 3))
-      if u and u > now then
-        ok = false
-        if min_until == nil or u < min_until then min_until = u end
-      end
-    end
-  end
-  if ok then
-    if excluded[members[i]] then excluded_usable = true else usable[#usable + 1] = i end
-  end
-end
-if #usable == 0 then
-  if excluded_usable then return {-3, 0} end
-  if min_until then return {-1, tostring(min_until)} end
-  return {-2, 0}
-end
-local c = redis.call('INCR', KEYS[1])
-return {usable[((c - 1) % #usable) + 1] - 1, 0}
-"#;
+const ROTATE: &str = include_str!("lua/rotate.lua");
 
-const CLAIM: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  return {ARGV[1], 1}
-end
-local cur = redis.call('GET', KEYS[1])
-if not cur then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  return {ARGV[1], 1}
-end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return {cur, 0}
-"#;
+const CLAIM: &str = include_str!("lua/claim.lua");
 
-const REPLACE: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  return cur
-end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-return ARGV[2]
-"#;
+const REPLACE: &str = include_str!("lua/replace.lua");
 
-const UNLOCK: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
+const UNLOCK: &str = include_str!("lua/unlock.lua");
 
-const INDEX_ADD: &str = r#"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-local ttl = redis.call('PTTL', KEYS[1])
-local want = tonumber(ARGV[2]) - tonumber(ARGV[1])
-if ttl < want then redis.call('PEXPIRE', KEYS[1], want) end
-return 1
-"#;
+const INDEX_ADD: &str = include_str!("lua/index_add.lua");
 
 /// Called after every Redis exchange with its latency and whether it worked.
 pub type Observer = Arc<dyn Fn(Duration, bool) + Send + Sync>;
@@ -112,6 +47,8 @@ pub type Observer = Arc<dyn Fn(Duration, bool) + Send + Sync>;
 /// while open, calls fail at once instead of each waiting for a timeout on a
 /// Redis that is down. The first call after the pause probes Redis again.
 const TRIP_AFTER: u32 = 3;
+/// Multiplexed connections per replica; each carries many concurrent calls.
+const CONNECTIONS: usize = 4;
 const OPEN_FOR_MS: u64 = 1_000;
 
 #[derive(Default)]
@@ -122,6 +59,8 @@ struct Breaker {
 
 pub struct RedisStore {
     pool: Pool,
+    slots: Vec<std::sync::RwLock<Option<MultiplexedConnection>>>,
+    next_slot: AtomicUsize,
     breaker: Breaker,
     observer: Option<Observer>,
     prefix: String,
@@ -155,6 +94,10 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot build the Redis pool: {e}")))?;
         Ok(Self {
             pool,
+            slots: (0..pool_size.clamp(1, CONNECTIONS))
+                .map(|_| std::sync::RwLock::new(None))
+                .collect(),
+            next_slot: AtomicUsize::new(0),
             breaker: Breaker::default(),
             observer: None,
             prefix: prefix.to_string(),
@@ -189,15 +132,12 @@ impl RedisStore {
     /// Runs one Redis exchange on a pooled connection, bounded by the timeout.
     async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let work = async {
-            let conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| StoreError::Unavailable(pool_error(&e)))?;
+            let conn = self.connection(slot).await?;
             f(conn).await.map_err(redis_error)
         };
         let now = super::now_ms();
@@ -217,6 +157,11 @@ impl RedisStore {
         match &result {
             Ok(_) => self.breaker.failures.store(0, Ordering::Relaxed),
             Err(StoreError::Timeout | StoreError::Unavailable(_)) => {
+                // The connection may be dead: the next call on this slot
+                // takes a fresh one from the pool.
+                if let Ok(mut s) = self.slots[slot].write() {
+                    *s = None;
+                }
                 let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if failures >= TRIP_AFTER {
                     self.breaker
@@ -227,6 +172,26 @@ impl RedisStore {
             Err(_) => {}
         }
         result
+    }
+
+    /// A multiplexed connection for one slot, taken from the pool once and
+    /// then shared by every call on that slot (it pipelines concurrent
+    /// requests). Checking a connection out of the pool per call would cost
+    /// its recycle check, an extra round trip per call.
+    async fn connection(&self, slot: usize) -> Result<MultiplexedConnection, StoreError> {
+        if let Some(conn) = self.slots[slot].read().ok().and_then(|s| s.clone()) {
+            return Ok(conn);
+        }
+        let obj = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(pool_error(&e)))?;
+        let conn = deadpool_redis::Connection::take(obj);
+        if let Ok(mut s) = self.slots[slot].write() {
+            *s = Some(conn.clone());
+        }
+        Ok(conn)
     }
 
     /// The layout version recorded in Redis (0 for an empty Redis).

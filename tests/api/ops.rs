@@ -268,7 +268,21 @@ async fn request_ids_are_honoured_or_generated_and_logged() {
         .to_str()
         .unwrap()
         .to_string();
-    assert_eq!(generated.len(), 36);
+    assert_eq!(generated.len(), 23, "{generated}");
+    let again = client()
+        .get(format!("{}/healthz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        again
+            .headers()
+            .get("x-request-id")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        generated
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !gw.log_text().contains(&generated) {
         assert!(Instant::now() < deadline);

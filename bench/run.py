@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Gateway vs direct-to-upstream, same machine, same run.
+
+Starts the fake upstream (release build), then measures with `oha`:
+direct to the fake; the gateway on the embedded store; the gateway on Redis
+(unpinned and session-pinned); three replicas behind nginx (scripts/local-stack);
+SSE time to first event; a 1 GiB upload's peak RSS. Writes bench/RESULTS.md
+and bench/results.json. Usage: bench/run [--seconds N] [--rate R] [--conns C]
+"""
+
+import argparse
+import http.client
+import json
+import os
+import pathlib
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BIN = ROOT / "target" / "release"
+KEYS = [f"AIzaBenchKey{i:02d}-abcdefghijklmnop" for i in range(5)]
+TOKEN = "bench-token-0123456789"
+GENERATE = "/v1beta/models/gemini-2.0-flash:generateContent"
+BODY = json.dumps({"contents": [{"parts": [{"text": "hello"}]}]})
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, env, stream):
+    proc = subprocess.Popen(args, env=env, text=True,
+                            stdout=subprocess.PIPE if stream == "stdout" else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE if stream == "stderr" else subprocess.DEVNULL)
+    pipe = proc.stdout if stream == "stdout" else proc.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = pipe.readline()
+        if "listening on " in line:
+            url = line.split("listening on ", 1)[1].split()[0].split('"')[0]
+            # Keep draining so the child never blocks on a full pipe.
+            import threading
+            threading.Thread(target=lambda: [None for _ in pipe], daemon=True).start()
+            return proc, url
+    proc.kill()
+    raise SystemExit(f"{args[0]} did not start")
+
+
+def proc_stat(pid):
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    kib = {l.split(":")[0]: int(l.split()[1]) for l in status.splitlines() if l.startswith(("VmRSS", "VmHWM"))}
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / CLK
+    return kib, cpu
+
+
+def redis_calls(port):
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"], capture_output=True, text=True).stdout
+    total = 0
+    for line in out.splitlines():
+        if line.startswith("cmdstat_") and not line.startswith(("cmdstat_info", "cmdstat_ping")):
+            total += int(line.split("calls=")[1].split(",")[0])
+    return total
+
+
+def oha(url, seconds, conns, rate=None, headers=(), credential=TOKEN):
+    cmd = [OHA, "-z", f"{seconds}s", "-c", str(conns), "--no-tui", "--output-format", "json",
+           "-m", "POST", "-T", "application/json", "-d", BODY, "-H", f"x-goog-api-key: {credential}"]
+    for h in headers:
+        cmd += ["-H", h]
+    if rate:
+        cmd += ["-q", str(rate)]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+    r = json.loads(out)
+    lat = r["latencyPercentiles"]
+    codes = r.get("statusCodeDistribution", {})
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    return {
+        "rps": round(r["summary"]["requestsPerSec"], 1),
+        "p50_ms": round(lat["p50"] * 1000, 3),
+        "p99_ms": round(lat["p99"] * 1000, 3),
+        "p99_9_ms": round(lat["p99.9"] * 1000, 3),
+        "requests": sum(codes.values()),
+        "ok_ratio": round(ok / max(1, sum(codes.values())), 4),
+    }
+
+
+def store_calls(urls):
+    """Round trips to the state store, from each replica's own metrics."""
+    total = 0.0
+    for u in urls:
+        with urllib.request.urlopen(f"{u}/metrics", timeout=10) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("gb_store_command_latency_seconds_count"):
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def measure(name, url, pids, args, redis_port=None, headers=(), credential=TOKEN, metrics_urls=()):
+    before = [proc_stat(p) for p in pids]
+    calls0 = redis_calls(redis_port) if redis_port else 0
+    trips0 = store_calls(metrics_urls) if metrics_urls else 0
+    sat = oha(url + GENERATE, args.seconds, args.conns, headers=headers, credential=credential)
+    calls1 = redis_calls(redis_port) if redis_port else 0
+    trips1 = store_calls(metrics_urls) if metrics_urls else 0
+    mid = [proc_stat(p) for p in pids]
+    fixed = oha(url + GENERATE, args.seconds, 4, rate=args.rate, headers=headers, credential=credential)
+    cpu = sum(m[1] - b[1] for m, b in zip(mid, before))
+    row = {"config": name, "saturation": sat, "fixed_rate": fixed}
+    if pids:
+        row["cpu_s_per_1000"] = round(cpu / max(1, sat["requests"]) * 1000, 3)
+        row["peak_rss_mib"] = round(max(proc_stat(p)[0]["VmHWM"] for p in pids) / 1024, 1)
+    if redis_port:
+        # Commands run inside a Lua script count here too.
+        row["redis_commands_per_request"] = round((calls1 - calls0) / max(1, sat["requests"]), 3)
+    if metrics_urls:
+        row["store_round_trips_per_request"] = round((trips1 - trips0) / max(1, sat["requests"]), 3)
+    print(f"{name}: {json.dumps(row)}", flush=True)
+    return row
+
+
+def ttfb(url, n=200, credential=TOKEN):
+    """Time to the first SSE event, sequential requests, in ms."""
+    u = urllib.parse.urlparse(url)
+    times = []
+    for _ in range(n):
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        t = time.perf_counter()
+        conn.request("POST", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", body=BODY,
+                     headers={"x-goog-api-key": credential, "content-type": "application/json"})
+        resp = conn.getresponse()
+        resp.read1(1)
+        times.append((time.perf_counter() - t) * 1000)
+        resp.read()
+        conn.close()
+    times.sort()
+    return {"p50_ms": round(statistics.median(times), 3), "p99_ms": round(times[int(len(times) * 0.99) - 1], 3)}
+
+
+def gateway_env(fake_url, redis_port=None):
+    env = {"PATH": os.environ.get("PATH", ""), "GB_LISTEN": "127.0.0.1:0", "GB_API_KEYS": ",".join(KEYS),
+           "GB_AUTH_TOKENS": TOKEN, "GB_UPSTREAM_URL": fake_url, "RUST_LOG": "warn,gemini_balancer::startup=info"}
+    if redis_port:
+        env["GB_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}"
+    return env
+
+
+def run_pass(args, delay_ms):
+    """Every configuration against a fake that answers after `delay_ms`."""
+    procs = []
+    rows = []
+    extra = {}
+    try:
+        fake, fake_url = start([str(BIN / "fake-gemini")],
+                               dict(os.environ, FAKE_KEYS=",".join(KEYS), FAKE_RECORD="0",
+                                    FAKE_DELAY_MS=str(delay_ms)), "stdout")
+        procs.append(fake)
+        # The direct run authenticates with a real key of the fake.
+        rows.append(measure("direct to the fake", fake_url, [fake.pid], args, credential=KEYS[0]))
+        gw, gw_url = start([str(BIN / "gemini-balancer")], gateway_env(fake_url), "stderr")
+        procs.append(gw)
+        time.sleep(0.5)
+        extra["idle_rss_mib"] = round(proc_stat(gw.pid)[0]["VmRSS"] / 1024, 1)
+        rows.append(measure("gateway, embedded store", gw_url, [gw.pid], args, metrics_urls=[gw_url]))
+        redis_port = free_port()
+        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        procs.append(redis)
+        time.sleep(0.5)
+        gwr, gwr_url = start([str(BIN / "gemini-balancer")], gateway_env(fake_url, redis_port), "stderr")
+        procs.append(gwr)
+        rows.append(measure("gateway, Redis", gwr_url, [gwr.pid], args, redis_port, metrics_urls=[gwr_url]))
+        rows.append(measure("gateway, Redis, session-pinned", gwr_url, [gwr.pid], args, redis_port,
+                            headers=("x-session-id: bench-session",), metrics_urls=[gwr_url]))
+        extra["streaming_first_event"] = {"direct": ttfb(fake_url, credential=KEYS[0]), "gateway_redis": ttfb(gwr_url)}
+        if shutil.which("nginx") or pathlib.Path("/usr/sbin/nginx").exists():
+            d = tempfile.mkdtemp(prefix="gb-bench-stack-")
+            env = dict(os.environ, GB_BIN_DIR=str(BIN), STACK_KEYS=",".join(KEYS), STACK_TOKEN=TOKEN,
+                       FAKE_RECORD="0", FAKE_DELAY_MS=str(delay_ms), RUST_LOG="warn,gemini_balancer::startup=info")
+            subprocess.run(["bash", str(ROOT / "scripts" / "local-stack"), "start", d], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            info = dict(l.split("=", 1) for l in pathlib.Path(d, "stack.env").read_text().split())
+            pids = [int(pathlib.Path(d, f"gateway-{i}.pid").read_text()) for i in (1, 2, 3)]
+            urls = []
+            for i in (1, 2, 3):
+                log = pathlib.Path(d, f"gateway-{i}.log").read_text()
+                urls.append(log.split("listening on ", 1)[1].split()[0].split('"')[0])
+            try:
+                rows.append(measure("3 replicas + nginx, Redis", info["LB_URL"], pids, args,
+                                    int(info["REDIS_PORT"]), metrics_urls=urls))
+            finally:
+                subprocess.run(["bash", str(ROOT / "scripts" / "local-stack"), "stop", d], env=env)
+    finally:
+        for p in procs:
+            p.kill()
+    direct = rows[0]
+    for r in rows:
+        r["throughput_vs_direct"] = round(r["saturation"]["rps"] / direct["saturation"]["rps"], 3)
+        r["added_p50_ms"] = round(r["fixed_rate"]["p50_ms"] - direct["fixed_rate"]["p50_ms"], 3)
+        r["added_p99_ms"] = round(r["fixed_rate"]["p99_ms"] - direct["fixed_rate"]["p99_ms"], 3)
+    return {"upstream_delay_ms": delay_ms, "configs": rows, **extra}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rate", type=int, default=300)
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--delays-ms", default="0,20",
+                    help="the fake's added latency per model call, one pass each")
+    ap.add_argument("--upload-mib", type=int, default=1024)
+    args = ap.parse_args()
+    passes = [run_pass(args, int(d)) for d in args.delays_ms.split(",")]
+    upload = subprocess.run([sys.executable, str(ROOT / "bench" / "upload_rss.py"), str(args.upload_mib)],
+                            capture_output=True, text=True, check=True)
+    upload = json.loads(upload.stdout)
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, "
+               f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, Linux {platform.release()}")
+    results = {"command": "bench/run " + " ".join(sys.argv[1:]), "machine": machine, "settings": vars(args),
+               "passes": passes, "upload": upload}
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results)
+    print((ROOT / "bench" / "RESULTS.md").read_text())
+
+
+def write_markdown(r):
+    st = r["settings"]
+    lines = ["# Benchmark results", "",
+             f"Command: `{r['command']}` — machine: {r['machine']}. The load generator (`oha`), the fake "
+             "upstream, Redis and the gateway share the machine's cores, so compare rows of one run, not runs.", "",
+             f"Saturation: {st['conns']} connections for {st['seconds']} s. Fixed rate: {st['rate']} req/s on 4 "
+             f"connections for {st['seconds']} s; added latency is against the direct run at the same rate. "
+             "Store round trips are counted by each replica (`gb_store_command_latency_seconds_count`); Redis "
+             "commands include those a Lua script runs.", ""]
+    for p in r["passes"]:
+        lines += [f"## Fake upstream answering after {p['upstream_delay_ms']} ms", "",
+                  "| config | req/s | × direct | p50 ms | p99 ms | p99.9 ms | fixed-rate p50 / p99 ms | added p50 / p99 ms | CPU s / 1000 req | peak RSS MiB | store round trips / req | Redis cmds / req |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in p["configs"]:
+            s, f = c["saturation"], c["fixed_rate"]
+            lines.append(
+                f"| {c['config']} | {s['rps']} | {c['throughput_vs_direct']} | {s['p50_ms']} | {s['p99_ms']} | "
+                f"{s['p99_9_ms']} | {f['p50_ms']} / {f['p99_ms']} | {c['added_p50_ms']} / {c['added_p99_ms']} | "
+                f"{c.get('cpu_s_per_1000', '—')} | {c.get('peak_rss_mib', '—')} | "
+                f"{c.get('store_round_trips_per_request', '—')} | {c.get('redis_commands_per_request', '—')} |")
+        sfe = p["streaming_first_event"]
+        lines += ["", f"Idle RSS of a replica: {p['idle_rss_mib']} MiB. SSE time to first event (200 sequential "
+                  f"requests): direct p50 {sfe['direct']['p50_ms']} ms / p99 {sfe['direct']['p99_ms']} ms; through "
+                  f"the gateway (Redis) p50 {sfe['gateway_redis']['p50_ms']} ms / p99 {sfe['gateway_redis']['p99_ms']} ms.", ""]
+    up = r["upload"]
+    lines += [f"## Upload", "", f"{up['upload_mib']} MiB through one replica as one resumable chunk: peak RSS "
+              f"{up['peak_rss_mib']} MiB (idle {up['idle_rss_mib']} MiB), {up['throughput_mib_s']} MiB/s.", ""]
+    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines))
+
+
+OHA = os.environ.get("OHA", shutil.which("oha") or str(ROOT / "bench" / ".tools" / "bin" / "oha"))
+
+if __name__ == "__main__":
+    main()

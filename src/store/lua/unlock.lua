@@ -1,0 +1,3 @@
+-- Release a lock only for its holder. KEYS[1] lock; ARGV[1] holder.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
