@@ -61,6 +61,37 @@ pub struct Upstream {
     base: String,
 }
 
+/// An awc client over `connector` (direct TCP or a proxy tunnel) with the
+/// gateway's TLS, pool and timeout settings.
+fn client<S, Io>(
+    connector: Connector<S>,
+    tls: &Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+    timeout: Duration,
+) -> Client
+where
+    S: actix_web::dev::Service<
+            actix_tls::connect::ConnectInfo<awc::http::Uri>,
+            Response = actix_tls::connect::Connection<awc::http::Uri, Io>,
+            Error = actix_tls::connect::ConnectError,
+        > + Clone
+        + 'static,
+    Io: actix_rt::net::ActixStream + std::fmt::Debug + 'static,
+{
+    Client::builder()
+        .connector(
+            connector
+                .rustls_0_23(tls.clone())
+                .timeout(connect_timeout)
+                .limit(1024)
+                .conn_keep_alive(Duration::from_secs(60)),
+        )
+        .timeout(timeout)
+        .disable_redirects()
+        .no_default_headers()
+        .finish()
+}
+
 impl Upstream {
     pub fn new(
         base: &str,
@@ -69,35 +100,18 @@ impl Upstream {
         router: Option<Arc<ProxyRouter>>,
     ) -> Self {
         let connect_timeout = Duration::from_secs(10);
-        let direct = Client::builder()
-            .connector(
-                Connector::new()
-                    .rustls_0_23(tls.clone())
-                    .timeout(connect_timeout)
-                    .limit(1024)
-                    .conn_keep_alive(Duration::from_secs(60)),
-            )
-            .timeout(timeout)
-            .disable_redirects()
-            .no_default_headers()
-            .finish();
+        let direct = client(Connector::new(), &tls, connect_timeout, timeout);
         let via = router
             .iter()
             .flat_map(|r| r.specs.iter())
             .map(|spec| {
-                Client::builder()
-                    .connector(
-                        Connector::new()
-                            .connector(ProxyConnector::new(spec.clone(), connect_timeout))
-                            .rustls_0_23(tls.clone())
-                            .timeout(connect_timeout)
-                            .limit(1024)
-                            .conn_keep_alive(Duration::from_secs(60)),
-                    )
-                    .timeout(timeout)
-                    .disable_redirects()
-                    .no_default_headers()
-                    .finish()
+                let tunnel = ProxyConnector::new(spec.clone(), connect_timeout);
+                client(
+                    Connector::new().connector(tunnel),
+                    &tls,
+                    connect_timeout,
+                    timeout,
+                )
             })
             .collect();
         Self {
