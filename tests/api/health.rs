@@ -254,3 +254,36 @@ async fn the_recheck_re_enables_a_key_that_works_again_on_one_replica() {
     );
     assert!(lines[0].contains(&key_id(&ks[1])));
 }
+
+#[actix_rt::test]
+async fn a_dropped_connection_is_retried_on_another_key_unless_pinned() {
+    let ks = keys(2);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, None, &[]);
+    let name = upload_file(
+        &format!("{}/upload/v1beta/files", gw.url),
+        None,
+        &[],
+        b"pinned",
+    )
+    .await;
+    let owner_id = fake.file_owners().await[&name].clone();
+    let owner = ks.iter().find(|k| key_id(k) == owner_id).unwrap().clone();
+    fake.set_mode(&owner, json!({"mode": "drop"})).await;
+    fake.post("/_fake/reset", json!({})).await;
+    for _ in 0..4 {
+        assert_eq!(
+            generate(&gw).await.0,
+            200,
+            "unpinned: retried on the other key"
+        );
+    }
+    assert!(
+        count_for(&fake.requests().await, &owner) >= 1,
+        "the dropping key was tried"
+    );
+    let (status, v) = post_json(&format!("{}{GENERATE}", gw.url), &file_body(&[&name]), &[]).await;
+    assert_eq!(status, 502, "pinned to the dropping key: {v}");
+    assert_eq!(v["error"]["code"], 502);
+    assert!(gw.log_text().contains("upstream unreachable"));
+}

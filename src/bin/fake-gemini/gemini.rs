@@ -49,6 +49,7 @@ pub async fn gate(fake: &Fake, key: Option<String>, openai: bool) -> Result<Stri
     }
     match mode {
         Mode::Normal | Mode::BreakStream => Ok(key),
+        Mode::Drop => Err(dropped()),
         Mode::Quota {
             retry_delay,
             quota_id,
@@ -64,6 +65,18 @@ pub async fn gate(fake: &Fake, key: Option<String>, openai: bool) -> Result<Stri
             Ok(key)
         }
     }
+}
+
+/// A response whose body fails before anything is written: the server
+/// closes the connection without sending even the status line.
+fn dropped() -> HttpResponse {
+    let fail = futures_util::stream::once(async {
+        Err::<Bytes, _>(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "dropped by test switch",
+        ))
+    });
+    HttpResponse::Ok().streaming(fail)
 }
 
 pub fn served(fake: &Fake, key: &str) {

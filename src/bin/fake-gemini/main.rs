@@ -12,7 +12,7 @@
 //! Control endpoints for tests, under `/_fake/`: `GET requests`, `POST reset`,
 //! `GET served` (successful model calls per key), `POST keys/{key}` with a
 //! JSON mode (`{"mode":"quota","retryDelay":"2s"}`, `invalid`, `error`,
-//! `slow`, `break_stream`, `normal`), `POST throttle/{ip}` with
+//! `slow`, `break_stream`, `drop`, `normal`), `POST throttle/{ip}` with
 //! `{"on": bool}` (every request from that source IP gets 429: an IP-level
 //! throttle), `POST release/{name}` (let a held stream continue).
 #![allow(clippy::print_stdout, clippy::result_large_err)]

@@ -28,6 +28,8 @@ pub enum Mode {
     Slow { ms: u64 },
     /// Streams send their first event, then the connection breaks.
     BreakStream,
+    /// The connection closes with no answer at all.
+    Drop,
 }
 
 #[derive(Debug, Clone, Serialize)]
