@@ -9,7 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::error::ApiError;
 use crate::health::Outcome;
 use crate::identity::{mask, short_id};
-use crate::store::{now_ms, MemberState, Pick, StateStore, StoreError};
+use crate::store::{now_ms, MemberState, Pick, StateStore};
 
 /// The rotation ring every replica shares for the key pool.
 pub const RING: &str = "keys";
@@ -150,19 +150,6 @@ impl KeyPool {
         if let Err(e) = store.set_member_state(RING, &key.id, Some(&state)).await {
             tracing::warn!(key_id = %key.id, error = %e, "could not record key state");
         }
-    }
-
-    /// Whether a key may serve a pinned request, given the shared states.
-    pub async fn is_disabled(
-        &self,
-        store: &dyn StateStore,
-        key_id: &str,
-    ) -> Result<bool, StoreError> {
-        let states = store.member_states(RING).await?;
-        Ok(matches!(
-            states.get(key_id),
-            Some(MemberState::Disabled { .. })
-        ))
     }
 }
 

@@ -35,11 +35,6 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     up: initial,
 }];
 
-/// The newest layout this build knows.
-pub fn known_version() -> u64 {
-    MIGRATIONS.last().map_or(0, |m| m.version)
-}
-
 /// Brings Redis to this build's layout.
 pub async fn apply(store: &RedisStore) -> Result<u64, StoreError> {
     apply_with(store, MIGRATIONS).await

@@ -59,13 +59,6 @@ impl Call {
     }
 }
 
-/// Why a request is bound to one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PinReason {
-    File,
-    Session,
-}
-
 /// Step 1: the key a request must use, if any.
 pub async fn pin<'g>(
     gw: &'g Gateway,
@@ -74,7 +67,7 @@ pub async fn pin<'g>(
     session: Option<&Session>,
     token_id: &str,
     flavor: Flavor,
-) -> Result<Option<(&'g ApiKey, PinReason)>, ApiError> {
+) -> Result<Option<&'g ApiKey>, ApiError> {
     let refs = files::scan_refs(body);
     if !refs.is_empty() {
         let mut records = files::owners(gw.store(), &refs)
@@ -99,7 +92,7 @@ pub async fn pin<'g>(
             [] => {}
             [one] => {
                 if let Some(key) = gw.keys.by_id(one) {
-                    return Ok(Some((key, PinReason::File)));
+                    return Ok(Some(key));
                 }
             }
             _ => {
@@ -123,7 +116,7 @@ pub async fn pin<'g>(
                 if bound_now {
                     gw.metrics.sessions_bound.inc();
                 }
-                Ok(Some((key, PinReason::Session)))
+                Ok(Some(key))
             }
             Err(BindError::Store(e)) => Err(store_down(e, flavor)),
             Err(BindError::NoKey(no)) => Err(no.into_error().flavor(flavor)),
@@ -260,7 +253,7 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
         call.flavor,
     )
     .await?;
-    Ok(match send(gw, up, &call, pinned.map(|(k, _)| k)).await? {
+    Ok(match send(gw, up, &call, pinned).await? {
         Ok(served) => stream_back(served.response),
         Err(response) => response,
     })

@@ -122,10 +122,6 @@ impl Upstream {
         }
     }
 
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
     /// The proxy (index) a key's requests leave through now, if any.
     pub fn proxy_of(&self, key: &ApiKey) -> Option<usize> {
         self.router.as_ref().and_then(|r| r.route(&key.id))

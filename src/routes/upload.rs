@@ -101,7 +101,7 @@ async fn start(
         key_style: KeyStyle::GoogHeader,
     };
     let pinned = pipeline::pin(gw, up, &[], call.session.as_ref(), &call.token_id, FLAVOR).await?;
-    let mut served = match pipeline::send(gw, up, &call, pinned.map(|(k, _)| k)).await? {
+    let mut served = match pipeline::send(gw, up, &call, pinned).await? {
         Ok(served) => served,
         Err(response) => return Ok(ensure_final(response)),
     };
@@ -322,7 +322,7 @@ async fn single_shot(
     owner: String,
 ) -> Result<HttpResponse, ApiError> {
     let key = match pipeline::pin(gw, up, &[], edge.session.as_ref(), &owner, FLAVOR).await? {
-        Some((key, _)) => key,
+        Some(key) => key,
         None => gw
             .keys
             .next(gw.store(), &[])

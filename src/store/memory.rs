@@ -71,10 +71,6 @@ impl StateStore for MemoryStore {
         "memory"
     }
 
-    fn shared(&self) -> bool {
-        false
-    }
-
     async fn ping(&self) -> Result<Duration, StoreError> {
         let start = Instant::now();
         self.with(|_| ())?;

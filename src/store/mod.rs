@@ -130,9 +130,6 @@ pub trait StateStore: Send + Sync {
     /// `memory` or `redis`, for logs and `/readyz`.
     fn kind(&self) -> &'static str;
 
-    /// Whether the store is shared between processes.
-    fn shared(&self) -> bool;
-
     async fn ping(&self) -> Result<Duration, StoreError>;
 
     /// One round-robin step over `members` of `ring`, skipping members that are

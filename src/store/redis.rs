@@ -258,10 +258,6 @@ impl StateStore for RedisStore {
         "redis"
     }
 
-    fn shared(&self) -> bool {
-        true
-    }
-
     async fn ping(&self) -> Result<Duration, StoreError> {
         let start = Instant::now();
         let _: String = self
