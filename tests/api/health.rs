@@ -1,6 +1,7 @@
 //! Key health shared by every replica: cooldowns, disabled keys, retries,
 //! throttling, the re-check.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -286,4 +287,38 @@ async fn a_dropped_connection_is_retried_on_another_key_unless_pinned() {
     assert_eq!(status, 502, "pinned to the dropping key: {v}");
     assert_eq!(v["error"]["code"], 502);
     assert!(gw.log_text().contains("upstream unreachable"));
+}
+
+#[actix_rt::test]
+async fn a_session_bound_to_a_key_that_gets_disabled_is_re_bound_on_its_next_use() {
+    let redis = Redis::start();
+    let ks = keys(3);
+    let fake = FakeUpstream::start(&ks);
+    let gws: Vec<Gateway> = (0..2)
+        .map(|_| Gateway::start(&fake, Some(&redis), &[]))
+        .collect();
+    let session = [("x-session-id", "rebind-me")];
+    let url = |i: usize| format!("{}{GENERATE}", gws[i].url);
+    assert_eq!(post_json(&url(0), &generate_body(), &session).await.0, 200);
+    let bound = fake.requests().await[0]["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fake.set_mode(&bound, json!({"mode": "invalid"})).await;
+    // The pinned request meets the invalid key: Google's answer, not retried.
+    assert_eq!(post_json(&url(1), &generate_body(), &session).await.0, 400);
+    assert!(states(&redis)[&key_id(&bound)].starts_with("d:"));
+    fake.post("/_fake/reset", json!({})).await;
+    for i in 0..4 {
+        assert_eq!(
+            post_json(&url(i % 2), &generate_body(), &session).await.0,
+            200
+        );
+    }
+    let seen = fake.requests().await;
+    let keys_used: HashSet<&str> = seen.iter().filter_map(|r| r["key"].as_str()).collect();
+    assert_eq!(keys_used.len(), 1, "re-bound to one new key: {keys_used:?}");
+    assert!(!keys_used.contains(bound.as_str()));
+    let logs: String = gws.iter().map(Gateway::log_text).collect();
+    assert!(logs.contains("session re-bound"), "{logs}");
 }
