@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -50,7 +51,6 @@ def start(args, env, stream):
         if "listening on " in line:
             url = line.split("listening on ", 1)[1].split()[0].split('"')[0]
             # Keep draining so the child never blocks on a full pipe.
-            import threading
             threading.Thread(target=lambda: [None for _ in pipe], daemon=True).start()
             return proc, url
     proc.kill()

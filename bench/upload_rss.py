@@ -8,30 +8,17 @@ import json
 import os
 import pathlib
 import platform
-import socket
-import subprocess
 import sys
 import time
 import urllib.parse
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from run import start  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BIN = ROOT / "target" / "release"
 TOKEN = "bench-token"
 KEY = "AIzaBenchKey-abcdefghijklmnop"
-
-
-def start(args, env, stream):
-    proc = subprocess.Popen(args, env=env, text=True,
-                            stdout=subprocess.PIPE if stream == "stdout" else subprocess.DEVNULL,
-                            stderr=subprocess.PIPE if stream == "stderr" else subprocess.DEVNULL)
-    pipe = proc.stdout if stream == "stdout" else proc.stderr
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = pipe.readline()
-        if "listening on " in line:
-            return proc, line.split("listening on ", 1)[1].strip()
-    proc.kill()
-    raise SystemExit(f"{args[0]} did not start")
 
 
 def rss_kib(pid, field):
