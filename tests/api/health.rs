@@ -207,8 +207,7 @@ async fn a_request_pinned_to_a_file_is_not_moved_when_its_key_answers_429() {
         b"pinned",
     )
     .await;
-    let owner_id = fake.file_owners().await[&name].clone();
-    let owner = ks.iter().find(|k| key_id(k) == owner_id).unwrap().clone();
+    let owner = fake.owner_key(&name).await;
     fake.set_mode(&owner, json!({"mode": "quota", "retryDelay": "20s"}))
         .await;
     fake.post("/_fake/reset", json!({})).await;
@@ -268,8 +267,7 @@ async fn a_dropped_connection_is_retried_on_another_key_unless_pinned() {
         b"pinned",
     )
     .await;
-    let owner_id = fake.file_owners().await[&name].clone();
-    let owner = ks.iter().find(|k| key_id(k) == owner_id).unwrap().clone();
+    let owner = fake.owner_key(&name).await;
     fake.set_mode(&owner, json!({"mode": "drop"})).await;
     fake.post("/_fake/reset", json!({})).await;
     for _ in 0..4 {

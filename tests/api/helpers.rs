@@ -224,6 +224,16 @@ impl FakeUpstream {
         self.post(&format!("/_fake/keys/{key}"), mode).await;
     }
 
+    /// The raw key (of `self.keys`) that owns a file.
+    pub async fn owner_key(&self, name: &str) -> String {
+        let owner_id = self.file_owners().await[name].clone();
+        self.keys
+            .iter()
+            .find(|k| key_id(k) == owner_id)
+            .expect("the owner is one of the fake's keys")
+            .clone()
+    }
+
     /// file name → owner key id.
     pub async fn file_owners(&self) -> std::collections::HashMap<String, String> {
         let v = self.get("/_fake/files").await;
