@@ -47,9 +47,21 @@ pub type Observer = Arc<dyn Fn(Duration, bool) + Send + Sync>;
 /// while open, calls fail at once instead of each waiting for a timeout on a
 /// Redis that is down. The first call after the pause probes Redis again.
 const TRIP_AFTER: u32 = 3;
-/// Multiplexed connections per replica; each carries many concurrent calls.
-const CONNECTIONS: usize = 4;
+/// Connections beyond one per core: for the main thread and background tasks.
+const SPARE_CONNECTIONS: usize = 2;
 const OPEN_FOR_MS: u64 = 1_000;
+
+/// Numbers threads in the order they first touch Redis.
+static THREADS_SEEN: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static THREAD_SLOT: usize = THREADS_SEEN.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Worker threads actix starts by default: one per core.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 #[derive(Default)]
 struct Breaker {
@@ -60,7 +72,6 @@ struct Breaker {
 pub struct RedisStore {
     pool: Pool,
     slots: Vec<std::sync::RwLock<Option<MultiplexedConnection>>>,
-    next_slot: AtomicUsize,
     breaker: Breaker,
     observer: Option<Observer>,
     prefix: String,
@@ -94,10 +105,9 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot build the Redis pool: {e}")))?;
         Ok(Self {
             pool,
-            slots: (0..pool_size.clamp(1, CONNECTIONS))
+            slots: (0..pool_size.clamp(1, threads() + SPARE_CONNECTIONS))
                 .map(|_| std::sync::RwLock::new(None))
                 .collect(),
-            next_slot: AtomicUsize::new(0),
             breaker: Breaker::default(),
             observer: None,
             prefix: prefix.to_string(),
@@ -135,7 +145,7 @@ impl RedisStore {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let slot = THREAD_SLOT.with(|s| *s) % self.slots.len();
         let work = async {
             let conn = self.connection(slot).await?;
             f(conn).await.map_err(redis_error)
@@ -178,6 +188,11 @@ impl RedisStore {
     /// then shared by every call on that slot (it pipelines concurrent
     /// requests). Checking a connection out of the pool per call would cost
     /// its recycle check, an extra round trip per call.
+    ///
+    /// Each thread has its own slot: a connection's driver task runs on the
+    /// thread that opened it, so a call from that thread is written, read and
+    /// answered without waking another thread (a shared connection costs two
+    /// cross-thread wake-ups per call).
     async fn connection(&self, slot: usize) -> Result<MultiplexedConnection, StoreError> {
         if let Some(conn) = self.slots[slot].read().ok().and_then(|s| s.clone()) {
             return Ok(conn);
