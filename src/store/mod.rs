@@ -86,9 +86,11 @@ pub enum Pick {
     Exhausted,
 }
 
-/// The rotation rule both stores implement: among the usable members not
-/// excluded, take the `counter`-th (round-robin). `counter` is only advanced
-/// when a member is picked, so K usable members each get N/K ± 1 of N picks.
+/// The rotation rule both stores apply: among the usable members not
+/// excluded, take the `counter`-th (round-robin), so K usable members each get
+/// N/K ± 1 of N picks. The embedded store advances its counter only when a
+/// member is picked; Redis advances it on every call (pipelined with the
+/// read of the states), which changes nothing while members are usable.
 pub fn choose(
     members: &[String],
     states: &[Option<MemberState>],

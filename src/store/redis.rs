@@ -13,8 +13,8 @@
 //! | `{p}:stats:BUCKET` | hash, TTL | counter name → count (per-minute admin statistics) |
 //! | `{p}:replica:ID` | string, TTL | a replica's heartbeat |
 //!
-//! A ring's counter and states share a hash tag, so the rotation script touches
-//! one Redis Cluster slot; every other operation touches one key.
+//! A ring's counter and states share a hash tag, so the rotation pipeline
+//! touches one Redis Cluster slot; every other operation touches one key.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,8 +29,6 @@ use deadpool_redis::{Pool, Runtime};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{MemberState, Pick, StateStore, StoreError};
-
-const ROTATE: &str = include_str!("lua/rotate.lua");
 
 const CLAIM: &str = include_str!("lua/claim.lua");
 
@@ -76,7 +74,6 @@ pub struct RedisStore {
     observer: Option<Observer>,
     prefix: String,
     timeout: Duration,
-    rotate: Script,
     claim: Script,
     replace: Script,
     unlock: Script,
@@ -112,7 +109,6 @@ impl RedisStore {
             observer: None,
             prefix: prefix.to_string(),
             timeout,
-            rotate: Script::new(ROTATE),
             claim: Script::new(CLAIM),
             replace: Script::new(REPLACE),
             unlock: Script::new(UNLOCK),
@@ -291,33 +287,27 @@ impl StateStore for RedisStore {
         if members.is_empty() {
             return Ok(Pick::AllDisabled);
         }
+        // One round trip: the counter's next value and the ring's states
+        // (only keys that are cooling or disabled have an entry), pipelined.
+        // Plain commands cost Redis less than a script doing the same; the
+        // pick itself is the rule the embedded store applies too.
         let (counter, states) = self.ring_keys(ring);
-        let (code, extra): (i64, String) = self
+        let (next, raw): (u64, HashMap<String, String>) = self
             .run(|mut c| async move {
-                let mut inv = self.rotate.prepare_invoke();
-                inv.key(&counter)
-                    .key(&states)
-                    .arg(now_ms)
-                    .arg(members.len())
-                    .arg(members)
-                    .arg(exclude);
-                inv.invoke_async(&mut c).await
+                redis::pipe()
+                    .cmd("INCR")
+                    .arg(&counter)
+                    .cmd("HGETALL")
+                    .arg(&states)
+                    .query_async(&mut c)
+                    .await
             })
             .await?;
-        Ok(match code {
-            -1 => Pick::AllCooling {
-                until_ms: extra.parse().unwrap_or(now_ms),
-            },
-            -2 => Pick::AllDisabled,
-            -3 => Pick::Exhausted,
-            i if i >= 0 && (i as usize) < members.len() => Pick::Member(i as usize),
-            other => {
-                return Err(StoreError::Corrupt(format!(
-                    "rotation answered {other} for {} members",
-                    members.len()
-                )))
-            }
-        })
+        let states: Vec<Option<MemberState>> = members
+            .iter()
+            .map(|m| raw.get(m).and_then(|v| MemberState::decode(v)))
+            .collect();
+        Ok(super::choose(members, &states, exclude, now_ms, || next))
     }
 
     async fn member_states(&self, ring: &str) -> Result<HashMap<String, MemberState>, StoreError> {
