@@ -5,7 +5,7 @@ Starts the fake upstream (release build), then measures with `oha`:
 direct to the fake; the gateway on the embedded store; the gateway on Redis
 (unpinned and session-pinned); three replicas behind nginx (scripts/local-stack);
 SSE time to first event; a 1 GiB upload's peak RSS. Writes bench/RESULTS.md
-and bench/results.json. Usage: bench/run [--seconds N] [--rate R] [--conns C]
+and bench/results.json. Usage: bench/run [--seconds N] [--rate R] [--conns C] [--rounds N]
 """
 
 import argparse
@@ -32,6 +32,8 @@ TOKEN = "bench-token-0123456789"
 GENERATE = "/v1beta/models/gemini-2.0-flash:generateContent"
 BODY = json.dumps({"contents": [{"parts": [{"text": "hello"}]}]})
 CLK = os.sysconf("SC_CLK_TCK")
+# Enough connections for the fixed rate to be reached when the fake waits.
+FIXED_CONNS = 16
 
 
 def free_port():
@@ -107,26 +109,53 @@ def store_calls(urls):
     return total
 
 
-def measure(name, url, pids, args, redis_port=None, headers=(), credential=TOKEN, metrics_urls=()):
-    before = [proc_stat(p) for p in pids]
-    calls0 = redis_calls(redis_port) if redis_port else 0
-    trips0 = store_calls(metrics_urls) if metrics_urls else 0
-    sat = oha(url + GENERATE, args.seconds, args.conns, headers=headers, credential=credential)
-    calls1 = redis_calls(redis_port) if redis_port else 0
-    trips1 = store_calls(metrics_urls) if metrics_urls else 0
-    mid = [proc_stat(p) for p in pids]
-    fixed = oha(url + GENERATE, args.seconds, 4, rate=args.rate, headers=headers, credential=credential)
-    cpu = sum(m[1] - b[1] for m, b in zip(mid, before))
-    row = {"config": name, "saturation": sat, "fixed_rate": fixed}
-    if pids:
-        row["cpu_s_per_1000"] = round(cpu / max(1, sat["requests"]) * 1000, 3)
-        row["peak_rss_mib"] = round(max(proc_stat(p)[0]["VmHWM"] for p in pids) / 1024, 1)
-    if redis_port:
+class Config:
+    """One configuration under test: where to send load and what to count."""
+
+    def __init__(self, name, url, pids, redis=None, headers=(), credential=TOKEN, metrics_urls=()):
+        self.name, self.url, self.pids = name, url, pids
+        # (port, pid) of the Redis this configuration uses, if any.
+        self.redis = redis
+        self.headers, self.credential, self.metrics_urls = headers, credential, metrics_urls
+        self.rounds = []
+        self.cpu = self.redis_cpu = 0.0
+        self.redis_cmds = self.trips = 0
+        self.fixed = None
+
+
+def saturate(c, args):
+    """One saturation round of `c`, adding its costs to the totals."""
+    before = [proc_stat(p)[1] for p in c.pids]
+    rcpu0 = proc_stat(c.redis[1])[1] if c.redis else 0
+    calls0 = redis_calls(c.redis[0]) if c.redis else 0
+    trips0 = store_calls(c.metrics_urls) if c.metrics_urls else 0
+    sat = oha(c.url + GENERATE, args.seconds, args.conns, headers=c.headers, credential=c.credential)
+    c.cpu += sum(proc_stat(p)[1] for p in c.pids) - sum(before)
+    if c.redis:
+        c.redis_cpu += proc_stat(c.redis[1])[1] - rcpu0
+        c.redis_cmds += redis_calls(c.redis[0]) - calls0
+    if c.metrics_urls:
+        c.trips += store_calls(c.metrics_urls) - trips0
+    c.rounds.append(sat)
+    print(f"  {c.name}: {sat['rps']} req/s", flush=True)
+
+
+def summary(c, args):
+    """The median round of `c`, with costs over every round."""
+    rounds = sorted(c.rounds, key=lambda r: r["rps"])
+    row = {"config": c.name, "saturation": rounds[len(rounds) // 2],
+           "saturation_rps_rounds": [r["rps"] for r in c.rounds], "fixed_rate": c.fixed}
+    total = sum(r["requests"] for r in c.rounds)
+    if c.pids:
+        row["cpu_s_per_1000"] = round(c.cpu / max(1, total) * 1000, 3)
+        row["peak_rss_mib"] = round(max(proc_stat(p)[0]["VmHWM"] for p in c.pids) / 1024, 1)
+    if c.redis:
         # Commands run inside a Lua script count here too.
-        row["redis_commands_per_request"] = round((calls1 - calls0) / max(1, sat["requests"]), 3)
-    if metrics_urls:
-        row["store_round_trips_per_request"] = round((trips1 - trips0) / max(1, sat["requests"]), 3)
-    print(f"{name}: {json.dumps(row)}", flush=True)
+        row["redis_commands_per_request"] = round(c.redis_cmds / max(1, total), 3)
+        row["redis_cpu_s_per_1000"] = round(c.redis_cpu / max(1, total) * 1000, 3)
+    if c.metrics_urls:
+        row["store_round_trips_per_request"] = round(c.trips / max(1, total), 3)
+    print(f"{c.name}: {json.dumps(row)}", flush=True)
     return row
 
 
@@ -157,22 +186,26 @@ def gateway_env(fake_url, redis_port=None):
 
 
 def run_pass(args, delay_ms):
-    """Every configuration against a fake that answers after `delay_ms`."""
+    """Every configuration against a fake that answers after `delay_ms`.
+
+    Everything is started first; then the saturation runs go round the
+    configurations `--rounds` times (the machine's speed drifts over minutes,
+    so each configuration samples the same stretch of time as the direct
+    run) and each row reports its median round.
+    """
     procs = []
-    rows = []
     extra = {}
+    stack_dir = None
+    env = None
     try:
         fake, fake_url = start([str(BIN / "fake-gemini")],
                                dict(os.environ, FAKE_KEYS=",".join(KEYS), FAKE_RECORD="0",
                                     FAKE_DELAY_MS=str(delay_ms)), "stdout")
         procs.append(fake)
-        # The direct run authenticates with a real key of the fake.
-        rows.append(measure("direct to the fake", fake_url, [fake.pid], args, credential=KEYS[0]))
         gw, gw_url = start([str(BIN / "gemini-balancer")], gateway_env(fake_url), "stderr")
         procs.append(gw)
         time.sleep(0.5)
         extra["idle_rss_mib"] = round(proc_stat(gw.pid)[0]["VmRSS"] / 1024, 1)
-        rows.append(measure("gateway, embedded store", gw_url, [gw.pid], args, metrics_urls=[gw_url]))
         redis_port = free_port()
         redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
@@ -180,28 +213,41 @@ def run_pass(args, delay_ms):
         time.sleep(0.5)
         gwr, gwr_url = start([str(BIN / "gemini-balancer")], gateway_env(fake_url, redis_port), "stderr")
         procs.append(gwr)
-        rows.append(measure("gateway, Redis", gwr_url, [gwr.pid], args, redis_port, metrics_urls=[gwr_url]))
-        rows.append(measure("gateway, Redis, session-pinned", gwr_url, [gwr.pid], args, redis_port,
-                            headers=("x-session-id: bench-session",), metrics_urls=[gwr_url]))
-        extra["streaming_first_event"] = {"direct": ttfb(fake_url, credential=KEYS[0]), "gateway_redis": ttfb(gwr_url)}
+        # The direct run authenticates with a real key of the fake.
+        configs = [
+            Config("direct to the fake", fake_url, [fake.pid], credential=KEYS[0]),
+            Config("gateway, embedded store", gw_url, [gw.pid], metrics_urls=[gw_url]),
+            Config("gateway, Redis", gwr_url, [gwr.pid], (redis_port, redis.pid), metrics_urls=[gwr_url]),
+            Config("gateway, Redis, session-pinned", gwr_url, [gwr.pid], (redis_port, redis.pid),
+                   headers=("x-session-id: bench-session",), metrics_urls=[gwr_url]),
+        ]
         if shutil.which("nginx") or pathlib.Path("/usr/sbin/nginx").exists():
-            d = tempfile.mkdtemp(prefix="gb-bench-stack-")
+            stack_dir = tempfile.mkdtemp(prefix="gb-bench-stack-")
             env = dict(os.environ, GB_BIN_DIR=str(BIN), STACK_KEYS=",".join(KEYS), STACK_TOKEN=TOKEN,
                        FAKE_RECORD="0", FAKE_DELAY_MS=str(delay_ms), RUST_LOG="warn,gemini_balancer::startup=info")
-            subprocess.run(["bash", str(ROOT / "scripts" / "local-stack"), "start", d], env=env, check=True,
-                           stdout=subprocess.DEVNULL)
-            info = dict(l.split("=", 1) for l in pathlib.Path(d, "stack.env").read_text().split())
-            pids = [int(pathlib.Path(d, f"gateway-{i}.pid").read_text()) for i in (1, 2, 3)]
+            subprocess.run(["bash", str(ROOT / "scripts" / "local-stack"), "start", stack_dir], env=env,
+                           check=True, stdout=subprocess.DEVNULL)
+            info = dict(l.split("=", 1) for l in pathlib.Path(stack_dir, "stack.env").read_text().split())
+            pids = [int(pathlib.Path(stack_dir, f"gateway-{i}.pid").read_text()) for i in (1, 2, 3)]
             urls = []
             for i in (1, 2, 3):
-                log = pathlib.Path(d, f"gateway-{i}.log").read_text()
+                log = pathlib.Path(stack_dir, f"gateway-{i}.log").read_text()
                 urls.append(log.split("listening on ", 1)[1].split()[0].split('"')[0])
-            try:
-                rows.append(measure("3 replicas + nginx, Redis", info["LB_URL"], pids, args,
-                                    int(info["REDIS_PORT"]), metrics_urls=urls))
-            finally:
-                subprocess.run(["bash", str(ROOT / "scripts" / "local-stack"), "stop", d], env=env)
+            redis_pid = int(pathlib.Path(stack_dir, "redis.pid").read_text())
+            configs.append(Config("3 replicas + nginx, Redis", info["LB_URL"], pids,
+                                  (int(info["REDIS_PORT"]), redis_pid), metrics_urls=urls))
+        for r in range(args.rounds):
+            print(f"{delay_ms} ms upstream, round {r + 1} of {args.rounds}", flush=True)
+            for c in configs:
+                saturate(c, args)
+        for c in configs:
+            c.fixed = oha(c.url + GENERATE, args.seconds, FIXED_CONNS, rate=args.rate, headers=c.headers,
+                          credential=c.credential)
+        rows = [summary(c, args) for c in configs]
+        extra["streaming_first_event"] = {"direct": ttfb(fake_url, credential=KEYS[0]), "gateway_redis": ttfb(gwr_url)}
     finally:
+        if stack_dir:
+            subprocess.run(["bash", str(ROOT / "scripts" / "local-stack"), "stop", stack_dir], env=env)
         for p in procs:
             p.kill()
     direct = rows[0]
@@ -217,6 +263,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--rate", type=int, default=300)
     ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="saturation runs per configuration (median reported)")
     ap.add_argument("--delays-ms", default="0,20",
                     help="the fake's added latency per model call, one pass each")
     ap.add_argument("--upload-mib", type=int, default=1024)
@@ -239,20 +286,24 @@ def write_markdown(r):
     lines = ["# Benchmark results", "",
              f"Command: `{r['command']}` — machine: {r['machine']}. The load generator (`oha`), the fake "
              "upstream, Redis and the gateway share the machine's cores, so compare rows of one run, not runs.", "",
-             f"Saturation: {st['conns']} connections for {st['seconds']} s. Fixed rate: {st['rate']} req/s on 4 "
-             f"connections for {st['seconds']} s; added latency is against the direct run at the same rate. "
-             "Store round trips are counted by each replica (`gb_store_command_latency_seconds_count`); Redis "
-             "commands include those a Lua script runs.", ""]
+             f"Saturation: {st['conns']} connections for {st['seconds']} s, {st.get('rounds', 1)} rounds taken in "
+             "turn over every configuration; each row is its median round (all rounds' req/s in brackets). "
+             f"Fixed rate: {st['rate']} req/s on {FIXED_CONNS} connections for {st['seconds']} s; added latency is "
+             "against the direct run at the same rate. CPU is the processes' user + system time over every "
+             "saturation round (the gateway's or, for the direct run, the fake's; Redis separately). Store round "
+             "trips are counted by each replica (`gb_store_command_latency_seconds_count`); Redis commands "
+             "include those a Lua script runs.", ""]
     for p in r["passes"]:
         lines += [f"## Fake upstream answering after {p['upstream_delay_ms']} ms", "",
-                  "| config | req/s | × direct | p50 ms | p99 ms | p99.9 ms | fixed-rate p50 / p99 ms | added p50 / p99 ms | CPU s / 1000 req | peak RSS MiB | store round trips / req | Redis cmds / req |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| config | req/s | × direct | p50 ms | p99 ms | p99.9 ms | fixed-rate p50 / p99 ms | added p50 / p99 ms | CPU s / 1000 req | Redis CPU s / 1000 req | peak RSS MiB | store round trips / req | Redis cmds / req |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in p["configs"]:
             s, f = c["saturation"], c["fixed_rate"]
+            rounds = "(" + ", ".join(str(round(x)) for x in c.get("saturation_rps_rounds", [])) + ")"
             lines.append(
-                f"| {c['config']} | {s['rps']} | {c['throughput_vs_direct']} | {s['p50_ms']} | {s['p99_ms']} | "
+                f"| {c['config']} | {s['rps']} {rounds} | {c['throughput_vs_direct']} | {s['p50_ms']} | {s['p99_ms']} | "
                 f"{s['p99_9_ms']} | {f['p50_ms']} / {f['p99_ms']} | {c['added_p50_ms']} / {c['added_p99_ms']} | "
-                f"{c.get('cpu_s_per_1000', '—')} | {c.get('peak_rss_mib', '—')} | "
+                f"{c.get('cpu_s_per_1000', '—')} | {c.get('redis_cpu_s_per_1000', '—')} | {c.get('peak_rss_mib', '—')} | "
                 f"{c.get('store_round_trips_per_request', '—')} | {c.get('redis_commands_per_request', '—')} |")
         sfe = p["streaming_first_event"]
         lines += ["", f"Idle RSS of a replica: {p['idle_rss_mib']} MiB. SSE time to first event (200 sequential "
