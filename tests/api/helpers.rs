@@ -23,7 +23,7 @@ pub fn key_id(key: &str) -> String {
     hex::encode(&Sha256::digest(key.as_bytes())[..6])
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -90,6 +90,35 @@ impl Redis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A server that also listens with TLS (this PKI's certificate) on
+    /// `tls_port`; its plain port stays for the test's own inspection.
+    pub fn start_tls(pki: &Pki, tls_port: u16) -> Redis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--tls-port", &tls_port.to_string()])
+            .args(["--tls-cert-file", &pki.path("cert.pem")])
+            .args(["--tls-key-file", &pki.path("key.pem")])
+            .args(["--tls-auth-clients", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the test command installs it)");
+        let proc = Proc { child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if redis_cmd(port, &["PING"]).is_some_and(|r| r.contains("PONG")) {
+                return Redis {
+                    port,
+                    proc: Some(proc),
+                };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server with TLS did not start");
     }
 
     /// Kills the server (its data is gone with it).
