@@ -120,7 +120,7 @@ class Config:
         self.rounds = []
         self.cpu = self.redis_cpu = 0.0
         self.redis_cmds = self.trips = 0
-        self.fixed = None
+        self.fixed_rounds = []
 
 
 def saturate(c, args):
@@ -143,8 +143,12 @@ def saturate(c, args):
 def summary(c, args):
     """The median round of `c`, with costs over every round."""
     rounds = sorted(c.rounds, key=lambda r: r["rps"])
+    fixed = {k: round(statistics.median(r[k] for r in c.fixed_rounds), 3)
+             for k in ("rps", "p50_ms", "p99_ms", "p99_9_ms")}
+    fixed["requests"] = sum(r["requests"] for r in c.fixed_rounds)
     row = {"config": c.name, "saturation": rounds[len(rounds) // 2],
-           "saturation_rps_rounds": [r["rps"] for r in c.rounds], "fixed_rate": c.fixed}
+           "saturation_rps_rounds": [r["rps"] for r in c.rounds], "fixed_rate": fixed,
+           "fixed_rate_p99_rounds": [r["p99_ms"] for r in c.fixed_rounds]}
     total = sum(r["requests"] for r in c.rounds)
     if c.pids:
         row["cpu_s_per_1000"] = round(c.cpu / max(1, total) * 1000, 3)
@@ -240,9 +244,9 @@ def run_pass(args, delay_ms):
             print(f"{delay_ms} ms upstream, round {r + 1} of {args.rounds}", flush=True)
             for c in configs:
                 saturate(c, args)
-        for c in configs:
-            c.fixed = oha(c.url + GENERATE, args.seconds, FIXED_CONNS, rate=args.rate, headers=c.headers,
-                          credential=c.credential)
+            for c in configs:
+                c.fixed_rounds.append(oha(c.url + GENERATE, args.seconds, FIXED_CONNS, rate=args.rate,
+                                          headers=c.headers, credential=c.credential))
         rows = [summary(c, args) for c in configs]
         extra["streaming_first_event"] = {"direct": ttfb(fake_url, credential=KEYS[0]), "gateway_redis": ttfb(gwr_url)}
     finally:
@@ -288,8 +292,8 @@ def write_markdown(r):
              "upstream, Redis and the gateway share the machine's cores, so compare rows of one run, not runs.", "",
              f"Saturation: {st['conns']} connections for {st['seconds']} s, {st.get('rounds', 1)} rounds taken in "
              "turn over every configuration; each row is its median round (all rounds' req/s in brackets). "
-             f"Fixed rate: {st['rate']} req/s on {FIXED_CONNS} connections for {st['seconds']} s; added latency is "
-             "against the direct run at the same rate. CPU is the processes' user + system time over every "
+             f"Fixed rate: {st['rate']} req/s on {FIXED_CONNS} connections for {st['seconds']} s in each round, "
+             "median of the rounds' p50 and p99; added latency is against the direct run at the same rate. CPU is the processes' user + system time over every "
              "saturation round (the gateway's or, for the direct run, the fake's; Redis separately). Store round "
              "trips are counted by each replica (`gb_store_command_latency_seconds_count`); Redis commands "
              "include those a Lua script runs.", ""]
