@@ -46,6 +46,8 @@ pub struct Settings {
     pub redis_prefix: String,
     pub redis_timeout: Duration,
     pub redis_pool_size: usize,
+    /// HTTP worker threads; `None` = one per CPU the process may use.
+    pub workers: Option<usize>,
     pub public_url: Option<String>,
     pub trust_forwarded: bool,
     pub session_ttl: Duration,
@@ -95,6 +97,12 @@ pub fn load_from(env: Vec<(String, String)>) -> Result<Settings, SettingsError> 
         .build()
         .map_err(|e| err("config", format!("cannot be read: {e}")))?;
     Raw(cfg).settings()
+}
+
+/// Worker threads when GB_WORKERS is unset: one per CPU the process may use
+/// (cgroup CPU limits included), as actix does.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 struct Raw(Config);
@@ -265,6 +273,16 @@ impl Raw {
         if redis_pool_size == 0 {
             return Err(err("redis_pool_size", "must be at least 1"));
         }
+        let workers = match self.opt("workers") {
+            None => None,
+            Some(_) => {
+                let n: usize = self.num("workers")?;
+                if n == 0 {
+                    return Err(err("workers", "must be at least 1"));
+                }
+                Some(n)
+            }
+        };
         let redis_timeout_ms: u64 = self.num("redis_timeout_ms")?;
         if redis_timeout_ms == 0 {
             return Err(err("redis_timeout_ms", "must be at least 1"));
@@ -281,6 +299,7 @@ impl Raw {
             redis_prefix,
             redis_timeout: Duration::from_millis(redis_timeout_ms),
             redis_pool_size,
+            workers,
             public_url,
             trust_forwarded: self.boolean("trust_forwarded")?,
             session_ttl: self.secs("session_ttl")?,
@@ -332,6 +351,18 @@ mod tests {
         assert_eq!(s.max_retries, 3);
         assert_eq!(s.listen.port(), 8000);
         assert!(s.redis_url.is_none());
+        assert_eq!(s.workers, None);
+    }
+
+    #[test]
+    fn workers_are_a_positive_count() {
+        let base = [("GB_API_KEYS", "k1"), ("GB_AUTH_TOKENS", "t")];
+        let s = load_from(env(&[base[0], base[1], ("GB_WORKERS", "3")])).unwrap();
+        assert_eq!(s.workers, Some(3));
+        for bad in ["0", "-1", "many"] {
+            let e = load_from(env(&[base[0], base[1], ("GB_WORKERS", bad)])).unwrap_err();
+            assert_eq!(e.var, "GB_WORKERS", "{bad}");
+        }
     }
 
     #[test]

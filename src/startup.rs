@@ -39,6 +39,9 @@ pub async fn open_store(
         &settings.redis_prefix,
         settings.redis_timeout,
         settings.redis_pool_size,
+        settings
+            .workers
+            .unwrap_or_else(crate::settings::default_workers),
     )?
     .with_observer({
         let metrics = metrics.clone();
@@ -65,6 +68,7 @@ impl Application {
             .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen))?;
         let addr = listener.local_addr()?;
         let grace = settings.shutdown_grace;
+        let settings_workers = settings.workers.unwrap_or_else(crate::settings::default_workers);
         let gateway = Arc::new(Gateway::new(settings, store, metrics));
         let data = web::Data::from(gateway.clone());
         let worker_tls = tls.clone();
@@ -111,6 +115,7 @@ impl Application {
                 .configure(routes::admin::configure)
                 .default_service(web::to(routes::dispatch))
         })
+        .workers(settings_workers)
         .listen(listener)?
         .shutdown_timeout(grace.as_secs())
         .disable_signals()

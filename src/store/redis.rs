@@ -45,7 +45,8 @@ pub type Observer = Arc<dyn Fn(Duration, bool) + Send + Sync>;
 /// while open, calls fail at once instead of each waiting for a timeout on a
 /// Redis that is down. The first call after the pause probes Redis again.
 const TRIP_AFTER: u32 = 3;
-/// Connections beyond one per core: for the main thread and background tasks.
+/// Connections beyond one per worker thread: for the main thread and
+/// background tasks.
 const SPARE_CONNECTIONS: usize = 2;
 const OPEN_FOR_MS: u64 = 1_000;
 
@@ -54,11 +55,6 @@ static THREADS_SEEN: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static THREAD_SLOT: usize = THREADS_SEEN.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Worker threads actix starts by default: one per core.
-fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[derive(Default)]
@@ -82,12 +78,14 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// Builds the pool; connects lazily, so a Redis that is down at start
-    /// does not keep the gateway from starting.
+    /// does not keep the gateway from starting. `threads`: the worker threads
+    /// that will call it (each gets a connection of its own, pool permitting).
     pub fn new(
         url: &SecretString,
         prefix: &str,
         timeout: Duration,
         pool_size: usize,
+        threads: usize,
     ) -> Result<Self, StoreError> {
         let cfg = deadpool_redis::Config::from_url(url.expose_secret());
         let pool = cfg
@@ -102,7 +100,7 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot build the Redis pool: {e}")))?;
         Ok(Self {
             pool,
-            slots: (0..pool_size.clamp(1, threads() + SPARE_CONNECTIONS))
+            slots: (0..pool_size.clamp(1, threads.max(1) + SPARE_CONNECTIONS))
                 .map(|_| std::sync::RwLock::new(None))
                 .collect(),
             breaker: Breaker::default(),

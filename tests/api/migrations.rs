@@ -43,6 +43,7 @@ fn store(redis: &Redis) -> RedisStore {
         "gb",
         Duration::from_secs(2),
         4,
+        2,
     )
     .unwrap()
 }

@@ -237,6 +237,7 @@ async fn redis_store_passes_the_suite() {
         "gbtest",
         Duration::from_secs(2),
         4,
+        2,
     )
     .unwrap();
     suite(Arc::new(store)).await;
@@ -259,6 +260,7 @@ async fn redis_store_fails_fast_when_redis_is_gone() {
         &SecretString::from(url),
         "gb",
         Duration::from_millis(300),
+        2,
         2,
     )
     .unwrap();
