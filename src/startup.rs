@@ -68,7 +68,9 @@ impl Application {
             .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen))?;
         let addr = listener.local_addr()?;
         let grace = settings.shutdown_grace;
-        let settings_workers = settings.workers.unwrap_or_else(crate::settings::default_workers);
+        let settings_workers = settings
+            .workers
+            .unwrap_or_else(crate::settings::default_workers);
         let gateway = Arc::new(Gateway::new(settings, store, metrics));
         let data = web::Data::from(gateway.clone());
         let worker_tls = tls.clone();

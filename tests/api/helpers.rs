@@ -62,17 +62,15 @@ impl Redis {
     }
 
     pub fn spawn(port: u16) -> Option<Proc> {
+        Self::spawn_with(port, &[])
+    }
+
+    /// `redis-server` on `port` with `extra` arguments, once it answers PING.
+    fn spawn_with(port: u16, extra: &[&str]) -> Option<Proc> {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -96,29 +94,26 @@ impl Redis {
     /// `tls_port`; its plain port stays for the test's own inspection.
     pub fn start_tls(pki: &Pki, tls_port: u16) -> Redis {
         let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--tls-port", &tls_port.to_string()])
-            .args(["--tls-cert-file", &pki.path("cert.pem")])
-            .args(["--tls-key-file", &pki.path("key.pem")])
-            .args(["--tls-auth-clients", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (the test command installs it)");
-        let proc = Proc { child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if redis_cmd(port, &["PING"]).is_some_and(|r| r.contains("PONG")) {
-                return Redis {
-                    port,
-                    proc: Some(proc),
-                };
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let tls_port = tls_port.to_string();
+        let (cert, key) = (pki.path("cert.pem"), pki.path("key.pem"));
+        let proc = Self::spawn_with(
+            port,
+            &[
+                "--tls-port",
+                &tls_port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-auth-clients",
+                "no",
+            ],
+        )
+        .expect("redis-server with TLS did not start");
+        Redis {
+            port,
+            proc: Some(proc),
         }
-        panic!("redis-server with TLS did not start");
     }
 
     /// Kills the server (its data is gone with it).
