@@ -3,7 +3,7 @@
 # until Cargo.toml/Cargo.lock change), then the gateway; the runtime image
 # holds only the binary, runs as a non-root user and carries no secrets.
 
-FROM rust:1.85-slim-bookworm AS build
+FROM rust:1.89-slim-bookworm AS build
 WORKDIR /src
 # Dependency layer: build against stub sources so this layer only depends on
 # the manifests.
