@@ -46,8 +46,8 @@ pub struct Settings {
     pub redis_prefix: String,
     pub redis_timeout: Duration,
     pub redis_pool_size: usize,
-    /// HTTP worker threads; `None` = one per CPU the process may use.
-    pub workers: Option<usize>,
+    /// HTTP worker threads (GB_WORKERS, or one per CPU the process may use).
+    pub workers: usize,
     pub public_url: Option<String>,
     pub trust_forwarded: bool,
     pub session_ttl: Duration,
@@ -101,7 +101,7 @@ pub fn load_from(env: Vec<(String, String)>) -> Result<Settings, SettingsError> 
 
 /// Worker threads when GB_WORKERS is unset: one per CPU the process may use
 /// (cgroup CPU limits included), as actix does.
-pub fn default_workers() -> usize {
+fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -274,13 +274,13 @@ impl Raw {
             return Err(err("redis_pool_size", "must be at least 1"));
         }
         let workers = match self.opt("workers") {
-            None => None,
+            None => default_workers(),
             Some(_) => {
                 let n: usize = self.num("workers")?;
                 if n == 0 {
                     return Err(err("workers", "must be at least 1"));
                 }
-                Some(n)
+                n
             }
         };
         let redis_timeout_ms: u64 = self.num("redis_timeout_ms")?;
@@ -351,14 +351,14 @@ mod tests {
         assert_eq!(s.max_retries, 3);
         assert_eq!(s.listen.port(), 8000);
         assert!(s.redis_url.is_none());
-        assert_eq!(s.workers, None);
+        assert_eq!(s.workers, default_workers());
     }
 
     #[test]
     fn workers_are_a_positive_count() {
         let base = [("GB_API_KEYS", "k1"), ("GB_AUTH_TOKENS", "t")];
         let s = load_from(env(&[base[0], base[1], ("GB_WORKERS", "3")])).unwrap();
-        assert_eq!(s.workers, Some(3));
+        assert_eq!(s.workers, 3);
         for bad in ["0", "-1", "many"] {
             let e = load_from(env(&[base[0], base[1], ("GB_WORKERS", bad)])).unwrap_err();
             assert_eq!(e.var, "GB_WORKERS", "{bad}");

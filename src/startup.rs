@@ -39,9 +39,7 @@ pub async fn open_store(
         &settings.redis_prefix,
         settings.redis_timeout,
         settings.redis_pool_size,
-        settings
-            .workers
-            .unwrap_or_else(crate::settings::default_workers),
+        settings.workers,
     )?
     .with_observer({
         let metrics = metrics.clone();
@@ -68,9 +66,7 @@ impl Application {
             .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen))?;
         let addr = listener.local_addr()?;
         let grace = settings.shutdown_grace;
-        let settings_workers = settings
-            .workers
-            .unwrap_or_else(crate::settings::default_workers);
+        let workers = settings.workers;
         let gateway = Arc::new(Gateway::new(settings, store, metrics));
         let data = web::Data::from(gateway.clone());
         let worker_tls = tls.clone();
@@ -117,7 +113,7 @@ impl Application {
                 .configure(routes::admin::configure)
                 .default_service(web::to(routes::dispatch))
         })
-        .workers(settings_workers)
+        .workers(workers)
         .listen(listener)?
         .shutdown_timeout(grace.as_secs())
         .disable_signals()
