@@ -113,13 +113,23 @@ impl ApiError {
                     "code": self.status.as_u16(),
                 }
             }),
-            Flavor::Gemini | Flavor::Upload => json!({
-                "error": {
-                    "code": self.status.as_u16(),
-                    "message": self.message,
-                    "status": Self::gemini_status(self.status),
+            Flavor::Gemini | Flavor::Upload => {
+                let mut body = json!({
+                    "error": {
+                        "code": self.status.as_u16(),
+                        "message": self.message,
+                        "status": Self::gemini_status(self.status),
+                    }
+                });
+                // A 429 carries Google's RetryInfo, which the SDKs read.
+                if let (Some(secs), 429) = (self.retry_after, self.status.as_u16()) {
+                    body["error"]["details"] = json!([{
+                        "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                        "retryDelay": format!("{secs}s"),
+                    }]);
                 }
-            }),
+                body
+            }
         }
     }
 }

@@ -8,10 +8,12 @@ use actix_web::http::StatusCode;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Success,
-    /// 429: cool down until then.
+    /// 429: cool down until then; only for `model` when Google's
+    /// QuotaFailure names one (its limits are per project and per model).
     RateLimited {
         until_ms: u64,
         per_day: bool,
+        model: Option<String>,
     },
     /// The key itself is invalid, expired, leaked or suspended.
     KeyRejected {
@@ -75,30 +77,7 @@ pub fn classify(status: StatusCode, body: &[u8], now: u64) -> Outcome {
             .any(|d| d.get("reason").and_then(|v| v.as_str()) == Some(r))
     };
     match code {
-        429 => {
-            let per_day = details.iter().any(|d| {
-                d.get("violations")
-                    .and_then(|v| v.as_array())
-                    .is_some_and(|vs| {
-                        vs.iter().any(|v| {
-                            v.get("quotaId")
-                                .and_then(|q| q.as_str())
-                                .is_some_and(|q| q.contains("PerDay"))
-                        })
-                    })
-            });
-            let until_ms = if per_day {
-                next_pacific_midnight_ms(now)
-            } else {
-                let delay = details
-                    .iter()
-                    .filter_map(|d| d.get("retryDelay").and_then(|v| v.as_str()))
-                    .find_map(parse_duration_ms)
-                    .unwrap_or(DEFAULT_COOLDOWN_MS);
-                now + delay
-            };
-            Outcome::RateLimited { until_ms, per_day }
-        }
+        429 => rate_limit(&details, now),
         400 if has_reason("API_KEY_INVALID") || message.contains("api key not valid") => {
             Outcome::KeyRejected {
                 reason: "api_key_invalid",
@@ -129,6 +108,54 @@ pub fn classify(status: StatusCode, body: &[u8], now: u64) -> Outcome {
         }
         _ => Outcome::ClientError,
     }
+}
+
+/// A 429's cooldown. Each QuotaFailure violation lasts until the next
+/// midnight Pacific (a per-day `quotaId`) or for the `RetryInfo` delay
+/// (default 60 s), scoped to the model its `quotaDimensions` name, or to the
+/// whole key; of several violations the longest wins.
+fn rate_limit(details: &[&serde_json::Value], now: u64) -> Outcome {
+    let delay = details
+        .iter()
+        .filter_map(|d| d.get("retryDelay").and_then(|v| v.as_str()))
+        .find_map(parse_duration_ms)
+        .unwrap_or(DEFAULT_COOLDOWN_MS);
+    let violations = details
+        .iter()
+        .filter_map(|d| d.get("violations").and_then(|v| v.as_array()))
+        .flatten();
+    let mut best: Option<Outcome> = None;
+    for v in violations {
+        let per_day = v
+            .get("quotaId")
+            .and_then(|q| q.as_str())
+            .is_some_and(|q| q.contains("PerDay"));
+        let until_ms = if per_day {
+            next_pacific_midnight_ms(now)
+        } else {
+            now + delay
+        };
+        let model = v
+            .get("quotaDimensions")
+            .and_then(|d| d.get("model"))
+            .and_then(|m| m.as_str())
+            .and_then(crate::keys::normalize_model);
+        if best
+            .as_ref()
+            .is_none_or(|b| matches!(b, Outcome::RateLimited { until_ms: u, .. } if until_ms > *u))
+        {
+            best = Some(Outcome::RateLimited {
+                until_ms,
+                per_day,
+                model,
+            });
+        }
+    }
+    best.unwrap_or(Outcome::RateLimited {
+        until_ms: now + delay,
+        per_day: false,
+        model: None,
+    })
 }
 
 /// The `error` object of a Google error body; the OpenAI-compatible endpoint
@@ -238,7 +265,8 @@ mod tests {
             classify(StatusCode::TOO_MANY_REQUESTS, &b, 1000),
             Outcome::RateLimited {
                 until_ms: 2500,
-                per_day: false
+                per_day: false,
+                model: None
             }
         );
     }
@@ -249,7 +277,8 @@ mod tests {
             classify(StatusCode::TOO_MANY_REQUESTS, b"not json", 0),
             Outcome::RateLimited {
                 until_ms: 60_000,
-                per_day: false
+                per_day: false,
+                model: None
             }
         );
     }
@@ -266,7 +295,66 @@ mod tests {
             classify(StatusCode::TOO_MANY_REQUESTS, &b, now),
             Outcome::RateLimited {
                 until_ms: 1_782_975_600_000,
-                per_day: true
+                per_day: true,
+                model: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_quota_naming_a_model_cools_that_model_only() {
+        let b = body(
+            json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+             "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+               "quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+               "quotaDimensions": {"location": "global", "model": "gemini-2.5-pro"}}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "20s"}]}}),
+        );
+        let now = 1_782_907_200_000;
+        assert_eq!(
+            classify(StatusCode::TOO_MANY_REQUESTS, &b, now),
+            Outcome::RateLimited {
+                until_ms: 1_782_975_600_000,
+                per_day: true,
+                model: Some("gemini-2.5-pro".into())
+            }
+        );
+    }
+
+    #[test]
+    fn of_mixed_violations_the_longest_wins() {
+        // A per-minute violation for flash and a per-day one for pro: the
+        // per-day one lasts longer.
+        let b = body(json!({"error": {"code": 429, "details": [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [
+                {"quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                 "quotaDimensions": {"model": "gemini-2.5-flash"}},
+                {"quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+                 "quotaDimensions": {"model": "models/gemini-2.5-pro"}}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "30s"}]}}));
+        let now = 1_782_907_200_000;
+        assert_eq!(
+            classify(StatusCode::TOO_MANY_REQUESTS, &b, now),
+            Outcome::RateLimited {
+                until_ms: 1_782_975_600_000,
+                per_day: true,
+                model: Some("gemini-2.5-pro".into())
+            }
+        );
+        // Two per-minute violations: the retry delay, the first one's scope.
+        let b = body(json!({"error": {"code": 429, "details": [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [
+                {"quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                 "quotaDimensions": {"model": "gemini-2.5-flash"}},
+                {"quotaId": "GenerateContentInputTokensPerModelPerMinute-FreeTier"}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "30s"}]}}));
+        assert_eq!(
+            classify(StatusCode::TOO_MANY_REQUESTS, &b, 1_000),
+            Outcome::RateLimited {
+                until_ms: 31_000,
+                per_day: false,
+                model: Some("gemini-2.5-flash".into())
             }
         );
     }
@@ -277,6 +365,39 @@ mod tests {
         assert_eq!(
             next_pacific_midnight_ms(1_768_507_200_000),
             1_768_550_400_000
+        );
+    }
+
+    #[test]
+    fn pacific_midnight_across_the_autumn_change() {
+        // 2026-11-01 is the first Sunday of November: PDT until 02:00 local.
+        // 2026-10-31T20:00:00Z is 13:00 PDT on Oct 31; the next midnight is
+        // Nov 1 00:00 PDT = 07:00Z.
+        assert_eq!(
+            next_pacific_midnight_ms(1_793_476_800_000),
+            1_793_516_400_000
+        );
+        // 2026-11-01T12:00:00Z is 04:00 PST on Nov 1; next midnight is Nov 2
+        // 00:00 PST = 08:00Z.
+        assert_eq!(
+            next_pacific_midnight_ms(1_793_534_400_000),
+            1_793_606_400_000
+        );
+    }
+
+    #[test]
+    fn pacific_midnight_across_the_spring_change() {
+        // 2026-03-08 is the second Sunday of March. 2026-03-08T12:00:00Z is
+        // 05:00 PDT (after the 02:00 switch); next midnight Mar 9 00:00 PDT
+        // = 07:00Z. 2026-03-07T20:00:00Z is 12:00 PST; next midnight Mar 8
+        // 00:00 PST = 08:00Z.
+        assert_eq!(
+            next_pacific_midnight_ms(1_772_971_200_000),
+            1_773_039_600_000
+        );
+        assert_eq!(
+            next_pacific_midnight_ms(1_772_913_600_000),
+            1_772_956_800_000
         );
     }
 
@@ -337,7 +458,7 @@ mod tests {
                 let want = (u64::from(secs) * 1000 + u64::from(millis)).min(7 * 86_400_000);
                 prop_assert_eq!(
                     classify(StatusCode::TOO_MANY_REQUESTS, body.to_string().as_bytes(), 5),
-                    Outcome::RateLimited { until_ms: 5 + want, per_day: false }
+                    Outcome::RateLimited { until_ms: 5 + want, per_day: false, model: None }
                 );
             }
 

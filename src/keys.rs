@@ -9,7 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::error::ApiError;
 use crate::health::Outcome;
 use crate::identity::{mask, short_id};
-use crate::store::{now_ms, MemberState, Pick, StateStore};
+use crate::store::{now_ms, MemberState, Pick, StateStore, Transition, MODEL_SEP};
 
 /// The rotation ring every replica shares for the key pool.
 pub const RING: &str = "keys";
@@ -97,12 +97,18 @@ impl KeyPool {
         self.keys.iter().find(|k| k.id == id)
     }
 
-    /// The next key by shared round-robin over the healthy keys, skipping
-    /// `exclude`. While the store is down, falls back to process-local
-    /// round-robin so unpinned traffic keeps flowing.
-    pub async fn next(&self, store: &dyn StateStore, exclude: &[String]) -> Result<&ApiKey, NoKey> {
+    /// The next key by shared round-robin over the keys usable for `model`
+    /// (healthy, and not cooling for that model), skipping `exclude`. While
+    /// the store is down, falls back to process-local round-robin so
+    /// unpinned traffic keeps flowing.
+    pub async fn next(
+        &self,
+        store: &dyn StateStore,
+        exclude: &[String],
+        model: Option<&str>,
+    ) -> Result<&ApiKey, NoKey> {
         let now = now_ms();
-        match store.rotate(RING, &self.ids, exclude, now).await {
+        match store.rotate(RING, &self.ids, exclude, model, now).await {
             Ok(Pick::Member(i)) => self.keys.get(i).ok_or(NoKey::Exhausted),
             Ok(Pick::AllCooling { until_ms }) => Err(NoKey::AllCooling {
                 retry_after_secs: until_ms.saturating_sub(now).div_ceil(1000),
@@ -129,28 +135,84 @@ impl KeyPool {
         Ok(usable[(c % usable.len() as u64) as usize])
     }
 
-    /// Applies what an upstream answer says about a key to the shared state.
+    /// Applies what an upstream answer says about a key to the shared state,
+    /// through the store's state machine (a disabled key stays disabled).
     pub async fn record(&self, store: &dyn StateStore, key: &ApiKey, outcome: &Outcome) {
-        let state = match outcome {
-            Outcome::RateLimited { until_ms, per_day } => {
-                tracing::warn!(key_id = %key.id, until_ms, per_day, "key rate-limited; cooling down");
-                MemberState::Cooling {
-                    until_ms: *until_ms,
-                }
+        let (model, event) = match outcome {
+            Outcome::RateLimited {
+                until_ms,
+                per_day,
+                model,
+            } => {
+                tracing::warn!(key_id = %key.id, until_ms, per_day, model = model.as_deref().unwrap_or("*"), "key rate-limited; cooling down");
+                let reason = if *per_day { "per_day" } else { "per_minute" };
+                (
+                    model.as_deref(),
+                    Transition::Cool {
+                        until_ms: *until_ms,
+                        reason: reason.into(),
+                    },
+                )
             }
             Outcome::KeyRejected { reason } => {
                 tracing::error!(key_id = %key.id, reason, "key rejected by upstream; disabled");
-                MemberState::Disabled {
-                    since_ms: now_ms(),
-                    reason: reason.to_string(),
-                }
+                (
+                    None,
+                    Transition::Disable {
+                        reason: (*reason).to_string(),
+                    },
+                )
             }
             _ => return,
         };
-        if let Err(e) = store.set_member_state(RING, &key.id, Some(&state)).await {
+        if let Err(e) = store
+            .transition(RING, &key.id, model, &event, now_ms())
+            .await
+        {
             tracing::warn!(key_id = %key.id, error = %e, "could not record key state");
         }
     }
+}
+
+/// A model name as Google's quota and the rotation know it: `models/x` and
+/// `x` are the same model. Names that are not plain model ids (too long, or
+/// with characters a model id never has) give `None`.
+pub fn normalize_model(raw: &str) -> Option<String> {
+    let name = raw.trim();
+    let name = name.strip_prefix("models/").unwrap_or(name);
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+    ok.then(|| name.to_ascii_lowercase())
+}
+
+/// The model a native route names: `/{ver}/models/{model}:{method}`.
+pub fn model_from_path(path: &str) -> Option<String> {
+    let rest = path.split_once("/models/")?.1;
+    let name = rest.split([':', '/']).next()?;
+    normalize_model(name)
+}
+
+/// The model an OpenAI-compatible request body names (`"model"`).
+pub fn model_from_openai_body(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        model: Option<std::borrow::Cow<'a, str>>,
+    }
+    let named: Named = serde_json::from_slice(body).ok()?;
+    normalize_model(&named.model?)
+}
+
+/// A per-model cooldown as operators see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelCooldown {
+    pub model: String,
+    /// `per_minute` or `per_day` (empty when unknown).
+    pub kind: String,
+    pub until_ms: u64,
 }
 
 /// One key as operators see it: never the key itself.
@@ -161,7 +223,12 @@ pub struct KeyView {
     /// `healthy`, `cooling` or `disabled`.
     pub state: &'static str,
     pub cooldown_until_ms: Option<u64>,
+    /// Why the key cools (`per_minute`, `per_day`, …), while it does.
+    pub cooldown_reason: Option<String>,
+    /// The disable origin: `admin`, or what the upstream said.
     pub disabled_reason: Option<String>,
+    /// Models this key may not serve now, while the rest it may.
+    pub model_cooldowns: Vec<ModelCooldown>,
 }
 
 impl KeyPool {
@@ -174,23 +241,85 @@ impl KeyPool {
         self.keys
             .iter()
             .map(|k| {
-                let (state, until, reason) = match states.get(&k.id) {
-                    Some(MemberState::Cooling { until_ms }) if *until_ms > now => {
-                        ("cooling", Some(*until_ms), None)
-                    }
+                let (state, until, cool_reason, reason) = match states.get(&k.id) {
+                    Some(MemberState::Cooling { until_ms, reason }) if *until_ms > now => (
+                        "cooling",
+                        Some(*until_ms),
+                        Some(reason.clone()).filter(|r| !r.is_empty()),
+                        None,
+                    ),
                     Some(MemberState::Disabled { reason, .. }) => {
-                        ("disabled", None, Some(reason.clone()))
+                        ("disabled", None, None, Some(reason.clone()))
                     }
-                    _ => ("healthy", None, None),
+                    _ => ("healthy", None, None, None),
                 };
+                let prefix = format!("{}{MODEL_SEP}", k.id);
+                let mut model_cooldowns: Vec<ModelCooldown> = states
+                    .iter()
+                    .filter_map(|(field, s)| {
+                        let model = field.strip_prefix(&prefix)?;
+                        match s {
+                            MemberState::Cooling { until_ms, reason } if *until_ms > now => {
+                                Some(ModelCooldown {
+                                    model: model.to_string(),
+                                    kind: reason.clone(),
+                                    until_ms: *until_ms,
+                                })
+                            }
+                            _ => None,
+                        }
+                    })
+                    .collect();
+                model_cooldowns.sort_by(|a, b| a.model.cmp(&b.model));
                 KeyView {
                     id: k.id.clone(),
                     masked: k.masked.clone(),
                     state,
                     cooldown_until_ms: until,
+                    cooldown_reason: cool_reason,
                     disabled_reason: reason,
+                    model_cooldowns,
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{model_from_openai_body, model_from_path, normalize_model};
+
+    #[test]
+    fn the_model_comes_from_the_path_or_the_openai_body() {
+        assert_eq!(
+            model_from_path("/v1beta/models/gemini-2.5-pro:generateContent").as_deref(),
+            Some("gemini-2.5-pro")
+        );
+        assert_eq!(
+            model_from_path("/v1/models/gemini-2.5-flash").as_deref(),
+            Some("gemini-2.5-flash")
+        );
+        assert_eq!(model_from_path("/v1beta/files/abc"), None);
+        assert_eq!(
+            model_from_openai_body(br#"{"model":"models/gemini-2.5-pro","messages":[]}"#)
+                .as_deref(),
+            Some("gemini-2.5-pro")
+        );
+        assert_eq!(model_from_openai_body(b"not json"), None);
+    }
+
+    #[test]
+    fn models_are_normalised() {
+        assert_eq!(
+            normalize_model("models/gemini-2.5-pro").as_deref(),
+            Some("gemini-2.5-pro")
+        );
+        assert_eq!(
+            normalize_model("Gemini-2.5-Flash").as_deref(),
+            Some("gemini-2.5-flash")
+        );
+        assert_eq!(normalize_model("a|b"), None);
+        assert_eq!(normalize_model(""), None);
+        assert_eq!(normalize_model(&"x".repeat(101)), None);
     }
 }

@@ -27,7 +27,7 @@ use crate::gateway::Gateway;
 use crate::health::{classify, Outcome};
 use crate::keys::{ApiKey, NoKey};
 use crate::session::{self, BindError, Session};
-use crate::store::now_ms;
+use crate::store::{effective_state, now_ms, MemberState, Transition};
 use crate::upstream::{response_forwardable, KeyStyle, Upstream};
 
 /// Largest upstream error body read to classify an answer.
@@ -47,6 +47,9 @@ pub struct Call {
     /// Id of the client token the request authenticated with.
     pub token_id: String,
     pub key_style: KeyStyle,
+    /// The model the request is for (normalised), when it names one: keys
+    /// cooling for that model are skipped.
+    pub model: Option<String>,
 }
 
 impl Call {
@@ -149,6 +152,9 @@ pub async fn send<'g>(
     } else {
         gw.settings.max_retries + 1
     };
+    if let Some(key) = pinned {
+        wait_for_pinned(gw, key, call).await?;
+    }
     let target = call.path_and_query();
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<HttpResponse> = None;
@@ -156,7 +162,11 @@ pub async fn send<'g>(
         let key = match pinned {
             Some(key) => key,
             None => {
-                match gw.keys.next(gw.store(), &tried).await {
+                match gw
+                    .keys
+                    .next(gw.store(), &tried, call.model.as_deref())
+                    .await
+                {
                     Ok(key) => key,
                     Err(NoKey::Exhausted) if last.is_some() => break,
                     Err(no) => {
@@ -216,8 +226,8 @@ pub async fn send<'g>(
         let outcome = classify(status, &body, now_ms());
         gw.observe(&key.id, outcome.name());
         gw.keys.record(gw.store(), key, &outcome).await;
-        if let (Outcome::RateLimited { .. }, Some(via)) = (&outcome, via) {
-            egress_throttle_check(gw, key, via).await;
+        if let (Outcome::RateLimited { model, .. }, Some(via)) = (&outcome, via) {
+            egress_throttle_check(gw, key, model.as_deref(), via).await;
         }
         tracing::info!(key_id = %key.id, status = status.as_u16(), attempt, outcome = ?outcome, "upstream error");
         let mut response = buffered_back(status, resp.headers(), body);
@@ -271,7 +281,7 @@ pub fn count_proxy(gw: &Gateway, up: &Upstream, key: &ApiKey) {
 /// With proxies in use, 429s from every key behind one proxy within a short
 /// window mean that proxy's egress IP is throttled: the proxy is marked down
 /// (its keys move to other proxies) and those keys' cooldowns are lifted.
-async fn egress_throttle_check(gw: &Gateway, key: &ApiKey, idx: usize) {
+async fn egress_throttle_check(gw: &Gateway, key: &ApiKey, model: Option<&str>, idx: usize) {
     let Some(router) = &gw.proxies else {
         return;
     };
@@ -284,10 +294,7 @@ async fn egress_throttle_check(gw: &Gateway, key: &ApiKey, idx: usize) {
     if router.is_down(idx, now_ms()) {
         // The proxy it went through is already known to be throttled (or
         // failing): the 429 says nothing about the key.
-        let _ = gw
-            .store()
-            .set_member_state(crate::keys::RING, &key.id, None)
-            .await;
+        lift(gw.store(), &key.id, model).await;
         return;
     }
     // Shared through the store: each replica sees only part of the 429s.
@@ -306,8 +313,67 @@ async fn egress_throttle_check(gw: &Gateway, key: &ApiKey, idx: usize) {
         tracing::warn!(proxy_id = %spec.id, keys = behind.len(), "every key behind one proxy answered 429: its egress IP is throttled; moving its keys");
         router.mark_down(store, idx).await;
         for id in &behind {
-            let _ = store.set_member_state(crate::keys::RING, id, None).await;
+            lift(store, id, model).await;
             let _ = store.index_remove(&index, id).await;
+        }
+    }
+}
+
+/// Lifts the cooldowns a throttled egress IP caused (key-wide and for the
+/// model at hand); a disabled key stays disabled.
+async fn lift(store: &dyn crate::store::StateStore, key_id: &str, model: Option<&str>) {
+    let now = now_ms();
+    let _ = store
+        .transition(crate::keys::RING, key_id, None, &Transition::Lift, now)
+        .await;
+    if model.is_some() {
+        let _ = store
+            .transition(crate::keys::RING, key_id, model, &Transition::Lift, now)
+            .await;
+    }
+}
+
+/// A request pinned to a key (session or file owner) never moves to another
+/// key. While that key cools (key-wide, or for the request's model), the
+/// request waits out a rest of at most `GB_PIN_WAIT`; a longer one is
+/// answered at once with 429 and `RetryInfo`, without an upstream call. A
+/// disabled key is not sent to: the answer would be sure to fail.
+async fn wait_for_pinned(gw: &Gateway, key: &ApiKey, call: &Call) -> Result<(), ApiError> {
+    let Ok(states) = gw.store().member_states(crate::keys::RING).await else {
+        // No shared view of the key's health: send, as an unpinned request would.
+        return Ok(());
+    };
+    let model = call.model.as_deref();
+    match effective_state(&states, &key.id, model, now_ms()) {
+        None => Ok(()),
+        Some(MemberState::Disabled { reason, .. }) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "This request is pinned to API key {} (by its session or the files it uses), \
+                 and that key is disabled ({reason}). Files uploaded with it cannot be used \
+                 until it is enabled again.",
+                key.id
+            ),
+        )
+        .flavor(call.flavor)),
+        Some(MemberState::Cooling { until_ms, .. }) => {
+            let rest = until_ms.saturating_sub(now_ms());
+            if rest <= gw.settings.pin_wait.as_millis() as u64 {
+                tracing::info!(key_id = %key.id, wait_ms = rest, "pinned key is cooling; waiting for it");
+                tokio::time::sleep(std::time::Duration::from_millis(rest)).await;
+                return Ok(());
+            }
+            let what = model.map_or_else(String::new, |m| format!(" for model {m}"));
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "This request is pinned to API key {} (by its session or the files it \
+                     uses), which is rate-limited{what}. Retry after the Retry-After delay.",
+                    key.id
+                ),
+            )
+            .retry_after(rest.div_ceil(1000))
+            .flavor(call.flavor))
         }
     }
 }

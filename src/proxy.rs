@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::store::{now_ms, MemberState, StateStore};
+use crate::store::{now_ms, MemberState, StateStore, Transition};
 
 /// The rotation ring name under which proxy states are shared.
 pub const RING: &str = "proxies";
@@ -349,10 +349,15 @@ impl ProxyRouter {
         if let Some(spec) = self.specs.get(idx) {
             tracing::warn!(proxy = %spec.display, proxy_id = %spec.id, cooldown_s = self.cooldown.as_secs(), "proxy failed; its keys move to the next proxy");
             let _ = store
-                .set_member_state(
+                .transition(
                     RING,
                     &spec.id,
-                    Some(&MemberState::Cooling { until_ms: until }),
+                    None,
+                    &Transition::Cool {
+                        until_ms: until,
+                        reason: "proxy_failed".into(),
+                    },
+                    now_ms(),
                 )
                 .await;
         }
@@ -369,7 +374,9 @@ impl ProxyRouter {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| match states.get(&s.id) {
-                Some(MemberState::Cooling { until_ms }) if *until_ms > now => Some((i, *until_ms)),
+                Some(MemberState::Cooling { until_ms, .. }) if *until_ms > now => {
+                    Some((i, *until_ms))
+                }
                 _ => None,
             })
             .collect();

@@ -11,7 +11,7 @@ use actix_web::http::Method;
 
 use crate::gateway::Gateway;
 use crate::keys::{ApiKey, RING};
-use crate::store::MemberState;
+use crate::store::{now_ms, MemberState, Transition};
 use crate::upstream::{KeyStyle, Upstream};
 
 const LOCK: &str = "recheck";
@@ -45,22 +45,29 @@ pub async fn recheck_once(gw: &Gateway, upstream: &Upstream) -> usize {
     };
     let mut re_enabled = 0;
     for key in gw.keys.keys() {
-        if matches!(states.get(&key.id), Some(MemberState::Disabled { .. }))
-            && recheck_key(gw, upstream, key).await
-        {
+        // An operator's disable stands until an operator enables the key.
+        let upstream_disabled = matches!(states.get(&key.id), Some(s @ MemberState::Disabled { .. }) if !s.is_admin_disabled());
+        if upstream_disabled && recheck_key(gw, upstream, key).await {
             re_enabled += 1;
         }
     }
     re_enabled
 }
 
-/// Checks one key now (admin "re-check"): re-enabled if it works. Returns
-/// whether it works.
+/// Checks one key now (admin "re-check"): re-enabled if it works and the
+/// upstream, not an operator, had disabled it. Returns whether it works.
 pub async fn recheck_key(gw: &Gateway, upstream: &Upstream, key: &ApiKey) -> bool {
     let ok = works(upstream, key).await;
     if ok {
-        match gw.store().set_member_state(RING, &key.id, None).await {
-            Ok(()) => tracing::info!(key_id = %key.id, "re-enabled key: it works again"),
+        match gw
+            .store()
+            .transition(RING, &key.id, None, &Transition::Recovered, now_ms())
+            .await
+        {
+            Ok(applied) if applied.before != applied.after => {
+                tracing::info!(key_id = %key.id, "re-enabled key: it works again");
+            }
+            Ok(_) => {}
             Err(e) => tracing::warn!(key_id = %key.id, error = %e, "could not re-enable key"),
         }
     }

@@ -124,7 +124,10 @@ pub async fn resolve<'a>(
         }
     }
 
-    let candidate = pool.next(store, &[]).await.map_err(BindError::NoKey)?;
+    let candidate = pool
+        .next(store, &[], None)
+        .await
+        .map_err(BindError::NoKey)?;
     match bound {
         Some(old) => {
             let now = store

@@ -59,6 +59,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
     pub recheck_interval: Duration,
+    /// How long a pinned request waits for its key's cooldown (GB_PIN_WAIT).
+    pub pin_wait: Duration,
     /// Outbound proxies (`GB_PROXIES`), parsed; empty with `GB_PROXY_MODE=none`.
     pub proxies: Vec<crate::proxy::ProxySpec>,
     pub proxy_cooldown: Duration,
@@ -311,6 +313,7 @@ impl Raw {
             max_body_bytes,
             shutdown_grace: self.secs("shutdown_grace")?,
             recheck_interval: self.secs("recheck_interval")?,
+            pin_wait: Duration::from_secs(self.num("pin_wait")?),
             proxies: self.proxies()?,
             proxy_cooldown: self.secs("proxy_cooldown")?,
         })

@@ -21,7 +21,7 @@ use crate::keys::{KeyView, RING};
 use crate::replicas;
 use crate::session::{self, SessionId};
 use crate::stats::KeyStats;
-use crate::store::{now_ms, MemberState};
+use crate::store::{now_ms, Transition};
 use crate::upstream::Upstream;
 
 const COOKIE_NAME: &str = "gb_admin";
@@ -153,18 +153,17 @@ async fn act(
     let result = match action {
         "enable" => {
             store
-                .set_member_state(RING, &key.id, None)
+                .transition(RING, &key.id, None, &Transition::Enable, now_ms())
                 .await
                 .map_err(down)?;
             json!({"id": key.id, "state": "healthy"})
         }
         "disable" => {
-            let state = MemberState::Disabled {
-                since_ms: now_ms(),
-                reason: "admin".into(),
+            let event = Transition::Disable {
+                reason: crate::store::ADMIN.into(),
             };
             store
-                .set_member_state(RING, &key.id, Some(&state))
+                .transition(RING, &key.id, None, &event, now_ms())
                 .await
                 .map_err(down)?;
             json!({"id": key.id, "state": "disabled"})

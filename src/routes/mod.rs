@@ -329,6 +329,7 @@ async fn native(
             session: edge.session.clone(),
             token_id: token.id.clone(),
             key_style: KeyStyle::GoogHeader,
+            model: crate::keys::model_from_path(&edge.path),
         },
     )
     .await

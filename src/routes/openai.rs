@@ -37,6 +37,7 @@ pub async fn handle(
         req.method() == actix_web::http::Method::POST,
         flavor,
     )?;
+    let model = crate::keys::model_from_openai_body(&body);
     pipeline::forward(
         gw,
         up,
@@ -50,6 +51,7 @@ pub async fn handle(
             session: edge.session.clone(),
             token_id: token.id.clone(),
             key_style: KeyStyle::Bearer,
+            model,
         },
     )
     .await

@@ -99,6 +99,7 @@ async fn start(
         session: edge.session.clone(),
         token_id: owner.clone(),
         key_style: KeyStyle::GoogHeader,
+        model: None,
     };
     let pinned = pipeline::pin(gw, up, &[], call.session.as_ref(), &call.token_id, FLAVOR).await?;
     let mut served = match pipeline::send(gw, up, &call, pinned).await? {
@@ -325,7 +326,7 @@ async fn single_shot(
         Some(key) => key,
         None => gw
             .keys
-            .next(gw.store(), &[])
+            .next(gw.store(), &[], None)
             .await
             .map_err(|no| no.into_error().flavor(FLAVOR))?,
     };

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{choose, MemberState, Pick, StateStore, StoreError};
+use super::{
+    apply, choose, effective_state, lapsed, state_field, Applied, MemberState, Pick, StateStore,
+    StoreError, Transition,
+};
 
 #[derive(Default)]
 struct Inner {
@@ -82,15 +85,16 @@ impl StateStore for MemoryStore {
         ring: &str,
         members: &[String],
         exclude: &[String],
+        model: Option<&str>,
         now_ms: u64,
     ) -> Result<Pick, StoreError> {
         self.with(|inner| {
-            let states: Vec<Option<MemberState>> = {
-                let ring_states = inner.states.get(ring);
-                members
+            let states: Vec<Option<MemberState>> = match inner.states.get(ring) {
+                Some(ring_states) => members
                     .iter()
-                    .map(|m| ring_states.and_then(|s| s.get(m)).cloned())
-                    .collect()
+                    .map(|m| effective_state(ring_states, m, model, now_ms))
+                    .collect(),
+                None => vec![None; members.len()],
             };
             choose(members, &states, exclude, now_ms, || {
                 let c = inner.counters.entry(ring.to_string()).or_insert(0);
@@ -104,21 +108,33 @@ impl StateStore for MemoryStore {
         self.with(|inner| inner.states.get(ring).cloned().unwrap_or_default())
     }
 
-    async fn set_member_state(
+    async fn transition(
         &self,
         ring: &str,
         member: &str,
-        state: Option<&MemberState>,
-    ) -> Result<(), StoreError> {
+        model: Option<&str>,
+        event: &Transition,
+        now_ms: u64,
+    ) -> Result<Applied, StoreError> {
         self.with(|inner| {
             let ring_states = inner.states.entry(ring.to_string()).or_default();
-            match state {
+            ring_states.retain(|_, s| !lapsed(s, now_ms));
+            let field = state_field(member, model);
+            let key_before = ring_states.get(member).cloned();
+            let before = ring_states.get(&field).cloned();
+            let after = apply(key_before.as_ref(), before.as_ref(), event, now_ms);
+            match &after {
                 Some(s) => {
-                    ring_states.insert(member.to_string(), s.clone());
+                    ring_states.insert(field, s.clone());
                 }
                 None => {
-                    ring_states.remove(member);
+                    ring_states.remove(&field);
                 }
+            }
+            Applied {
+                key_before,
+                before,
+                after,
             }
         })
     }

@@ -27,38 +27,65 @@ pub enum StoreError {
     Layout(String),
 }
 
-/// What the store keeps about one member of a rotation ring. A member with no
-/// state is healthy.
+/// What the store keeps about one member of a rotation ring, or about one
+/// `(member, model)` pair. A member with no state is healthy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberState {
-    /// Skipped by rotation until this Unix time (ms).
-    Cooling { until_ms: u64 },
-    /// Skipped until re-enabled.
+    /// Skipped by rotation until this Unix time (ms). `reason` says why
+    /// (`per_minute`, `per_day`, `proxy`, …; empty when written by a build
+    /// that did not record reasons).
+    Cooling { until_ms: u64, reason: String },
+    /// Skipped until re-enabled. `reason` is the origin: [`ADMIN`] for an
+    /// operator's decision, else what the upstream said (`api_key_invalid`, …).
     Disabled { since_ms: u64, reason: String },
 }
 
+/// The disable origin of an operator's decision: only an admin enable undoes it.
+pub const ADMIN: &str = "admin";
+
+/// Separates a member from a model in the field of a per-model state.
+pub const MODEL_SEP: char = '|';
+
+/// The field that holds the state of `member` for `model` (key-wide: `None`).
+pub fn state_field(member: &str, model: Option<&str>) -> String {
+    match model {
+        Some(m) => format!("{member}{MODEL_SEP}{m}"),
+        None => member.to_string(),
+    }
+}
+
 impl MemberState {
+    pub fn cooling(until_ms: u64, reason: &str) -> Self {
+        MemberState::Cooling {
+            until_ms,
+            reason: reason.to_string(),
+        }
+    }
+
     pub fn encode(&self) -> String {
         match self {
-            MemberState::Cooling { until_ms } => format!("c:{until_ms}"),
+            MemberState::Cooling { until_ms, reason } if reason.is_empty() => {
+                format!("c:{until_ms}")
+            }
+            MemberState::Cooling { until_ms, reason } => format!("c:{until_ms}:{reason}"),
             MemberState::Disabled { since_ms, reason } => format!("d:{since_ms}:{reason}"),
         }
     }
 
     pub fn decode(raw: &str) -> Option<MemberState> {
         let (kind, rest) = raw.split_once(':')?;
+        let (num, reason) = rest.split_once(':').unwrap_or((rest, ""));
+        let num: u64 = num.parse().ok()?;
+        let reason = reason.to_string();
         match kind {
-            "c" => rest
-                .parse()
-                .ok()
-                .map(|until_ms| MemberState::Cooling { until_ms }),
-            "d" => {
-                let (since, reason) = rest.split_once(':').unwrap_or((rest, ""));
-                Some(MemberState::Disabled {
-                    since_ms: since.parse().ok()?,
-                    reason: reason.to_string(),
-                })
-            }
+            "c" => Some(MemberState::Cooling {
+                until_ms: num,
+                reason,
+            }),
+            "d" => Some(MemberState::Disabled {
+                since_ms: num,
+                reason,
+            }),
             _ => None,
         }
     }
@@ -67,10 +94,141 @@ impl MemberState {
     pub fn usable_at(state: Option<&MemberState>, now_ms: u64) -> bool {
         match state {
             None => true,
-            Some(MemberState::Cooling { until_ms }) => *until_ms <= now_ms,
+            Some(MemberState::Cooling { until_ms, .. }) => *until_ms <= now_ms,
             Some(MemberState::Disabled { .. }) => false,
         }
     }
+
+    pub fn is_admin_disabled(&self) -> bool {
+        matches!(self, MemberState::Disabled { reason, .. } if reason == ADMIN)
+    }
+
+    fn active_until(&self, now_ms: u64) -> Option<u64> {
+        match self {
+            MemberState::Cooling { until_ms, .. } if *until_ms > now_ms => Some(*until_ms),
+            _ => None,
+        }
+    }
+}
+
+/// What a member's state in `states` (a ring's fields, as the store keeps
+/// them) means for a request for `model`: a disabled member is disabled for
+/// every model; otherwise the later of its key-wide and its per-model
+/// cooldown counts.
+pub fn effective_state(
+    states: &HashMap<String, MemberState>,
+    member: &str,
+    model: Option<&str>,
+    now_ms: u64,
+) -> Option<MemberState> {
+    let key_wide = states.get(member);
+    if let Some(d @ MemberState::Disabled { .. }) = key_wide {
+        return Some(d.clone());
+    }
+    let per_model = model.and_then(|m| states.get(&state_field(member, Some(m))));
+    let key_until = key_wide.and_then(|s| s.active_until(now_ms));
+    let model_until = per_model.and_then(|s| s.active_until(now_ms));
+    match (key_until, model_until) {
+        (None, None) => None,
+        (Some(k), Some(m)) if m > k => per_model.cloned(),
+        (Some(_), _) => key_wide.cloned(),
+        (None, Some(_)) => per_model.cloned(),
+    }
+}
+
+/// One event for a member's state. Every state change goes through
+/// [`apply`] (the embedded store) or its Lua twin `lua/transition.lua`
+/// (Redis), atomically, so every replica sees the same result for the same
+/// sequence of events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    /// Rate-limited until then (for one model, or key-wide). Never replaces
+    /// `Disabled`; of two cooldowns the later end wins.
+    Cool { until_ms: u64, reason: String },
+    /// The key is unusable: `reason` is [`ADMIN`] for an operator, else what
+    /// the upstream said. An admin disable is kept over an upstream one.
+    Disable { reason: String },
+    /// An operator's enable: clears the key-wide state, whatever it is.
+    Enable,
+    /// The re-check found the key working: clears a disable the upstream
+    /// caused, never an admin's.
+    Recovered,
+    /// Clears a cooldown (its 429s were the egress IP's, not the key's);
+    /// never a disable.
+    Lift,
+}
+
+impl Transition {
+    /// The event as the Lua script takes it: kind, number, reason.
+    pub fn wire(&self) -> (&'static str, u64, &str) {
+        match self {
+            Transition::Cool { until_ms, reason } => ("cool", *until_ms, reason),
+            Transition::Disable { reason } => ("disable", 0, reason),
+            Transition::Enable => ("enable", 0, ""),
+            Transition::Recovered => ("recovered", 0, ""),
+            Transition::Lift => ("lift", 0, ""),
+        }
+    }
+}
+
+/// The state machine's rule: the new state of a field, given the member's
+/// key-wide state, the field's current state (the same as the key-wide state
+/// for a key-wide event) and the event. Model-scoped events are only `Cool`
+/// and `Lift`; others act key-wide.
+pub fn apply(
+    key_wide: Option<&MemberState>,
+    current: Option<&MemberState>,
+    event: &Transition,
+    now_ms: u64,
+) -> Option<MemberState> {
+    let disabled = matches!(key_wide, Some(MemberState::Disabled { .. }));
+    match event {
+        Transition::Cool { until_ms, reason } => {
+            if disabled {
+                return current.cloned();
+            }
+            match current {
+                Some(MemberState::Cooling { until_ms: cur, .. }) if *cur >= *until_ms => {
+                    current.cloned()
+                }
+                Some(d @ MemberState::Disabled { .. }) => Some(d.clone()),
+                _ => Some(MemberState::cooling(*until_ms, reason)),
+            }
+        }
+        Transition::Disable { reason } => match current {
+            Some(d @ MemberState::Disabled { .. }) if d.is_admin_disabled() || reason != ADMIN => {
+                Some(d.clone())
+            }
+            _ => Some(MemberState::Disabled {
+                since_ms: now_ms,
+                reason: reason.clone(),
+            }),
+        },
+        Transition::Enable => None,
+        Transition::Recovered => match current {
+            Some(d @ MemberState::Disabled { .. }) if d.is_admin_disabled() => Some(d.clone()),
+            Some(MemberState::Disabled { .. }) => None,
+            other => other.cloned(),
+        },
+        Transition::Lift => match current {
+            Some(MemberState::Cooling { .. }) => None,
+            other => other.cloned(),
+        },
+    }
+}
+
+/// What one transition did: the field's state before and after, and the
+/// member's key-wide state before (the input of [`apply`] besides the event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub key_before: Option<MemberState>,
+    pub before: Option<MemberState>,
+    pub after: Option<MemberState>,
+}
+
+/// Whether a field may be pruned: a cooldown that has ended.
+pub fn lapsed(state: &MemberState, now_ms: u64) -> bool {
+    matches!(state, MemberState::Cooling { until_ms, .. } if *until_ms <= now_ms)
 }
 
 /// The answer of one rotation step.
@@ -103,7 +261,7 @@ pub fn choose(
     let mut any_excluded_usable = false;
     for (i, member) in members.iter().enumerate() {
         let state = states.get(i).and_then(Option::as_ref);
-        if let Some(MemberState::Cooling { until_ms }) = state {
+        if let Some(MemberState::Cooling { until_ms, .. }) = state {
             if *until_ms > now_ms {
                 min_until = Some(min_until.map_or(*until_ms, |m| m.min(*until_ms)));
             }
@@ -135,25 +293,32 @@ pub trait StateStore: Send + Sync {
     async fn ping(&self) -> Result<Duration, StoreError>;
 
     /// One round-robin step over `members` of `ring`, skipping members that are
-    /// cooling, disabled or in `exclude`. Atomic across every replica.
+    /// cooling (key-wide, or for `model`), disabled or in `exclude`. Atomic
+    /// across every replica, one round trip.
     async fn rotate(
         &self,
         ring: &str,
         members: &[String],
         exclude: &[String],
+        model: Option<&str>,
         now_ms: u64,
     ) -> Result<Pick, StoreError>;
 
-    /// The state of every member of `ring` that has one.
+    /// Every state field of `ring`: key-wide states by member id, per-model
+    /// states by [`state_field`] (lapsed cooldowns may still be listed).
     async fn member_states(&self, ring: &str) -> Result<HashMap<String, MemberState>, StoreError>;
 
-    /// Sets (or, with `None`, clears) one member's state.
-    async fn set_member_state(
+    /// Applies one event to a member's state (for `model`, or key-wide) by
+    /// the rule of [`apply`], atomically. Lapsed cooldowns of the ring are
+    /// pruned on the way.
+    async fn transition(
         &self,
         ring: &str,
         member: &str,
-        state: Option<&MemberState>,
-    ) -> Result<(), StoreError>;
+        model: Option<&str>,
+        event: &Transition,
+        now_ms: u64,
+    ) -> Result<Applied, StoreError>;
 
     /// The value bound to `ns`/`id`, sliding its expiry to `ttl`.
     async fn touch(&self, ns: &str, id: &str, ttl: Duration) -> Result<Option<String>, StoreError>;
@@ -239,7 +404,8 @@ mod tests {
     #[test]
     fn state_round_trips_through_its_encoding() {
         for s in [
-            MemberState::Cooling { until_ms: 42 },
+            MemberState::cooling(42, ""),
+            MemberState::cooling(42, "per_day"),
             MemberState::Disabled {
                 since_ms: 7,
                 reason: "api_key_invalid".into(),
@@ -255,7 +421,7 @@ mod tests {
         let members = ids(4);
         let states = vec![
             None,
-            Some(MemberState::Cooling { until_ms: 100 }),
+            Some(MemberState::cooling(100, "per_minute")),
             None,
             None,
         ];
@@ -277,8 +443,8 @@ mod tests {
     fn choose_reports_why_nothing_is_usable() {
         let members = ids(2);
         let cooling = vec![
-            Some(MemberState::Cooling { until_ms: 900 }),
-            Some(MemberState::Cooling { until_ms: 500 }),
+            Some(MemberState::cooling(900, "")),
+            Some(MemberState::cooling(500, "per_day")),
         ];
         assert_eq!(
             choose(&members, &cooling, &[], 10, || 1),
@@ -302,5 +468,127 @@ mod tests {
             choose(&members, &[None, None], &members, 10, || 1),
             Pick::Exhausted
         );
+    }
+
+    #[test]
+    fn states_written_without_a_reason_still_decode() {
+        assert_eq!(
+            MemberState::decode("c:42"),
+            Some(MemberState::cooling(42, ""))
+        );
+        assert_eq!(
+            MemberState::decode("d:7:api_key_invalid"),
+            Some(MemberState::Disabled {
+                since_ms: 7,
+                reason: "api_key_invalid".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_model_cooldown_hides_the_key_for_that_model_only() {
+        let mut states = HashMap::new();
+        states.insert(
+            state_field("k0", Some("gemini-2.5-pro")),
+            MemberState::cooling(1_000, "per_day"),
+        );
+        assert!(effective_state(&states, "k0", Some("gemini-2.5-pro"), 10).is_some());
+        assert_eq!(
+            effective_state(&states, "k0", Some("gemini-2.5-flash"), 10),
+            None
+        );
+        assert_eq!(effective_state(&states, "k0", None, 10), None);
+        assert_eq!(
+            effective_state(&states, "k0", Some("gemini-2.5-pro"), 1_000),
+            None
+        );
+        states.insert(
+            "k0".into(),
+            MemberState::Disabled {
+                since_ms: 1,
+                reason: "api_key_invalid".into(),
+            },
+        );
+        assert!(matches!(
+            effective_state(&states, "k0", Some("gemini-2.5-flash"), 10),
+            Some(MemberState::Disabled { .. })
+        ));
+    }
+
+    mod rules {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn state() -> impl Strategy<Value = Option<MemberState>> {
+            prop_oneof![
+                Just(None),
+                (0u64..100, prop_oneof![Just("per_minute"), Just("per_day")])
+                    .prop_map(|(u, r)| Some(MemberState::cooling(u, r))),
+                (0u64..100, prop_oneof![Just(ADMIN), Just("api_key_invalid")]).prop_map(
+                    |(s, r)| Some(MemberState::Disabled {
+                        since_ms: s,
+                        reason: r.to_string()
+                    })
+                ),
+            ]
+        }
+
+        fn event() -> impl Strategy<Value = Transition> {
+            prop_oneof![
+                (0u64..100).prop_map(|u| Transition::Cool {
+                    until_ms: u,
+                    reason: "per_minute".into()
+                }),
+                prop_oneof![Just(ADMIN), Just("api_key_leaked")].prop_map(|r| {
+                    Transition::Disable {
+                        reason: r.to_string(),
+                    }
+                }),
+                Just(Transition::Enable),
+                Just(Transition::Recovered),
+                Just(Transition::Lift),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn a_disabled_key_leaves_disabled_only_by_enable_or_recovery(current in state(), e in event(), now in 0u64..100) {
+                let after = apply(current.as_ref(), current.as_ref(), &e, now);
+                if let Some(MemberState::Disabled { .. }) = &current {
+                    let allowed = matches!(e, Transition::Enable)
+                        || (matches!(e, Transition::Recovered) && !current.as_ref().is_some_and(MemberState::is_admin_disabled));
+                    if !allowed {
+                        prop_assert!(matches!(after, Some(MemberState::Disabled { .. })), "{current:?} --{e:?}--> {after:?}");
+                    }
+                }
+            }
+
+            #[test]
+            fn an_admin_disable_survives_everything_but_an_admin_enable(since in 0u64..100, e in event(), now in 0u64..100) {
+                let current = Some(MemberState::Disabled { since_ms: since, reason: ADMIN.into() });
+                let after = apply(current.as_ref(), current.as_ref(), &e, now);
+                if e == Transition::Enable {
+                    prop_assert_eq!(after, None);
+                } else {
+                    prop_assert_eq!(after, current);
+                }
+            }
+
+            #[test]
+            fn of_two_cooldowns_the_later_end_wins(a in 0u64..100, b in 0u64..100) {
+                let current = Some(MemberState::cooling(a, "per_minute"));
+                let after = apply(current.as_ref(), current.as_ref(), &Transition::Cool { until_ms: b, reason: "per_day".into() }, 0);
+                let ok = matches!(after, Some(MemberState::Cooling { until_ms, .. }) if until_ms == a.max(b));
+                prop_assert!(ok, "{:?}", after);
+            }
+
+            #[test]
+            fn a_model_cooldown_never_lands_on_a_disabled_key(key in state(), pair in state(), until in 0u64..100) {
+                let after = apply(key.as_ref(), pair.as_ref(), &Transition::Cool { until_ms: until, reason: "per_day".into() }, 0);
+                if matches!(key, Some(MemberState::Disabled { .. })) {
+                    prop_assert_eq!(after, pair);
+                }
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `{p}:layout` | string | layout version |
 //! | `{p}:{ring:NAME}:n` | string | rotation counter (INCR) |
-//! | `{p}:{ring:NAME}:s` | hash | member id → `c:<until ms>` / `d:<since ms>:<reason>` |
+//! | `{p}:{ring:NAME}:s` | hash | member id, or `member|model`, → `c:<until ms>[:<reason>]` / `d:<since ms>:<origin>` |
 //! | `{p}:NS:ID` | string, TTL | one binding (session → key id, upload → record, file → record) |
 //! | `{p}:idx:NAME` | sorted set, TTL | member → expiry (ms) |
 //! | `{p}:lock:NAME` | string, TTL | lock holder |
@@ -28,7 +28,9 @@ use deadpool_redis::redis::{self, Script};
 use deadpool_redis::{Pool, Runtime};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{MemberState, Pick, StateStore, StoreError};
+use super::{
+    effective_state, state_field, Applied, MemberState, Pick, StateStore, StoreError, Transition,
+};
 
 const CLAIM: &str = include_str!("lua/claim.lua");
 
@@ -37,6 +39,8 @@ const REPLACE: &str = include_str!("lua/replace.lua");
 const UNLOCK: &str = include_str!("lua/unlock.lua");
 
 const INDEX_ADD: &str = include_str!("lua/index_add.lua");
+
+const TRANSITION: &str = include_str!("lua/transition.lua");
 
 /// Called after every Redis exchange with its latency and whether it worked.
 pub type Observer = Arc<dyn Fn(Duration, bool) + Send + Sync>;
@@ -74,6 +78,7 @@ pub struct RedisStore {
     replace: Script,
     unlock: Script,
     index_add: Script,
+    transition: Script,
 }
 
 impl RedisStore {
@@ -111,6 +116,7 @@ impl RedisStore {
             replace: Script::new(REPLACE),
             unlock: Script::new(UNLOCK),
             index_add: Script::new(INDEX_ADD),
+            transition: Script::new(TRANSITION),
         })
     }
 
@@ -257,6 +263,12 @@ fn redis_error(e: redis::RedisError) -> StoreError {
     }
 }
 
+fn decode_states(raw: HashMap<String, String>) -> HashMap<String, MemberState> {
+    raw.into_iter()
+        .filter_map(|(k, v)| MemberState::decode(&v).map(|s| (k, s)))
+        .collect()
+}
+
 fn secs(ttl: Duration) -> u64 {
     ttl.as_secs().max(1)
 }
@@ -280,15 +292,17 @@ impl StateStore for RedisStore {
         ring: &str,
         members: &[String],
         exclude: &[String],
+        model: Option<&str>,
         now_ms: u64,
     ) -> Result<Pick, StoreError> {
         if members.is_empty() {
             return Ok(Pick::AllDisabled);
         }
         // One round trip: the counter's next value and the ring's states
-        // (only keys that are cooling or disabled have an entry), pipelined.
-        // Plain commands cost Redis less than a script doing the same; the
-        // pick itself is the rule the embedded store applies too.
+        // (only keys and (key, model) pairs that are cooling or disabled have
+        // an entry), pipelined. Plain commands cost Redis less than a script
+        // doing the same; the pick itself is the rule the embedded store
+        // applies too.
         let (counter, states) = self.ring_keys(ring);
         let (next, raw): (u64, HashMap<String, String>) = self
             .run(|mut c| async move {
@@ -301,9 +315,10 @@ impl StateStore for RedisStore {
                     .await
             })
             .await?;
+        let decoded = decode_states(raw);
         let states: Vec<Option<MemberState>> = members
             .iter()
-            .map(|m| raw.get(m).and_then(|v| MemberState::decode(v)))
+            .map(|m| effective_state(&decoded, m, model, now_ms))
             .collect();
         Ok(super::choose(members, &states, exclude, now_ms, || next))
     }
@@ -315,28 +330,39 @@ impl StateStore for RedisStore {
                 |mut c| async move { redis::cmd("HGETALL").arg(&states).query_async(&mut c).await },
             )
             .await?;
-        Ok(raw
-            .into_iter()
-            .filter_map(|(k, v)| MemberState::decode(&v).map(|s| (k, s)))
-            .collect())
+        Ok(decode_states(raw))
     }
 
-    async fn set_member_state(
+    async fn transition(
         &self,
         ring: &str,
         member: &str,
-        state: Option<&MemberState>,
-    ) -> Result<(), StoreError> {
+        model: Option<&str>,
+        event: &Transition,
+        now_ms: u64,
+    ) -> Result<Applied, StoreError> {
         let (_, states) = self.ring_keys(ring);
-        let mut cmd = redis::cmd(if state.is_some() { "HSET" } else { "HDEL" });
-        cmd.arg(&states).arg(member);
-        if let Some(s) = state {
-            cmd.arg(s.encode());
-        }
-        let _: i64 = self
-            .run(|mut c| async move { cmd.query_async(&mut c).await })
+        let field = state_field(member, model);
+        let (kind, num, reason) = event.wire();
+        let (key_before, before, after): (String, String, String) = self
+            .run(|mut c| async move {
+                self.transition
+                    .key(&states)
+                    .arg(now_ms)
+                    .arg(member)
+                    .arg(&field)
+                    .arg(kind)
+                    .arg(num)
+                    .arg(reason)
+                    .invoke_async(&mut c)
+                    .await
+            })
             .await?;
-        Ok(())
+        Ok(Applied {
+            key_before: MemberState::decode(&key_before),
+            before: MemberState::decode(&before),
+            after: MemberState::decode(&after),
+        })
     }
 
     async fn touch(&self, ns: &str, id: &str, ttl: Duration) -> Result<Option<String>, StoreError> {

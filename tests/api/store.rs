@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gemini_balancer::store::{MemberState, MemoryStore, Pick, RedisStore, StateStore};
+use gemini_balancer::store::{
+    apply, MemberState, MemoryStore, Pick, RedisStore, StateStore, Transition, ADMIN,
+};
 use secrecy::SecretString;
 
 use crate::helpers::Redis;
@@ -12,13 +14,51 @@ fn members(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("m{i}")).collect()
 }
 
+fn cool(until_ms: u64, reason: &str) -> Transition {
+    Transition::Cool {
+        until_ms,
+        reason: reason.into(),
+    }
+}
+
+fn disable(reason: &str) -> Transition {
+    Transition::Disable {
+        reason: reason.into(),
+    }
+}
+
+/// Applies one transition and checks the store did what the rule says.
+async fn set(
+    store: &dyn StateStore,
+    member: &str,
+    model: Option<&str>,
+    event: Transition,
+    now: u64,
+) {
+    let applied = store
+        .transition("r", member, model, &event, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        applied.after,
+        apply(
+            applied.key_before.as_ref(),
+            applied.before.as_ref(),
+            &event,
+            now
+        ),
+        "{}: {event:?} on {applied:?}",
+        store.kind()
+    );
+}
+
 async fn suite(store: Arc<dyn StateStore>) {
     let kind = store.kind();
     let ring = members(3);
     // Round-robin, fair.
     let mut hits = [0; 3];
     for _ in 0..30 {
-        match store.rotate("r", &ring, &[], 1_000).await.unwrap() {
+        match store.rotate("r", &ring, &[], None, 1_000).await.unwrap() {
             Pick::Member(i) => hits[i] += 1,
             other => panic!("{kind}: {other:?}"),
         }
@@ -26,49 +66,33 @@ async fn suite(store: Arc<dyn StateStore>) {
     assert_eq!(hits, [10, 10, 10], "{kind}");
 
     // Cooling and disabled members are skipped; fairness holds over the rest.
-    store
-        .set_member_state("r", "m0", Some(&MemberState::Cooling { until_ms: 5_000 }))
-        .await
-        .unwrap();
-    store
-        .set_member_state(
-            "r",
-            "m1",
-            Some(&MemberState::Disabled {
-                since_ms: 1,
-                reason: "api_key_invalid".into(),
-            }),
-        )
-        .await
-        .unwrap();
+    set(&*store, "m0", None, cool(5_000, "per_minute"), 1_000).await;
+    set(&*store, "m1", None, disable("api_key_invalid"), 1_000).await;
     for _ in 0..5 {
         assert_eq!(
-            store.rotate("r", &ring, &[], 1_000).await.unwrap(),
+            store.rotate("r", &ring, &[], None, 1_000).await.unwrap(),
             Pick::Member(2),
             "{kind}"
         );
     }
     assert_eq!(
         store
-            .rotate("r", &ring, &["m2".into()], 1_000)
+            .rotate("r", &ring, &["m2".into()], None, 1_000)
             .await
             .unwrap(),
         Pick::Exhausted,
         "{kind}"
     );
-    store
-        .set_member_state("r", "m2", Some(&MemberState::Cooling { until_ms: 3_000 }))
-        .await
-        .unwrap();
+    set(&*store, "m2", None, cool(3_000, "per_minute"), 1_000).await;
     assert_eq!(
-        store.rotate("r", &ring, &[], 1_000).await.unwrap(),
+        store.rotate("r", &ring, &[], None, 1_000).await.unwrap(),
         Pick::AllCooling { until_ms: 3_000 },
         "{kind}: the earliest cooldown"
     );
     // Time passes: cooldowns lapse by themselves.
     assert!(
         matches!(
-            store.rotate("r", &ring, &[], 6_000).await.unwrap(),
+            store.rotate("r", &ring, &[], None, 6_000).await.unwrap(),
             Pick::Member(0 | 2)
         ),
         "{kind}"
@@ -78,40 +102,77 @@ async fn suite(store: Arc<dyn StateStore>) {
         matches!(states.get("m1"), Some(MemberState::Disabled { .. })),
         "{kind}"
     );
-    store.set_member_state("r", "m1", None).await.unwrap();
+    // A cooldown never replaces a disable; the re-check's recovery does.
+    set(&*store, "m1", None, cool(9_000, "per_day"), 6_000).await;
+    assert!(
+        matches!(
+            store.member_states("r").await.unwrap().get("m1"),
+            Some(MemberState::Disabled { .. })
+        ),
+        "{kind}"
+    );
+    set(&*store, "m1", None, Transition::Recovered, 6_000).await;
     assert!(
         !store.member_states("r").await.unwrap().contains_key("m1"),
         "{kind}"
     );
-    for m in ["m0", "m2"] {
-        store
-            .set_member_state(
-                "r",
-                m,
-                Some(&MemberState::Disabled {
-                    since_ms: 1,
-                    reason: String::new(),
-                }),
-            )
-            .await
-            .unwrap();
+    for m in ["m0", "m1", "m2"] {
+        set(&*store, m, None, disable("api_key_invalid"), 6_000).await;
     }
-    store
-        .set_member_state(
-            "r",
-            "m1",
-            Some(&MemberState::Disabled {
-                since_ms: 1,
-                reason: String::new(),
-            }),
-        )
-        .await
-        .unwrap();
     assert_eq!(
-        store.rotate("r", &ring, &[], 1_000).await.unwrap(),
+        store.rotate("r", &ring, &[], None, 6_000).await.unwrap(),
         Pick::AllDisabled,
         "{kind}"
     );
+    for m in ["m0", "m1", "m2"] {
+        set(&*store, m, None, Transition::Enable, 6_000).await;
+    }
+
+    // A cooldown for one model hides the member for that model only, and
+    // lapses (and is pruned) by itself.
+    set(&*store, "m0", Some("pro"), cool(8_000, "per_day"), 6_000).await;
+    let mut pro = [0; 3];
+    let mut flash = [0; 3];
+    for _ in 0..30 {
+        if let Pick::Member(i) = store
+            .rotate("r", &ring, &[], Some("pro"), 6_000)
+            .await
+            .unwrap()
+        {
+            pro[i] += 1;
+        }
+        if let Pick::Member(i) = store
+            .rotate("r", &ring, &[], Some("flash"), 6_000)
+            .await
+            .unwrap()
+        {
+            flash[i] += 1;
+        }
+    }
+    assert_eq!(pro[0], 0, "{kind}: m0 is cooling for pro");
+    assert_eq!(pro[1] + pro[2], 30, "{kind}");
+    assert!(
+        flash.iter().all(|n| *n >= 9),
+        "{kind}: flash is served by all: {flash:?}"
+    );
+    assert!(
+        store
+            .member_states("r")
+            .await
+            .unwrap()
+            .contains_key("m0|pro"),
+        "{kind}"
+    );
+    set(&*store, "m1", None, cool(8_500, "per_minute"), 8_000).await;
+    assert!(
+        !store
+            .member_states("r")
+            .await
+            .unwrap()
+            .contains_key("m0|pro"),
+        "{kind}: a lapsed model cooldown is pruned"
+    );
+    set(&*store, "m1", None, Transition::Enable, 8_000).await;
 
     // Bindings: claim is set-if-absent, concurrent claims agree.
     let ttl = Duration::from_secs(60);
@@ -266,7 +327,153 @@ async fn redis_store_fails_fast_when_redis_is_gone() {
     .unwrap();
     let started = std::time::Instant::now();
     assert!(store.ping().await.is_err());
-    assert!(store.rotate("r", &members(2), &[], 0).await.is_err());
+    assert!(store.rotate("r", &members(2), &[], None, 0).await.is_err());
     // Not a timing assertion on speed, a bound against hanging forever.
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// A small deterministic generator, so a failing sequence can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+
+    fn event(&mut self) -> (usize, Option<&'static str>, Transition) {
+        let member = self.next(3) as usize;
+        let model = [None, Some("gemini-2.5-pro"), Some("gemini-2.5-flash")][self.next(3) as usize];
+        let event = match self.next(6) {
+            0 | 1 => cool(
+                1_000 + self.next(1_000),
+                if self.next(2) == 0 {
+                    "per_minute"
+                } else {
+                    "per_day"
+                },
+            ),
+            2 => disable(if self.next(2) == 0 {
+                ADMIN
+            } else {
+                "api_key_invalid"
+            }),
+            3 => Transition::Enable,
+            4 => Transition::Recovered,
+            _ => Transition::Lift,
+        };
+        // Only cooldowns and lifts are scoped to a model.
+        let model = match event {
+            Transition::Cool { .. } | Transition::Lift => model,
+            _ => None,
+        };
+        (member, model, event)
+    }
+}
+
+/// Three replicas (three store clients on one Redis) apply random key-state
+/// events to the same keys at once. Each transition is atomic, so each one
+/// the store reports must be exactly what the rule allows from the state it
+/// found: no forbidden transition under any interleaving.
+#[actix_rt::test]
+async fn concurrent_key_state_transitions_follow_the_rules() {
+    let redis = Redis::start();
+    let replicas: Vec<RedisStore> = (0..3)
+        .map(|_| {
+            RedisStore::new(
+                &SecretString::from(redis.url()),
+                "gbrace",
+                Duration::from_secs(5),
+                2,
+                1,
+            )
+            .unwrap()
+        })
+        .collect();
+    let mut checked = 0;
+    for round in 0..20u64 {
+        let now = 1_000 + round * 100;
+        let runs = replicas.iter().enumerate().map(|(r, store)| async move {
+            let mut rng = Lcg(round * 31 + r as u64);
+            let mut seen = Vec::new();
+            for _ in 0..20 {
+                let (member, model, event) = rng.event();
+                let m = format!("m{member}");
+                let applied = store.transition("r", &m, model, &event, now).await.unwrap();
+                seen.push((event, applied));
+            }
+            seen
+        });
+        for seen in futures_util::future::join_all(runs).await {
+            for (event, applied) in seen {
+                let want = apply(
+                    applied.key_before.as_ref(),
+                    applied.before.as_ref(),
+                    &event,
+                    now,
+                );
+                assert_eq!(
+                    applied.after, want,
+                    "round {round}: {event:?} on {applied:?}"
+                );
+                if let Some(before @ MemberState::Disabled { .. }) = &applied.before {
+                    let may_leave = matches!(event, Transition::Enable)
+                        || (matches!(event, Transition::Recovered) && !before.is_admin_disabled());
+                    if !may_leave {
+                        assert!(
+                            matches!(applied.after, Some(MemberState::Disabled { .. })),
+                            "{event:?} on {applied:?}"
+                        );
+                    }
+                    if before.is_admin_disabled() && event != Transition::Enable {
+                        assert_eq!(applied.after.as_ref(), Some(before), "{event:?}");
+                    }
+                }
+                checked += 1;
+            }
+        }
+        // Every replica reads the same states afterwards.
+        let first = replicas[0].member_states("r").await.unwrap();
+        for other in &replicas[1..] {
+            assert_eq!(other.member_states("r").await.unwrap(), first);
+        }
+    }
+    assert_eq!(checked, 20 * 3 * 20);
+}
+
+/// The embedded store and Redis give the same states for the same sequence.
+#[actix_rt::test]
+async fn both_stores_agree_on_a_sequence_of_key_events() {
+    let redis = Redis::start();
+    let redis_store = RedisStore::new(
+        &SecretString::from(redis.url()),
+        "gbseq",
+        Duration::from_secs(5),
+        2,
+        1,
+    )
+    .unwrap();
+    let memory = MemoryStore::new();
+    let mut rng = Lcg(7);
+    for step in 0..300u64 {
+        let now = 1_000 + step * 7;
+        let (member, model, event) = rng.event();
+        let m = format!("m{member}");
+        let a = redis_store
+            .transition("r", &m, model, &event, now)
+            .await
+            .unwrap();
+        let b = memory
+            .transition("r", &m, model, &event, now)
+            .await
+            .unwrap();
+        assert_eq!(a, b, "step {step}: {event:?}");
+    }
+    assert_eq!(
+        redis_store.member_states("r").await.unwrap(),
+        memory.member_states("r").await.unwrap()
+    );
 }

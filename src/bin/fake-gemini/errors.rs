@@ -47,15 +47,23 @@ pub fn no_key() -> Value {
     )
 }
 
-pub fn quota(retry_delay: Option<&str>, quota_id: Option<&str>) -> Value {
-    let quota_id = quota_id.unwrap_or("GenerateRequestsPerMinutePerProjectPerModel-FreeTier");
+pub fn quota(retry_delay: Option<&str>, quota_id: Option<&str>, model: Option<&str>) -> Value {
+    let quota_id = quota_id.unwrap_or(if model.is_some() {
+        "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
+    } else {
+        "GenerateRequestsPerMinutePerProject-FreeTier"
+    });
+    let dimensions = match model {
+        Some(m) => json!({"location": "global", "model": m}),
+        None => json!({"location": "global"}),
+    };
     let mut details = vec![
         json!({
             "@type": "type.googleapis.com/google.rpc.QuotaFailure",
             "violations": [{
                 "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
                 "quotaId": quota_id,
-                "quotaDimensions": {"location": "global", "model": "gemini-2.0-flash"},
+                "quotaDimensions": dimensions,
                 "quotaValue": "15"
             }]
         }),

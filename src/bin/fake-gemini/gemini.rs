@@ -34,6 +34,16 @@ pub fn presented_key(headers: &HeaderMap, query: &str) -> Option<String> {
 
 /// Checks the key and applies its switch. `Ok(key)` lets the call proceed.
 pub async fn gate(fake: &Fake, key: Option<String>, openai: bool) -> Result<String, HttpResponse> {
+    gate_for(fake, key, openai, None).await
+}
+
+/// [`gate`] for a call to `model` (a per-model quota refuses only its model).
+pub async fn gate_for(
+    fake: &Fake,
+    key: Option<String>,
+    openai: bool,
+    model: Option<&str>,
+) -> Result<String, HttpResponse> {
     let Some(key) = key else {
         return Err(errors::respond(403, errors::no_key(), openai));
     };
@@ -51,11 +61,20 @@ pub async fn gate(fake: &Fake, key: Option<String>, openai: bool) -> Result<Stri
         Mode::Normal | Mode::BreakStream => Ok(key),
         Mode::Drop => Err(dropped()),
         Mode::Quota {
+            model: Some(limited),
+            ..
+        } if model.map(|m| m.trim_start_matches("models/")) != Some(limited.as_str()) => Ok(key),
+        Mode::Quota {
             retry_delay,
             quota_id,
+            model: limited,
         } => Err(errors::respond(
             429,
-            errors::quota(retry_delay.as_deref(), quota_id.as_deref()),
+            errors::quota(
+                retry_delay.as_deref(),
+                quota_id.as_deref(),
+                limited.as_deref(),
+            ),
             openai,
         )),
         Mode::Invalid => Err(errors::respond(400, errors::invalid_key(), openai)),

@@ -139,18 +139,19 @@ async fn handle(
         .unwrap_or_default();
     if fake.lock().throttled_ips.contains(&peer) {
         let openai = segs.get(1) == Some(&"openai");
-        return errors::respond(429, errors::quota(Some("30s"), None), openai);
+        return errors::respond(429, errors::quota(Some("30s"), None, None), openai);
     }
     match segs.as_slice() {
         ["upload", ver, "files"] => files::upload(&fake, &req, payload, ver, key).await,
         [ver, "openai", rest @ ..] => {
-            let key = match gemini::gate(&fake, key, true).await {
-                Ok(k) => k,
-                Err(r) => return r,
-            };
             let _ = ver;
             let body = read_all(payload).await;
             let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or(json!({}));
+            let model = value.get("model").and_then(|m| m.as_str());
+            let key = match gemini::gate_for(&fake, key, true, model).await {
+                Ok(k) => k,
+                Err(r) => return r,
+            };
             let response = match rest {
                 ["models"] => openai::models(),
                 ["models", id @ ..] => openai::model(&id.join("/")),
@@ -173,7 +174,11 @@ async fn handle(
             response
         }
         [ver, rest @ ..] if ver.starts_with("v1") => {
-            let key = match gemini::gate(&fake, key, false).await {
+            let model = match rest {
+                ["models", action] => action.split(':').next(),
+                _ => None,
+            };
+            let key = match gemini::gate_for(&fake, key, false, model).await {
                 Ok(k) => k,
                 Err(r) => return r,
             };

@@ -13,12 +13,17 @@ use tokio::sync::Notify;
 pub enum Mode {
     #[default]
     Normal,
-    /// 429 RESOURCE_EXHAUSTED with these details.
+    /// 429 RESOURCE_EXHAUSTED with these details. With `model`, only calls
+    /// for that model are refused, and the QuotaFailure names it in
+    /// `quotaDimensions` (Google's limits are per project and per model);
+    /// without, every call is refused and no model is named.
     Quota {
         #[serde(rename = "retryDelay", default)]
         retry_delay: Option<String>,
         #[serde(rename = "quotaId", default)]
         quota_id: Option<String>,
+        #[serde(default)]
+        model: Option<String>,
     },
     /// 400 API_KEY_INVALID, as for a key Google does not know.
     Invalid,
