@@ -131,6 +131,9 @@ async fn handle(
                 .peer_addr()
                 .map(|a| a.ip().to_string())
                 .unwrap_or_default(),
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         });
     }
     let peer = req

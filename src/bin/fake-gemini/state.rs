@@ -47,6 +47,8 @@ pub struct Seen {
     pub key: Option<String>,
     /// The peer's IP address (tells outbound proxies apart in tests).
     pub peer: String,
+    /// When it arrived (Unix ms), to check a request came after a moment.
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Clone)]
