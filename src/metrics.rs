@@ -48,6 +48,12 @@ pub struct KeyLabel {
     pub key_id: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyModel {
+    pub key_id: String,
+    pub model: String,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 18))
 }
@@ -60,6 +66,9 @@ pub struct Metrics {
     pub upstream_responses: Family<KeyOutcome, Counter>,
     pub key_state: Family<KeyState, Gauge>,
     pub key_cooldown: Family<KeyLabel, Gauge>,
+    /// Only the pairs cooling now: rebuilt on every scrape, so it stays
+    /// bounded by what Google's 429s named.
+    pub key_model_cooling: Family<KeyModel, Gauge>,
     pub store_up: Gauge,
     pub store_latency: Histogram,
     pub store_errors: Counter,
@@ -86,6 +95,7 @@ impl Metrics {
             upstream_responses: Family::default(),
             key_state: Family::default(),
             key_cooldown: Family::default(),
+            key_model_cooling: Family::default(),
             store_up: Gauge::default(),
             store_latency: latency_histogram(),
             store_errors: Counter::default(),
@@ -125,6 +135,11 @@ impl Metrics {
             "key_cooldown_seconds",
             "Seconds until a cooling key is usable again",
             m.key_cooldown.clone(),
+        );
+        registry.register(
+            "key_model_cooling_seconds",
+            "Seconds until a key cooling for one model serves it again",
+            m.key_model_cooling.clone(),
         );
         registry.register(
             "store_up",

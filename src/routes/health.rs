@@ -45,7 +45,17 @@ pub async fn metrics(gw: web::Data<Gateway>) -> HttpResponse {
         .set(i64::from(store.ping().await.is_ok()));
     if let Ok(states) = store.member_states(crate::keys::RING).await {
         let now = crate::store::now_ms();
+        gw.metrics.key_model_cooling.clear();
         for view in gw.keys.view(&states, now) {
+            for cooling in &view.model_cooldowns {
+                gw.metrics
+                    .key_model_cooling
+                    .get_or_create(&crate::metrics::KeyModel {
+                        key_id: view.id.clone(),
+                        model: cooling.model.clone(),
+                    })
+                    .set(cooling.until_ms.saturating_sub(now).div_ceil(1000) as i64);
+            }
             for state in ["healthy", "cooling", "disabled"] {
                 gw.metrics
                     .key_state

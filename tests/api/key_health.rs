@@ -110,6 +110,20 @@ async fn a_key_whose_pro_day_quota_is_spent_still_serves_its_share_of_flash() {
         "key 0 is skipped for pro"
     );
 
+    let metrics = client()
+        .get(format!("{}/metrics", gws[1].url))
+        .send()
+        .await
+        .unwrap()
+        .body()
+        .await
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics);
+    let line = format!(
+        "gb_key_model_cooling_seconds{{key_id=\"{}\",model=\"gemini-2.5-pro\"}}",
+        key_id(&ks[0])
+    );
+    assert!(metrics.contains(&line), "{metrics}");
     let row = key_row(&gws[1], &ks[0]).await;
     assert_eq!(row["state"], "healthy", "{row}");
     assert_eq!(
