@@ -73,6 +73,8 @@ pub struct Metrics {
     pub store_latency: Histogram,
     pub store_errors: Counter,
     pub sessions_bound: Counter,
+    pub uploads_bound_by_token: Counter,
+    pub mixed_owner_conflicts: Counter,
     pub uploads_started: Counter,
     pub files_recorded: Counter,
     pub proxy_requests: Family<ProxyLabel, Counter>,
@@ -100,6 +102,8 @@ impl Metrics {
             store_latency: latency_histogram(),
             store_errors: Counter::default(),
             sessions_bound: Counter::default(),
+            uploads_bound_by_token: Counter::default(),
+            mixed_owner_conflicts: Counter::default(),
             uploads_started: Counter::default(),
             files_recorded: Counter::default(),
             proxy_requests: Family::default(),
@@ -160,6 +164,16 @@ impl Metrics {
             "sessions_bound",
             "Sessions bound to a key by this replica",
             m.sessions_bound.clone(),
+        );
+        registry.register(
+            "uploads_bound_by_token",
+            "Implicit per-token upload sessions bound to a key (GB_UPLOAD_AFFINITY=token)",
+            m.uploads_bound_by_token.clone(),
+        );
+        registry.register(
+            "mixed_owner_conflicts",
+            "Requests refused with 409 because their files belong to different keys",
+            m.mixed_owner_conflicts.clone(),
         );
         registry.register(
             "uploads_started",

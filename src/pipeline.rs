@@ -100,13 +100,14 @@ pub async fn pin<'g>(
             }
             _ => {
                 let names: Vec<&str> = owners.iter().map(|(n, _)| *n).collect();
+                gw.metrics.mixed_owner_conflicts.inc();
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     format!(
                         "The files {} were uploaded under different API keys and cannot be used \
-                         in one request. Upload files that are used together with one session id \
-                         (X-Session-Id header or the /session/{{id}} base URL).",
-                        names.join(", ")
+                         in one request. {}",
+                        names.join(", "),
+                        split_advice(gw.settings.upload_affinity)
                     ),
                 )
                 .flavor(flavor));
@@ -114,10 +115,14 @@ pub async fn pin<'g>(
         }
     }
     if let Some(s) = session {
-        return match session::resolve(gw.store(), &gw.keys, s, gw.settings.session_ttl).await {
+        let (ttl, wait) = (gw.settings.session_ttl, gw.settings.pin_wait);
+        return match session::resolve(gw.store(), &gw.keys, s, ttl, wait).await {
             Ok((key, bound_now)) => {
                 if bound_now {
                     gw.metrics.sessions_bound.inc();
+                    if s.source == session::Source::Token {
+                        gw.metrics.uploads_bound_by_token.inc();
+                    }
                 }
                 Ok(Some(key))
             }
@@ -126,6 +131,35 @@ pub async fn pin<'g>(
         };
     }
     Ok(None)
+}
+
+/// Why files that belong together can still land on different keys, and how
+/// to avoid it, for the affinity mode in force.
+fn split_advice(affinity: crate::settings::UploadAffinity) -> &'static str {
+    match affinity {
+        crate::settings::UploadAffinity::Token => {
+            "With GB_UPLOAD_AFFINITY=token the uploads of one client token share a key, \
+             unless that key was rate-limited or disabled when a later file was uploaded: \
+             then new uploads moved to another key. Upload the files again, or wait until \
+             the key's cooldown ends; to keep each conversation's files together, send one \
+             session id per conversation (X-Session-Id header or the /session/{id} base URL)."
+        }
+        crate::settings::UploadAffinity::None => {
+            "With GB_UPLOAD_AFFINITY=none uploads are spread over the keys by rotation. \
+             Upload files that are used together with one session id (X-Session-Id header \
+             or the /session/{id} base URL)."
+        }
+    }
+}
+
+/// The session an upload is bound through: the one the client named, else
+/// (with `GB_UPLOAD_AFFINITY=token`) the implicit session of its token.
+pub fn upload_session(gw: &Gateway, named: Option<&Session>, token_id: &str) -> Option<Session> {
+    match (named, gw.settings.upload_affinity) {
+        (Some(s), _) => Some(s.clone()),
+        (None, crate::settings::UploadAffinity::Token) => Some(Session::for_token(token_id)),
+        (None, crate::settings::UploadAffinity::None) => None,
+    }
 }
 
 pub fn store_down(e: crate::store::StoreError, flavor: Flavor) -> ApiError {

@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::keys::{ApiKey, KeyPool, NoKey};
-use crate::store::{StateStore, StoreError};
+use crate::store::{MemberState, StateStore, StoreError};
 
 const NS: &str = "session";
 
@@ -23,10 +23,35 @@ impl SessionId {
         valid.then_some(SessionId(s))
     }
 
+    /// The implicit session of a client token's uploads: the token's id
+    /// behind a prefix no client id can have (`@` is not in the id alphabet),
+    /// never the token.
+    pub fn for_token(token_id: &str) -> Self {
+        SessionId(format!("{TOKEN_PREFIX}{token_id}"))
+    }
+
+    /// Parses a client id, or an implicit token session's id (admin look-ups).
+    pub fn parse_any(raw: &str) -> Option<Self> {
+        match raw.trim().strip_prefix(TOKEN_PREFIX) {
+            Some(id)
+                if !id.is_empty()
+                    && id.len() <= 64
+                    && id.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                Some(Self::for_token(&id.to_ascii_lowercase()))
+            }
+            Some(_) => None,
+            None => Self::parse(raw),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
+
+/// Prefix of implicit per-token upload sessions.
+pub const TOKEN_PREFIX: &str = "@token:";
 
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -40,6 +65,9 @@ pub enum Source {
     Path,
     Header,
     Query,
+    /// No id was sent: an upload bound through its client token
+    /// (`GB_UPLOAD_AFFINITY=token`).
+    Token,
 }
 
 impl Source {
@@ -48,6 +76,7 @@ impl Source {
             Source::Path => "path",
             Source::Header => "header",
             Source::Query => "query",
+            Source::Token => "token",
         }
     }
 }
@@ -56,6 +85,16 @@ impl Source {
 pub struct Session {
     pub id: SessionId,
     pub source: Source,
+}
+
+impl Session {
+    /// The implicit upload session of a client token.
+    pub fn for_token(token_id: &str) -> Self {
+        Session {
+            id: SessionId::for_token(token_id),
+            source: Source::Token,
+        }
+    }
 }
 
 /// Picks the session id of a request: path prefix, then header, then query.
@@ -92,31 +131,39 @@ pub enum BindError {
 /// The key a session is bound to, binding it now if it is new (the flag says
 /// whether this call bound it). Every use slides the binding's expiry. A
 /// binding to a disabled (or no longer configured) key is moved to a healthy
-/// key.
+/// key. An implicit token session also moves off a key that cools for longer
+/// than `pin_wait` (files already uploaded stay with their owner); a session
+/// the client named stays, and its requests wait or get 429.
 pub async fn resolve<'a>(
     store: &dyn StateStore,
     pool: &'a KeyPool,
     session: &Session,
     ttl: Duration,
+    pin_wait: Duration,
 ) -> Result<(&'a ApiKey, bool), BindError> {
     let sid = session.id.as_str();
-    let (bound, disabled) = {
+    let (bound, unusable) = {
         let bound = store.touch(NS, sid, ttl);
         let states = store.member_states(crate::keys::RING);
         let (bound, states) = futures_util::future::join(bound, states).await;
         let bound = bound.map_err(BindError::Store)?;
         let states = states.map_err(BindError::Store)?;
-        let disabled = bound.as_ref().is_some_and(|id| {
-            matches!(
-                states.get(id),
-                Some(crate::store::MemberState::Disabled { .. })
-            )
+        let now = crate::store::now_ms();
+        let unusable = bound.as_ref().is_some_and(|id| {
+            match crate::store::effective_state(&states, id, None, now) {
+                Some(MemberState::Disabled { .. }) => true,
+                Some(MemberState::Cooling { until_ms, .. }) => {
+                    session.source == Source::Token
+                        && until_ms.saturating_sub(now) > pin_wait.as_millis() as u64
+                }
+                None => false,
+            }
         });
-        (bound, disabled)
+        (bound, unusable)
     };
 
     if let Some(id) = &bound {
-        if !disabled {
+        if !unusable {
             if let Some(key) = pool.by_id(id) {
                 tracing::info!(session = sid, key_id = %key.id, source = session.source.as_str(), "reusing the key bound to the session");
                 return Ok((key, false));
@@ -135,7 +182,7 @@ pub async fn resolve<'a>(
                 .await
                 .map_err(BindError::Store)?;
             let key = pool.by_id(&now).unwrap_or(candidate);
-            tracing::info!(session = sid, old_key_id = %old, key_id = %key.id, source = session.source.as_str(), "session re-bound: its key is disabled or gone");
+            tracing::info!(session = sid, old_key_id = %old, key_id = %key.id, source = session.source.as_str(), "session re-bound: its key is disabled, cooling or gone");
             Ok((key, true))
         }
         None => {

@@ -26,6 +26,15 @@ fn err(key: &str, problem: impl Into<String>) -> SettingsError {
     }
 }
 
+/// How uploads without a session id are bound (`GB_UPLOAD_AFFINITY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadAffinity {
+    /// The uploads of one client token share a key.
+    Token,
+    /// Rotation.
+    None,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -61,6 +70,7 @@ pub struct Settings {
     pub recheck_interval: Duration,
     /// How long a pinned request waits for its key's cooldown (GB_PIN_WAIT).
     pub pin_wait: Duration,
+    pub upload_affinity: UploadAffinity,
     /// Outbound proxies (`GB_PROXIES`), parsed; empty with `GB_PROXY_MODE=none`.
     pub proxies: Vec<crate::proxy::ProxySpec>,
     pub proxy_cooldown: Duration,
@@ -314,6 +324,16 @@ impl Raw {
             shutdown_grace: self.secs("shutdown_grace")?,
             recheck_interval: self.secs("recheck_interval")?,
             pin_wait: Duration::from_secs(self.num("pin_wait")?),
+            upload_affinity: match self.req("upload_affinity")?.to_ascii_lowercase().as_str() {
+                "token" => UploadAffinity::Token,
+                "none" => UploadAffinity::None,
+                other => {
+                    return Err(err(
+                        "upload_affinity",
+                        format!("expected token or none, got {other:?}"),
+                    ))
+                }
+            },
             proxies: self.proxies()?,
             proxy_cooldown: self.secs("proxy_cooldown")?,
         })

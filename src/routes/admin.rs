@@ -200,7 +200,8 @@ async fn api_session(
     sid: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     check(&gw, &req)?;
-    let sid = SessionId::parse(&sid).ok_or_else(|| ApiError::bad_request("Invalid session id."))?;
+    let sid =
+        SessionId::parse_any(&sid).ok_or_else(|| ApiError::bad_request("Invalid session id."))?;
     let key = session::lookup(gw.store(), &sid)
         .await
         .map_err(|e| crate::pipeline::store_down(e, crate::error::Flavor::Gemini))?

@@ -101,7 +101,8 @@ async fn start(
         key_style: KeyStyle::GoogHeader,
         model: None,
     };
-    let pinned = pipeline::pin(gw, up, &[], call.session.as_ref(), &call.token_id, FLAVOR).await?;
+    let session = pipeline::upload_session(gw, call.session.as_ref(), &call.token_id);
+    let pinned = pipeline::pin(gw, up, &[], session.as_ref(), &call.token_id, FLAVOR).await?;
     let mut served = match pipeline::send(gw, up, &call, pinned).await? {
         Ok(served) => served,
         Err(response) => return Ok(ensure_final(response)),
@@ -322,7 +323,8 @@ async fn single_shot(
     ver: &str,
     owner: String,
 ) -> Result<HttpResponse, ApiError> {
-    let key = match pipeline::pin(gw, up, &[], edge.session.as_ref(), &owner, FLAVOR).await? {
+    let session = pipeline::upload_session(gw, edge.session.as_ref(), &owner);
+    let key = match pipeline::pin(gw, up, &[], session.as_ref(), &owner, FLAVOR).await? {
         Some(key) => key,
         None => gw
             .keys

@@ -356,12 +356,13 @@ async fn file_listing_is_paged_across_owner_keys() {
     let c = cluster(1, 3);
     let url = format!("{}/upload/v1beta/files", c.gws[0].url);
     let mut names = Vec::new();
-    for _ in 0..5 {
-        names.push(upload_file(&url, None, &[], b"x").await);
+    for i in 0..5 {
+        let sid = format!("list-{i}");
+        names.push(upload_file(&url, None, &[("x-session-id", &sid)], b"x").await);
     }
     let owners = c.fake.file_owners().await;
     let distinct: std::collections::HashSet<_> = names.iter().map(|n| &owners[n]).collect();
-    assert!(distinct.len() > 1, "uploads without a session rotate");
+    assert!(distinct.len() > 1, "new sessions are bound by rotation");
     let mut seen = Vec::new();
     let mut token = String::new();
     loop {

@@ -380,3 +380,21 @@ async fn a_file_owned_by_a_disabled_key_is_not_sent_and_the_key_stays_disabled()
         (Some("disabled"), Some("admin"))
     );
 }
+
+#[actix_rt::test]
+async fn an_implicit_upload_binding_shows_in_the_admin_session_lookup() {
+    let ks = keys(3);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, None, &[("GB_ADMIN_TOKEN", ADMIN)]);
+    let name = upload_file(&format!("{}/upload/v1beta/files", gw.url), None, &[], b"x").await;
+    let owner = fake.owner_key(&name).await;
+    let (status, v) = admin(
+        &gw,
+        "GET",
+        &format!("/admin/api/sessions/@token:{}", key_id(TOKEN)),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["key_id"], key_id(&owner).as_str());
+    assert!(!v.to_string().contains(TOKEN));
+}
