@@ -12,7 +12,7 @@
 //!    unpinned request moves to another key on 429, 5xx or a transport error,
 //!    up to `GB_MAX_RETRIES` times.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::body::SizedStream;
 use actix_web::http::header::{HeaderMap, HeaderValue, RETRY_AFTER};
@@ -32,6 +32,9 @@ use crate::upstream::{response_forwardable, KeyStyle, Upstream};
 
 /// Largest upstream error body read to classify an answer.
 const ERROR_BODY_LIMIT: usize = 1 << 20;
+
+/// Longest an error body may take to arrive whole (error bodies are small).
+const ERROR_BODY_DEADLINE: Duration = Duration::from_secs(10);
 
 /// One client request, parsed at the edge.
 pub struct Call {
@@ -252,11 +255,33 @@ pub async fn send<'g>(
                 response: resp,
             }));
         }
-        let body = resp
-            .body()
-            .limit(ERROR_BODY_LIMIT)
-            .await
-            .unwrap_or_default();
+        let body = match read_small(
+            &mut resp,
+            ERROR_BODY_LIMIT,
+            gw.settings.upstream_idle_timeout,
+        )
+        .await
+        {
+            Some(body) => body,
+            None => {
+                // A stalled error body says nothing about the key: a
+                // transport failure, retried like one.
+                tracing::warn!(key_id = %key.id, status = status.as_u16(), attempt, "upstream error body unreadable");
+                gw.observe(&key.id, "transport");
+                let err = ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "The upstream stopped sending in the middle of its answer.",
+                )
+                .flavor(call.flavor);
+                if pinned.is_some() {
+                    return Err(err);
+                }
+                gw.metrics.retry("transport");
+                tried.push(key.id.clone());
+                last = Some(actix_web::ResponseError::error_response(&err));
+                continue;
+            }
+        };
         let outcome = classify(status, &body, now_ms());
         gw.observe(&key.id, outcome.name());
         gw.keys.record(gw.store(), key, &outcome).await;
@@ -298,7 +323,7 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
     )
     .await?;
     Ok(match send(gw, up, &call, pinned).await? {
-        Ok(served) => stream_back(served.response),
+        Ok(served) => stream_back(served.response, gw.settings.upstream_idle_timeout),
         Err(response) => response,
     })
 }
@@ -457,8 +482,12 @@ fn copy_headers(builder: &mut actix_web::HttpResponseBuilder, headers: &HeaderMa
 }
 
 /// A successful upstream answer, streamed to the client chunk by chunk as it
-/// arrives (SSE included), never buffered.
-pub fn stream_back<S>(resp: awc::ClientResponse<S>) -> HttpResponse
+/// arrives (SSE included), never buffered. A body that stalls for longer
+/// than `idle` (`GB_UPSTREAM_IDLE_TIMEOUT`) between chunks is cut: an SSE
+/// stream ends with an error event, any other body ends with an error (the
+/// client's connection closes short of the promised length), so no client
+/// waits forever on a half-open upstream connection.
+pub fn stream_back<S>(resp: awc::ClientResponse<S>, idle: Duration) -> HttpResponse
 where
     S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
 {
@@ -469,26 +498,48 @@ where
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let sse = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
     let body = futures_util::stream::unfold(
         (resp, 0u64, false),
-        move |(mut upstream, sent, failed)| async move {
-            if failed {
+        move |(mut upstream, sent, done)| async move {
+            if done {
                 return None;
             }
-            match upstream.next().await {
-                Some(Ok(chunk)) => {
+            match tokio::time::timeout(idle, upstream.next()).await {
+                Ok(Some(Ok(chunk))) => {
                     let sent = sent + chunk.len() as u64;
                     Some((Ok(chunk), (upstream, sent, false)))
                 }
-                Some(Err(e)) => {
+                Ok(Some(Err(e))) => {
                     tracing::warn!(error = %e, sent, "upstream body ended with an error; the client's response is cut short");
                     Some((Err(e), (upstream, sent, true)))
                 }
-                None => {
+                Ok(None) => {
                     if length.is_some_and(|want| sent < want) {
                         tracing::warn!(sent, expected = length, "upstream body ended with an error: closed early; the client's response is cut short");
                     }
                     None
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        sent,
+                        idle_s = idle.as_secs(),
+                        sse,
+                        "upstream body stalled; the client's response is cut short"
+                    );
+                    let cut = if sse && length.is_none() {
+                        Ok(Bytes::from_static(STALLED_EVENT))
+                    } else {
+                        Err(awc::error::PayloadError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the upstream body stalled",
+                        )))
+                    };
+                    Some((cut, (upstream, sent, true)))
                 }
             }
         },
@@ -496,6 +547,35 @@ where
     match length {
         Some(len) => builder.body(SizedStream::new(len, body)),
         None => builder.streaming(body),
+    }
+}
+
+/// The last event of an SSE stream whose upstream stalled: a Gemini error,
+/// as Google sends errors inside a stream.
+const STALLED_EVENT: &[u8] = b"data: {\"error\": {\"code\": 504, \"message\": \"The upstream stopped sending in the middle of the answer.\", \"status\": \"DEADLINE_EXCEEDED\"}}\r\n\r\n";
+
+/// Reads a whole small upstream body (an error, a file's metadata, an
+/// upload's final answer), bounded in size and in time: `None` when it is
+/// too large, broken, or stalls past `ERROR_BODY_DEADLINE` (capped by the
+/// idle timeout).
+pub async fn read_small<S>(
+    resp: &mut awc::ClientResponse<S>,
+    limit: usize,
+    idle: Duration,
+) -> Option<Bytes>
+where
+    S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin,
+{
+    match tokio::time::timeout(idle.min(ERROR_BODY_DEADLINE), resp.body().limit(limit)).await {
+        Ok(Ok(body)) => Some(body),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upstream body could not be read");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("upstream body stalled");
+            None
+        }
     }
 }
 

@@ -64,6 +64,8 @@ pub struct Settings {
     pub upload_ttl: Duration,
     pub max_retries: u32,
     pub upstream_timeout: Duration,
+    /// Longest gap between two chunks of an upstream body.
+    pub upstream_idle_timeout: Duration,
     pub log_format: LogFormat,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
@@ -319,6 +321,7 @@ impl Raw {
             upload_ttl: self.secs("upload_ttl")?,
             max_retries: self.num("max_retries")?,
             upstream_timeout: self.secs("upstream_timeout")?,
+            upstream_idle_timeout: self.secs("upstream_idle_timeout")?,
             log_format,
             max_body_bytes,
             shutdown_grace: self.secs("shutdown_grace")?,

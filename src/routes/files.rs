@@ -3,7 +3,6 @@
 
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse};
-use bytes::Bytes;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
@@ -80,7 +79,7 @@ pub async fn handle(
                     tracing::warn!(file = %name, error = %e, "deleted upstream but the binding stays until it expires");
                 }
             }
-            Ok(stream_back(resp))
+            Ok(stream_back(resp, gw.settings.upstream_idle_timeout))
         }
         _ => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -136,7 +135,8 @@ async fn list(
             }
             return None;
         }
-        let body: Bytes = resp.body().limit(1 << 20).await.ok()?;
+        let body =
+            pipeline::read_small(&mut resp, 1 << 20, gw.settings.upstream_idle_timeout).await?;
         serde_json::from_slice::<Value>(&body).ok()
     });
     let found: Vec<Value> = join_all(fetches).await.into_iter().flatten().collect();

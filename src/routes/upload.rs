@@ -108,7 +108,10 @@ async fn start(
         Err(response) => return Ok(ensure_final(response)),
     };
     let Some(upstream_url) = header(served.response.headers(), "x-goog-upload-url") else {
-        return Ok(stream_back(served.response));
+        return Ok(stream_back(
+            served.response,
+            gw.settings.upstream_idle_timeout,
+        ));
     };
     let id = upload::new_upload_id().map_err(|_| {
         upload_error(
@@ -134,19 +137,31 @@ async fn start(
     gw.metrics.uploads_started.inc();
     let status = served.response.status();
     let headers = served.response.headers().clone();
-    let body = served
-        .response
-        .body()
-        .limit(FINAL_BODY_LIMIT)
-        .await
-        .unwrap_or_default();
+    let body = pipeline::read_small(
+        &mut served.response,
+        FINAL_BODY_LIMIT,
+        gw.settings.upstream_idle_timeout,
+    )
+    .await
+    .ok_or_else(|| {
+        upload_error(
+            StatusCode::BAD_GATEWAY,
+            "The upstream's answer to the upload start could not be read.",
+        )
+    })?;
+    // Fail closed: Google's upload URL never reaches the client, even when
+    // ours cannot be written as a header.
+    let ours = HeaderValue::from_str(&ours).map_err(|_| {
+        upload_error(
+            StatusCode::BAD_GATEWAY,
+            "The gateway could not build its upload URL for this request.",
+        )
+    })?;
     let mut response = buffered_back(status, &headers, body);
-    if let Ok(v) = HeaderValue::from_str(&ours) {
-        response.headers_mut().insert(
-            actix_web::http::header::HeaderName::from_static("x-goog-upload-url"),
-            v,
-        );
-    }
+    response.headers_mut().insert(
+        actix_web::http::header::HeaderName::from_static("x-goog-upload-url"),
+        ours,
+    );
     Ok(response)
 }
 
@@ -257,18 +272,26 @@ async fn chunk(
         if !resp.status().is_success() {
             let status = resp.status();
             let headers = resp.headers().clone();
-            let body = resp
-                .body()
-                .limit(FINAL_BODY_LIMIT)
-                .await
-                .unwrap_or_default();
+            let body = pipeline::read_small(
+                &mut resp,
+                FINAL_BODY_LIMIT,
+                gw.settings.upstream_idle_timeout,
+            )
+            .await
+            .unwrap_or_default();
             return Ok(ensure_final(buffered_back(status, &headers, body)));
         }
-        return Ok(stream_back(resp));
+        return Ok(stream_back(resp, gw.settings.upstream_idle_timeout));
     }
     let status = resp.status();
     let headers = resp.headers().clone();
-    let body = resp.body().limit(FINAL_BODY_LIMIT).await.map_err(|_| {
+    let body = pipeline::read_small(
+        &mut resp,
+        FINAL_BODY_LIMIT,
+        gw.settings.upstream_idle_timeout,
+    )
+    .await
+    .ok_or_else(|| {
         upload_error(
             StatusCode::BAD_GATEWAY,
             "The upstream's final answer could not be read.",
@@ -359,11 +382,13 @@ async fn single_shot(
     };
     let status = resp.status();
     let headers = resp.headers().clone();
-    let body = resp
-        .body()
-        .limit(FINAL_BODY_LIMIT)
-        .await
-        .unwrap_or_default();
+    let body = pipeline::read_small(
+        &mut resp,
+        FINAL_BODY_LIMIT,
+        gw.settings.upstream_idle_timeout,
+    )
+    .await
+    .unwrap_or_default();
     if status.is_success() {
         record_file(gw, &body, &key.id, &owner).await;
     } else {

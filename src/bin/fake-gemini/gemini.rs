@@ -60,6 +60,7 @@ pub async fn gate_for(
     match mode {
         Mode::Normal | Mode::BreakStream => Ok(key),
         Mode::Drop => Err(dropped()),
+        Mode::Stall { status, after, sse } => Err(stalled(status, after, sse)),
         Mode::Quota {
             model: Some(limited),
             ..
@@ -96,6 +97,44 @@ fn dropped() -> HttpResponse {
         ))
     });
     HttpResponse::Ok().streaming(fail)
+}
+
+/// See [`Mode::Stall`].
+fn stalled(status: u16, after: usize, sse: bool) -> HttpResponse {
+    use futures_util::StreamExt;
+    let body = if status == 200 {
+        let ev = candidate("stalled ");
+        if sse {
+            format!("data: {ev}\r\n\r\n")
+        } else {
+            ev.to_string()
+        }
+    } else {
+        errors::quota(Some("1s"), None, None).to_string()
+    };
+    let first = Bytes::from(body.as_bytes()[..after.min(body.len())].to_vec());
+    let silence = futures_util::stream::once(async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Err::<Bytes, _>(std::io::Error::other("stalled"))
+    });
+    let stream = futures_util::StreamExt::chain(
+        futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }),
+        silence,
+    )
+    .boxed_local();
+    let mut builder = HttpResponse::build(
+        actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::OK),
+    );
+    if sse {
+        builder.content_type("text/event-stream");
+        builder.streaming(stream)
+    } else {
+        builder.content_type("application/json");
+        builder.body(actix_web::body::SizedStream::new(
+            body.len() as u64 + 1000,
+            stream,
+        ))
+    }
 }
 
 pub fn served(fake: &Fake, key: &str) {

@@ -35,6 +35,22 @@ pub enum Mode {
     BreakStream,
     /// The connection closes with no answer at all.
     Drop,
+    /// Answers `status` (a model answer for 200, a quota error otherwise,
+    /// an SSE event with `sse`), promises more than it sends, sends the
+    /// first `after` bytes, then goes silent with the connection open: a
+    /// half-open upstream.
+    Stall {
+        #[serde(default = "ok_status")]
+        status: u16,
+        #[serde(default)]
+        after: usize,
+        #[serde(default)]
+        sse: bool,
+    },
+}
+
+fn ok_status() -> u16 {
+    200
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -1,0 +1,154 @@
+//! Faults from outside: upstreams that stall half-way through an answer.
+//! Every wait here is bounded by the test client's own 30 s timeout; the
+//! checks are on what the client got, never on how long it took.
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+const GENERATE: &str = "/v1beta/models/gemini-2.0-flash:generateContent";
+const STREAM: &str = "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse";
+
+/// Far longer than the idle timeout these tests set: reaching it means the
+/// gateway held the client.
+const HELD: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn idle() -> [(&'static str, &'static str); 1] {
+    [("GB_UPSTREAM_IDLE_TIMEOUT", "1")]
+}
+
+async fn wait_for_log(gw: &Gateway, needle: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !gw.log_text().contains(needle) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log line {needle:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_success_body_that_stalls_is_cut_instead_of_holding_the_client() {
+    let ks = keys(1);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, None, &idle());
+    fake.set_mode(&ks[0], json!({"mode": "stall", "status": 200, "after": 10}))
+        .await;
+    let mut resp = client()
+        .post(format!("{}{GENERATE}", gw.url))
+        .insert_header(("x-goog-api-key", TOKEN))
+        .send_json(&generate_body())
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "the head had arrived");
+    let promised: usize = resp
+        .headers()
+        .get("content-length")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let read = tokio::time::timeout(HELD, resp.body().limit(1 << 20))
+        .await
+        .expect("the gateway held the client's connection");
+    match read {
+        // The connection closed short of the promised length.
+        Ok(body) => assert!(body.len() < promised, "{} of {promised}", body.len()),
+        Err(awc::error::PayloadError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+            panic!("the client's own timeout fired: the gateway held the connection")
+        }
+        Err(_) => {}
+    }
+    wait_for_log(&gw, "upstream body stalled").await;
+}
+
+#[actix_rt::test]
+async fn a_stream_that_stalls_ends_with_an_error_event() {
+    let ks = keys(1);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, None, &idle());
+    fake.set_mode(
+        &ks[0],
+        json!({"mode": "stall", "status": 200, "after": 100000, "sse": true}),
+    )
+    .await;
+    let mut resp = client()
+        .post(format!("{}{STREAM}", gw.url))
+        .insert_header(("x-goog-api-key", TOKEN))
+        .send_json(&generate_body())
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut text = String::new();
+    while let Some(chunk) = resp.next().await {
+        text.push_str(&String::from_utf8_lossy(
+            &chunk.expect("the stream ends cleanly"),
+        ));
+    }
+    let events: Vec<Value> = text
+        .split("\r\n\r\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{text}");
+    assert!(
+        events[0]["candidates"].is_array(),
+        "the first event came through"
+    );
+    assert_eq!(events[1]["error"]["status"], "DEADLINE_EXCEEDED", "{text}");
+}
+
+#[actix_rt::test]
+async fn an_error_body_that_stalls_is_a_transport_error_retried_elsewhere_unless_pinned() {
+    let ks = keys(2);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, None, &idle());
+    // Bind a session first, then make its key stall on a 429's body.
+    let (status, _) = post_json(
+        &format!("{}{GENERATE}", gw.url),
+        &generate_body(),
+        &[("x-session-id", "stalled")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let pinned_key = fake.requests().await.last().unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fake.set_mode(
+        &pinned_key,
+        json!({"mode": "stall", "status": 429, "after": 20}),
+    )
+    .await;
+    fake.post("/_fake/reset", json!({})).await;
+
+    // Unpinned: whichever key rotation picks, the client gets an answer.
+    for _ in 0..2 {
+        let (status, body) =
+            post_json(&format!("{}{GENERATE}", gw.url), &generate_body(), &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let seen = fake.requests().await;
+    assert!(
+        seen.iter().any(|r| r["key"] == pinned_key.as_str()),
+        "the stalling key was tried"
+    );
+
+    // Pinned: a Gemini-shaped 504, at once after the deadline.
+    let (status, body) = post_json(
+        &format!("{}{GENERATE}", gw.url),
+        &generate_body(),
+        &[("x-session-id", "stalled")],
+    )
+    .await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["status"], "DEADLINE_EXCEEDED");
+    // The stall says nothing about the key: it is not cooling.
+    assert!(
+        !gw.log_text().contains("key rate-limited"),
+        "a stalled 429 body is not read as a quota answer"
+    );
+}
