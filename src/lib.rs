@@ -2,6 +2,7 @@
 //! one client token, steers around rate-limited and dead keys, and routes
 //! every request that uses an uploaded file to the key that owns it.
 
+pub mod admin_session;
 pub mod auth;
 pub mod discovery;
 pub mod error;

@@ -73,6 +73,8 @@ pub struct Settings {
     /// How long a pinned request waits for its key's cooldown (GB_PIN_WAIT).
     pub pin_wait: Duration,
     pub upload_affinity: UploadAffinity,
+    /// Lifetime of an admin page session.
+    pub admin_session_ttl: Duration,
     /// Outbound proxies (`GB_PROXIES`), parsed; empty with `GB_PROXY_MODE=none`.
     pub proxies: Vec<crate::proxy::ProxySpec>,
     pub proxy_cooldown: Duration,
@@ -327,6 +329,7 @@ impl Raw {
             shutdown_grace: self.secs("shutdown_grace")?,
             recheck_interval: self.secs("recheck_interval")?,
             pin_wait: Duration::from_secs(self.num("pin_wait")?),
+            admin_session_ttl: self.secs("admin_session_ttl")?,
             upload_affinity: match self.req("upload_affinity")?.to_ascii_lowercase().as_str() {
                 "token" => UploadAffinity::Token,
                 "none" => UploadAffinity::None,

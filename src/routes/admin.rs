@@ -1,8 +1,9 @@
 //! `/admin`: a JSON API and a small server-rendered status page for
 //! operators, behind `GB_ADMIN_TOKEN` (every admin route answers 404 while it
 //! is unset). The API takes the token as `Authorization: Bearer`; the page
-//! logs in with a form and keeps a cookie derived from the token (never the
-//! token itself). Every action is logged with the key id, never the key.
+//! logs in with a form and keeps a session cookie (a random id, checked in
+//! the shared store, see `admin_session`), and its forms carry a CSRF token.
+//! Every action is logged with the key id, never the key.
 
 use std::fmt::Write as _;
 
@@ -11,9 +12,8 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
+use crate::admin_session;
 use crate::error::ApiError;
 use crate::files;
 use crate::gateway::Gateway;
@@ -44,12 +44,52 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     );
 }
 
-fn cookie_value(gw: &Gateway) -> Option<String> {
+/// The digest of the admin token in force, which every live session holds.
+fn generation(gw: &Gateway) -> Option<String> {
     use secrecy::ExposeSecret;
-    gw.settings.admin_token.as_ref().map(|t| {
-        let d = Sha256::digest(format!("gb-admin-session:{}", t.expose_secret()).as_bytes());
-        hex::encode(d)
-    })
+    gw.settings
+        .admin_token
+        .as_ref()
+        .map(|t| admin_session::generation(t.expose_secret()))
+}
+
+/// Whether the request may carry the session cookie over HTTPS only: the
+/// public URL is HTTPS, the listener serves TLS, or a trusted proxy says so.
+fn https(gw: &Gateway, req: &HttpRequest) -> bool {
+    gw.settings
+        .public_url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("https://"))
+        || req.app_config().secure()
+        || (gw.settings.trust_forwarded
+            && req
+                .headers()
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("https")))
+}
+
+/// A browser's POST from another site is refused: its `Origin`, when sent,
+/// must name the host the request was sent to.
+fn same_origin(req: &HttpRequest) -> Result<(), ApiError> {
+    let Some(origin) = req.headers().get("origin").and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if origin_host.eq_ignore_ascii_case(host) {
+        Ok(())
+    } else {
+        tracing::warn!("admin form post from another origin refused");
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Cross-origin admin requests are refused.",
+        ))
+    }
 }
 
 fn cookie_from(headers: &HeaderMap) -> Option<String> {
@@ -64,15 +104,49 @@ fn not_enabled() -> ApiError {
     ApiError::not_found("No route for this path.")
 }
 
+/// Who is calling: the API with the admin token, or the page with a live
+/// session.
+enum Caller {
+    Bearer,
+    Page { session: String },
+}
+
+impl Caller {
+    /// A page's form POST must carry its session's CSRF token.
+    fn check_form(&self, req: &HttpRequest, csrf: Option<&str>) -> Result<(), ApiError> {
+        match self {
+            Caller::Bearer => Ok(()),
+            Caller::Page { session } => {
+                same_origin(req)?;
+                if csrf.is_some_and(|t| admin_session::csrf_matches(session, t)) {
+                    Ok(())
+                } else {
+                    Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "The form is stale or was not sent by the admin page.",
+                    ))
+                }
+            }
+        }
+    }
+
+    fn csrf(&self) -> String {
+        match self {
+            Caller::Bearer => String::new(),
+            Caller::Page { session } => admin_session::csrf_token(session),
+        }
+    }
+}
+
 /// 404 while admin is off; 401 without a token; 403 with a wrong one (a
 /// client token included).
-fn check(gw: &Gateway, req: &HttpRequest) -> Result<(), ApiError> {
+async fn check(gw: &Gateway, req: &HttpRequest) -> Result<Caller, ApiError> {
     if !gw.auth.admin_enabled() {
         return Err(not_enabled());
     }
-    if let (Some(cookie), Some(want)) = (cookie_from(req.headers()), cookie_value(gw)) {
-        if bool::from(cookie.as_bytes().ct_eq(want.as_bytes())) {
-            return Ok(());
+    if let (Some(id), Some(gen)) = (cookie_from(req.headers()), generation(gw)) {
+        if admin_session::valid(gw.store(), &id, &gen).await {
+            return Ok(Caller::Page { session: id });
         }
     }
     let bearer = req
@@ -89,7 +163,7 @@ fn check(gw: &Gateway, req: &HttpRequest) -> Result<(), ApiError> {
             StatusCode::UNAUTHORIZED,
             "Admin token required (Authorization: Bearer).",
         )),
-        Some(t) if gw.auth.is_admin(Some(t)) => Ok(()),
+        Some(t) if gw.auth.is_admin(Some(t)) => Ok(Caller::Bearer),
         Some(_) => Err(ApiError::new(StatusCode::FORBIDDEN, "Not the admin token.")),
     }
 }
@@ -133,7 +207,7 @@ async fn key_rows(gw: &Gateway) -> Result<Vec<KeyRow>, ApiError> {
 }
 
 async fn api_keys(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    check(&gw, &req)?;
+    check(&gw, &req).await?;
     Ok(HttpResponse::Ok().json(json!({"keys": key_rows(&gw).await?})))
 }
 
@@ -189,7 +263,7 @@ async fn api_action(
     req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    check(&gw, &req)?;
+    check(&gw, &req).await?;
     let (id, action) = path.into_inner();
     Ok(HttpResponse::Ok().json(act(&gw, &up, &id, &action).await?))
 }
@@ -199,7 +273,7 @@ async fn api_session(
     req: HttpRequest,
     sid: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    check(&gw, &req)?;
+    check(&gw, &req).await?;
     let sid =
         SessionId::parse_any(&sid).ok_or_else(|| ApiError::bad_request("Invalid session id."))?;
     let key = session::lookup(gw.store(), &sid)
@@ -214,7 +288,7 @@ async fn api_file(
     req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    check(&gw, &req)?;
+    check(&gw, &req).await?;
     let id = id.trim_start_matches("files/").to_string();
     if !files::valid_file_id(&id) {
         return Err(ApiError::bad_request(
@@ -231,7 +305,7 @@ async fn api_file(
 }
 
 async fn api_replicas(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    check(&gw, &req)?;
+    check(&gw, &req).await?;
     let list = replicas::list(gw.store())
         .await
         .map_err(|e| crate::pipeline::store_down(e, crate::error::Flavor::Gemini))?;
@@ -251,7 +325,7 @@ fn proxy_rows(gw: &Gateway) -> Vec<serde_json::Value> {
 }
 
 async fn api_proxies(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    check(&gw, &req)?;
+    check(&gw, &req).await?;
     Ok(HttpResponse::Ok().json(json!({"proxies": proxy_rows(&gw)})))
 }
 
@@ -260,13 +334,20 @@ struct LoginForm {
     token: String,
 }
 
+#[derive(Deserialize)]
+struct CsrfForm {
+    csrf: Option<String>,
+}
+
 async fn login(
     gw: web::Data<Gateway>,
+    req: HttpRequest,
     form: web::Form<LoginForm>,
 ) -> Result<HttpResponse, ApiError> {
     if !gw.auth.admin_enabled() {
         return Err(not_enabled());
     }
+    same_origin(&req)?;
     if !gw.auth.is_admin(Some(form.token.trim())) {
         tracing::warn!("admin login refused");
         return Ok(html(
@@ -274,25 +355,48 @@ async fn login(
             &login_page(Some("That is not the admin token.")),
         ));
     }
-    let value = cookie_value(&gw).unwrap_or_default();
+    let down = |e| crate::pipeline::store_down(e, crate::error::Flavor::Gemini);
+    let id = admin_session::new_id().map_err(down)?;
+    let ttl = gw.settings.admin_session_ttl;
+    admin_session::open(gw.store(), &id, &generation(&gw).unwrap_or_default(), ttl)
+        .await
+        .map_err(down)?;
     tracing::info!("admin logged in");
+    let secure = if https(&gw, &req) { "; Secure" } else { "" };
     Ok(HttpResponse::SeeOther()
         .insert_header((LOCATION, "/admin"))
         .insert_header((
             SET_COOKIE,
-            format!("{COOKIE_NAME}={value}; Path=/admin; HttpOnly; SameSite=Strict"),
+            format!(
+                "{COOKIE_NAME}={id}; Path=/admin; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
+                ttl.as_secs()
+            ),
         ))
         .finish())
 }
 
-async fn logout() -> HttpResponse {
-    HttpResponse::SeeOther()
+async fn logout(
+    gw: web::Data<Gateway>,
+    req: HttpRequest,
+    form: web::Form<CsrfForm>,
+) -> Result<HttpResponse, ApiError> {
+    if let Ok(caller) = check(&gw, &req).await {
+        caller.check_form(&req, form.csrf.as_deref())?;
+        if let Caller::Page { session } = caller {
+            if let Err(e) = admin_session::close(gw.store(), &session).await {
+                tracing::warn!(error = %e, "admin session could not be closed");
+            }
+            tracing::info!("admin logged out");
+        }
+    }
+    let secure = if https(&gw, &req) { "; Secure" } else { "" };
+    Ok(HttpResponse::SeeOther()
         .insert_header((LOCATION, "/admin"))
         .insert_header((
             SET_COOKIE,
-            format!("{COOKIE_NAME}=; Path=/admin; Max-Age=0"),
+            format!("{COOKIE_NAME}=; Path=/admin; Max-Age=0; HttpOnly; SameSite=Strict{secure}"),
         ))
-        .finish()
+        .finish())
 }
 
 async fn page_action(
@@ -300,8 +404,11 @@ async fn page_action(
     up: web::Data<Upstream>,
     req: HttpRequest,
     path: web::Path<(String, String)>,
+    form: web::Form<CsrfForm>,
 ) -> Result<HttpResponse, ApiError> {
-    check(&gw, &req)?;
+    check(&gw, &req)
+        .await?
+        .check_form(&req, form.csrf.as_deref())?;
     let (id, action) = path.into_inner();
     act(&gw, &up, &id, &action).await?;
     Ok(HttpResponse::SeeOther()
@@ -344,9 +451,13 @@ async fn page(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, 
     if !gw.auth.admin_enabled() {
         return Err(not_enabled());
     }
-    if check(&gw, &req).is_err() {
+    let Ok(caller) = check(&gw, &req).await else {
         return Ok(html(StatusCode::OK, &login_page(None)));
-    }
+    };
+    let csrf = format!(
+        "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+        caller.csrf()
+    );
     let store = gw.store();
     let store_status = match store.ping().await {
         Ok(latency) => format!(
@@ -366,7 +477,7 @@ async fn page(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, 
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>gemini-balancer admin</title>\
          <style>{STYLE}</style></head><body><h1>gemini-balancer</h1>\
          <p>State store: <b id=\"store\">{}</b> · requests in the last hour: <b>{total}</b> \
-         ({:.1}/min) · <form method=\"post\" action=\"/admin/logout\"><button>Log out</button></form></p>\
+         ({:.1}/min) · <form method=\"post\" action=\"/admin/logout\">{csrf}<button>Log out</button></form></p>\
          <h2>Keys</h2><table id=\"keys\"><tr><th>id</th><th>key</th><th>state</th><th>until / reason</th>\
          <th>requests (1h)</th><th>failures (1h)</th><th>by outcome</th><th>actions</th></tr>",
         esc(&store_status),
@@ -395,8 +506,8 @@ async fn page(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, 
             body,
             "<tr id=\"key-{id}\"><td>{id}</td><td>{}</td><td class=\"state {}\">{}</td><td>{detail}</td>\
              <td>{}</td><td>{}</td><td>{}</td><td>\
-             <form method=\"post\" action=\"/admin/keys/{id}/{action}\"><button name=\"{action}\">{label}</button></form> \
-             <form method=\"post\" action=\"/admin/keys/{id}/recheck\"><button>Re-check</button></form></td></tr>",
+             <form method=\"post\" action=\"/admin/keys/{id}/{action}\">{csrf}<button name=\"{action}\">{label}</button></form> \
+             <form method=\"post\" action=\"/admin/keys/{id}/recheck\">{csrf}<button>Re-check</button></form></td></tr>",
             esc(&v.masked),
             v.state,
             v.state,
