@@ -35,7 +35,8 @@ pub enum Kind {
 
 #[derive(Clone)]
 pub struct ProxySpec {
-    /// Stable id: first 12 hex of the SHA-256 of the proxy URL.
+    /// Stable id: first 12 hex of the SHA-256 of scheme, user, host and port
+    /// (never the password).
     pub id: String,
     /// The URL with any password masked, for logs and admin.
     pub display: String,
@@ -102,8 +103,14 @@ pub fn parse(url: &str) -> Result<ProxySpec, String> {
         Some((user, _)) => format!("{scheme}://{user}:****@{hostport}"),
         None => format!("{scheme}://{hostport}"),
     };
+    // The id names the proxy without its password: it is shown in metrics
+    // and the admin API, and a hash of a short password could be reversed.
+    let identity = match &auth {
+        Some((user, _)) => format!("{scheme}://{user}@{host}:{port}"),
+        None => format!("{scheme}://{host}:{port}"),
+    };
     Ok(ProxySpec {
-        id: short_hash(url),
+        id: short_hash(&identity),
         display,
         kind,
         host,
@@ -399,6 +406,16 @@ impl ProxyRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxy_id_does_not_depend_on_its_password() {
+        let a = parse("http://alice:one@proxy.example:3128").unwrap();
+        let b = parse("http://alice:two@proxy.example:3128").unwrap();
+        let c = parse("http://bob:one@proxy.example:3128").unwrap();
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+        assert_ne!(a.id, short_hash("http://alice:one@proxy.example:3128"));
+    }
 
     #[test]
     fn urls_parse_and_mask_credentials() {

@@ -61,10 +61,20 @@ thread_local! {
     static THREAD_SLOT: usize = THREADS_SEEN.fetch_add(1, Ordering::Relaxed);
 }
 
+/// The circuit breaker's state. Its times are on the monotonic clock
+/// ([`monotonic_ms`]): a wall clock stepped back would keep it open for the
+/// size of the step.
 #[derive(Default)]
 struct Breaker {
     failures: AtomicU32,
     open_until_ms: AtomicU64,
+}
+
+/// Milliseconds on the monotonic clock since this process first asked
+/// (never 0, so a zeroed breaker is closed).
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 pub struct RedisStore {
@@ -150,7 +160,7 @@ impl RedisStore {
             let conn = self.connection(slot).await?;
             f(conn).await.map_err(redis_error)
         };
-        let now = super::now_ms();
+        let now = monotonic_ms();
         if self.breaker.open_until_ms.load(Ordering::Relaxed) > now {
             return Err(StoreError::Unavailable(
                 "circuit open after repeated failures; retrying shortly".into(),
@@ -176,7 +186,7 @@ impl RedisStore {
                 if failures >= TRIP_AFTER {
                     self.breaker
                         .open_until_ms
-                        .store(super::now_ms() + OPEN_FOR_MS, Ordering::Relaxed);
+                        .store(monotonic_ms() + OPEN_FOR_MS, Ordering::Relaxed);
                 }
             }
             Err(_) => {}
