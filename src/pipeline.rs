@@ -566,7 +566,17 @@ pub async fn read_small<S>(
 where
     S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin,
 {
+    let promised = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     match tokio::time::timeout(idle.min(ERROR_BODY_DEADLINE), resp.body().limit(limit)).await {
+        // A connection closed early ends the body as if it were complete.
+        Ok(Ok(body)) if promised.is_some_and(|n| n != body.len()) => {
+            tracing::warn!(got = body.len(), promised, "upstream body ended early");
+            None
+        }
         Ok(Ok(body)) => Some(body),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "upstream body could not be read");

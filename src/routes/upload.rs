@@ -264,11 +264,19 @@ async fn chunk(
             if let Some(key) = key {
                 pipeline::note_transport_failure(gw, up, key, &e).await;
             }
+            // The finalize may have reached the upstream and made the file
+            // although its answer never came back.
+            if commands.finalize {
+                if let Some((status, headers, body)) = query_final(gw, up, &record, key).await {
+                    return finish(gw, &record, status, &headers, body).await;
+                }
+            }
             return Err(transport_error(&e).flavor(FLAVOR));
         }
     };
     let is_final = header(resp.headers(), "x-goog-upload-status").as_deref() == Some("final");
-    if !(commands.finalize && resp.status().is_success() && is_final) {
+    let finished = resp.status().is_success() && is_final;
+    if !finished && !commands.finalize {
         if !resp.status().is_success() {
             let status = resp.status();
             let headers = resp.headers().clone();
@@ -283,6 +291,88 @@ async fn chunk(
         }
         return Ok(stream_back(resp, gw.settings.upstream_idle_timeout));
     }
+    // The upload is (or may already be) finished: the client gets its file
+    // only once the gateway knows who owns it.
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let read = pipeline::read_small(
+        &mut resp,
+        FINAL_BODY_LIMIT,
+        gw.settings.upstream_idle_timeout,
+    )
+    .await;
+    let (status, headers, body) = match (finished, read) {
+        (true, Some(body)) => (status, headers, body),
+        // The final answer was lost, or the upstream refused a repeated
+        // finalize: ask the upload itself whether it made a file.
+        (_, read) => match query_final(gw, up, &record, key).await {
+            Some(found) => found,
+            None if finished => {
+                return Err(upload_error(
+                    StatusCode::BAD_GATEWAY,
+                    "The upstream's final answer could not be read. Repeat the request to \
+                     finish the upload.",
+                ))
+            }
+            None => {
+                return Ok(ensure_final(buffered_back(
+                    status,
+                    &headers,
+                    read.unwrap_or_default(),
+                )))
+            }
+        },
+    };
+    finish(gw, &record, status, &headers, body).await
+}
+
+/// An upload's final answer reaches the client only once its file's owner
+/// is recorded.
+async fn finish(
+    gw: &Gateway,
+    record: &UploadRecord,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<HttpResponse, ApiError> {
+    match record_file(gw, &body, &record.key, &record.owner).await {
+        Recorded::Yes | Recorded::NoName => Ok(buffered_back(status, headers, body)),
+        Recorded::StoreFailed => Err(upload_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The file was created, but the gateway could not record which key owns it. \
+             Repeat the request to finish the upload.",
+        )
+        .retry_after(1)),
+    }
+}
+
+/// A `query` to an upload that may be finished: its final answer (with the
+/// file) when it is.
+async fn query_final(
+    gw: &Gateway,
+    up: &Upstream,
+    record: &UploadRecord,
+    key: Option<&crate::keys::ApiKey>,
+) -> Option<(StatusCode, HeaderMap, Bytes)> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        actix_web::http::header::HeaderName::from_static("x-goog-upload-command"),
+        HeaderValue::from_static("query"),
+    );
+    let send = up
+        .request_to(
+            Method::POST,
+            &record.url,
+            &headers,
+            key,
+            KeyStyle::GoogHeader,
+        )
+        .send();
+    let mut resp = send.await.ok()?;
+    let is_final = header(resp.headers(), "x-goog-upload-status").as_deref() == Some("final");
+    if !(resp.status().is_success() && is_final) {
+        return None;
+    }
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = pipeline::read_small(
@@ -290,20 +380,24 @@ async fn chunk(
         FINAL_BODY_LIMIT,
         gw.settings.upstream_idle_timeout,
     )
-    .await
-    .ok_or_else(|| {
-        upload_error(
-            StatusCode::BAD_GATEWAY,
-            "The upstream's final answer could not be read.",
-        )
-    })?;
-    record_file(gw, &body, &record.key, &record.owner).await;
-    Ok(buffered_back(status, &headers, body))
+    .await?;
+    tracing::info!(key_id = %record.key, "upload's final answer recovered by a status query");
+    Some((status, headers, body))
+}
+
+enum Recorded {
+    Yes,
+    /// The answer names no file: nothing to record.
+    NoName,
+    /// The store failed, even after brief retries.
+    StoreFailed,
 }
 
 /// Remembers who owns the file an upload created, from Google's answer
-/// (`{"file": {"name": "files/…"}}`).
-async fn record_file(gw: &Gateway, body: &Bytes, key_id: &str, owner: &str) {
+/// (`{"file": {"name": "files/…"}}`), retrying briefly when the store fails:
+/// a file whose owner is not recorded could later be claimed by another
+/// token through discovery.
+async fn record_file(gw: &Gateway, body: &Bytes, key_id: &str, owner: &str) -> Recorded {
     let name = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {
@@ -318,21 +412,28 @@ async fn record_file(gw: &Gateway, body: &Bytes, key_id: &str, owner: &str) {
             key_id,
             "upload finished but its answer names no file; ownership not recorded"
         );
-        return;
+        return Recorded::NoName;
     };
     let record = FileRecord {
         key: key_id.to_string(),
         owner: owner.to_string(),
     };
-    match files::remember(gw.store(), &name, &record, gw.settings.file_ttl).await {
-        Ok(()) => {
-            gw.metrics.files_recorded.inc();
-            tracing::info!(file = %name, key_id, "file uploaded; owner recorded")
-        }
-        Err(e) => {
-            tracing::error!(file = %name, key_id, error = %e, "file uploaded but its owner could not be recorded")
+    let mut failure = None;
+    for pause_ms in [0, 100, 400] {
+        tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+        match files::remember(gw.store(), &name, &record, gw.settings.file_ttl).await {
+            Ok(()) => {
+                gw.metrics.files_recorded.inc();
+                tracing::info!(file = %name, key_id, "file uploaded; owner recorded");
+                return Recorded::Yes;
+            }
+            Err(e) => failure = Some(e),
         }
     }
+    if let Some(e) = failure {
+        tracing::error!(file = %name, key_id, error = %e, "file uploaded but its owner could not be recorded");
+    }
+    Recorded::StoreFailed
 }
 
 /// Single-shot `raw` or `multipart` upload: streamed upstream with the
@@ -390,7 +491,14 @@ async fn single_shot(
     .await
     .unwrap_or_default();
     if status.is_success() {
-        record_file(gw, &body, &key.id, &owner).await;
+        if let Recorded::StoreFailed = record_file(gw, &body, &key.id, &owner).await {
+            return Err(upload_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The file was created, but the gateway could not record which key owns it. \
+                 Upload it again.",
+            )
+            .retry_after(1));
+        }
     } else {
         let outcome = crate::health::classify(status, &body, crate::store::now_ms());
         gw.keys.record(gw.store(), key, &outcome).await;

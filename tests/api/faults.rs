@@ -152,3 +152,126 @@ async fn an_error_body_that_stalls_is_a_transport_error_retried_elsewhere_unless
         "a stalled 429 body is not read as a quota answer"
     );
 }
+
+/// Starts a resumable upload through the gateway; returns its upload URL.
+async fn start_upload(gw: &Gateway, data: &[u8]) -> String {
+    let resp = client()
+        .post(format!("{}/upload/v1beta/files", gw.url))
+        .insert_header(("x-goog-api-key", TOKEN))
+        .insert_header(("x-goog-upload-protocol", "resumable"))
+        .insert_header(("x-goog-upload-command", "start"))
+        .send_json(&json!({"file": {"display_name": "f", "mime_type": "text/plain", "size_bytes": data.len()}}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.headers()
+        .get("x-goog-upload-url")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn finalize(url: &str, data: &[u8]) -> (u16, Value, Option<String>) {
+    let mut resp = client()
+        .post(url)
+        .insert_header(("x-goog-upload-command", "upload, finalize"))
+        .insert_header(("x-goog-upload-offset", "0"))
+        .send_body(data.to_vec())
+        .await
+        .unwrap();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    (resp.status().as_u16(), body, retry)
+}
+
+async fn file_status(gw: &Gateway, name: &str, token: &str) -> u16 {
+    client()
+        .get(format!("{}/v1beta/{name}", gw.url))
+        .insert_header(("x-goog-api-key", token))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[actix_rt::test]
+async fn a_finalize_whose_answer_is_lost_still_gives_the_file_to_its_uploader() {
+    let redis = Redis::start();
+    let ks = keys(2);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    for k in &ks {
+        fake.set_mode(k, json!({"mode": "cut_finalize"})).await;
+    }
+    let url = start_upload(&gw, b"precious").await;
+    let (status, body, _) = finalize(&url, b"precious").await;
+    assert_eq!(status, 200, "{body}");
+    let name = body["file"]["name"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{body}"))
+        .to_string();
+    assert!(gw.log_text().contains("recovered by a status query"));
+    assert_eq!(
+        file_status(&gw, &name, TOKEN).await,
+        200,
+        "the uploader owns it"
+    );
+    assert_eq!(
+        file_status(&gw, &name, TOKEN_B).await,
+        404,
+        "no other token can claim it"
+    );
+}
+
+#[actix_rt::test]
+async fn a_finalize_whose_owner_cannot_be_recorded_is_refused_until_it_can() {
+    let redis = Redis::start();
+    let ks = keys(2);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    let url = start_upload(&gw, b"precious").await;
+    // Redis still answers reads but refuses every write.
+    assert_eq!(
+        redis
+            .cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+            .trim(),
+        "+OK"
+    );
+    assert_eq!(
+        redis.cmd(&["CONFIG", "SET", "maxmemory", "1"]).trim(),
+        "+OK"
+    );
+    let (status, body, retry) = finalize(&url, b"precious").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(retry.is_some(), "the client is told to retry");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Repeat the request"),
+        "{body}"
+    );
+    assert_eq!(
+        redis.cmd(&["CONFIG", "SET", "maxmemory", "0"]).trim(),
+        "+OK"
+    );
+    // The client repeats the finalize: the file the upload made is recorded
+    // and handed out.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let name = loop {
+        let (status, body, _) = finalize(&url, b"precious").await;
+        if status == 200 {
+            break body["file"]["name"].as_str().unwrap().to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "{status} {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(fake.file_owners().await.len(), 1, "one file, created once");
+    assert_eq!(file_status(&gw, &name, TOKEN).await, 200);
+    assert_eq!(file_status(&gw, &name, TOKEN_B).await, 404);
+}

@@ -2,11 +2,12 @@
 //! file visible only to the key that uploaded it.
 
 use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::errors;
-use crate::state::{random_id, Fake, FileMeta, Upload};
+use crate::state::{random_id, Fake, FileMeta, Mode, Upload};
 
 fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
@@ -218,14 +219,26 @@ async fn chunk(
     let Some(upload) = fake.lock().uploads.get(id).cloned() else {
         return upload_error(404, "Upload not found.");
     };
+    // A finished upload answers a query, or a repeated finalize, with its
+    // file, as the upload service does.
+    let finished = upload.done.as_ref().and_then(|name| {
+        fake.lock()
+            .files
+            .get(name)
+            .cloned()
+            .map(|m| (name.clone(), m))
+    });
+    if let Some((name, meta)) = finished {
+        if commands.contains(&"query") || commands.contains(&"finalize") {
+            return HttpResponse::Ok()
+                .insert_header(("x-goog-upload-status", "final"))
+                .insert_header(("x-goog-upload-size-received", upload.received.to_string()))
+                .json(json!({"file": file_json(&base_url(req), ver, &name, &meta)}));
+        }
+    }
     if commands.contains(&"query") {
-        let status = if upload.done.is_some() {
-            "final"
-        } else {
-            "active"
-        };
         return HttpResponse::Ok()
-            .insert_header(("x-goog-upload-status", status))
+            .insert_header(("x-goog-upload-status", "active"))
             .insert_header(("x-goog-upload-size-received", upload.received.to_string()))
             .finish();
     }
@@ -267,13 +280,33 @@ async fn chunk(
         upload.mime_type.clone(),
         received,
     );
-    if let Some(u) = fake.lock().uploads.get_mut(id) {
-        u.received = received;
-        u.done = Some(name.clone());
+    let cut = {
+        let mut inner = fake.lock();
+        if let Some(u) = inner.uploads.get_mut(id) {
+            u.received = received;
+            u.done = Some(name.clone());
+        }
+        matches!(inner.modes.get(&upload.key), Some(Mode::CutFinalize))
+    };
+    let body = json!({"file": file_json(&base_url(req), ver, &name, &meta)}).to_string();
+    if cut {
+        // The file exists, but its answer breaks off after a few bytes.
+        let first = Bytes::from(body.as_bytes()[..8].to_vec());
+        let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) })
+            .chain(futures_util::stream::once(async {
+                // Let the head and the first bytes reach the wire first.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                Err(std::io::Error::other("final answer cut by test switch"))
+            }));
+        return HttpResponse::Ok()
+            .insert_header(("x-goog-upload-status", "final"))
+            .content_type("application/json")
+            .body(actix_web::body::SizedStream::new(body.len() as u64, stream));
     }
     HttpResponse::Ok()
         .insert_header(("x-goog-upload-status", "final"))
-        .json(json!({"file": file_json(&base_url(req), ver, &name, &meta)}))
+        .content_type("application/json")
+        .body(body)
 }
 
 /// `GET/DELETE /{ver}/files/{id}` and `GET /{ver}/files`.

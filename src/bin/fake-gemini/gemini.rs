@@ -58,7 +58,7 @@ pub async fn gate_for(
         return Err(errors::respond(400, errors::invalid_key(), openai));
     }
     match mode {
-        Mode::Normal | Mode::BreakStream => Ok(key),
+        Mode::Normal | Mode::BreakStream | Mode::CutFinalize => Ok(key),
         Mode::Drop => Err(dropped()),
         Mode::Stall { status, after, sse } => Err(stalled(status, after, sse)),
         Mode::Quota {

@@ -35,6 +35,8 @@ pub enum Mode {
     BreakStream,
     /// The connection closes with no answer at all.
     Drop,
+    /// An upload's finalize creates the file, but its answer breaks off.
+    CutFinalize,
     /// Answers `status` (a model answer for 200, a quota error otherwise,
     /// an SSE event with `sse`), promises more than it sends, sends the
     /// first `after` bytes, then goes silent with the connection open: a
