@@ -328,8 +328,14 @@ async fn another_token_cannot_get_delete_or_list_a_file() {
             .insert_header(("x-goog-api-key", token))
             .send()
     };
-    let v: Value = list(TOKEN_B).await.unwrap().json().await.unwrap();
-    assert!(v.get("files").is_none(), "{v}");
+    let mut resp = list(TOKEN_B).await.unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "another token lists nothing, without an error"
+    );
+    let v: Value = resp.json().await.unwrap();
+    assert!(v.get("files").is_none() && v.get("error").is_none(), "{v}");
     let v: Value = list(TOKEN).await.unwrap().json().await.unwrap();
     assert_eq!(v["files"][0]["name"], name.as_str());
     // The owner deletes it; then it is gone for everyone.

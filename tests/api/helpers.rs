@@ -127,8 +127,12 @@ impl Redis {
         self.proc = Some(Self::spawn(self.port).expect("redis-server restarts on its port"));
     }
 
+    /// One command's raw reply. Fails the test when the server does not
+    /// answer: a negative check ("nothing was written") must never pass
+    /// because Redis was unreachable.
     pub fn cmd(&self, args: &[&str]) -> String {
-        redis_cmd(self.port, args).unwrap_or_default()
+        redis_cmd(self.port, args)
+            .unwrap_or_else(|| panic!("redis-server on port {} did not answer {args:?}", self.port))
     }
 }
 

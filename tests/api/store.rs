@@ -477,3 +477,90 @@ async fn both_stores_agree_on_a_sequence_of_key_events() {
         memory.member_states("r").await.unwrap()
     );
 }
+
+/// Every key and value the gateway writes to Redis, through every kind of
+/// request, is free of real keys and client or admin tokens.
+#[actix_rt::test]
+async fn nothing_the_gateway_writes_to_redis_holds_a_key_or_a_token() {
+    use crate::helpers::*;
+    use serde_json::json;
+    let redis = Redis::start();
+    let ks = keys(3);
+    let fake = FakeUpstream::start(&ks[..2]); // the third key is invalid
+    let admin = "admin-token-scanned-for";
+    let gw = Gateway::start_for(&fake.url, &ks, Some(&redis), &[("GB_ADMIN_TOKEN", admin)]);
+    let generate = format!("{}/v1beta/models/gemini-2.0-flash:generateContent", gw.url);
+    for _ in 0..4 {
+        post_json(&generate, &generate_body(), &[]).await;
+    }
+    post_json(
+        &generate,
+        &generate_body(),
+        &[("x-session-id", "scan-session")],
+    )
+    .await;
+    let upload = format!("{}/upload/v1beta/files", gw.url);
+    let a = upload_file(&upload, None, &[], b"a").await;
+    let b = upload_file(&upload, None, &[("x-session-id", "scan-session")], b"b").await;
+    post_json(&generate, &file_body(&[&a]), &[]).await;
+    post_json(&generate, &file_body(&[&b]), &[]).await;
+    fake.set_mode(
+        &ks[0],
+        json!({"mode": "quota", "model": "gemini-2.0-flash", "retryDelay": "30s"}),
+    )
+    .await;
+    for _ in 0..3 {
+        post_json(&generate, &generate_body(), &[]).await;
+    }
+    let login = client()
+        .post(format!("{}/admin/login", gw.url))
+        .send_form(&[("token", admin)])
+        .await
+        .unwrap();
+    assert_eq!(login.status().as_u16(), 303);
+    // Counters reach Redis on the statistics flush.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !redis.cmd(&["KEYS", "gb:stats:*"]).contains("gb:stats:") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "statistics never flushed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let names: Vec<String> = redis
+        .cmd(&["KEYS", "*"])
+        .lines()
+        .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
+        .map(str::to_string)
+        .collect();
+    let mut dump = String::new();
+    for name in &names {
+        let kind = redis.cmd(&["TYPE", name]);
+        let value = match kind.trim().trim_start_matches('+') {
+            "string" => redis.cmd(&["GET", name]),
+            "hash" => redis.cmd(&["HGETALL", name]),
+            "zset" => redis.cmd(&["ZRANGE", name, "0", "-1", "WITHSCORES"]),
+            "set" => redis.cmd(&["SMEMBERS", name]),
+            "list" => redis.cmd(&["LRANGE", name, "0", "-1"]),
+            other => panic!("{name} has an unexpected type {other}"),
+        };
+        dump.push_str(&format!("{name} => {value}\n"));
+    }
+    for kind in [
+        "session",
+        "upload",
+        "file",
+        "ring",
+        "stats",
+        "admin-session",
+    ] {
+        assert!(
+            dump.contains(&format!("gb:{kind}")) || dump.contains(&format!("gb:{{{kind}")),
+            "the scan saw {kind} data:\n{dump}"
+        );
+    }
+    for secret in ks.iter().map(String::as_str).chain([TOKEN, TOKEN_B, admin]) {
+        assert!(!dump.contains(secret), "Redis holds a secret:\n{dump}");
+    }
+}

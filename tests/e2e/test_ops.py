@@ -13,6 +13,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -57,7 +58,11 @@ def state_of(browser, kid):
 
 def wait_for(browser, condition):
     """Form posts navigate; wait (bounded) until the new page shows it."""
-    return WebDriverWait(browser, 15, ignored_exceptions=(Exception,)).until(lambda b: condition(b))
+    # Only "the new page is not there yet" is waited out; any other error
+    # fails the test at once.
+    return WebDriverWait(
+        browser, 15, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+    ).until(lambda b: condition(b))
 
 
 def test_log_in_see_the_keys_and_disable_one(admin_stack, browser):

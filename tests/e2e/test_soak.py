@@ -24,3 +24,4 @@ def test_short_soak_loses_nothing_and_misroutes_nothing():
     for op in ("generate", "stream", "upload_pair", "use_file"):
         assert outcomes.get(f"{op}:ok", 0) > 0, outcomes
     assert not report["secrets_in_logs"]
+    assert report["sigterm_exit_code"] == 0, "the SIGTERM'd replica drained and exited 0"
