@@ -18,17 +18,6 @@ fn idle() -> [(&'static str, &'static str); 1] {
     [("GB_UPSTREAM_IDLE_TIMEOUT", "1")]
 }
 
-async fn wait_for_log(gw: &Gateway, needle: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !gw.log_text().contains(needle) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no log line {needle:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-}
-
 #[actix_rt::test]
 async fn a_success_body_that_stalls_is_cut_instead_of_holding_the_client() {
     let ks = keys(1);
@@ -62,7 +51,7 @@ async fn a_success_body_that_stalls_is_cut_instead_of_holding_the_client() {
         }
         Err(_) => {}
     }
-    wait_for_log(&gw, "upstream body stalled").await;
+    gw.wait_for_log("upstream body stalled").await;
 }
 
 #[actix_rt::test]
@@ -215,7 +204,7 @@ async fn a_finalize_whose_answer_is_lost_still_gives_the_file_to_its_uploader() 
         .as_str()
         .unwrap_or_else(|| panic!("{body}"))
         .to_string();
-    assert!(gw.log_text().contains("recovered by a status query"));
+    gw.wait_for_log("recovered by a status query").await;
     assert_eq!(
         file_status(&gw, &name, TOKEN).await,
         200,

@@ -340,6 +340,21 @@ impl Gateway {
         }
     }
 
+    /// Waits (bounded) until a log line contains `needle`: the gateway's
+    /// stderr is read by another thread, so a line about an answer the test
+    /// already has may not have been collected yet.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no log line containing {needle:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log").join("\n")
     }

@@ -393,9 +393,11 @@ async fn a_redis_outage_never_hangs_a_request_and_recovery_is_automatic() {
         } else {
             post_json(&format!("{}{GENERATE}", gw.url), &generate_body(), &[]).await
         };
+        // Not a speed check: a bound against hanging, far above the
+        // Redis timeout a request may wait for.
         assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "request {i} took {:?}",
+            started.elapsed() < Duration::from_secs(15),
+            "request {i} hung for {:?}",
             started.elapsed()
         );
         if i % 3 == 2 {
