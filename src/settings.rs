@@ -346,10 +346,12 @@ impl Raw {
     }
 }
 
+/// Entries separated by `sep`; `#` starts a comment (a whole line, or the
+/// rest of one: keys and tokens never contain `#`).
 fn split_list(text: &str, sep: char) -> Vec<SecretString> {
     text.split(sep)
-        .map(str::trim)
-        .filter(|s| !s.is_empty() && !s.starts_with('#'))
+        .map(|s| s.split('#').next().unwrap_or("").trim())
+        .filter(|s| !s.is_empty())
         .map(|s| SecretString::from(s.to_string()))
         .collect()
 }

@@ -168,10 +168,12 @@ async fn the_admin_cookie_is_secure_behind_https() {
         &[
             ("GB_ADMIN_TOKEN", ADMIN),
             ("GB_PUBLIC_URL", "https://gateway.example"),
+            ("GB_ADMIN_SESSION_TTL", "600"),
         ],
     );
     let (_, set_cookie) = login(&gw).await;
     assert!(set_cookie.contains("; Secure"), "{set_cookie}");
+    assert!(set_cookie.contains("Max-Age=600;"), "{set_cookie}");
     let trusted = Gateway::start(
         &fake,
         None,

@@ -469,6 +469,29 @@ async fn handed_out_upload_urls_use_the_public_base_and_keep_the_path_prefix() {
         url.starts_with("https://api.example.org/llm/upload/v1/files?upload_id="),
         "{url}"
     );
+    // Partial headers: each one that is sent counts, the rest come from the
+    // request itself.
+    let host = trusting.url.trim_start_matches("http://");
+    let url = start_upload_url(
+        &trusting,
+        "/upload/v1/files",
+        &[("x-forwarded-proto", "https")],
+    )
+    .await;
+    assert!(
+        url.starts_with(&format!("https://{host}/upload/v1/files?upload_id=")),
+        "{url}"
+    );
+    let url = start_upload_url(
+        &trusting,
+        "/upload/v1/files",
+        &[("x-forwarded-host", "api.example.org")],
+    )
+    .await;
+    assert!(
+        url.starts_with("http://api.example.org/upload/v1/files?upload_id="),
+        "{url}"
+    );
 
     let plain = Gateway::start(&fake, None, &[]);
     let url = start_upload_url(&plain, "/upload/v1/files", &forwarded).await;

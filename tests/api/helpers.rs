@@ -117,6 +117,18 @@ impl Redis {
     }
 
     /// Kills the server (its data is gone with it).
+    /// Sends a signal (`-STOP`, `-CONT`) to the server: a stopped server
+    /// keeps its port open but never answers.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.proc.as_ref().expect("running").child.id().to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     pub fn stop(&mut self) {
         self.proc = None;
     }

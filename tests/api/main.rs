@@ -4,6 +4,7 @@
 
 mod admin_sessions;
 mod core;
+mod docs;
 mod faults;
 mod files;
 mod hardening;
@@ -13,5 +14,6 @@ mod key_health;
 mod migrations;
 mod ops;
 mod proxies;
+mod settings_effects;
 mod store;
 mod tls;

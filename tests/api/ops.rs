@@ -189,7 +189,7 @@ fn metric(text: &str, prefix: &str) -> f64 {
 
 #[actix_rt::test]
 async fn metrics_move_as_requests_flow() {
-    let redis = Redis::start();
+    let mut redis = Redis::start();
     let ks = keys(2);
     let fake = FakeUpstream::start(&ks);
     let gw = Gateway::start(&fake, Some(&redis), &[]);
@@ -242,6 +242,42 @@ async fn metrics_move_as_requests_flow() {
     for k in &ks {
         assert!(!after.contains(k.as_str()));
     }
+    let answers = format!(
+        "gb_upstream_responses_total{{key_id=\"{}\",outcome=\"rate_limited\"}}",
+        key_id(&ks[0])
+    );
+    assert_eq!(metric(&after, &answers), 1.0, "{after}");
+
+    // Sessions, uploads and file owners.
+    let session = [("x-session-id", "metered")];
+    post_json(&format!("{}{GENERATE}", gw.url), &generate_body(), &session).await;
+    upload_file(
+        &format!("{}/upload/v1beta/files", gw.url),
+        None,
+        &session,
+        b"m",
+    )
+    .await;
+    let later = scrape().await;
+    for (name, by) in [
+        ("gb_sessions_bound_total", 1.0),
+        ("gb_uploads_started_total", 1.0),
+        ("gb_files_recorded_total", 1.0),
+    ] {
+        assert_eq!(
+            metric(&later, name) - metric(&after, name),
+            by,
+            "{name}: {later}"
+        );
+    }
+
+    // Store errors, and the store reported down.
+    redis.stop();
+    let (status, _) = post_json(&format!("{}{GENERATE}", gw.url), &generate_body(), &session).await;
+    assert_eq!(status, 503);
+    let down = scrape().await;
+    assert!(metric(&down, "gb_store_errors_total") > metric(&later, "gb_store_errors_total"));
+    assert_eq!(metric(&down, "gb_store_up"), 0.0);
 }
 
 #[actix_rt::test]

@@ -164,6 +164,13 @@ async fn every_key_leaves_through_one_proxy_on_every_replica() {
         .unwrap();
     let metrics = String::from_utf8(m.body().await.unwrap().to_vec()).unwrap();
     assert!(metrics.contains("gb_proxy_requests_total"));
+    for p in v["proxies"].as_array().unwrap() {
+        let line = format!(
+            "gb_proxy_up{{proxy_id=\"{}\"}} 1",
+            p["id"].as_str().unwrap()
+        );
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
     for secret in SECRETS {
         assert!(!v.to_string().contains(secret) && !metrics.contains(secret));
         for gw in &s.gws {

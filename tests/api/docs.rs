@@ -1,0 +1,146 @@
+//! The README and SECURITY.md are promises; these checks keep them tied to
+//! the suite: every configuration variable in the README's table is set by
+//! some test, every metric the README names is observed by some test, and
+//! every test SECURITY.md names exists.
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every test source: the integration and end-to-end suites, and the unit
+/// tests inside `src/` (the part of a file after `#[cfg(test)]`).
+fn test_sources() -> String {
+    let mut out = String::new();
+    let mut stack = vec![root().join("tests"), root().join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let name = path.to_string_lossy().to_string();
+            if path.file_name().is_some_and(|n| n == "docs.rs") && name.contains("tests") {
+                continue; // this file names everything it checks
+            }
+            let text = match path.extension().and_then(|e| e.to_str()) {
+                Some("rs" | "py") => read(&path),
+                _ => continue,
+            };
+            if name.contains(&format!("{}src", std::path::MAIN_SEPARATOR)) {
+                if let Some(at) = text.find("#[cfg(test)]") {
+                    out.push_str(&text[at..]);
+                }
+            } else {
+                out.push_str(&text);
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Backticked words of `text` that start with `prefix` and continue with
+/// `[A-Za-z0-9_]`.
+fn names(text: &str, prefix: &str) -> Vec<String> {
+    let mut found: Vec<String> = text
+        .match_indices(prefix)
+        .map(|(at, _)| {
+            text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect::<String>()
+        })
+        .filter(|n| n.len() > prefix.len())
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+#[test]
+fn every_readme_variable_is_set_by_a_test() {
+    let readme = read(&root().join("README.md"));
+    let table: String = readme
+        .lines()
+        .filter(|l| l.starts_with("| `GB_"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let vars = names(&table, "GB_");
+    assert!(vars.len() >= 20, "the README's table was found: {vars:?}");
+    let tests = test_sources();
+    let untested: Vec<&String> = vars
+        .iter()
+        .filter(|v| !tests.contains(v.as_str()))
+        .collect();
+    assert!(
+        untested.is_empty(),
+        "README variables no test sets: {untested:?}"
+    );
+}
+
+#[test]
+fn every_readme_metric_is_observed_by_a_test() {
+    let readme = read(&root().join("README.md"));
+    let metrics = names(&readme, "gb_");
+    assert!(
+        metrics.len() >= 10,
+        "the README's metrics were found: {metrics:?}"
+    );
+    let tests = test_sources();
+    let unobserved: Vec<&String> = metrics
+        .iter()
+        .filter(|m| !tests.contains(m.as_str()))
+        .collect();
+    assert!(
+        unobserved.is_empty(),
+        "README metrics no test observes: {unobserved:?}"
+    );
+}
+
+#[test]
+fn every_test_security_md_names_exists() {
+    let security = read(&root().join("SECURITY.md"));
+    let guarantees: Vec<&str> = security
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| who") && !l.starts_with("|---"))
+        .collect();
+    assert!(guarantees.len() >= 5);
+    let tests = test_sources();
+    for row in guarantees {
+        let named: Vec<&str> = row
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| s.starts_with("tests/") || s.contains("::"))
+            .collect();
+        assert!(!named.is_empty(), "a guarantee names no test: {row}");
+        for n in named {
+            if let Some(file) = n
+                .strip_prefix("tests/")
+                .map(|_| n)
+                .filter(|n| !n.contains("::"))
+            {
+                assert!(
+                    root().join(file).exists(),
+                    "{file} named in SECURITY.md does not exist"
+                );
+            } else {
+                let (file, test) = n.rsplit_once("::").unwrap();
+                let path = root().join(file);
+                assert!(path.exists(), "{file} named in SECURITY.md does not exist");
+                assert!(
+                    read(&path).contains(&format!("fn {test}(")),
+                    "{test} named in SECURITY.md is not a test in {file}"
+                );
+            }
+        }
+    }
+    assert!(!tests.is_empty());
+}
