@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod proxy;
 pub mod recheck;
 pub mod replicas;
+pub mod resources;
 pub mod routes;
 pub mod session;
 pub mod settings;

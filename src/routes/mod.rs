@@ -20,6 +20,7 @@ pub mod admin;
 pub mod files;
 pub mod health;
 pub mod openai;
+pub mod resources;
 pub mod upload;
 
 pub const VERSIONS: [&str; 3] = ["v1", "v1beta", "v1alpha"];
@@ -274,6 +275,18 @@ pub async fn dispatch(
         ["v1", "models", ..] if openai::is_openai_client(req.headers()) => {
             let path = format!("/v1beta/openai{}", &edge.path["/v1".len()..]);
             openai::handle(&gw, &up, &req, payload, &edge, path).await
+        }
+        ["download", ver, "files", id] if VERSIONS.contains(ver) && method == Method::GET => {
+            let ver = ver.to_string();
+            let rest = [id.to_string()];
+            files::handle(&gw, &up, &req, &edge, &ver, &rest).await
+        }
+        [ver, rest @ ..] if VERSIONS.contains(ver) && resources::route(rest, &method).is_some() => {
+            let ver = ver.to_string();
+            match resources::route(rest, &method) {
+                Some(route) => resources::handle(&gw, &up, &req, payload, &edge, &ver, route).await,
+                None => Err(ApiError::not_found("No such resource route.")),
+            }
         }
         [ver, "files", rest @ ..] if VERSIONS.contains(ver) && method != Method::POST => {
             let ver = ver.to_string();

@@ -10,5 +10,6 @@ mod helpers;
 mod migrations;
 mod ops;
 mod proxies;
+mod resources;
 mod store;
 mod tls;
