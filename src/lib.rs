@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod health;
 pub mod identity;
 pub mod keys;
+pub mod live;
 pub mod metrics;
 pub mod migrations;
 pub mod pipeline;

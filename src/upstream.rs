@@ -179,6 +179,32 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// A WebSocket handshake to `path_and_query` on the upstream (the Live
+    /// API) with the client's forwardable headers and the real key.
+    pub fn ws(
+        &self,
+        path_and_query: &str,
+        client_headers: &HeaderMap,
+        key: Option<&ApiKey>,
+        max_frame: usize,
+    ) -> awc::ws::WebsocketsRequest {
+        let mut req = self
+            .client_for(key)
+            .ws(format!("{}{}", self.base, path_and_query))
+            .max_frame_size(max_frame);
+        for (name, value) in client_headers {
+            if forwardable(name) && !name.as_str().starts_with("sec-websocket") {
+                req = req.set_header(name.clone(), value.clone());
+            }
+        }
+        if let Some(key) = key {
+            req = req.set_header("x-goog-api-key", key.expose());
+        }
+        req
+    }
+}
+
 /// Headers never passed on: hop-by-hop ones, the client's credentials and
 /// session id, and those the client library recomputes.
 const DROPPED: [&str; 15] = [

@@ -19,6 +19,7 @@ use crate::upstream::{filtered_query, query_param, KeyStyle, Upstream};
 pub mod admin;
 pub mod files;
 pub mod health;
+pub mod live;
 pub mod openai;
 pub mod resources;
 pub mod upload;
@@ -260,6 +261,9 @@ pub async fn dispatch(
     let segs = edge.segments();
     let method = req.method().clone();
     match segs.as_slice() {
+        live_path if live::is_live(live_path) => {
+            live::handle(gw.clone(), up.clone(), &req, payload, &edge).await
+        }
         ["upload", ver, "files"] if VERSIONS.contains(ver) => {
             let ver = ver.to_string();
             upload::handle(&gw, &up, &req, payload, &edge, &ver).await

@@ -7,6 +7,7 @@ mod files;
 mod hardening;
 mod health;
 mod helpers;
+mod live;
 mod migrations;
 mod ops;
 mod proxies;

@@ -17,12 +17,15 @@
 //! `slow`, `break_stream`, `drop`, `normal`), `POST throttle/{ip}` with
 //! `{"on": bool}` (every request from that source IP gets 429: an IP-level
 //! throttle), `POST release/{name}` (let a held stream continue), `GET files`
-//! and `GET resources` (name → owner key).
+//! and `GET resources` (name → owner key), `GET live` (open Live sessions per
+//! key). The Live API WebSocket answers `setupComplete` and echoes turns with
+//! the serving key's id.
 #![allow(clippy::print_stdout, clippy::result_large_err)]
 
 mod errors;
 mod files;
 mod gemini;
+mod live;
 mod openai;
 mod resources;
 mod state;
@@ -92,6 +95,7 @@ async fn control(
                 Err(e) => HttpResponse::BadRequest().body(e.to_string()),
             }
         }
+        ["live"] => HttpResponse::Ok().json(&fake.lock().live_open),
         ["resources"] => {
             let inner = fake.lock();
             let owners: std::collections::HashMap<&String, &String> =
@@ -152,6 +156,9 @@ async fn handle(
         return errors::respond(429, errors::quota(Some("30s"), None), openai);
     }
     match segs.as_slice() {
+        ["ws", method] if method.contains("GenerativeService.BidiGenerateContent") => {
+            live::live(fake.clone(), &req, payload, key).await
+        }
         ["upload", ver, "files"] => files::upload(&fake, &req, payload, ver, key).await,
         ["download", _ver, "files", id] => {
             let key = match gemini::gate(&fake, key, false).await {

@@ -78,6 +78,8 @@ pub struct Inner {
     pub files: HashMap<String, FileMeta>,
     /// Resource name → owner key and body.
     pub resources: HashMap<String, Res>,
+    /// Live sessions open now, per key.
+    pub live_open: HashMap<String, u64>,
     /// Contents of the files the fake produced itself, for `:download`.
     pub contents: HashMap<String, String>,
     pub uploads: HashMap<String, Upload>,

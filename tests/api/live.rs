@@ -1,0 +1,209 @@
+//! The Live API through the gateway: frames relayed both ways, keys that
+//! fail before setup retried and recorded, a per-key session cap shared by
+//! replicas, slots released on disconnect, sessions drained on SIGTERM.
+
+use std::time::{Duration, Instant};
+
+use awc::ws::{Frame, Message};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+
+use crate::helpers::*;
+
+const LIVE: &str = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
+
+type Conn = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
+
+/// A Live session through a gateway, past `setupComplete`.
+async fn open(gw: &Gateway) -> Conn {
+    let ws_url = format!("{}{LIVE}", gw.url.replacen("http://", "ws://", 1));
+    let (_, mut conn) = client()
+        .ws(ws_url)
+        .set_header("x-goog-api-key", TOKEN)
+        .connect()
+        .await
+        .expect("Live handshake");
+    let setup = json!({"setup": {"model": "models/gemini-live-2.5-flash"}});
+    conn.send(Message::Text(setup.to_string().into()))
+        .await
+        .expect("setup sent");
+    match next_text(&mut conn).await {
+        Some(t) => assert!(t.contains("setupComplete"), "{t}"),
+        None => panic!("closed before setupComplete"),
+    }
+    conn
+}
+
+/// The next text frame; `None` on close.
+async fn next_text(conn: &mut Conn) -> Option<String> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), conn.next())
+            .await
+            .expect("a frame in time")?;
+        match frame.expect("frame") {
+            Frame::Text(b) | Frame::Binary(b) => return Some(String::from_utf8_lossy(&b).into()),
+            Frame::Close(_) => return None,
+            _ => {}
+        }
+    }
+}
+
+async fn send_turn(conn: &mut Conn, text: &str) {
+    let turn = json!({"clientContent": {"turns": [{"role": "user", "parts": [{"text": text}]}], "turnComplete": true}});
+    conn.send(Message::Text(turn.to_string().into()))
+        .await
+        .expect("turn sent");
+}
+
+/// Sends a turn; the key id the answer came from.
+async fn ask(conn: &mut Conn, text: &str) -> String {
+    send_turn(conn, text).await;
+    let answer = next_text(conn).await.expect("an answer");
+    assert!(answer.contains(&format!(": {text}")), "{answer}");
+    let done = next_text(conn).await.expect("turn complete");
+    assert!(done.contains("turnComplete"), "{done}");
+    answer
+        .split("echo from key ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .expect("a key id in the echo")
+        .to_string()
+}
+
+fn open_on(redis: &Redis, key_id: &str) -> usize {
+    let raw = redis.cmd(&["ZCARD", &format!("gb:idx:live:{key_id}")]);
+    raw.trim().trim_start_matches(':').parse().unwrap_or(0)
+}
+
+#[actix_rt::test]
+async fn a_key_that_fails_before_setup_is_retried_on_another_and_recorded() {
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(&keys(2));
+    fake.set_mode(&fake.keys[0], json!({"mode": "invalid"}))
+        .await;
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    let good = key_id(&fake.keys[1]);
+    for i in 0..3 {
+        let mut conn = open(&gw).await;
+        assert_eq!(ask(&mut conn, &format!("hello {i}")).await, good);
+    }
+    let state = redis.cmd(&["HGET", "gb:{ring:keys}:s", &key_id(&fake.keys[0])]);
+    assert!(state.contains("d:"), "the invalid key is disabled: {state}");
+    assert!(gw.log_text().contains("closed before setup completed"));
+    gw.assert_no_secrets_logged(&fake.keys);
+}
+
+#[actix_rt::test]
+async fn a_quota_close_before_setup_cools_the_key_and_moves_on() {
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(&keys(2));
+    fake.set_mode(&fake.keys[1], json!({"mode": "quota"})).await;
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    for _ in 0..2 {
+        let mut conn = open(&gw).await;
+        assert_eq!(ask(&mut conn, "hi").await, key_id(&fake.keys[0]));
+    }
+    let state = redis.cmd(&["HGET", "gb:{ring:keys}:s", &key_id(&fake.keys[1])]);
+    assert!(state.contains("c:"), "the key cools down: {state}");
+}
+
+#[actix_rt::test]
+async fn the_session_cap_per_key_is_shared_by_replicas() {
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(&keys(2));
+    let env = [("GB_LIVE_SESSIONS_PER_KEY", "1")];
+    let gws = [
+        Gateway::start(&fake, Some(&redis), &env),
+        Gateway::start(&fake, Some(&redis), &env),
+    ];
+    let mut a = open(&gws[0]).await;
+    let first = ask(&mut a, "a").await;
+    assert_eq!(open_on(&redis, &first), 1);
+    // Plain rotation would give the next session the same key again.
+    let (status, _) = post_json(
+        &format!(
+            "{}/v1beta/models/gemini-2.0-flash:generateContent",
+            gws[1].url
+        ),
+        &generate_body(),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut b = open(&gws[1]).await;
+    let second = ask(&mut b, "b").await;
+    assert_ne!(first, second, "the key at its cap was passed over");
+    // With every key at its cap, a session is still served.
+    let mut c = open(&gws[0]).await;
+    ask(&mut c, "c").await;
+    assert_eq!(open_on(&redis, &first) + open_on(&redis, &second), 3);
+}
+
+#[actix_rt::test]
+async fn a_client_that_disconnects_mid_turn_releases_its_slot() {
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(&keys(1));
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    let id = key_id(&fake.keys[0]);
+    let mut conn = open(&gw).await;
+    ask(&mut conn, "first").await;
+    assert_eq!(open_on(&redis, &id), 1);
+    send_turn(&mut conn, "cut off").await;
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while open_on(&redis, &id) != 0 {
+        assert!(Instant::now() < deadline, "the slot was never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The upstream session was closed too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.get("/_fake/live").await[&fake.keys[0]] != json!(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream session stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn sigterm_lets_live_sessions_run_through_the_grace_then_closes_them() {
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(&keys(1));
+    let mut gw = Gateway::start(&fake, Some(&redis), &[("GB_SHUTDOWN_GRACE", "4")]);
+    let mut conn = open(&gw).await;
+    ask(&mut conn, "before").await;
+    let pid = gw.proc.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // Still served while draining.
+    ask(&mut conn, "during the drain").await;
+    // Then closed with "going away" before the process exits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reason = loop {
+        assert!(Instant::now() < deadline, "never closed");
+        match tokio::time::timeout(Duration::from_secs(30), conn.next()).await {
+            Ok(Some(Ok(Frame::Close(reason)))) => break reason,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(
+        reason.map(|r| u16::from(r.code)),
+        Some(1001),
+        "closed as going away"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = gw.proc.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replica did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(open_on(&redis, &key_id(&fake.keys[0])), 0);
+}
