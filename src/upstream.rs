@@ -57,6 +57,10 @@ pub fn tls_config(ca_file: Option<&str>) -> anyhow::Result<Arc<rustls::ClientCon
 pub struct Upstream {
     direct: Client,
     via: Vec<Client>,
+    /// The same over HTTP/1.1 only: a WebSocket cannot be opened over an
+    /// HTTP/2 connection, which ALPN would otherwise pick.
+    ws_direct: Client,
+    ws_via: Vec<Client>,
     router: Option<Arc<ProxyRouter>>,
     base: String,
 }
@@ -100,23 +104,33 @@ impl Upstream {
         router: Option<Arc<ProxyRouter>>,
     ) -> Self {
         let connect_timeout = Duration::from_secs(10);
-        let direct = client(Connector::new(), &tls, connect_timeout, timeout);
-        let via = router
-            .iter()
-            .flat_map(|r| r.specs.iter())
-            .map(|spec| {
-                let tunnel = ProxyConnector::new(spec.clone(), connect_timeout);
-                client(
-                    Connector::new().connector(tunnel),
-                    &tls,
-                    connect_timeout,
-                    timeout,
-                )
-            })
-            .collect();
+        let mut h1 = (*tls).clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let h1 = Arc::new(h1);
+        let clients = |tls: &Arc<rustls::ClientConfig>| {
+            let direct = client(Connector::new(), tls, connect_timeout, timeout);
+            let via: Vec<Client> = router
+                .iter()
+                .flat_map(|r| r.specs.iter())
+                .map(|spec| {
+                    let tunnel = ProxyConnector::new(spec.clone(), connect_timeout);
+                    client(
+                        Connector::new().connector(tunnel),
+                        tls,
+                        connect_timeout,
+                        timeout,
+                    )
+                })
+                .collect();
+            (direct, via)
+        };
+        let (direct, via) = clients(&tls);
+        let (ws_direct, ws_via) = clients(&h1);
         Self {
             direct,
             via,
+            ws_direct,
+            ws_via,
             router,
             base: base.to_string(),
         }
@@ -189,8 +203,11 @@ impl Upstream {
         key: Option<&ApiKey>,
         max_frame: usize,
     ) -> awc::ws::WebsocketsRequest {
-        let mut req = self
-            .client_for(key)
+        let ws_client = key
+            .and_then(|k| self.proxy_of(k))
+            .and_then(|i| self.ws_via.get(i))
+            .unwrap_or(&self.ws_direct);
+        let mut req = ws_client
             .ws(format!("{}{}", self.base, path_and_query))
             .max_frame_size(max_frame);
         for (name, value) in client_headers {

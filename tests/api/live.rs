@@ -16,8 +16,17 @@ type Conn = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
 
 /// A Live session through a gateway, past `setupComplete`.
 async fn open(gw: &Gateway) -> Conn {
-    let ws_url = format!("{}{LIVE}", gw.url.replacen("http://", "ws://", 1));
-    let (_, mut conn) = client()
+    open_with(&client(), gw).await
+}
+
+async fn open_with(client: &awc::Client, gw: &Gateway) -> Conn {
+    let ws_url = format!(
+        "{}{LIVE}",
+        gw.url
+            .replacen("http://", "ws://", 1)
+            .replacen("https://", "wss://", 1)
+    );
+    let (_, mut conn) = client
         .ws(ws_url)
         .set_header("x-goog-api-key", TOKEN)
         .connect()
@@ -206,4 +215,83 @@ async fn sigterm_lets_live_sessions_run_through_the_grace_then_closes_them() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(open_on(&redis, &key_id(&fake.keys[0])), 0);
+}
+
+#[actix_rt::test]
+async fn with_a_certificate_the_gateway_serves_https_and_wss() {
+    // TLS on both sides: the upstream over HTTPS too (as Google is, where
+    // ALPN would pick HTTP/2, on which no WebSocket can be opened).
+    let pki = Pki::new();
+    let fake = pki.fake(&keys(2));
+    let port = fake.url.rsplit(':').next().unwrap().to_string();
+    let upstream = format!("https://localhost:{port}");
+    let (cert, key, ca) = (
+        pki.path("cert.pem"),
+        pki.path("key.pem"),
+        pki.path("ca.pem"),
+    );
+    let gw = Gateway::start(
+        &fake,
+        None,
+        &[
+            ("GB_TLS_CERT", &cert),
+            ("GB_TLS_KEY", &key),
+            ("GB_UPSTREAM_URL", &upstream),
+            ("GB_UPSTREAM_CA_FILE", &ca),
+        ],
+    );
+    assert!(gw.url.starts_with("https://"), "{}", gw.url);
+    let tls = gemini_balancer::upstream::tls_config(Some(&ca)).unwrap();
+    let mut h1 = (*tls).clone();
+    h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let client = awc::Client::builder()
+        .connector(awc::Connector::new().rustls_0_23(std::sync::Arc::new(h1)))
+        .timeout(Duration::from_secs(30))
+        .finish();
+    let mut resp = client
+        .post(format!(
+            "{}/v1beta/models/gemini-2.0-flash:generateContent",
+            gw.url
+        ))
+        .insert_header(("x-goog-api-key", TOKEN))
+        .send_json(&generate_body())
+        .await
+        .expect("https request");
+    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.body().await);
+    let mut conn = open_with(&client, &gw).await;
+    let served_by = ask(&mut conn, "over wss").await;
+    assert!(fake.keys.iter().any(|k| key_id(k) == served_by));
+    // A plain-HTTP client gets no answer from the TLS listener.
+    let plain = client
+        .get(format!(
+            "{}/healthz",
+            gw.url.replacen("https://", "http://", 1)
+        ))
+        .send()
+        .await;
+    assert!(!plain.map(|r| r.status().is_success()).unwrap_or(false));
+}
+
+#[test]
+fn tls_settings_come_in_pairs_and_must_exist() {
+    let (code, err) = run_gateway_expecting_exit(&[
+        ("GB_API_KEYS", "k1"),
+        ("GB_AUTH_TOKENS", "t1"),
+        ("GB_TLS_CERT", "/nonexistent/cert.pem"),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("GB_TLS_KEY"), "{err}");
+    let pki = Pki::new();
+    let cert = pki.path("cert.pem");
+    let (code, err) = run_gateway_expecting_exit(&[
+        ("GB_API_KEYS", "k1"),
+        ("GB_AUTH_TOKENS", "t1"),
+        ("GB_TLS_CERT", &cert),
+        ("GB_TLS_KEY", "/nonexistent/key.pem"),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("GB_TLS_KEY") && err.contains("does not exist"),
+        "{err}"
+    );
 }
