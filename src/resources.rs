@@ -34,7 +34,12 @@ pub enum Kind {
     /// A long-running operation (`operations/…` or `models/{m}/operations/…`).
     Operation,
     FileSearchStore,
+    /// An ephemeral Live API token, recorded under a hash of itself.
+    LiveToken,
 }
+
+/// An ephemeral token lives 30 minutes unless its creator says otherwise.
+const LIVE_TOKEN_TTL: Duration = Duration::from_secs(30 * 60);
 
 /// How long a batch's owner is remembered: Google keeps batch jobs and their
 /// results for days after they finish.
@@ -48,12 +53,13 @@ const STORE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 const CACHE_DEFAULT_TTL: Duration = Duration::from_secs(3600);
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::File,
         Kind::CachedContent,
         Kind::Batch,
         Kind::Operation,
         Kind::FileSearchStore,
+        Kind::LiveToken,
     ];
 
     /// The collection segment of the type's names (`cachedContents/…`), and
@@ -65,6 +71,7 @@ impl Kind {
             Kind::Batch => "batches",
             Kind::Operation => "operations",
             Kind::FileSearchStore => "fileSearchStores",
+            Kind::LiveToken => "auth_tokens",
         }
     }
 
@@ -101,6 +108,7 @@ impl Kind {
             Kind::Batch => BATCH_TTL,
             Kind::Operation => OPERATION_TTL,
             Kind::FileSearchStore => STORE_TTL,
+            Kind::LiveToken => LIVE_TOKEN_TTL,
         }
     }
 }
@@ -130,6 +138,16 @@ impl OwnerRecord {
             created: now_ms(),
         }
     }
+}
+
+/// The name an ephemeral Live token's owner is recorded under: a hash, since
+/// the token itself is a credential.
+pub fn live_token_name(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!(
+        "auth_tokens/{}",
+        hex::encode(&Sha256::digest(token.as_bytes())[..12])
+    )
 }
 
 /// `[a-z0-9-]{1,64}`: the id part of a resource name.

@@ -195,12 +195,14 @@ impl Upstream {
 
 impl Upstream {
     /// A WebSocket handshake to `path_and_query` on the upstream (the Live
-    /// API) with the client's forwardable headers and the real key.
+    /// API) with the client's forwardable headers and the real key, or an
+    /// ephemeral token minted with that key (`Authorization: Token …`).
     pub fn ws(
         &self,
         path_and_query: &str,
         client_headers: &HeaderMap,
         key: Option<&ApiKey>,
+        ephemeral: Option<&str>,
         max_frame: usize,
     ) -> awc::ws::WebsocketsRequest {
         let ws_client = key
@@ -215,8 +217,10 @@ impl Upstream {
                 req = req.set_header(name.clone(), value.clone());
             }
         }
-        if let Some(key) = key {
-            req = req.set_header("x-goog-api-key", key.expose());
+        match (ephemeral, key) {
+            (Some(token), _) => req = req.set_header("authorization", format!("Token {token}")),
+            (None, Some(key)) => req = req.set_header("x-goog-api-key", key.expose()),
+            (None, None) => {}
         }
         req
     }

@@ -8,11 +8,16 @@
 //! key (invalid key, exhausted quota) is recorded in key health and the
 //! setup is replayed on another key; after `setupComplete` every frame is
 //! passed on as it arrives, both ways, never buffered.
+//!
+//! `…BidiGenerateContentConstrained` takes an ephemeral token minted through
+//! the gateway (`POST /v1alpha/auth_tokens`) instead of a gateway token; the
+//! session goes to the key that minted it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::HeaderMap;
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Message};
 use awc::ws::{Frame, Message as UpMessage};
@@ -24,7 +29,8 @@ use crate::gateway::Gateway;
 use crate::keys::ApiKey;
 use crate::live;
 use crate::pipeline;
-use crate::upstream::Upstream;
+use crate::resources;
+use crate::upstream::{query_param, Upstream};
 
 const FLAVOR: Flavor = Flavor::Gemini;
 /// Largest frame relayed (audio and video chunks are large).
@@ -46,16 +52,36 @@ pub async fn handle(
     payload: web::Payload,
     edge: &Edge,
 ) -> Result<HttpResponse, ApiError> {
-    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
     if gw.draining() {
         return Err(ApiError::new(
-            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::SERVICE_UNAVAILABLE,
             "This replica is shutting down; connect again.",
         ));
     }
-    let pinned = pipeline::pin(&gw, &up, b"", edge.session.as_ref(), &token.id, FLAVOR)
-        .await?
-        .map(|k| k.id.clone());
+    let (pinned, ephemeral) = match ephemeral_token(req.headers(), edge) {
+        // An ephemeral token minted through the gateway is the client's
+        // credential, and goes to the key that minted it.
+        Some(t) => {
+            let record = resources::owner(gw.store(), &resources::live_token_name(&t))
+                .await
+                .map_err(|e| pipeline::store_down(e, FLAVOR))?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "Unknown or expired ephemeral token. Mint one with POST \
+                         /v1alpha/auth_tokens through this gateway.",
+                    )
+                })?;
+            (Some(record.key), Some(t))
+        }
+        None => {
+            let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+            let pinned = pipeline::pin(&gw, &up, b"", edge.session.as_ref(), &token.id, FLAVOR)
+                .await?
+                .map(|k| k.id.clone());
+            (pinned, None)
+        }
+    };
     let (response, session, stream) = actix_ws::handle(req, payload).map_err(|e| {
         ApiError::bad_request(format!("The Live API needs a WebSocket upgrade: {e}"))
     })?;
@@ -70,6 +96,7 @@ pub async fn handle(
         target,
         headers: req.headers().clone(),
         pinned,
+        ephemeral,
         id: uuid::Uuid::new_v4().simple().to_string(),
     };
     actix_web::rt::spawn(relay.run(session, stream.max_frame_size(MAX_FRAME)));
@@ -82,11 +109,33 @@ struct Relay {
     target: String,
     headers: HeaderMap,
     pinned: Option<String>,
+    /// The client's ephemeral token, sent upstream instead of a key.
+    ephemeral: Option<String>,
     /// This session's member id in the per-key count.
     id: String,
 }
 
 type Upstreamed = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
+
+/// The ephemeral token of a `…Constrained` connection: `Authorization:
+/// Token auth_tokens/…`, `?access_token=`, or the SDK's key header.
+fn ephemeral_token(headers: &HeaderMap, edge: &Edge) -> Option<String> {
+    if !edge.path.ends_with("BidiGenerateContentConstrained") {
+        return None;
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    header("authorization")
+        .and_then(|v| v.strip_prefix("Token "))
+        .map(str::to_string)
+        .or_else(|| query_param(&edge.query, "access_token"))
+        .or_else(|| {
+            header("x-goog-api-key")
+                .filter(|v| v.starts_with("auth_tokens/"))
+                .map(str::to_string)
+        })
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
 
 fn close_reason(code: CloseCode, text: &str) -> Option<CloseReason> {
     Some(CloseReason {
@@ -161,7 +210,13 @@ impl Relay {
         let gw = &self.gw;
         let connect = self
             .up
-            .ws(&self.target, &self.headers, Some(key), MAX_FRAME)
+            .ws(
+                &self.target,
+                &self.headers,
+                Some(key),
+                self.ephemeral.as_deref(),
+                MAX_FRAME,
+            )
             .connect();
         let mut upstream = match connect.await {
             Ok((_, framed)) => framed,

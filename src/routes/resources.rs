@@ -43,6 +43,8 @@ pub enum Route {
     /// Anything on an existing resource (its sub-resources included), by the
     /// name of the resource that decides the key.
     Owned(String),
+    /// Mints an ephemeral Live API token on some key.
+    MintToken,
     /// A resource path with an id that cannot be one.
     BadId,
 }
@@ -58,6 +60,7 @@ pub fn route(segs: &[&str], method: &Method) -> Option<Route> {
         }
     };
     match segs {
+        ["auth_tokens"] if method == Method::POST => Some(Route::MintToken),
         [coll @ ("cachedContents" | "fileSearchStores")] if method == Method::POST => {
             let _ = coll;
             Some(Route::Create)
@@ -96,6 +99,7 @@ pub async fn handle(
 ) -> Result<HttpResponse, ApiError> {
     match route {
         Route::Create => create(gw, up, req, payload, edge).await,
+        Route::MintToken => mint(gw, up, req, payload, edge).await,
         Route::List(kind) => list(gw, up, req, edge, ver, kind).await,
         Route::Owned(name) => owned(gw, up, req, payload, edge, &name).await,
         Route::BadId => Err(ApiError::bad_request(
@@ -188,6 +192,59 @@ async fn create(
     if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
         if let Some(name) = v.get("name").and_then(Value::as_str) {
             record(gw, name, served.key, &token.id, &v).await;
+        }
+    }
+    Ok(buffered_back(status, served.response.headers(), answer))
+}
+
+/// `POST /v1alpha/auth_tokens`: an ephemeral Live token, minted on the
+/// session's key or the next one, recorded (as a hash) against that key
+/// until the expiry the request asks for, or 30 minutes.
+async fn mint(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+) -> Result<HttpResponse, ApiError> {
+    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, FLAVOR).await?;
+    check_json(&body, req.headers(), true, FLAVOR)?;
+    let asked: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let ttl = asked
+        .get("expireTime")
+        .and_then(Value::as_str)
+        .and_then(|t| resources::ttl_until(t, now_ms()))
+        .unwrap_or_else(|| Kind::LiveToken.ttl(&gw.settings));
+    let c = call(req, edge, &token.id, body);
+    let pinned = pipeline::pin(gw, up, &c.body, c.session.as_ref(), &token.id, FLAVOR).await?;
+    let mut served = match pipeline::send(gw, up, &c, pinned).await? {
+        Ok(served) => served,
+        Err(response) => return Ok(response),
+    };
+    let status = served.response.status();
+    let answer = served
+        .response
+        .body()
+        .limit(ANSWER_LIMIT)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("The upstream answer could not be read: {e}"),
+            )
+        })?;
+    let minted = serde_json::from_slice::<Value>(&answer)
+        .ok()
+        .and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string));
+    if let Some(minted) = minted {
+        let name = resources::live_token_name(&minted);
+        let rec = OwnerRecord::new(&served.key.id, &token.id);
+        match resources::remember(gw.store(), &name, &rec, ttl).await {
+            Ok(()) => {
+                tracing::info!(key_id = %served.key.id, ttl_s = ttl.as_secs(), "ephemeral Live token recorded")
+            }
+            Err(e) => tracing::warn!(error = %e, "ephemeral Live token minted but not recorded"),
         }
     }
     Ok(buffered_back(status, served.response.headers(), answer))

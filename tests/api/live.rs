@@ -26,12 +26,12 @@ async fn open_with(client: &awc::Client, gw: &Gateway) -> Conn {
             .replacen("http://", "ws://", 1)
             .replacen("https://", "wss://", 1)
     );
-    let (_, mut conn) = client
-        .ws(ws_url)
-        .set_header("x-goog-api-key", TOKEN)
-        .connect()
-        .await
-        .expect("Live handshake");
+    let req = client.ws(ws_url).set_header("x-goog-api-key", TOKEN);
+    setup(req).await
+}
+
+async fn setup(req: awc::ws::WebsocketsRequest) -> Conn {
+    let (_, mut conn) = req.connect().await.expect("Live handshake");
     let setup = json!({"setup": {"model": "models/gemini-live-2.5-flash"}});
     conn.send(Message::Text(setup.to_string().into()))
         .await
@@ -294,4 +294,67 @@ fn tls_settings_come_in_pairs_and_must_exist() {
         err.contains("GB_TLS_KEY") && err.contains("does not exist"),
         "{err}"
     );
+}
+
+#[actix_rt::test]
+async fn an_ephemeral_token_minted_through_the_gateway_goes_to_its_key() {
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(&keys(3));
+    let gws = [
+        Gateway::start(&fake, Some(&redis), &[]),
+        Gateway::start(&fake, Some(&redis), &[]),
+    ];
+    let (status, minted) = post_json(
+        &format!("{}/v1alpha/auth_tokens", gws[0].url),
+        &json!({"uses": 1}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{minted}");
+    let token = minted["name"].as_str().unwrap().to_string();
+    let owner = fake.get("/_fake/resources").await[&token]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let constrained = LIVE.replace("BidiGenerateContent", "BidiGenerateContentConstrained");
+    for _ in 0..3 {
+        let url = format!(
+            "{}{constrained}",
+            gws[1].url.replacen("http://", "ws://", 1)
+        );
+        let req = client()
+            .ws(url)
+            .set_header("authorization", format!("Token {token}"));
+        let mut conn = setup(req).await;
+        assert_eq!(ask(&mut conn, "short-lived").await, key_id(&owner));
+        // Plain rotation moves on between sessions; the token does not.
+        let (status, _) = post_json(
+            &format!(
+                "{}/v1beta/models/gemini-2.0-flash:generateContent",
+                gws[0].url
+            ),
+            &generate_body(),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    // An unknown token is refused at the handshake.
+    let url = format!(
+        "{}{constrained}",
+        gws[0].url.replacen("http://", "ws://", 1)
+    );
+    let refused = client()
+        .ws(url)
+        .set_header("authorization", "Token auth_tokens/not-minted-here")
+        .connect()
+        .await;
+    assert!(refused.is_err());
+    // The token itself is a credential: Redis holds only its hash.
+    let everything = redis.cmd(&["KEYS", "*"]);
+    assert!(everything.contains("auth_tokens/"), "{everything}");
+    assert!(!everything.contains(&token["auth_tokens/".len()..]));
+    for gw in &gws {
+        assert!(!gw.log_text().contains(&token["auth_tokens/".len()..]));
+    }
 }

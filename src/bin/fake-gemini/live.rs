@@ -53,6 +53,16 @@ pub async fn live(
     payload: web::Payload,
     key: Option<String>,
 ) -> HttpResponse {
+    // `…Constrained` takes an ephemeral token instead of a key.
+    let key = if req.path().ends_with("Constrained") {
+        req.headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Token "))
+            .and_then(|t| crate::resources::token_owner(&fake, t))
+    } else {
+        key
+    };
     let (valid, mode) = {
         let inner = fake.lock();
         let k = key.clone().unwrap_or_default();

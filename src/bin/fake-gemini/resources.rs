@@ -186,6 +186,15 @@ fn list(fake: &Fake, key: &str, prefix: &str, field: &str) -> HttpResponse {
     HttpResponse::Ok().json(json!({ field: items }))
 }
 
+/// The key that minted an ephemeral token.
+pub fn token_owner(fake: &Fake, token: &str) -> Option<String> {
+    fake.lock()
+        .resources
+        .get(token)
+        .filter(|_| token.starts_with("auth_tokens/"))
+        .map(|r| r.owner.clone())
+}
+
 /// `GET /download/{ver}/files/{id}:download?alt=media`.
 pub fn download(fake: &Fake, key: &str, id: &str) -> HttpResponse {
     let name = format!("files/{}", id.split(':').next().unwrap_or(""));
@@ -335,6 +344,12 @@ pub fn handle(
         Err(r) => r,
     };
     Some(match (method, rest) {
+        ("POST", ["auth_tokens"]) => {
+            let name = format!("auth_tokens/{}", random_id(40));
+            let value = json!({"name": name});
+            insert(fake, key, &name, value.clone());
+            HttpResponse::Ok().json(value)
+        }
         ("POST", ["cachedContents"]) => {
             if let Err(r) = gemini::check_files(fake, key, body, false) {
                 return Some(r);
