@@ -92,3 +92,25 @@ def test_a_live_session_through_the_gateway_over_tls(tmp_path, monkeypatch):
         stack.stop()
     for secret in KEYS + [TOKEN]:
         assert secret not in stack.logs()
+
+
+def test_an_ephemeral_token_minted_through_the_gateway_opens_a_live_session(tmp_path, monkeypatch):
+    pki = make_pki(tmp_path)
+    stack = Stack(replicas=2, extra_env={"GB_TLS_CERT": pki["cert.pem"], "GB_TLS_KEY": pki["key.pem"]})
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", pki["ca.pem"])
+        minter = genai.Client(api_key=TOKEN, http_options=types.HttpOptions(base_url=stack.urls[0], api_version="v1alpha"))
+        token = minter.auth_tokens.create(config=types.CreateAuthTokenConfig(uses=1))
+        assert token.name.startswith("auth_tokens/")
+        owner = stack.fake.resource_owners()[token.name]
+        c = genai.Client(api_key=token.name, http_options=types.HttpOptions(base_url=stack.urls[1], api_version="v1alpha"))
+        answer = asyncio.run(one_turn(c, "with an ephemeral token"))
+        assert answer.endswith(": with an ephemeral token"), answer
+        ws = [r for r in stack.fake.requests() if r["path"].startswith("/ws/")]
+        assert ws and ws[-1]["path"].endswith("BidiGenerateContentConstrained"), ws
+        served = stack.fake.served()
+        assert served.get(owner, 0) >= 1, served
+    finally:
+        stack.stop()
+    for secret in KEYS + [TOKEN, token.name.split("/", 1)[1]]:
+        assert secret not in stack.logs()
