@@ -305,7 +305,7 @@ impl Relay {
         if !to_client(&mut session, first, &mut upstream, &mut closing).await {
             closing.get_or_insert(None);
         }
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut last_beat = Instant::now();
         let mut drain_started: Option<Instant> = None;
         let grace = gw.settings.shutdown_grace;
@@ -357,7 +357,10 @@ impl Relay {
                     }
                     if gw.draining() {
                         let started = *drain_started.get_or_insert_with(Instant::now);
-                        if started.elapsed() + Duration::from_secs(1) >= grace {
+                        // Leave time for the close frames before the
+                        // server stops at the end of the grace.
+                        let margin = (grace / 2).min(Duration::from_secs(2));
+                        if started.elapsed() + margin >= grace {
                             tracing::info!(key_id = %key.id, "closing a Live session: the replica is shutting down");
                             let _ = upstream.send(UpMessage::Close(None)).await;
                             closing = Some(close_reason(CloseCode::Away, "The gateway is shutting down; reconnect."));

@@ -179,7 +179,7 @@ async fn a_client_that_disconnects_mid_turn_releases_its_slot() {
 async fn sigterm_lets_live_sessions_run_through_the_grace_then_closes_them() {
     let redis = Redis::start();
     let fake = FakeUpstream::start(&keys(1));
-    let mut gw = Gateway::start(&fake, Some(&redis), &[("GB_SHUTDOWN_GRACE", "4")]);
+    let mut gw = Gateway::start(&fake, Some(&redis), &[("GB_SHUTDOWN_GRACE", "6")]);
     let mut conn = open(&gw).await;
     ask(&mut conn, "before").await;
     let pid = gw.proc.child.id().to_string();
@@ -356,5 +356,75 @@ async fn an_ephemeral_token_minted_through_the_gateway_goes_to_its_key() {
     assert!(!everything.contains(&token["auth_tokens/".len()..]));
     for gw in &gws {
         assert!(!gw.log_text().contains(&token["auth_tokens/".len()..]));
+    }
+}
+
+#[actix_rt::test]
+async fn a_session_id_pins_live_sessions_and_the_key_query_parameter_authenticates() {
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(&keys(3));
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    let sid = "live-and-files";
+    let file = upload_file(
+        &format!("{}/upload/v1beta/files", gw.url),
+        None,
+        &[("x-session-id", sid)],
+        b"notes",
+    )
+    .await;
+    let owner = key_id(&fake.owner_key(&file).await);
+    for _ in 0..3 {
+        let url = format!(
+            "{}{LIVE}?key={TOKEN}",
+            gw.url.replacen("http://", "ws://", 1)
+        );
+        let mut conn = setup(client().ws(url).set_header("x-session-id", sid)).await;
+        assert_eq!(ask(&mut conn, "pinned").await, owner);
+    }
+    // Without a token the handshake is refused.
+    let url = format!("{}{LIVE}", gw.url.replacen("http://", "ws://", 1));
+    assert!(client().ws(url).connect().await.is_err());
+    for r in fake.requests().await {
+        assert!(
+            !r.to_string().contains(TOKEN),
+            "the gateway token went upstream"
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn the_sessions_of_a_replica_that_dies_stop_counting() {
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(&keys(1));
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    let id = key_id(&fake.keys[0]);
+    let mut conn = open(&gw).await;
+    ask(&mut conn, "alive").await;
+    let live = |redis: &Redis| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            .to_string();
+        let raw = redis.cmd(&[
+            "ZCOUNT",
+            &format!("gb:idx:live:{id}"),
+            &format!("({now}"),
+            "+inf",
+        ]);
+        raw.trim()
+            .trim_start_matches(':')
+            .parse::<usize>()
+            .unwrap_or(99)
+    };
+    assert_eq!(live(&redis), 1);
+    drop(gw); // SIGKILL: no release, no more heartbeats
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while live(&redis) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead replica's session still counts"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
