@@ -676,3 +676,48 @@ async fn after_redis_loses_everything_each_resource_type_is_discovered_on_its_ke
     let logs: String = c.gws.iter().map(Gateway::log_text).collect();
     assert!(logs.contains("resource owner discovered"), "{logs}");
 }
+
+#[actix_rt::test]
+async fn the_openai_routes_send_a_cached_content_to_its_owner() {
+    let c = cluster(2, 4);
+    let (status, cache) = send(
+        "POST",
+        &c.url(0, "/v1beta/cachedContents"),
+        TOKEN,
+        Some(cache_body(None, "600s")),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{cache}");
+    let name = cache["name"].as_str().unwrap().to_string();
+    let body = json!({
+        "model": "gemini-2.0-flash",
+        "messages": [{"role": "user", "content": "about the cached document"}],
+        "extra_body": {"google": {"cached_content": name}}
+    });
+    for i in 0..4 {
+        let mut resp = client()
+            .post(c.url(i, "/v1beta/openai/chat/completions"))
+            .insert_header(("authorization", format!("Bearer {TOKEN}")))
+            .send_json(&body)
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.body().await);
+    }
+    let owner = c.owner_of(&name).await;
+    let used: Vec<String> = c
+        .fake
+        .requests()
+        .await
+        .iter()
+        .filter(|r| {
+            r["path"]
+                .as_str()
+                .unwrap_or("")
+                .contains("chat/completions")
+        })
+        .map(|r| r["key"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(used.len(), 4);
+    assert!(used.iter().all(|k| *k == owner), "{used:?}");
+}

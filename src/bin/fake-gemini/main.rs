@@ -179,6 +179,13 @@ async fn handle(
                 ["models"] => openai::models(),
                 ["models", id @ ..] => openai::model(&id.join("/")),
                 ["chat", "completions"] => {
+                    let google = value
+                        .pointer("/extra_body/google")
+                        .unwrap_or(&json!(null))
+                        .clone();
+                    if let Err(r) = resources::check_used(&fake, &key, &google) {
+                        return r;
+                    }
                     if !cfg.delay.is_zero() {
                         tokio::time::sleep(cfg.delay).await;
                     }
