@@ -721,3 +721,46 @@ async fn the_openai_routes_send_a_cached_content_to_its_owner() {
     assert_eq!(used.len(), 4);
     assert!(used.iter().all(|k| *k == owner), "{used:?}");
 }
+
+/// Calls of one Redis command since the last `CONFIG RESETSTAT`.
+fn calls(redis: &Redis, command: &str) -> u64 {
+    let info = redis.cmd(&["INFO", "commandstats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[actix_rt::test]
+async fn a_request_that_names_no_resource_reads_no_owner_record() {
+    let c = cluster(1, 3);
+    let generate = c.url(0, &format!("{MODEL}:generateContent"));
+    // Warm up, then count only what the requests themselves cost.
+    let (status, _) = post_json(&generate, &generate_body(), &[]).await;
+    assert_eq!(status, 200);
+    assert!(c.redis.cmd(&["CONFIG", "RESETSTAT"]).contains("OK"));
+    for _ in 0..5 {
+        let (status, _) = post_json(&generate, &generate_body(), &[]).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        calls(&c.redis, "get"),
+        0,
+        "no owner lookup without a reference"
+    );
+    // A request that names a cache costs one read of its owner record.
+    let (_, cache) = send(
+        "POST",
+        &c.url(0, "/v1beta/cachedContents"),
+        TOKEN,
+        Some(cache_body(None, "600s")),
+        &[],
+    )
+    .await;
+    let name = cache["name"].as_str().unwrap().to_string();
+    assert!(c.redis.cmd(&["CONFIG", "RESETSTAT"]).contains("OK"));
+    let (status, _) = post_json(&generate, &ask(&name), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(calls(&c.redis, "get"), 1);
+}
