@@ -22,6 +22,7 @@ pub mod health;
 pub mod live;
 pub mod openai;
 pub mod resources;
+pub mod store_upload;
 pub mod upload;
 
 pub const VERSIONS: [&str; 3] = ["v1", "v1beta", "v1alpha"];
@@ -263,6 +264,14 @@ pub async fn dispatch(
     match segs.as_slice() {
         live_path if live::is_live(live_path) => {
             live::handle(gw.clone(), up.clone(), &req, payload, &edge).await
+        }
+        upload_path if store_upload::store_of(upload_path).is_some() => {
+            let ver = upload_path
+                .get(1)
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            let store = store_upload::store_of(upload_path).unwrap_or_default();
+            store_upload::start(&gw, &up, &req, payload, &edge, &ver, &store).await
         }
         ["upload", ver, "files"] if VERSIONS.contains(ver) => {
             let ver = ver.to_string();

@@ -251,7 +251,7 @@ async fn mint(
 }
 
 /// The owner record of `name` for this token: known, or discovered.
-async fn owner_for(
+pub(super) async fn owner_for(
     gw: &Gateway,
     up: &Upstream,
     name: &str,

@@ -151,7 +151,7 @@ async fn start(
 /// The gateway's externally visible base URL: `GB_PUBLIC_URL`, else the
 /// request's scheme and `Host` (or, behind a trusted proxy,
 /// `X-Forwarded-Proto`/`-Host`/`-Prefix`).
-fn public_base(gw: &Gateway, req: &HttpRequest) -> String {
+pub(super) fn public_base(gw: &Gateway, req: &HttpRequest) -> String {
     if let Some(url) = &gw.settings.public_url {
         return url.clone();
     }

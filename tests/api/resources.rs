@@ -764,3 +764,87 @@ async fn a_request_that_names_no_resource_reads_no_owner_record() {
     assert_eq!(status, 200);
     assert_eq!(calls(&c.redis, "get"), 1);
 }
+
+#[actix_rt::test]
+async fn an_upload_into_a_file_search_store_starts_on_its_key_and_finishes_on_any_replica() {
+    let c = cluster(3, 4);
+    let (status, store) = send(
+        "POST",
+        &c.url(0, "/v1beta/fileSearchStores"),
+        TOKEN,
+        Some(json!({"displayName": "docs"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{store}");
+    let store = store["name"].as_str().unwrap().to_string();
+    let owner = c.owner_of(&store).await;
+    let start = |gw: usize, token: &'static str| {
+        client()
+            .post(c.url(
+                gw,
+                &format!("/upload/v1beta/{store}:uploadToFileSearchStore"),
+            ))
+            .insert_header(("x-goog-api-key", token))
+            .insert_header(("x-goog-upload-protocol", "resumable"))
+            .insert_header(("x-goog-upload-command", "start"))
+            .insert_header(("x-goog-upload-header-content-length", "11"))
+            .send_json(&json!({"displayName": "manual", "mimeType": "text/plain"}))
+    };
+    let resp = start(1, TOKEN_B).await.unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        404,
+        "another token cannot upload into the store"
+    );
+    let resp = start(1, TOKEN).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let url = resp
+        .headers()
+        .get("x-goog-upload-url")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        url.starts_with(&c.gws[1].url),
+        "the gateway's own upload URL: {url}"
+    );
+    let mut resp = client()
+        .post(rehost(&url, &c.gws[2].url))
+        .insert_header(("x-goog-upload-command", "upload, finalize"))
+        .insert_header(("x-goog-upload-offset", "0"))
+        .send_body("hello store")
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let op: Value = resp.json().await.unwrap();
+    let op_name = op["name"].as_str().unwrap().to_string();
+    assert!(
+        op_name.starts_with(&format!("{store}/upload/operations/")),
+        "{op}"
+    );
+    let (status, polled) = send(
+        "GET",
+        &c.url(0, &format!("/v1beta/{op_name}")),
+        TOKEN,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!((status, &polled["done"]), (200, &json!(true)), "{polled}");
+    let (_, docs) = send(
+        "GET",
+        &c.url(1, &format!("/v1beta/{store}/documents")),
+        TOKEN,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        docs["documents"].as_array().map(Vec::len),
+        Some(1),
+        "{docs}"
+    );
+    assert!(c.keys_used_for(&store).await.iter().all(|k| *k == owner));
+}

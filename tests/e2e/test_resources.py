@@ -88,6 +88,15 @@ def test_a_file_search_store_with_a_document_answers_through_the_file_search_too
         assert time.monotonic() < deadline
         op = cs[0].operations.get(op)
     assert op.response.document_name.startswith(store.name + "/documents/")
+    up = cs[1].file_search_stores.upload_to_file_search_store(
+        file=io.BytesIO(b"returns within thirty days"), file_search_store_name=store.name,
+        config={"mime_type": "text/plain", "display_name": "returns"})
+    while not up.done:
+        assert time.monotonic() < deadline
+        up = cs[2].operations.get(up)
+    assert up.response.document_name.startswith(store.name + "/documents/")
+    docs = list(cs[0].file_search_stores.documents.list(parent=store.name))
+    assert len(docs) == 2, docs
     plain = [client(u) for u in stack.urls]
     before = served_on(stack, owner)
     for i in range(3):

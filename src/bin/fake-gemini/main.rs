@@ -160,6 +160,9 @@ async fn handle(
             live::live(fake.clone(), &req, payload, key).await
         }
         ["upload", ver, "files"] => files::upload(&fake, &req, payload, ver, key).await,
+        ["upload", ver, "fileSearchStores", id] => {
+            resources::store_upload(&fake, &req, payload, ver, id, key).await
+        }
         ["download", _ver, "files", id] => {
             let key = match gemini::gate(&fake, key, false).await {
                 Ok(k) => k,

@@ -186,6 +186,102 @@ fn list(fake: &Fake, key: &str, prefix: &str, field: &str) -> HttpResponse {
     HttpResponse::Ok().json(json!({ field: items }))
 }
 
+/// `/upload/{ver}/fileSearchStores/{id}:uploadToFileSearchStore`: a
+/// resumable upload into a store (start, then one or more chunks; the last
+/// one answers with the import operation).
+pub async fn store_upload(
+    fake: &Fake,
+    req: &HttpRequest,
+    mut payload: actix_web::web::Payload,
+    ver: &str,
+    id: &str,
+    key: Option<String>,
+) -> HttpResponse {
+    use futures_util::StreamExt;
+    let Some(store_id) = id.strip_suffix(":uploadToFileSearchStore") else {
+        return not_found();
+    };
+    let store = format!("fileSearchStores/{store_id}");
+    let key = match gemini::gate(fake, key, false).await {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let mut received = 0usize;
+    while let Some(Ok(chunk)) = payload.next().await {
+        received += chunk.len();
+    }
+    let upload_id = req
+        .query_string()
+        .split('&')
+        .find_map(|p| p.strip_prefix("upload_id="))
+        .map(str::to_string);
+    let Some(upload_id) = upload_id else {
+        if let Err(r) = owned(fake, &key, &store) {
+            return r;
+        }
+        let uid = random_id(40);
+        insert(
+            fake,
+            &key,
+            &format!("store-upload/{uid}"),
+            json!({"store": store, "received": 0}),
+        );
+        let url = format!(
+            "{}/upload/{ver}/fileSearchStores/{store_id}:uploadToFileSearchStore?upload_id={uid}",
+            base_url(req)
+        );
+        return HttpResponse::Ok()
+            .insert_header(("x-goog-upload-url", url))
+            .insert_header(("x-goog-upload-status", "active"))
+            .finish();
+    };
+    let pending = format!("store-upload/{upload_id}");
+    let Ok(state) = owned(fake, &key, &pending) else {
+        return denied(&store);
+    };
+    let total = state["received"].as_u64().unwrap_or(0) + received as u64;
+    let command = req
+        .headers()
+        .get("x-goog-upload-command")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !command.contains("finalize") {
+        insert(
+            fake,
+            &key,
+            &pending,
+            json!({"store": store, "received": total}),
+        );
+        return HttpResponse::Ok()
+            .insert_header(("x-goog-upload-status", "active"))
+            .insert_header(("x-goog-upload-size-received", total.to_string()))
+            .finish();
+    }
+    fake.lock().resources.remove(&pending);
+    let doc = format!("{store}/documents/{}", random_id(12));
+    insert(
+        fake,
+        &key,
+        &doc,
+        json!({"name": doc, "displayName": "uploaded", "state": "STATE_ACTIVE", "sizeBytes": total.to_string()}),
+    );
+    let op = format!("{store}/upload/operations/{}", random_id(12));
+    let value = json!({
+        "name": op,
+        "done": true,
+        "response": {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.UploadToFileSearchStoreResponse",
+            "parent": store,
+            "documentName": doc
+        }
+    });
+    insert(fake, &key, &op, value.clone());
+    HttpResponse::Ok()
+        .insert_header(("x-goog-upload-status", "final"))
+        .json(value)
+}
+
 /// The key that minted an ephemeral token.
 pub fn token_owner(fake: &Fake, token: &str) -> Option<String> {
     fake.lock()
@@ -498,6 +594,9 @@ pub fn handle(
                 }
                 ("GET", "", ["operations", op]) => {
                     r(owned(fake, key, &format!("{store}/operations/{op}")))
+                }
+                ("GET", "", ["upload", "operations", op]) => {
+                    r(owned(fake, key, &format!("{store}/upload/operations/{op}")))
                 }
                 ("GET", "", ["documents"]) => {
                     list(fake, key, &format!("{store}/documents/"), "documents")
