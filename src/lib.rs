@@ -14,6 +14,7 @@ pub mod live;
 pub mod metrics;
 pub mod migrations;
 pub mod pipeline;
+pub mod probe;
 pub mod proxy;
 pub mod recheck;
 pub mod replicas;

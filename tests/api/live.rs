@@ -261,6 +261,22 @@ async fn with_a_certificate_the_gateway_serves_https_and_wss() {
     let mut conn = open_with(&client, &gw).await;
     let served_by = ask(&mut conn, "over wss").await;
     assert!(fake.keys.iter().any(|k| key_id(k) == served_by));
+    // The container healthcheck speaks TLS to a TLS listener.
+    let listen = gw.url.trim_start_matches("https://").to_string();
+    let probe = |tls: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gemini-balancer"));
+        cmd.arg("healthcheck")
+            .env_clear()
+            .env("GB_LISTEN", &listen)
+            .env("GB_API_KEYS", "k1")
+            .env("GB_AUTH_TOKENS", "t1");
+        if tls {
+            cmd.env("GB_TLS_CERT", &cert).env("GB_TLS_KEY", &key);
+        }
+        cmd.output().unwrap().status.success()
+    };
+    assert!(probe(true), "healthcheck over TLS");
+    assert!(!probe(false), "a plain-HTTP probe gets no answer");
     // A plain-HTTP client gets no answer from the TLS listener.
     let plain = client
         .get(format!(
