@@ -150,13 +150,14 @@ pub fn live_token_name(token: &str) -> String {
     )
 }
 
-/// `[a-z0-9-]{1,64}`: the id part of a resource name.
+/// `[A-Za-z0-9_-]{1,128}`: the id part of a resource name (Google's ids are
+/// lower-case letters, digits and dashes; a little leeway costs nothing).
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
-        && id.len() <= 64
+        && id.len() <= 128
         && id
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The owner records of several resources, in order; `None` for unknown
@@ -571,7 +572,8 @@ mod tests {
 
     #[test]
     fn garbage_names_are_ignored() {
-        assert!(scan_refs(br#"{"cachedContent":"cachedContents/UP"}"#).is_empty());
+        assert!(scan_refs(br#"{"cachedContent":"cachedContents/a b"}"#).is_empty());
+        assert!(scan_refs(br#"{"cachedContent":"cachedContents/../x"}"#).is_empty());
         assert!(scan_refs(br#"{"cachedContent":"xcachedContents/a"}"#).is_empty());
         assert!(scan_refs(br#"{"fileSearchStoreNames":"fileSearchStores/a"}"#).is_empty());
         assert!(scan_refs(br#"{"fileSearchStoreNames":[1,"fileSearchStores/a"]}"#).is_empty());

@@ -103,7 +103,7 @@ pub async fn handle(
         Route::List(kind) => list(gw, up, req, edge, ver, kind).await,
         Route::Owned(name) => owned(gw, up, req, payload, edge, &name).await,
         Route::BadId => Err(ApiError::bad_request(
-            "A resource id is 1-64 characters of a-z, 0-9 and -.",
+            "A resource id is 1-128 characters of A-Z, a-z, 0-9, - and _.",
         )),
     }
 }
@@ -463,7 +463,7 @@ mod tests {
             Some(Route::Create)
         );
         assert_eq!(route(&["models", "m:generateContent"], &post), None);
-        assert_eq!(route(&["cachedContents", "UP"], &get), Some(Route::BadId));
+        assert_eq!(route(&["cachedContents", "a.b"], &get), Some(Route::BadId));
         assert_eq!(route(&["models"], &get), None);
     }
 }
