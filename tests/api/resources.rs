@@ -222,6 +222,16 @@ async fn a_cache_owner_lives_as_long_as_the_cache_and_patch_extends_it() {
         (6 * 24 * 3600..=7 * 24 * 3600).contains(&batch_ttl),
         "{batch_ttl}"
     );
+    let (_, op) = send(
+        "POST",
+        &c.url(0, "/v1beta/models/veo-2.0-generate-001:predictLongRunning"),
+        TOKEN,
+        Some(json!({"instances": []})),
+        &[],
+    )
+    .await;
+    let op_ttl = c.ttl_of(op["name"].as_str().unwrap());
+    assert!((47 * 3600..=48 * 3600).contains(&op_ttl), "{op_ttl}");
 }
 
 #[actix_rt::test]
@@ -847,4 +857,48 @@ async fn an_upload_into_a_file_search_store_starts_on_its_key_and_finishes_on_an
         "{docs}"
     );
     assert!(c.keys_used_for(&store).await.iter().all(|k| *k == owner));
+}
+
+#[actix_rt::test]
+async fn importing_a_file_of_another_key_into_a_store_gets_409() {
+    let c = cluster(1, 3);
+    let (status, store) = send(
+        "POST",
+        &c.url(0, "/v1beta/fileSearchStores"),
+        TOKEN,
+        Some(json!({"displayName": "s"})),
+        &[("x-session-id", "store-side")],
+    )
+    .await;
+    assert_eq!(status, 200, "{store}");
+    let store = store["name"].as_str().unwrap().to_string();
+    let owner = c.owner_of(&store).await;
+    let url = c.url(0, "/upload/v1beta/files");
+    let mut n = 0;
+    let file = loop {
+        let f = upload_file(
+            &url,
+            None,
+            &[("x-session-id", &format!("file-side-{n}"))],
+            b"x",
+        )
+        .await;
+        n += 1;
+        if c.fake.owner_key(&f).await != owner {
+            break f;
+        }
+    };
+    c.fake.post("/_fake/reset", json!({})).await;
+    let (status, v) = send(
+        "POST",
+        &c.url(0, &format!("/v1beta/{store}:importFile")),
+        TOKEN,
+        Some(json!({"fileName": file})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 409, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(&file) && msg.contains(&store), "{msg}");
+    assert!(c.fake.requests().await.is_empty(), "nothing went upstream");
 }
