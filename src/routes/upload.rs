@@ -287,6 +287,14 @@ async fn record_file(gw: &Gateway, body: &Bytes, key_id: &str, owner: &str) {
                 .and_then(|n| n.as_str())
                 .map(str::to_string)
         });
+    if name
+        .as_deref()
+        .is_some_and(|n| n.starts_with("fileSearchStores/"))
+    {
+        // An upload into a file search store ends with an operation of the
+        // store, which follows the store's owner record.
+        return;
+    }
     let Some(name) = name.filter(|n| files::file_name_from_uri(n).as_deref() == Some(n.as_str()))
     else {
         tracing::warn!(

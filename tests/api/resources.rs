@@ -857,6 +857,9 @@ async fn an_upload_into_a_file_search_store_starts_on_its_key_and_finishes_on_an
         "{docs}"
     );
     assert!(c.keys_used_for(&store).await.iter().all(|k| *k == owner));
+    let logs: String = c.gws.iter().map(Gateway::log_text).collect();
+    assert!(logs.contains("upload into a file search store started"));
+    assert!(!logs.contains("names no file"), "{logs}");
 }
 
 #[actix_rt::test]
