@@ -1,4 +1,5 @@
-//! Lost bindings recover: when a request names a file whose owner the store
+//! Lost bindings recover: when a request names a resource (a file, a cache, a
+//! batch, an operation, a file search store) whose owner the store
 //! does not know (uploaded before the gateway kept state, uploaded directly
 //! with a pool key, or Redis lost its data), the owner is found by asking the
 //! pool's keys for the file's metadata — a few keys at a time, stopping at
@@ -11,8 +12,8 @@ use actix_web::http::header::HeaderMap;
 use actix_web::http::Method;
 use futures_util::future::join_all;
 
-use crate::files::{self, FileRecord};
 use crate::gateway::Gateway;
+use crate::resources::{self, Kind, OwnerRecord};
 use crate::store::StoreError;
 use crate::upstream::{KeyStyle, Upstream};
 
@@ -28,7 +29,7 @@ pub async fn discover(
     up: &Upstream,
     name: &str,
     token_id: &str,
-) -> Result<Option<FileRecord>, StoreError> {
+) -> Result<Option<OwnerRecord>, StoreError> {
     let store = gw.store();
     if store
         .get_many(MISS_NS, &[name.to_string()])
@@ -66,17 +67,19 @@ pub async fn discover(
     }
     let Some(key) = owner else {
         tracing::info!(
-            file = name,
-            "no pool key can see the file; treated as unknown"
+            resource = name,
+            "no pool key can see the resource; treated as unknown"
         );
         store.put(MISS_NS, name, "1", MISS_TTL).await?;
         return Ok(None);
     };
-    let record = FileRecord {
-        key: key.id.clone(),
-        owner: token_id.to_string(),
-    };
-    files::remember(store, name, &record, gw.settings.file_ttl).await?;
-    tracing::info!(file = name, key_id = %key.id, "file owner discovered and recorded");
+    let record = OwnerRecord::new(&key.id, token_id);
+    let ttl = Kind::of(name).unwrap_or(Kind::File).ttl(&gw.settings);
+    resources::remember(store, name, &record, ttl).await?;
+    if name.starts_with("files/") {
+        tracing::info!(file = name, key_id = %key.id, "file owner discovered and recorded");
+    } else {
+        tracing::info!(resource = name, key_id = %key.id, "resource owner discovered and recorded");
+    }
     Ok(Some(record))
 }

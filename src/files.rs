@@ -1,15 +1,13 @@
 //! File ownership: which key owns each Gemini file, and which client token
-//! uploaded it. A file is usable only with the key that uploaded it.
+//! uploaded it. A file is usable only with the key that uploaded it; files
+//! are one case of the per-project resources in [`crate::resources`].
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use memchr::memmem;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{now_ms, StateStore, StoreError};
-
-const NS: &str = "file";
+use crate::resources::{self, Kind, OwnerRecord};
+use crate::store::{StateStore, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileRecord {
@@ -30,88 +28,25 @@ pub fn valid_file_id(id: &str) -> bool {
 
 /// `files/abc`, `https://…/v1beta/files/abc`, `…/files/abc?x` → `files/abc`.
 pub fn file_name_from_uri(uri: &str) -> Option<String> {
-    let at = uri.rfind("files/")?;
-    let before = &uri[..at];
-    if !(before.is_empty() || before.ends_with('/')) {
-        return None;
-    }
-    let rest = &uri[at + "files/".len()..];
-    let id = rest.split(['?', '#', '/', ':']).next().unwrap_or("");
-    valid_file_id(id).then(|| format!("files/{id}"))
+    resources::file_name_from_uri(uri)
 }
 
-/// JSON field names whose string value names a file: `fileData.fileUri` in
-/// both spellings, and `src` of batch requests.
-const FIELDS: [&[u8]; 3] = [b"\"fileUri\"", b"\"file_uri\"", b"\"src\""];
-
-/// Every file a request body references, deduplicated, in name order.
-///
-/// A linear scan for the field names, not a JSON parse: it costs one pass
-/// over the bytes whatever the body is. An occurrence inside a JSON string
-/// (`\"fileUri\"`) is skipped, since its quote is escaped.
+/// Every file a request body references, deduplicated, in name order (the
+/// files among [`resources::scan_refs`]).
 pub fn scan_refs(body: &[u8]) -> Vec<String> {
-    let mut found = BTreeSet::new();
-    for field in FIELDS {
-        for at in memmem::find_iter(body, field) {
-            if escaped(body, at) {
-                continue;
-            }
-            if let Some(value) = string_value_after(body, at + field.len()) {
-                if let Some(name) = file_name_from_uri(&value) {
-                    found.insert(name);
-                }
-            }
-        }
-    }
-    found.into_iter().collect()
+    resources::scan_refs(body)
+        .into_iter()
+        .filter(|n| n.starts_with("files/"))
+        .collect()
 }
 
-fn escaped(body: &[u8], quote_at: usize) -> bool {
-    let backslashes = body[..quote_at]
-        .iter()
-        .rev()
-        .take_while(|b| **b == b'\\')
-        .count();
-    backslashes % 2 == 1
-}
-
-/// The JSON string that follows `: ` at `pos`, with `\/` unescaped. Values
-/// longer than a URI could reasonably be are ignored.
-fn string_value_after(body: &[u8], mut pos: usize) -> Option<String> {
-    let skip_ws = |pos: &mut usize| {
-        while body.get(*pos).is_some_and(|b| b.is_ascii_whitespace()) {
-            *pos += 1;
-        }
-    };
-    skip_ws(&mut pos);
-    if body.get(pos) != Some(&b':') {
-        return None;
-    }
-    pos += 1;
-    skip_ws(&mut pos);
-    if body.get(pos) != Some(&b'"') {
-        return None;
-    }
-    pos += 1;
-    let mut out = Vec::new();
-    while let Some(&b) = body.get(pos) {
-        match b {
-            b'"' => return String::from_utf8(out).ok(),
-            b'\\' => {
-                let next = *body.get(pos + 1)?;
-                out.push(if next == b'/' { b'/' } else { next });
-                pos += 2;
-            }
-            _ => {
-                out.push(b);
-                pos += 1;
-            }
-        }
-        if out.len() > 2048 {
-            return None;
+impl From<OwnerRecord> for FileRecord {
+    fn from(r: OwnerRecord) -> Self {
+        FileRecord {
+            key: r.key,
+            owner: r.owner,
         }
     }
-    None
 }
 
 /// The owner records of several files, in order; `None` for files the
@@ -120,23 +55,15 @@ pub async fn owners(
     store: &dyn StateStore,
     names: &[String],
 ) -> Result<Vec<Option<FileRecord>>, StoreError> {
-    let raw = store.get_many(NS, names).await?;
-    Ok(raw
+    Ok(resources::owners(store, names)
+        .await?
         .into_iter()
-        .map(|v| v.and_then(|s| serde_json::from_str(&s).ok()))
+        .map(|r| r.map(FileRecord::from))
         .collect())
 }
 
 pub async fn owner(store: &dyn StateStore, name: &str) -> Result<Option<FileRecord>, StoreError> {
-    Ok(owners(store, &[name.to_string()])
-        .await?
-        .into_iter()
-        .next()
-        .flatten())
-}
-
-fn token_index(token_id: &str) -> String {
-    format!("token-files:{token_id}")
+    Ok(resources::owner(store, name).await?.map(FileRecord::from))
 }
 
 /// Records that `name` is owned by `record.key` and was uploaded by
@@ -147,21 +74,22 @@ pub async fn remember(
     record: &FileRecord,
     ttl: Duration,
 ) -> Result<(), StoreError> {
-    let value = serde_json::to_string(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    store.put(NS, name, &value, ttl).await?;
-    store
-        .index_add(&token_index(&record.owner), name, ttl, now_ms())
-        .await
+    resources::remember(
+        store,
+        name,
+        &OwnerRecord::new(&record.key, &record.owner),
+        ttl,
+    )
+    .await
 }
 
 pub async fn forget(store: &dyn StateStore, name: &str, owner: &str) -> Result<(), StoreError> {
-    store.delete(NS, name).await?;
-    store.index_remove(&token_index(owner), name).await
+    resources::forget(store, name, owner).await
 }
 
 /// The files a client token uploaded that are still alive, newest first.
 pub async fn of_token(store: &dyn StateStore, token_id: &str) -> Result<Vec<String>, StoreError> {
-    store.index_members(&token_index(token_id), now_ms()).await
+    resources::of_token(store, Kind::File, token_id).await
 }
 
 #[cfg(test)]
@@ -191,6 +119,26 @@ mod tests {
         assert!(scan_refs(br#"{"fileUri":"files/UPPER"}"#).is_empty());
         assert!(scan_refs(br#"{"fileUri":"notfiles/abc"}"#).is_empty());
         assert!(scan_refs(b"\xff\xfe\"fileUri\":\"files/a").is_empty());
+    }
+
+    #[test]
+    fn owner_records_read_both_ways_across_layouts_1_and_2() {
+        // Layout 1 wrote `{key, owner}`; layout 2 adds `created`.
+        let old: OwnerRecord = serde_json::from_str(r#"{"key":"k1","owner":"t1"}"#).unwrap();
+        assert_eq!(
+            (old.key.as_str(), old.owner.as_str(), old.created),
+            ("k1", "t1", 0)
+        );
+        let new = serde_json::to_string(&OwnerRecord::new("k2", "t2")).unwrap();
+        assert!(new.contains("created"));
+        let read_by_layout_1: FileRecord = serde_json::from_str(&new).unwrap();
+        assert_eq!(
+            read_by_layout_1,
+            FileRecord {
+                key: "k2".into(),
+                owner: "t2".into()
+            }
+        );
     }
 
     #[test]

@@ -70,7 +70,11 @@ async fn main() -> std::process::ExitCode {
     // `gemini-balancer healthcheck`: for container HEALTHCHECKs in images
     // without curl.
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        return match gemini_balancer::startup::probe_health(settings.listen) {
+        let probed = match &settings.tls_cert {
+            Some(cert) => gemini_balancer::probe::probe_health_tls(settings.listen, cert),
+            None => gemini_balancer::startup::probe_health(settings.listen),
+        };
+        return match probed {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("gemini-balancer: unhealthy: {e}");

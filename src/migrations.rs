@@ -28,12 +28,25 @@ fn initial(_: &RedisStore) -> Pin<Box<dyn Future<Output = Result<(), StoreError>
     Box::pin(async { Ok(()) })
 }
 
+fn resources(_: &RedisStore) -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + '_>> {
+    // Layout 2 adds owner records of caches, batches, operations and file
+    // search stores beside the file records: nothing to transform.
+    Box::pin(async { Ok(()) })
+}
+
 /// Every migration this build knows, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial",
-    up: initial,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial",
+        up: initial,
+    },
+    Migration {
+        version: 2,
+        name: "0002_resources",
+        up: resources,
+    },
+];
 
 /// Brings Redis to this build's layout.
 pub async fn apply(store: &RedisStore) -> Result<u64, StoreError> {

@@ -1,6 +1,7 @@
 //! How one request travels, in order:
 //!
-//! 1. **pin** — a request that references files goes to the key owning them
+//! 1. **pin** — a request that references files or other per-project
+//!    resources (caches, file search stores) goes to the key owning them
 //!    (409 when they have different owners); else a request with a session
 //!    goes to the session's key; else it is unpinned.
 //! 2. **choose key** — the pin, or the next healthy key by shared rotation.
@@ -22,10 +23,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::error::{ApiError, Flavor};
-use crate::files;
 use crate::gateway::Gateway;
 use crate::health::{classify, Outcome};
 use crate::keys::{ApiKey, NoKey};
+use crate::resources::{mixed_message, RefError};
 use crate::session::{self, BindError, Session};
 use crate::store::{effective_state, now_ms, MemberState, Transition};
 use crate::upstream::{response_forwardable, KeyStyle, Upstream};
@@ -74,47 +75,16 @@ pub async fn pin<'g>(
     token_id: &str,
     flavor: Flavor,
 ) -> Result<Option<&'g ApiKey>, ApiError> {
-    let refs = files::scan_refs(body);
-    if !refs.is_empty() {
-        let mut records = files::owners(gw.store(), &refs)
-            .await
-            .map_err(|e| store_down(e, flavor))?;
-        for (name, record) in refs.iter().zip(records.iter_mut()) {
-            if record.is_none() {
-                *record = crate::discovery::discover(gw, up, name, token_id)
-                    .await
-                    .map_err(|e| store_down(e, flavor))?;
-            }
-        }
-        let mut owners: Vec<(&str, &str)> = refs
-            .iter()
-            .zip(&records)
-            .filter_map(|(name, rec)| rec.as_ref().map(|r| (name.as_str(), r.key.as_str())))
-            .collect();
-        owners.sort_by_key(|(_, key)| *key);
-        let mut keys: Vec<&str> = owners.iter().map(|(_, k)| *k).collect();
-        keys.dedup();
-        match keys.as_slice() {
-            [] => {}
-            [one] => {
-                if let Some(key) = gw.keys.by_id(one) {
-                    return Ok(Some(key));
-                }
-            }
-            _ => {
-                let names: Vec<&str> = owners.iter().map(|(n, _)| *n).collect();
-                gw.metrics.mixed_owner_conflicts.inc();
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "The files {} were uploaded under different API keys and cannot be used \
-                         in one request. {}",
-                        names.join(", "),
-                        split_advice(gw.settings.upload_affinity)
-                    ),
-                )
-                .flavor(flavor));
-            }
+    match crate::resources::body_owner(gw, up, body, token_id).await {
+        Ok(Some(key)) => return Ok(Some(key)),
+        Ok(None) => {}
+        Err(RefError::Store(e)) => return Err(store_down(e, flavor)),
+        Err(RefError::Mixed(names)) => {
+            gw.metrics.mixed_owner_conflicts.inc();
+            let advice = split_advice(gw.settings.upload_affinity);
+            return Err(
+                ApiError::new(StatusCode::CONFLICT, mixed_message(&names, advice)).flavor(flavor),
+            );
         }
     }
     if let Some(s) = session {
@@ -138,7 +108,7 @@ pub async fn pin<'g>(
 
 /// Why files that belong together can still land on different keys, and how
 /// to avoid it, for the affinity mode in force.
-fn split_advice(affinity: crate::settings::UploadAffinity) -> &'static str {
+pub fn split_advice(affinity: crate::settings::UploadAffinity) -> &'static str {
     match affinity {
         crate::settings::UploadAffinity::Token => {
             "With GB_UPLOAD_AFFINITY=token the uploads of one client token share a key, \

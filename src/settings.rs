@@ -78,6 +78,11 @@ pub struct Settings {
     /// Outbound proxies (`GB_PROXIES`), parsed; empty with `GB_PROXY_MODE=none`.
     pub proxies: Vec<crate::proxy::ProxySpec>,
     pub proxy_cooldown: Duration,
+    /// Open Live sessions per key before new sessions prefer other keys.
+    pub live_sessions_per_key: usize,
+    /// PEM certificate chain and key of the optional TLS listener.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
 }
 
 /// Reads settings from the layered sources described in the module docs.
@@ -304,7 +309,29 @@ impl Raw {
             return Err(err("redis_timeout_ms", "must be at least 1"));
         }
 
+        let live_sessions_per_key: usize = self.num("live_sessions_per_key")?;
+        if live_sessions_per_key == 0 {
+            return Err(err("live_sessions_per_key", "must be at least 1"));
+        }
+        let (tls_cert, tls_key) = (self.opt("tls_cert"), self.opt("tls_key"));
+        match (&tls_cert, &tls_key) {
+            (Some(_), None) => return Err(err("tls_key", "is required with GB_TLS_CERT")),
+            (None, Some(_)) => return Err(err("tls_cert", "is required with GB_TLS_KEY")),
+            _ => {}
+        }
+        for (name, path) in [("tls_cert", &tls_cert), ("tls_key", &tls_key)] {
+            if path
+                .as_ref()
+                .is_some_and(|p| !std::path::Path::new(p).is_file())
+            {
+                return Err(err(name, "the file it names does not exist"));
+            }
+        }
+
         Ok(Settings {
+            live_sessions_per_key,
+            tls_cert,
+            tls_key,
             listen,
             api_keys,
             auth_tokens,

@@ -67,6 +67,10 @@ impl Application {
         let addr = listener.local_addr()?;
         let grace = settings.shutdown_grace;
         let workers = settings.workers;
+        let tls_listener = match (&settings.tls_cert, &settings.tls_key) {
+            (Some(cert), Some(key)) => Some(listener_tls(cert, key)?),
+            _ => None,
+        };
         let gateway = Arc::new(Gateway::new(settings, store, metrics));
         let data = web::Data::from(gateway.clone());
         let worker_tls = tls.clone();
@@ -113,12 +117,16 @@ impl Application {
                 .configure(routes::admin::configure)
                 .default_service(web::to(routes::dispatch))
         })
-        .workers(workers)
-        .listen(listener)?
-        .shutdown_timeout(grace.as_secs())
-        .disable_signals()
-        .run();
-        tracing::info!("listening on http://{addr}");
+        .workers(workers);
+        let (server, scheme) = match &tls_listener {
+            Some(cfg) => (server.listen_rustls_0_23(listener, cfg.clone())?, "https"),
+            None => (server.listen(listener)?, "http"),
+        };
+        let server = server
+            .shutdown_timeout(grace.as_secs())
+            .disable_signals()
+            .run();
+        tracing::info!("listening on {scheme}://{addr}");
         {
             let gw = gateway.clone();
             let replica = gw.replica.clone();
@@ -185,6 +193,28 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// The TLS configuration of the listener (`GB_TLS_CERT`, `GB_TLS_KEY`: PEM),
+/// so clients that insist on `https://` and `wss://` (the Python SDK's Live
+/// API) can reach the gateway directly.
+fn listener_tls(cert: &str, key: &str) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| anyhow::anyhow!("GB_TLS_CERT: cannot read a PEM certificate chain: {e}"))?;
+    if certs.is_empty() {
+        anyhow::bail!("GB_TLS_CERT: the file holds no certificate");
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("GB_TLS_KEY: cannot read a PEM private key: {e}"))?;
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("GB_TLS_CERT/GB_TLS_KEY: the key does not match the certificate")
 }
 
 /// `GET /healthz` on the local listener, with short timeouts.

@@ -57,6 +57,10 @@ pub fn tls_config(ca_file: Option<&str>) -> anyhow::Result<Arc<rustls::ClientCon
 pub struct Upstream {
     direct: Client,
     via: Vec<Client>,
+    /// The same over HTTP/1.1 only: a WebSocket cannot be opened over an
+    /// HTTP/2 connection, which ALPN would otherwise pick.
+    ws_direct: Client,
+    ws_via: Vec<Client>,
     router: Option<Arc<ProxyRouter>>,
     base: String,
 }
@@ -100,23 +104,33 @@ impl Upstream {
         router: Option<Arc<ProxyRouter>>,
     ) -> Self {
         let connect_timeout = Duration::from_secs(10);
-        let direct = client(Connector::new(), &tls, connect_timeout, timeout);
-        let via = router
-            .iter()
-            .flat_map(|r| r.specs.iter())
-            .map(|spec| {
-                let tunnel = ProxyConnector::new(spec.clone(), connect_timeout);
-                client(
-                    Connector::new().connector(tunnel),
-                    &tls,
-                    connect_timeout,
-                    timeout,
-                )
-            })
-            .collect();
+        let mut h1 = (*tls).clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let h1 = Arc::new(h1);
+        let clients = |tls: &Arc<rustls::ClientConfig>| {
+            let direct = client(Connector::new(), tls, connect_timeout, timeout);
+            let via: Vec<Client> = router
+                .iter()
+                .flat_map(|r| r.specs.iter())
+                .map(|spec| {
+                    let tunnel = ProxyConnector::new(spec.clone(), connect_timeout);
+                    client(
+                        Connector::new().connector(tunnel),
+                        tls,
+                        connect_timeout,
+                        timeout,
+                    )
+                })
+                .collect();
+            (direct, via)
+        };
+        let (direct, via) = clients(&tls);
+        let (ws_direct, ws_via) = clients(&h1);
         Self {
             direct,
             via,
+            ws_direct,
+            ws_via,
             router,
             base: base.to_string(),
         }
@@ -174,6 +188,39 @@ impl Upstream {
                     req.insert_header(("authorization", format!("Bearer {}", key.expose())))
                 }
             };
+        }
+        req
+    }
+}
+
+impl Upstream {
+    /// A WebSocket handshake to `path_and_query` on the upstream (the Live
+    /// API) with the client's forwardable headers and the real key, or an
+    /// ephemeral token minted with that key (`Authorization: Token …`).
+    pub fn ws(
+        &self,
+        path_and_query: &str,
+        client_headers: &HeaderMap,
+        key: Option<&ApiKey>,
+        ephemeral: Option<&str>,
+        max_frame: usize,
+    ) -> awc::ws::WebsocketsRequest {
+        let ws_client = key
+            .and_then(|k| self.proxy_of(k))
+            .and_then(|i| self.ws_via.get(i))
+            .unwrap_or(&self.ws_direct);
+        let mut req = ws_client
+            .ws(format!("{}{}", self.base, path_and_query))
+            .max_frame_size(max_frame);
+        for (name, value) in client_headers {
+            if forwardable(name) && !name.as_str().starts_with("sec-websocket") {
+                req = req.set_header(name.clone(), value.clone());
+            }
+        }
+        match (ephemeral, key) {
+            (Some(token), _) => req = req.set_header("authorization", format!("Token {token}")),
+            (None, Some(key)) => req = req.set_header("x-goog-api-key", key.expose()),
+            (None, None) => {}
         }
         req
     }

@@ -44,7 +44,7 @@ pub async fn handle(
                 ));
             }
             let name = format!("files/{bare}");
-            let known = files::owner(gw.store(), &name)
+            let known = crate::resources::owner(gw.store(), &name)
                 .await
                 .map_err(|e| pipeline::store_down(e, FLAVOR))?;
             let record = match known {

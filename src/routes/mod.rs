@@ -19,7 +19,10 @@ use crate::upstream::{filtered_query, query_param, KeyStyle, Upstream};
 pub mod admin;
 pub mod files;
 pub mod health;
+pub mod live;
 pub mod openai;
+pub mod resources;
+pub mod store_upload;
 pub mod upload;
 
 pub const VERSIONS: [&str; 3] = ["v1", "v1beta", "v1alpha"];
@@ -259,6 +262,17 @@ pub async fn dispatch(
     let segs = edge.segments();
     let method = req.method().clone();
     match segs.as_slice() {
+        live_path if live::is_live(live_path) => {
+            live::handle(gw.clone(), up.clone(), &req, payload, &edge).await
+        }
+        upload_path if store_upload::store_of(upload_path).is_some() => {
+            let ver = upload_path
+                .get(1)
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            let store = store_upload::store_of(upload_path).unwrap_or_default();
+            store_upload::start(&gw, &up, &req, payload, &edge, &ver, &store).await
+        }
         ["upload", ver, "files"] if VERSIONS.contains(ver) => {
             let ver = ver.to_string();
             upload::handle(&gw, &up, &req, payload, &edge, &ver).await
@@ -274,6 +288,18 @@ pub async fn dispatch(
         ["v1", "models", ..] if openai::is_openai_client(req.headers()) => {
             let path = format!("/v1beta/openai{}", &edge.path["/v1".len()..]);
             openai::handle(&gw, &up, &req, payload, &edge, path).await
+        }
+        ["download", ver, "files", id] if VERSIONS.contains(ver) && method == Method::GET => {
+            let ver = ver.to_string();
+            let rest = [id.to_string()];
+            files::handle(&gw, &up, &req, &edge, &ver, &rest).await
+        }
+        [ver, rest @ ..] if VERSIONS.contains(ver) && resources::route(rest, &method).is_some() => {
+            let ver = ver.to_string();
+            match resources::route(rest, &method) {
+                Some(route) => resources::handle(&gw, &up, &req, payload, &edge, &ver, route).await,
+                None => Err(ApiError::not_found("No such resource route.")),
+            }
         }
         [ver, "files", rest @ ..] if VERSIONS.contains(ver) && method != Method::POST => {
             let ver = ver.to_string();

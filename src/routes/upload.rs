@@ -168,7 +168,7 @@ async fn start(
 /// The gateway's externally visible base URL: `GB_PUBLIC_URL`, else the
 /// request's scheme and `Host` (or, behind a trusted proxy,
 /// `X-Forwarded-Proto`/`-Host`/`-Prefix`).
-fn public_base(gw: &Gateway, req: &HttpRequest) -> String {
+pub(super) fn public_base(gw: &Gateway, req: &HttpRequest) -> String {
     if let Some(url) = &gw.settings.public_url {
         return url.clone();
     }
@@ -406,6 +406,14 @@ async fn record_file(gw: &Gateway, body: &Bytes, key_id: &str, owner: &str) -> R
                 .and_then(|n| n.as_str())
                 .map(str::to_string)
         });
+    if name
+        .as_deref()
+        .is_some_and(|n| n.starts_with("fileSearchStores/"))
+    {
+        // An upload into a file search store ends with an operation of the
+        // store, which follows the store's owner record.
+        return Recorded::NoName;
+    }
     let Some(name) = name.filter(|n| files::file_name_from_uri(n).as_deref() == Some(n.as_str()))
     else {
         tracing::warn!(

@@ -1,13 +1,13 @@
 //! The Redis store: what lets any replica serve any request.
 //!
-//! Key layout (version 1, see `migrations/`), all under the configured prefix:
+//! Key layout (version 2, see `migrations/`), all under the configured prefix:
 //!
 //! | key | type | holds |
 //! |---|---|---|
 //! | `{p}:layout` | string | layout version |
 //! | `{p}:{ring:NAME}:n` | string | rotation counter (INCR) |
 //! | `{p}:{ring:NAME}:s` | hash | member id, or `member|model`, → `c:<until ms>[:<reason>]` / `d:<since ms>:<origin>` |
-//! | `{p}:NS:ID` | string, TTL | one binding (session → key id, upload → record, file → record) |
+//! | `{p}:NS:ID` | string, TTL | one binding (session → key id, upload → record, file → owner record, other resource (`res`) → owner record) |
 //! | `{p}:idx:NAME` | sorted set, TTL | member → expiry (ms) |
 //! | `{p}:lock:NAME` | string, TTL | lock holder |
 //! | `{p}:stats:BUCKET` | hash, TTL | counter name → count (per-minute admin statistics) |

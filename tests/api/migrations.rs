@@ -10,7 +10,7 @@ use secrecy::SecretString;
 
 use crate::helpers::*;
 
-/// A test layout 2: counts how often it ran, and takes its time so that a
+/// A test layout 3: counts how often it ran, and takes its time so that a
 /// second replica starting at once has to wait for the lock.
 fn counting(
     store: &RedisStore,
@@ -32,7 +32,12 @@ const WITH_TEST_MIGRATION: &[Migration] = &[
     },
     Migration {
         version: 2,
-        name: "0002_test_counter",
+        name: "0002_resources",
+        up: MIGRATIONS[1].up,
+    },
+    Migration {
+        version: 3,
+        name: "0003_test_counter",
         up: counting,
     },
 ];
@@ -57,14 +62,14 @@ async fn two_replicas_starting_at_once_apply_a_migration_exactly_once() {
         apply_with(&b, WITH_TEST_MIGRATION),
     )
     .await;
-    assert_eq!((ra.unwrap(), rb.unwrap()), (2, 2));
+    assert_eq!((ra.unwrap(), rb.unwrap()), (3, 3));
     assert!(
         redis
             .cmd(&["GET", "gb:test:migration-runs"])
             .contains("\r\n1\r\n"),
         "ran once"
     );
-    assert!(redis.cmd(&["GET", "gb:layout"]).contains("\r\n2\r\n"));
+    assert!(redis.cmd(&["GET", "gb:layout"]).contains("\r\n3\r\n"));
     // Applying again is a no-op.
     apply_with(&a, WITH_TEST_MIGRATION).await.unwrap();
     assert!(redis
@@ -87,13 +92,13 @@ async fn a_replica_refuses_a_layout_newer_than_it_knows() {
     ]);
     assert_ne!(code, 0);
     assert!(
-        err.contains("layout version 2") && err.contains("newer than this build knows (1)"),
+        err.contains("layout version 3") && err.contains("newer than this build knows (2)"),
         "{err}"
     );
 }
 
 #[actix_rt::test]
-async fn real_replicas_starting_together_record_layout_1_once() {
+async fn real_replicas_starting_together_record_the_newest_layout_once() {
     let redis = Redis::start();
     let fake = FakeUpstream::start(&keys(1));
     let gws: Vec<Gateway> = std::thread::scope(|s| {
@@ -110,6 +115,6 @@ async fn real_replicas_starting_together_record_layout_1_once() {
                 .count()
         })
         .sum::<usize>();
-    assert_eq!(applied, 1);
-    assert!(redis.cmd(&["GET", "gb:layout"]).contains("\r\n1\r\n"));
+    assert_eq!(applied, MIGRATIONS.len());
+    assert!(redis.cmd(&["GET", "gb:layout"]).contains("\r\n2\r\n"));
 }

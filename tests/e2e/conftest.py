@@ -118,6 +118,9 @@ class Fake:
     def file_owners(self):
         return self._call("GET", "/_fake/files")
 
+    def resource_owners(self):
+        return self._call("GET", "/_fake/resources")
+
     def reset(self):
         self._call("POST", "/_fake/reset", {})
 

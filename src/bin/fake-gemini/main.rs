@@ -1,7 +1,9 @@
 //! A fake Gemini API for tests, demos and benchmarks. It behaves like Google
 //! where the gateway depends on it: per-key file ownership with Google's 403,
 //! the resumable upload protocol with offset checks, 429 with RetryInfo,
-//! invalid keys, SSE streams, the OpenAI-compatible endpoints.
+//! invalid keys, SSE streams, the OpenAI-compatible endpoints; context caches,
+//! batches, long-running operations and file search stores, each visible only
+//! to the key that created it.
 //!
 //! Environment: `FAKE_LISTEN` (default `127.0.0.1:0`), `FAKE_KEYS` (the valid
 //! keys, comma-separated), `FAKE_TLS_CERT`/`FAKE_TLS_KEY` (PEM; serve HTTPS),
@@ -14,13 +16,18 @@
 //! JSON mode (`{"mode":"quota","retryDelay":"2s"}`, `invalid`, `error`,
 //! `slow`, `break_stream`, `drop`, `normal`), `POST throttle/{ip}` with
 //! `{"on": bool}` (every request from that source IP gets 429: an IP-level
-//! throttle), `POST release/{name}` (let a held stream continue).
+//! throttle), `POST release/{name}` (let a held stream continue), `GET files`
+//! and `GET resources` (name → owner key), `GET live` (open Live sessions per
+//! key). The Live API WebSocket answers `setupComplete` and echoes turns with
+//! the serving key's id.
 #![allow(clippy::print_stdout, clippy::result_large_err)]
 
 mod errors;
 mod files;
 mod gemini;
+mod live;
 mod openai;
+mod resources;
 mod state;
 
 use std::time::Duration;
@@ -88,6 +95,13 @@ async fn control(
                 Err(e) => HttpResponse::BadRequest().body(e.to_string()),
             }
         }
+        ["live"] => HttpResponse::Ok().json(&fake.lock().live_open),
+        ["resources"] => {
+            let inner = fake.lock();
+            let owners: std::collections::HashMap<&String, &String> =
+                inner.resources.iter().map(|(n, r)| (n, &r.owner)).collect();
+            HttpResponse::Ok().json(owners)
+        }
         ["files"] => {
             let inner = fake.lock();
             let owners: std::collections::HashMap<&String, &String> =
@@ -145,7 +159,20 @@ async fn handle(
         return errors::respond(429, errors::quota(Some("30s"), None, None), openai);
     }
     match segs.as_slice() {
+        ["ws", method] if method.contains("GenerativeService.BidiGenerateContent") => {
+            live::live(fake.clone(), &req, payload, key).await
+        }
         ["upload", ver, "files"] => files::upload(&fake, &req, payload, ver, key).await,
+        ["upload", ver, "fileSearchStores", id] => {
+            resources::store_upload(&fake, &req, payload, ver, id, key).await
+        }
+        ["download", _ver, "files", id] => {
+            let key = match gemini::gate(&fake, key, false).await {
+                Ok(k) => k,
+                Err(r) => return r,
+            };
+            resources::download(&fake, &key, id)
+        }
         [ver, "openai", rest @ ..] => {
             let _ = ver;
             let body = read_all(payload).await;
@@ -159,6 +186,13 @@ async fn handle(
                 ["models"] => openai::models(),
                 ["models", id @ ..] => openai::model(&id.join("/")),
                 ["chat", "completions"] => {
+                    let google = value
+                        .pointer("/extra_body/google")
+                        .unwrap_or(&json!(null))
+                        .clone();
+                    if let Err(r) = resources::check_used(&fake, &key, &google) {
+                        return r;
+                    }
                     if !cfg.delay.is_zero() {
                         tokio::time::sleep(cfg.delay).await;
                     }
@@ -199,6 +233,13 @@ async fn handle(
                         Ok(n) => n,
                         Err(r) => return r,
                     };
+                    if let Err(r) = resources::check_used(&fake, &key, &value) {
+                        return r;
+                    }
+                    let (model, method) = action.split_once(':').unwrap_or((action, ""));
+                    if let Some(r) = resources::model_action(&fake, &key, model, method, &value) {
+                        return r;
+                    }
                     if !cfg.delay.is_zero() {
                         tokio::time::sleep(cfg.delay).await;
                     }
@@ -226,11 +267,19 @@ async fn handle(
                     response
                 }
                 ["models", name] => gemini::model_get(name),
-                _ => errors::respond(
-                    404,
-                    errors::google(404, "Not found.", "NOT_FOUND", json!([])),
-                    false,
-                ),
+                _ => {
+                    let body = read_all(payload).await;
+                    let value: serde_json::Value =
+                        serde_json::from_slice(&body).unwrap_or(json!({}));
+                    if let Some(r) = resources::handle(&fake, &req, &key, ver, rest, &value) {
+                        return r;
+                    }
+                    errors::respond(
+                        404,
+                        errors::google(404, "Not found.", "NOT_FOUND", json!([])),
+                        false,
+                    )
+                }
             }
         }
         _ => errors::respond(

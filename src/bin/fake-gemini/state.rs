@@ -78,6 +78,14 @@ pub struct FileMeta {
     pub created: String,
 }
 
+/// A per-project resource other than a file (a cache, a batch, an
+/// operation, a file search store or one of its documents).
+#[derive(Debug, Clone)]
+pub struct Res {
+    pub owner: String,
+    pub value: serde_json::Value,
+}
+
 #[derive(Debug, Clone)]
 pub struct Upload {
     pub key: String,
@@ -93,6 +101,12 @@ pub struct Inner {
     pub keys: HashSet<String>,
     pub modes: HashMap<String, Mode>,
     pub files: HashMap<String, FileMeta>,
+    /// Resource name → owner key and body.
+    pub resources: HashMap<String, Res>,
+    /// Live sessions open now, per key.
+    pub live_open: HashMap<String, u64>,
+    /// Contents of the files the fake produced itself, for `:download`.
+    pub contents: HashMap<String, String>,
     pub uploads: HashMap<String, Upload>,
     pub seen: Vec<Seen>,
     pub holds: HashMap<String, Arc<Notify>>,
