@@ -79,6 +79,7 @@ pub async fn pin<'g>(
         Ok(Some(key)) => return Ok(Some(key)),
         Ok(None) => {}
         Err(RefError::Store(e)) => return Err(store_down(e, flavor)),
+        Err(RefError::Refused(e)) => return Err(e.flavor(flavor)),
         Err(RefError::Mixed(names)) => {
             gw.metrics.mixed_owner_conflicts.inc();
             let advice = split_advice(gw.settings.upload_affinity);

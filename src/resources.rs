@@ -232,8 +232,23 @@ pub async fn of_token(
 #[derive(Debug)]
 pub enum RefError {
     Store(StoreError),
+    /// Discovery of unknown owners was refused (over budget, or the token's
+    /// lookup rate).
+    Refused(crate::error::ApiError),
     /// The named resources belong to different keys (their names).
     Mixed(Vec<String>),
+}
+
+impl From<crate::discovery::DiscoveryError> for RefError {
+    fn from(e: crate::discovery::DiscoveryError) -> Self {
+        match e.refusal() {
+            Some(refusal) => RefError::Refused(refusal),
+            None => match e {
+                crate::discovery::DiscoveryError::Store(s) => RefError::Store(s),
+                _ => RefError::Store(StoreError::Unavailable("discovery failed".into())),
+            },
+        }
+    }
 }
 
 /// The key owning every resource `body` names, if it names any the gateway
@@ -249,11 +264,14 @@ pub async fn body_owner<'g>(
         return Ok(None);
     }
     let mut records = owners(gw.store(), &refs).await.map_err(RefError::Store)?;
-    for (name, record) in refs.iter().zip(records.iter_mut()) {
-        if record.is_none() {
-            *record = crate::discovery::discover(gw, up, name, token_id)
-                .await
-                .map_err(RefError::Store)?;
+    let unknown: Vec<usize> = (0..refs.len()).filter(|i| records[*i].is_none()).collect();
+    if !unknown.is_empty() {
+        let names: Vec<String> = unknown.iter().map(|i| refs[*i].clone()).collect();
+        let found = crate::discovery::discover_many(gw, up, &names, token_id)
+            .await
+            .map_err(RefError::from)?;
+        for (i, record) in unknown.into_iter().zip(found) {
+            records[i] = record;
         }
     }
     let mut owned: Vec<(&str, &str)> = refs

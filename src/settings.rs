@@ -72,6 +72,8 @@ pub struct Settings {
     pub recheck_interval: Duration,
     /// How long a pinned request waits for its key's cooldown (GB_PIN_WAIT).
     pub pin_wait: Duration,
+    /// Upstream lookups of unknown owners one request may cause.
+    pub discovery_budget: usize,
     pub upload_affinity: UploadAffinity,
     /// Lifetime of an admin page session.
     pub admin_session_ttl: Duration,
@@ -356,6 +358,7 @@ impl Raw {
             shutdown_grace: self.secs("shutdown_grace")?,
             recheck_interval: self.secs("recheck_interval")?,
             pin_wait: Duration::from_secs(self.num("pin_wait")?),
+            discovery_budget: self.num("discovery_budget")?,
             admin_session_ttl: self.secs("admin_session_ttl")?,
             upload_affinity: match self.req("upload_affinity")?.to_ascii_lowercase().as_str() {
                 "token" => UploadAffinity::Token,

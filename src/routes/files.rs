@@ -51,7 +51,7 @@ pub async fn handle(
                 Some(r) => Some(r),
                 None => crate::discovery::discover(gw, up, &name, &token.id)
                     .await
-                    .map_err(|e| pipeline::store_down(e, FLAVOR))?,
+                    .map_err(|e| super::resources::discovery_error(e, FLAVOR))?,
             }
             .filter(|r| r.owner == token.id)
             .ok_or_else(|| not_found(&name))?;

@@ -251,6 +251,20 @@ async fn mint(
     Ok(buffered_back(status, served.response.headers(), answer))
 }
 
+/// A discovery failure as the client's error.
+pub(super) fn discovery_error(
+    e: crate::discovery::DiscoveryError,
+    flavor: crate::error::Flavor,
+) -> ApiError {
+    match e.refusal() {
+        Some(refusal) => refusal.flavor(flavor),
+        None => match e {
+            crate::discovery::DiscoveryError::Store(s) => pipeline::store_down(s, flavor),
+            _ => ApiError::store_unavailable().flavor(flavor),
+        },
+    }
+}
+
 /// The owner record of `name` for this token: known, or discovered.
 pub(super) async fn owner_for(
     gw: &Gateway,
@@ -265,7 +279,7 @@ pub(super) async fn owner_for(
         Some(r) => Some(r),
         None => crate::discovery::discover(gw, up, name, token_id)
             .await
-            .map_err(|e| pipeline::store_down(e, FLAVOR))?,
+            .map_err(|e| discovery_error(e, FLAVOR))?,
     };
     record
         .filter(|r| r.owner == token_id)
@@ -302,6 +316,7 @@ async fn owned(
         }
         Ok(_) => {}
         Err(RefError::Store(e)) => return Err(pipeline::store_down(e, FLAVOR)),
+        Err(RefError::Refused(e)) => return Err(e.flavor(FLAVOR)),
         Err(RefError::Mixed(names)) => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,

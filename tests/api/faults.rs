@@ -264,3 +264,107 @@ async fn a_finalize_whose_owner_cannot_be_recorded_is_refused_until_it_can() {
     assert_eq!(file_status(&gw, &name, TOKEN).await, 200);
     assert_eq!(file_status(&gw, &name, TOKEN_B).await, 404);
 }
+
+fn lookups(seen: &[Value]) -> usize {
+    seen.iter()
+        .filter(|r| {
+            r["method"] == "GET"
+                && r["path"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("/v1beta/files/")
+        })
+        .count()
+}
+
+fn made_up(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("files/{prefix}{i:03}")).collect()
+}
+
+#[actix_rt::test]
+async fn unknown_files_cost_at_most_the_discovery_budget_upstream() {
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(&keys(4));
+    let gw = Gateway::start(&fake, Some(&redis), &[("GB_DISCOVERY_BUDGET", "20")]);
+    let url = format!("{}{GENERATE}", gw.url);
+    // Forty made-up ids over four keys would be 160 lookups.
+    let names = made_up("madeup", 40);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (status, body) = post_json(&url, &file_body(&refs), &[]).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("35 files or resources") && message.contains("GB_DISCOVERY_BUDGET"),
+        "{message}"
+    );
+    let seen = fake.requests().await;
+    assert_eq!(lookups(&seen), 20, "the budget, not 160");
+    assert!(
+        seen.iter()
+            .all(|r| !r["path"].as_str().unwrap().contains(":generateContent")),
+        "never sent"
+    );
+
+    // A few unknown ids are searched once; the misses are remembered.
+    fake.post("/_fake/reset", json!({})).await;
+    let few = made_up("few", 3);
+    let refs: Vec<&str> = few.iter().map(String::as_str).collect();
+    post_json(&url, &file_body(&refs), &[]).await;
+    assert_eq!(lookups(&fake.requests().await), 12);
+    post_json(&url, &file_body(&refs), &[]).await;
+    assert_eq!(
+        lookups(&fake.requests().await),
+        12,
+        "a repeat costs nothing upstream"
+    );
+}
+
+#[actix_rt::test]
+async fn a_token_that_keeps_naming_unknown_files_is_slowed_down_alone() {
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(&keys(4));
+    // Four lookups a request, twenty a minute per token.
+    let gw = Gateway::start(&fake, Some(&redis), &[("GB_DISCOVERY_BUDGET", "4")]);
+    let url = format!("{}{GENERATE}", gw.url);
+    let names = made_up("probe", 6);
+    // The allowance is per wall-clock minute: start well inside one.
+    let second = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            % 60
+    };
+    while second() > 45 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    for name in &names[..5] {
+        let (status, body) = post_json(&url, &file_body(&[name]), &[]).await;
+        assert_ne!(status, 429, "{body}");
+    }
+    let mut resp = client()
+        .post(&url)
+        .insert_header(("x-goog-api-key", TOKEN))
+        .send_json(&file_body(&[&names[5]]))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    assert!(resp.headers().get("retry-after").is_some());
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lookups"),
+        "{body}"
+    );
+    assert_eq!(lookups(&fake.requests().await), 20);
+    // Another token still has its own allowance.
+    let mut other = client()
+        .post(&url)
+        .insert_header(("x-goog-api-key", TOKEN_B))
+        .send_json(&file_body(&[&names[5]]))
+        .await
+        .unwrap();
+    assert_ne!(other.status().as_u16(), 429, "{:?}", other.body().await);
+}
