@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod layout;
 pub mod memory;
 pub mod redis;
 
+pub use layout::KeyLayout;
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use redis::{RedisConfig, RedisMode, RedisStore};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -132,6 +134,14 @@ pub trait StateStore: Send + Sync {
     /// `memory` or `redis`, for logs and `/readyz`.
     fn kind(&self) -> &'static str;
 
+    /// The deployment behind the store, for `/readyz` and the admin page:
+    /// `embedded`, or the Redis mode (`standalone`, `cluster`, `sentinel`).
+    fn mode(&self) -> &'static str {
+        "embedded"
+    }
+
+    /// Whether the store can serve the gateway's commands now, and how long
+    /// finding out took.
     async fn ping(&self) -> Result<Duration, StoreError>;
 
     /// One round-robin step over `members` of `ring`, skipping members that are

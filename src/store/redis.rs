@@ -1,20 +1,18 @@
 //! The Redis store: what lets any replica serve any request.
 //!
-//! Key layout (version 1, see `migrations/`), all under the configured prefix:
+//! Three deployment shapes (`GB_REDIS_MODE`), one set of commands:
+//! - `standalone`: one server (`redis://` or `rediss://`).
+//! - `cluster`: Redis Cluster, through the redis crate's cluster client,
+//!   which follows `MOVED`/`ASK` and refreshes its slot map on failover and
+//!   resharding. Every multi-key command, pipeline and script stays in one
+//!   slot (see [`KeyLayout`]); reads over unrelated keys are sent as
+//!   concurrent single-key commands instead of one pipeline.
+//! - `sentinel`: the master named by the sentinels, through deadpool-redis's
+//!   sentinel pool; a connection that meets a demoted master (`READONLY`)
+//!   or a dead one is dropped, and the next asks the sentinels again.
 //!
-//! | key | type | holds |
-//! |---|---|---|
-//! | `{p}:layout` | string | layout version |
-//! | `{p}:{ring:NAME}:n` | string | rotation counter (INCR) |
-//! | `{p}:{ring:NAME}:s` | hash | member id → `c:<until ms>` / `d:<since ms>:<reason>` |
-//! | `{p}:NS:ID` | string, TTL | one binding (session → key id, upload → record, file → record) |
-//! | `{p}:idx:NAME` | sorted set, TTL | member → expiry (ms) |
-//! | `{p}:lock:NAME` | string, TTL | lock holder |
-//! | `{p}:stats:BUCKET` | hash, TTL | counter name → count (per-minute admin statistics) |
-//! | `{p}:replica:ID` | string, TTL | a replica's heartbeat |
-//!
-//! A ring's counter and states share a hash tag, so the rotation pipeline
-//! touches one Redis Cluster slot; every other operation touches one key.
+//! The key layout, with each key's slot tag, is written down once in
+//! `migrations/0001_initial.md`; [`KeyLayout`] builds every name.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,10 +22,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::{self, Script};
+use deadpool_redis::redis::cluster::ClusterClient;
+use deadpool_redis::redis::cluster_async::ClusterConnection;
+use deadpool_redis::redis::{self, IntoConnectionInfo, Script};
 use deadpool_redis::{Pool, Runtime};
 use secrecy::{ExposeSecret, SecretString};
 
+use super::layout::KeyLayout;
 use super::{MemberState, Pick, StateStore, StoreError};
 
 const CLAIM: &str = include_str!("lua/claim.lua");
@@ -49,12 +50,99 @@ const TRIP_AFTER: u32 = 3;
 /// background tasks.
 const SPARE_CONNECTIONS: usize = 2;
 const OPEN_FOR_MS: u64 = 1_000;
+/// Redis Cluster's slot count.
+const SLOTS: u64 = 16_384;
 
 /// Numbers threads in the order they first touch Redis.
 static THREADS_SEEN: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static THREAD_SLOT: usize = THREADS_SEEN.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How `GB_REDIS_URL` is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One server.
+    Standalone,
+    /// Seed nodes of a Redis Cluster.
+    Cluster,
+    /// The sentinels watching the master named by `GB_REDIS_SENTINEL_MASTER`.
+    Sentinel,
+}
+
+impl RedisMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisMode::Standalone => "standalone",
+            RedisMode::Cluster => "cluster",
+            RedisMode::Sentinel => "sentinel",
+        }
+    }
+}
+
+/// Where Redis is and how the store talks to it.
+pub struct RedisConfig<'a> {
+    pub mode: RedisMode,
+    /// One URL (standalone), or a comma-separated list of seed nodes
+    /// (cluster) or sentinels (sentinel).
+    pub url: &'a SecretString,
+    pub sentinel_master: &'a str,
+    pub prefix: &'a str,
+    /// Bound on every call.
+    pub timeout: Duration,
+    pub pool_size: usize,
+    /// Worker threads that will call the store (one connection each).
+    pub threads: usize,
+}
+
+/// Where connections come from.
+enum Source {
+    Standalone(Pool),
+    Sentinel(deadpool_redis::sentinel::Pool),
+    /// The cluster client opens a connection per node and keeps them itself,
+    /// so it needs no pool; built here so its retries stay within the
+    /// store's timeout.
+    Cluster(Box<ClusterClient>),
+}
+
+/// One connection, whatever the mode. Both kinds are multiplexed and cheap
+/// to clone.
+#[derive(Clone)]
+pub enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -64,11 +152,12 @@ struct Breaker {
 }
 
 pub struct RedisStore {
-    pool: Pool,
-    slots: Vec<std::sync::RwLock<Option<MultiplexedConnection>>>,
+    source: Source,
+    mode: RedisMode,
+    slots: Vec<std::sync::RwLock<Option<Conn>>>,
     breaker: Breaker,
     observer: Option<Observer>,
-    prefix: String,
+    keys: KeyLayout,
     timeout: Duration,
     claim: Script,
     replace: Script,
@@ -76,10 +165,12 @@ pub struct RedisStore {
     index_add: Script,
 }
 
+fn bad_config(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("bad Redis configuration: {e}"))
+}
+
 impl RedisStore {
-    /// Builds the pool; connects lazily, so a Redis that is down at start
-    /// does not keep the gateway from starting. `threads`: the worker threads
-    /// that will call it (each gets a connection of its own, pool permitting).
+    /// A standalone store on one URL (see [`RedisStore::open`]).
     pub fn new(
         url: &SecretString,
         prefix: &str,
@@ -87,25 +178,106 @@ impl RedisStore {
         pool_size: usize,
         threads: usize,
     ) -> Result<Self, StoreError> {
-        let cfg = deadpool_redis::Config::from_url(url.expose_secret());
-        let pool = cfg
-            .builder()
-            .map_err(|e| StoreError::Unavailable(format!("bad Redis configuration: {e}")))?
-            .max_size(pool_size)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("cannot build the Redis pool: {e}")))?;
+        Self::open(&RedisConfig {
+            mode: RedisMode::Standalone,
+            url,
+            sentinel_master: "mymaster",
+            prefix,
+            timeout,
+            pool_size,
+            threads,
+        })
+    }
+
+    /// Builds the store; connects lazily, so a Redis that is down at start
+    /// does not keep the gateway from starting.
+    pub fn open(cfg: &RedisConfig<'_>) -> Result<Self, StoreError> {
+        let urls: Vec<String> = cfg
+            .url
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect();
+        let first = urls
+            .first()
+            .ok_or_else(|| bad_config("no Redis URL given"))?;
+        let timeout = cfg.timeout;
+        let source = match cfg.mode {
+            RedisMode::Standalone => {
+                let pool = deadpool_redis::Config::from_url(first.as_str())
+                    .builder()
+                    .map_err(bad_config)?
+                    .max_size(cfg.pool_size)
+                    .wait_timeout(Some(timeout))
+                    .create_timeout(Some(timeout))
+                    .recycle_timeout(Some(timeout))
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .map_err(bad_config)?;
+                Source::Standalone(pool)
+            }
+            RedisMode::Sentinel => {
+                use deadpool_redis::sentinel::{
+                    Config, SentinelNodeConnectionInfo, SentinelServerType, TlsMode,
+                };
+                // The data nodes are reached with the URL's credentials and
+                // database, over TLS when the URL is `rediss://`.
+                let info = first.as_str().into_connection_info().map_err(bad_config)?;
+                let settings = info.redis_settings();
+                let node = SentinelNodeConnectionInfo {
+                    tls_mode: first.starts_with("rediss://").then_some(TlsMode::Secure),
+                    redis_connection_info: Some(deadpool_redis::RedisConnectionInfo {
+                        db: settings.db(),
+                        username: settings.username().map(str::to_string),
+                        password: settings.password().map(str::to_string),
+                        protocol: deadpool_redis::ProtocolVersion::RESP2,
+                    }),
+                };
+                let pool = Config::from_urls(
+                    urls.clone(),
+                    cfg.sentinel_master.to_string(),
+                    SentinelServerType::Master,
+                )
+                .with_node_connection_info(Some(node))
+                .builder()
+                .map_err(bad_config)?
+                .max_size(cfg.pool_size)
+                .wait_timeout(Some(timeout))
+                .create_timeout(Some(timeout))
+                .recycle_timeout(Some(timeout))
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(bad_config)?;
+                Source::Sentinel(pool)
+            }
+            RedisMode::Cluster => {
+                // Redirects (MOVED/ASK) are followed at once; the retries
+                // cover a node being replaced, and stay well inside the
+                // store's own timeout, which bounds every call anyway.
+                let client = redis::cluster::ClusterClientBuilder::new(urls.clone())
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(3)
+                    .min_retry_wait(10)
+                    .max_retry_wait((timeout.as_millis() as u64 / 4).max(10))
+                    .build()
+                    .map_err(bad_config)?;
+                Source::Cluster(Box::new(client))
+            }
+        };
         Ok(Self {
-            pool,
-            slots: (0..pool_size.clamp(1, threads.max(1) + SPARE_CONNECTIONS))
+            source,
+            mode: cfg.mode,
+            slots: (0..cfg
+                .pool_size
+                .clamp(1, cfg.threads.max(1) + SPARE_CONNECTIONS))
                 .map(|_| std::sync::RwLock::new(None))
                 .collect(),
             breaker: Breaker::default(),
             observer: None,
-            prefix: prefix.to_string(),
+            keys: KeyLayout::new(cfg.prefix),
             timeout,
             claim: Script::new(CLAIM),
             replace: Script::new(REPLACE),
@@ -119,24 +291,14 @@ impl RedisStore {
         self
     }
 
-    fn k(&self, parts: &[&str]) -> String {
-        let mut s = self.prefix.clone();
-        for p in parts {
-            s.push(':');
-            s.push_str(p);
-        }
-        s
-    }
-
-    fn ring_keys(&self, ring: &str) -> (String, String) {
-        let tag = format!("{{ring:{ring}}}");
-        (self.k(&[&tag, "n"]), self.k(&[&tag, "s"]))
+    pub fn redis_mode(&self) -> RedisMode {
+        self.mode
     }
 
     /// Runs one Redis exchange on a pooled connection, bounded by the timeout.
     async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let slot = THREAD_SLOT.with(|s| *s) % self.slots.len();
@@ -161,10 +323,15 @@ impl RedisStore {
         match &result {
             Ok(_) => self.breaker.failures.store(0, Ordering::Relaxed),
             Err(StoreError::Timeout | StoreError::Unavailable(_)) => {
-                // The connection may be dead: the next call on this slot
-                // takes a fresh one from the pool.
-                if let Ok(mut s) = self.slots[slot].write() {
-                    *s = None;
+                // The connection may be dead, or (sentinel) point at a
+                // demoted master: the next call on this slot takes a fresh
+                // one. A cluster connection heals itself (it refreshes its
+                // slot map and reconnects to nodes), and opening one costs a
+                // round trip per node, so it is kept.
+                if self.mode != RedisMode::Cluster {
+                    if let Ok(mut s) = self.slots[slot].write() {
+                        *s = None;
+                    }
                 }
                 let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if failures >= TRIP_AFTER {
@@ -187,25 +354,103 @@ impl RedisStore {
     /// thread that opened it, so a call from that thread is written, read and
     /// answered without waking another thread (a shared connection costs two
     /// cross-thread wake-ups per call).
-    async fn connection(&self, slot: usize) -> Result<MultiplexedConnection, StoreError> {
+    async fn connection(&self, slot: usize) -> Result<Conn, StoreError> {
         if let Some(conn) = self.slots[slot].read().ok().and_then(|s| s.clone()) {
             return Ok(conn);
         }
-        let obj = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(pool_error(&e)))?;
-        let conn = deadpool_redis::Connection::take(obj);
+        let conn = match &self.source {
+            Source::Standalone(pool) => {
+                let obj = pool
+                    .get()
+                    .await
+                    .map_err(|e| StoreError::Unavailable(pool_error(&e)))?;
+                Conn::Single(deadpool_redis::Connection::take(obj))
+            }
+            Source::Sentinel(pool) => {
+                let obj = pool.get().await.map_err(|e| {
+                    StoreError::Unavailable(match e {
+                        deadpool_redis::sentinel::PoolError::Backend(err) => {
+                            redis_error(err).to_string()
+                        }
+                        deadpool_redis::sentinel::PoolError::Timeout(_) => {
+                            "timed out asking the sentinels for the master".into()
+                        }
+                        other => other.to_string(),
+                    })
+                })?;
+                Conn::Single(deadpool_redis::sentinel::Connection::take(obj))
+            }
+            Source::Cluster(client) => {
+                Conn::Cluster(client.get_async_connection().await.map_err(redis_error)?)
+            }
+        };
         if let Ok(mut s) = self.slots[slot].write() {
             *s = Some(conn.clone());
         }
         Ok(conn)
     }
 
+    /// Runs one of the store's scripts on the key it touches. `EVALSHA`
+    /// first; a server that does not know the script yet (a new or newly
+    /// promoted node) gets its body with `EVAL`, on that key's node only.
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        body: &'static str,
+        key: String,
+        args: Vec<String>,
+    ) -> Result<T, StoreError> {
+        self.run(|mut c| async move {
+            let mut by_hash = redis::cmd("EVALSHA");
+            by_hash.arg(script.get_hash()).arg(1).arg(&key).arg(&args);
+            match by_hash.query_async(&mut c).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    let mut by_body = redis::cmd("EVAL");
+                    by_body.arg(body).arg(1).arg(&key).arg(&args);
+                    by_body.query_async(&mut c).await
+                }
+                other => other,
+            }
+        })
+        .await
+    }
+
+    /// Several single-key commands over keys that may live in different
+    /// slots: one pipeline on one server, concurrent commands on a cluster
+    /// (each goes to its key's master, all in flight at once).
+    async fn fan_out<T: redis::FromRedisValue + Send>(
+        &self,
+        cmds: Vec<redis::Cmd>,
+    ) -> Result<Vec<T>, StoreError> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(|c| async move {
+            match c {
+                Conn::Single(mut c) => {
+                    let mut pipe = redis::pipe();
+                    for cmd in cmds {
+                        pipe.add_command(cmd);
+                    }
+                    pipe.query_async(&mut c).await
+                }
+                Conn::Cluster(c) => {
+                    futures_util::future::try_join_all(cmds.into_iter().map(|cmd| {
+                        let mut c = c.clone();
+                        async move { cmd.query_async::<T>(&mut c).await }
+                    }))
+                    .await
+                }
+            }
+        })
+        .await
+    }
+
     /// The layout version recorded in Redis (0 for an empty Redis).
     pub async fn layout_version(&self) -> Result<u64, StoreError> {
-        let key = self.k(&["layout"]);
+        let key = self.keys.layout();
         let v: Option<u64> = self
             .run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
             .await?;
@@ -213,7 +458,7 @@ impl RedisStore {
     }
 
     pub async fn set_layout_version(&self, version: u64) -> Result<(), StoreError> {
-        let key = self.k(&["layout"]);
+        let key = self.keys.layout();
         self.run(|mut c| async move {
             redis::cmd("SET")
                 .arg(&key)
@@ -226,7 +471,12 @@ impl RedisStore {
 
     /// The full name of a key under this store's prefix (for migrations).
     pub fn key(&self, parts: &[&str]) -> String {
-        self.k(parts)
+        self.keys.key(parts)
+    }
+
+    /// The store's key names.
+    pub fn layout(&self) -> &KeyLayout {
+        &self.keys
     }
 
     /// One raw command, bounded like every other (for migrations).
@@ -237,6 +487,64 @@ impl RedisStore {
         self.run(|mut c| async move { cmd.query_async(&mut c).await })
             .await
     }
+
+    /// Standalone and sentinel: the server must be a master, and not a
+    /// Redis Cluster node (its keys would answer `MOVED`).
+    async fn check_single(&self) -> Result<(), StoreError> {
+        let (replication, cluster): (String, String) = self
+            .run(|mut c| async move {
+                redis::pipe()
+                    .cmd("INFO")
+                    .arg("replication")
+                    .cmd("INFO")
+                    .arg("cluster")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        if info_field(&cluster, "cluster_enabled") == Some("1") {
+            return Err(StoreError::Unavailable(
+                "GB_REDIS_URL names a Redis Cluster node; set GB_REDIS_MODE=cluster".into(),
+            ));
+        }
+        match info_field(&replication, "role") {
+            Some("master") | None => Ok(()),
+            Some(role) => Err(StoreError::Unavailable(format!(
+                "the server is a {role}, not a master: writes would fail"
+            ))),
+        }
+    }
+
+    /// Cluster: every master answers, and every slot is served.
+    async fn check_cluster(&self) -> Result<(), StoreError> {
+        // PING goes to every master the client knows (and fails if one does
+        // not answer); CLUSTER INFO gives the cluster's own view of its slots.
+        let _: String = self
+            .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .await?;
+        let info: String = self
+            .run(|mut c| async move { redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await })
+            .await?;
+        let state = info_field(&info, "cluster_state").unwrap_or("unknown");
+        let slots_ok: u64 = info_field(&info, "cluster_slots_ok")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if state != "ok" || slots_ok < SLOTS {
+            return Err(StoreError::Unavailable(format!(
+                "cluster state {state}: {slots_ok} of {SLOTS} slots served"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One `name:value` line of an `INFO` reply.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(str::trim)
+    })
 }
 
 fn pool_error(e: &deadpool_redis::PoolError) -> String {
@@ -267,11 +575,20 @@ impl StateStore for RedisStore {
         "redis"
     }
 
+    fn mode(&self) -> &'static str {
+        self.mode.as_str()
+    }
+
+    /// Not a bare PING: the store is up when the gateway's commands would
+    /// work. A standalone or sentinel server must be a master and not a
+    /// cluster node; a cluster must have every master answering and every
+    /// slot served (the gateway's keys spread over all of them).
     async fn ping(&self) -> Result<Duration, StoreError> {
         let start = Instant::now();
-        let _: String = self
-            .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
-            .await?;
+        match self.mode {
+            RedisMode::Cluster => self.check_cluster().await?,
+            RedisMode::Standalone | RedisMode::Sentinel => self.check_single().await?,
+        }
         Ok(start.elapsed())
     }
 
@@ -288,8 +605,10 @@ impl StateStore for RedisStore {
         // One round trip: the counter's next value and the ring's states
         // (only keys that are cooling or disabled have an entry), pipelined.
         // Plain commands cost Redis less than a script doing the same; the
-        // pick itself is the rule the embedded store applies too.
-        let (counter, states) = self.ring_keys(ring);
+        // pick itself is the rule the embedded store applies too. Both keys
+        // carry the ring's hash tag: on a cluster the pipeline goes to one
+        // master.
+        let (counter, states) = (self.keys.ring_counter(ring), self.keys.ring_states(ring));
         let (next, raw): (u64, HashMap<String, String>) = self
             .run(|mut c| async move {
                 redis::pipe()
@@ -309,7 +628,7 @@ impl StateStore for RedisStore {
     }
 
     async fn member_states(&self, ring: &str) -> Result<HashMap<String, MemberState>, StoreError> {
-        let (_, states) = self.ring_keys(ring);
+        let states = self.keys.ring_states(ring);
         let raw: HashMap<String, String> = self
             .run(
                 |mut c| async move { redis::cmd("HGETALL").arg(&states).query_async(&mut c).await },
@@ -327,7 +646,7 @@ impl StateStore for RedisStore {
         member: &str,
         state: Option<&MemberState>,
     ) -> Result<(), StoreError> {
-        let (_, states) = self.ring_keys(ring);
+        let states = self.keys.ring_states(ring);
         let mut cmd = redis::cmd(if state.is_some() { "HSET" } else { "HDEL" });
         cmd.arg(&states).arg(member);
         if let Some(s) = state {
@@ -340,7 +659,7 @@ impl StateStore for RedisStore {
     }
 
     async fn touch(&self, ns: &str, id: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
-        let key = self.k(&[ns, id]);
+        let key = self.keys.binding(ns, id);
         self.run(|mut c| async move {
             redis::cmd("GETEX")
                 .arg(&key)
@@ -359,16 +678,14 @@ impl StateStore for RedisStore {
         value: &str,
         ttl: Duration,
     ) -> Result<(String, bool), StoreError> {
-        let key = self.k(&[ns, id]);
+        let key = self.keys.binding(ns, id);
         let (bound, created): (String, i64) = self
-            .run(|mut c| async move {
-                self.claim
-                    .key(&key)
-                    .arg(value)
-                    .arg(secs(ttl))
-                    .invoke_async(&mut c)
-                    .await
-            })
+            .script(
+                &self.claim,
+                CLAIM,
+                key,
+                vec![value.to_string(), secs(ttl).to_string()],
+            )
             .await?;
         Ok((bound, created == 1))
     }
@@ -381,21 +698,22 @@ impl StateStore for RedisStore {
         value: &str,
         ttl: Duration,
     ) -> Result<String, StoreError> {
-        let key = self.k(&[ns, id]);
-        self.run(|mut c| async move {
-            self.replace
-                .key(&key)
-                .arg(expected)
-                .arg(value)
-                .arg(secs(ttl))
-                .invoke_async(&mut c)
-                .await
-        })
+        let key = self.keys.binding(ns, id);
+        self.script(
+            &self.replace,
+            REPLACE,
+            key,
+            vec![
+                expected.to_string(),
+                value.to_string(),
+                secs(ttl).to_string(),
+            ],
+        )
         .await
     }
 
     async fn put(&self, ns: &str, id: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
-        let key = self.k(&[ns, id]);
+        let key = self.keys.binding(ns, id);
         let _: String = self
             .run(|mut c| async move {
                 redis::cmd("SET")
@@ -414,18 +732,19 @@ impl StateStore for RedisStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        // A pipeline of single-key GETs rather than MGET: the keys are unrelated
-        // entities and may live in different Cluster slots.
-        let mut pipe = redis::pipe();
+        // Single-key GETs rather than MGET: the keys are unrelated entities
+        // and may live in different Cluster slots.
+        let mut cmds = Vec::with_capacity(ids.len());
         for id in ids {
-            pipe.cmd("GET").arg(self.k(&[ns, id]));
+            let mut cmd = redis::cmd("GET");
+            cmd.arg(self.keys.binding(ns, id));
+            cmds.push(cmd);
         }
-        self.run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await
+        self.fan_out(cmds).await
     }
 
     async fn delete(&self, ns: &str, id: &str) -> Result<(), StoreError> {
-        let key = self.k(&[ns, id]);
+        let key = self.keys.binding(ns, id);
         let _: i64 = self
             .run(|mut c| async move { redis::cmd("DEL").arg(&key).query_async(&mut c).await })
             .await?;
@@ -439,23 +758,24 @@ impl StateStore for RedisStore {
         ttl: Duration,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let key = self.k(&["idx", name]);
+        let key = self.keys.index(name);
         let _: i64 = self
-            .run(|mut c| async move {
-                self.index_add
-                    .key(&key)
-                    .arg(now_ms)
-                    .arg(now_ms + ttl.as_millis() as u64)
-                    .arg(member)
-                    .invoke_async(&mut c)
-                    .await
-            })
+            .script(
+                &self.index_add,
+                INDEX_ADD,
+                key,
+                vec![
+                    now_ms.to_string(),
+                    (now_ms + ttl.as_millis() as u64).to_string(),
+                    member.to_string(),
+                ],
+            )
             .await?;
         Ok(())
     }
 
     async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
-        let key = self.k(&["idx", name]);
+        let key = self.keys.index(name);
         self.run(|mut c| async move {
             redis::cmd("ZRANGE")
                 .arg(&key)
@@ -470,7 +790,7 @@ impl StateStore for RedisStore {
     }
 
     async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {
-        let key = self.k(&["idx", name]);
+        let key = self.keys.index(name);
         let _: i64 = self
             .run(|mut c| async move {
                 redis::cmd("ZREM")
@@ -484,7 +804,7 @@ impl StateStore for RedisStore {
     }
 
     async fn try_lock(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let key = self.k(&["lock", name]);
+        let key = self.keys.lock(name);
         let got: Option<String> = self
             .run(|mut c| async move {
                 redis::cmd("SET")
@@ -501,11 +821,9 @@ impl StateStore for RedisStore {
     }
 
     async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError> {
-        let key = self.k(&["lock", name]);
+        let key = self.keys.lock(name);
         let _: i64 = self
-            .run(
-                |mut c| async move { self.unlock.key(&key).arg(holder).invoke_async(&mut c).await },
-            )
+            .script(&self.unlock, UNLOCK, key, vec![holder.to_string()])
             .await?;
         Ok(())
     }
@@ -519,7 +837,7 @@ impl StateStore for RedisStore {
         if counts.is_empty() {
             return Ok(());
         }
-        let key = self.k(&["stats", bucket]);
+        let key = self.keys.stats(bucket);
         let mut pipe = redis::pipe();
         for (name, n) in counts {
             pipe.cmd("HINCRBY").arg(&key).arg(name).arg(*n).ignore();
@@ -533,13 +851,14 @@ impl StateStore for RedisStore {
         if buckets.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut pipe = redis::pipe();
+        // One bucket per minute, each in its own slot.
+        let mut cmds = Vec::with_capacity(buckets.len());
         for b in buckets {
-            pipe.cmd("HGETALL").arg(self.k(&["stats", b]));
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(self.keys.stats(b));
+            cmds.push(cmd);
         }
-        let all: Vec<HashMap<String, u64>> = self
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
+        let all: Vec<HashMap<String, u64>> = self.fan_out(cmds).await?;
         let mut sum = HashMap::new();
         for counts in all {
             for (name, n) in counts {

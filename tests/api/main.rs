@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod core;
+mod failover;
 mod files;
 mod hardening;
 mod health;
