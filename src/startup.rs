@@ -49,10 +49,8 @@ pub async fn open_store(
     });
     // A server that answers but cannot serve the gateway (a cluster node in
     // standalone mode) is a configuration error, not an outage.
-    if let Err(crate::store::StoreError::Unavailable(msg)) = store.ping().await {
-        if msg.starts_with("GB_REDIS_URL") {
-            anyhow::bail!(msg);
-        }
+    if let Err(crate::store::StoreError::Misconfigured(msg)) = store.ping().await {
+        anyhow::bail!(msg);
     }
     match crate::migrations::apply(&store).await {
         Ok(version) => {

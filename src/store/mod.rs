@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod connect;
 pub mod layout;
 pub mod memory;
 pub mod redis;
 
+pub use connect::{RedisConfig, RedisMode};
 pub use layout::KeyLayout;
 pub use memory::MemoryStore;
-pub use redis::{RedisConfig, RedisMode, RedisStore};
+pub use redis::RedisStore;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -27,6 +29,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Layout(String),
+    /// The server answers but cannot serve this configuration.
+    #[error("{0}")]
+    Misconfigured(String),
 }
 
 /// What the store keeps about one member of a rotation ring. A member with no

@@ -1,18 +1,11 @@
 //! The Redis store: what lets any replica serve any request.
 //!
-//! Three deployment shapes (`GB_REDIS_MODE`), one set of commands:
-//! - `standalone`: one server (`redis://` or `rediss://`).
-//! - `cluster`: Redis Cluster, through the redis crate's cluster client,
-//!   which follows `MOVED`/`ASK` and refreshes its slot map on failover and
-//!   resharding. Every multi-key command, pipeline and script stays in one
-//!   slot (see [`KeyLayout`]); reads over unrelated keys are sent as
-//!   concurrent single-key commands instead of one pipeline.
-//! - `sentinel`: the master named by the sentinels, through deadpool-redis's
-//!   sentinel pool; a connection that meets a demoted master (`READONLY`)
-//!   or a dead one is dropped, and the next asks the sentinels again.
-//!
-//! The key layout, with each key's slot tag, is written down once in
-//! `migrations/0001_initial.md`; [`KeyLayout`] builds every name.
+//! The same commands in every `GB_REDIS_MODE` (see [`super::connect`]).
+//! Every multi-key command, pipeline and script stays in one Redis Cluster
+//! slot (see [`KeyLayout`]); reads over unrelated keys are sent as concurrent
+//! single-key commands on a cluster instead of one pipeline. The key layout,
+//! with each key's slot tag, is written down once in
+//! `migrations/0001_initial.md`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,15 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::cluster::ClusterClient;
-use deadpool_redis::redis::cluster_async::ClusterConnection;
-use deadpool_redis::redis::{self, IntoConnectionInfo, Script};
-use deadpool_redis::{Pool, Runtime};
-use secrecy::{ExposeSecret, SecretString};
+use deadpool_redis::redis::{self, Script};
+use secrecy::SecretString;
 
+use super::connect::{check, redis_error, Conn, Source};
 use super::layout::KeyLayout;
-use super::{MemberState, Pick, StateStore, StoreError};
+use super::{MemberState, Pick, RedisConfig, RedisMode, StateStore, StoreError};
 
 const CLAIM: &str = include_str!("lua/claim.lua");
 
@@ -50,99 +40,12 @@ const TRIP_AFTER: u32 = 3;
 /// background tasks.
 const SPARE_CONNECTIONS: usize = 2;
 const OPEN_FOR_MS: u64 = 1_000;
-/// Redis Cluster's slot count.
-const SLOTS: u64 = 16_384;
 
 /// Numbers threads in the order they first touch Redis.
 static THREADS_SEEN: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static THREAD_SLOT: usize = THREADS_SEEN.fetch_add(1, Ordering::Relaxed);
-}
-
-/// How `GB_REDIS_URL` is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RedisMode {
-    /// One server.
-    Standalone,
-    /// Seed nodes of a Redis Cluster.
-    Cluster,
-    /// The sentinels watching the master named by `GB_REDIS_SENTINEL_MASTER`.
-    Sentinel,
-}
-
-impl RedisMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RedisMode::Standalone => "standalone",
-            RedisMode::Cluster => "cluster",
-            RedisMode::Sentinel => "sentinel",
-        }
-    }
-}
-
-/// Where Redis is and how the store talks to it.
-pub struct RedisConfig<'a> {
-    pub mode: RedisMode,
-    /// One URL (standalone), or a comma-separated list of seed nodes
-    /// (cluster) or sentinels (sentinel).
-    pub url: &'a SecretString,
-    pub sentinel_master: &'a str,
-    pub prefix: &'a str,
-    /// Bound on every call.
-    pub timeout: Duration,
-    pub pool_size: usize,
-    /// Worker threads that will call the store (one connection each).
-    pub threads: usize,
-}
-
-/// Where connections come from.
-enum Source {
-    Standalone(Pool),
-    Sentinel(deadpool_redis::sentinel::Pool),
-    /// The cluster client opens a connection per node and keeps them itself,
-    /// so it needs no pool; built here so its retries stay within the
-    /// store's timeout.
-    Cluster(Box<ClusterClient>),
-}
-
-/// One connection, whatever the mode. Both kinds are multiplexed and cheap
-/// to clone.
-#[derive(Clone)]
-pub enum Conn {
-    Single(MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-impl redis::aio::ConnectionLike for Conn {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
 }
 
 #[derive(Default)]
@@ -163,10 +66,6 @@ pub struct RedisStore {
     replace: Script,
     unlock: Script,
     index_add: Script,
-}
-
-fn bad_config(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(format!("bad Redis configuration: {e}"))
 }
 
 impl RedisStore {
@@ -192,81 +91,7 @@ impl RedisStore {
     /// Builds the store; connects lazily, so a Redis that is down at start
     /// does not keep the gateway from starting.
     pub fn open(cfg: &RedisConfig<'_>) -> Result<Self, StoreError> {
-        let urls: Vec<String> = cfg
-            .url
-            .expose_secret()
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_string)
-            .collect();
-        let first = urls
-            .first()
-            .ok_or_else(|| bad_config("no Redis URL given"))?;
-        let timeout = cfg.timeout;
-        let source = match cfg.mode {
-            RedisMode::Standalone => {
-                let pool = deadpool_redis::Config::from_url(first.as_str())
-                    .builder()
-                    .map_err(bad_config)?
-                    .max_size(cfg.pool_size)
-                    .wait_timeout(Some(timeout))
-                    .create_timeout(Some(timeout))
-                    .recycle_timeout(Some(timeout))
-                    .runtime(Runtime::Tokio1)
-                    .build()
-                    .map_err(bad_config)?;
-                Source::Standalone(pool)
-            }
-            RedisMode::Sentinel => {
-                use deadpool_redis::sentinel::{
-                    Config, SentinelNodeConnectionInfo, SentinelServerType, TlsMode,
-                };
-                // The data nodes are reached with the URL's credentials and
-                // database, over TLS when the URL is `rediss://`.
-                let info = first.as_str().into_connection_info().map_err(bad_config)?;
-                let settings = info.redis_settings();
-                let node = SentinelNodeConnectionInfo {
-                    tls_mode: first.starts_with("rediss://").then_some(TlsMode::Secure),
-                    redis_connection_info: Some(deadpool_redis::RedisConnectionInfo {
-                        db: settings.db(),
-                        username: settings.username().map(str::to_string),
-                        password: settings.password().map(str::to_string),
-                        protocol: deadpool_redis::ProtocolVersion::RESP2,
-                    }),
-                };
-                let pool = Config::from_urls(
-                    urls.clone(),
-                    cfg.sentinel_master.to_string(),
-                    SentinelServerType::Master,
-                )
-                .with_node_connection_info(Some(node))
-                .builder()
-                .map_err(bad_config)?
-                .max_size(cfg.pool_size)
-                .wait_timeout(Some(timeout))
-                .create_timeout(Some(timeout))
-                .recycle_timeout(Some(timeout))
-                .runtime(Runtime::Tokio1)
-                .build()
-                .map_err(bad_config)?;
-                Source::Sentinel(pool)
-            }
-            RedisMode::Cluster => {
-                // Redirects (MOVED/ASK) are followed at once; the retries
-                // cover a node being replaced, and stay well inside the
-                // store's own timeout, which bounds every call anyway.
-                let client = redis::cluster::ClusterClientBuilder::new(urls.clone())
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .retries(3)
-                    .min_retry_wait(10)
-                    .max_retry_wait((timeout.as_millis() as u64 / 4).max(10))
-                    .build()
-                    .map_err(bad_config)?;
-                Source::Cluster(Box::new(client))
-            }
-        };
+        let source = Source::open(cfg)?;
         Ok(Self {
             source,
             mode: cfg.mode,
@@ -278,7 +103,7 @@ impl RedisStore {
             breaker: Breaker::default(),
             observer: None,
             keys: KeyLayout::new(cfg.prefix),
-            timeout,
+            timeout: cfg.timeout,
             claim: Script::new(CLAIM),
             replace: Script::new(REPLACE),
             unlock: Script::new(UNLOCK),
@@ -323,17 +148,18 @@ impl RedisStore {
         match &result {
             Ok(_) => self.breaker.failures.store(0, Ordering::Relaxed),
             Err(StoreError::Timeout | StoreError::Unavailable(_)) => {
+                let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 // The connection may be dead, or (sentinel) point at a
                 // demoted master: the next call on this slot takes a fresh
                 // one. A cluster connection heals itself (it refreshes its
-                // slot map and reconnects to nodes), and opening one costs a
-                // round trip per node, so it is kept.
-                if self.mode != RedisMode::Cluster {
+                // slot map and reconnects to nodes) and opening one costs a
+                // round trip per node, so it is replaced only once the
+                // circuit opens.
+                if self.mode != RedisMode::Cluster || failures >= TRIP_AFTER {
                     if let Ok(mut s) = self.slots[slot].write() {
                         *s = None;
                     }
                 }
-                let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if failures >= TRIP_AFTER {
                     self.breaker
                         .open_until_ms
@@ -358,32 +184,7 @@ impl RedisStore {
         if let Some(conn) = self.slots[slot].read().ok().and_then(|s| s.clone()) {
             return Ok(conn);
         }
-        let conn = match &self.source {
-            Source::Standalone(pool) => {
-                let obj = pool
-                    .get()
-                    .await
-                    .map_err(|e| StoreError::Unavailable(pool_error(&e)))?;
-                Conn::Single(deadpool_redis::Connection::take(obj))
-            }
-            Source::Sentinel(pool) => {
-                let obj = pool.get().await.map_err(|e| {
-                    StoreError::Unavailable(match e {
-                        deadpool_redis::sentinel::PoolError::Backend(err) => {
-                            redis_error(err).to_string()
-                        }
-                        deadpool_redis::sentinel::PoolError::Timeout(_) => {
-                            "timed out asking the sentinels for the master".into()
-                        }
-                        other => other.to_string(),
-                    })
-                })?;
-                Conn::Single(deadpool_redis::sentinel::Connection::take(obj))
-            }
-            Source::Cluster(client) => {
-                Conn::Cluster(client.get_async_connection().await.map_err(redis_error)?)
-            }
-        };
+        let conn = self.source.connect().await?;
         if let Ok(mut s) = self.slots[slot].write() {
             *s = Some(conn.clone());
         }
@@ -487,82 +288,6 @@ impl RedisStore {
         self.run(|mut c| async move { cmd.query_async(&mut c).await })
             .await
     }
-
-    /// Standalone and sentinel: the server must be a master, and not a
-    /// Redis Cluster node (its keys would answer `MOVED`).
-    async fn check_single(&self) -> Result<(), StoreError> {
-        let (replication, cluster): (String, String) = self
-            .run(|mut c| async move {
-                redis::pipe()
-                    .cmd("INFO")
-                    .arg("replication")
-                    .cmd("INFO")
-                    .arg("cluster")
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
-        if info_field(&cluster, "cluster_enabled") == Some("1") {
-            return Err(StoreError::Unavailable(
-                "GB_REDIS_URL names a Redis Cluster node; set GB_REDIS_MODE=cluster".into(),
-            ));
-        }
-        match info_field(&replication, "role") {
-            Some("master") | None => Ok(()),
-            Some(role) => Err(StoreError::Unavailable(format!(
-                "the server is a {role}, not a master: writes would fail"
-            ))),
-        }
-    }
-
-    /// Cluster: every master answers, and every slot is served.
-    async fn check_cluster(&self) -> Result<(), StoreError> {
-        // PING goes to every master the client knows (and fails if one does
-        // not answer); CLUSTER INFO gives the cluster's own view of its slots.
-        let _: String = self
-            .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
-            .await?;
-        let info: String = self
-            .run(|mut c| async move { redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await })
-            .await?;
-        let state = info_field(&info, "cluster_state").unwrap_or("unknown");
-        let slots_ok: u64 = info_field(&info, "cluster_slots_ok")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        if state != "ok" || slots_ok < SLOTS {
-            return Err(StoreError::Unavailable(format!(
-                "cluster state {state}: {slots_ok} of {SLOTS} slots served"
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// One `name:value` line of an `INFO` reply.
-fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
-    info.lines().find_map(|l| {
-        l.strip_prefix(name)
-            .and_then(|rest| rest.strip_prefix(':'))
-            .map(str::trim)
-    })
-}
-
-fn pool_error(e: &deadpool_redis::PoolError) -> String {
-    match e {
-        deadpool_redis::PoolError::Timeout(_) => "timed out waiting for a connection".into(),
-        deadpool_redis::PoolError::Backend(err) => redis_error(err.clone()).to_string(),
-        other => other.to_string(),
-    }
-}
-
-fn redis_error(e: redis::RedisError) -> StoreError {
-    if e.is_timeout() {
-        StoreError::Timeout
-    } else {
-        // The message of a RedisError names the failing command kind, never
-        // its arguments, so it is safe to pass on.
-        StoreError::Unavailable(format!("{:?}: {}", e.kind(), e.detail().unwrap_or("")))
-    }
 }
 
 fn secs(ttl: Duration) -> u64 {
@@ -585,10 +310,8 @@ impl StateStore for RedisStore {
     /// slot served (the gateway's keys spread over all of them).
     async fn ping(&self) -> Result<Duration, StoreError> {
         let start = Instant::now();
-        match self.mode {
-            RedisMode::Cluster => self.check_cluster().await?,
-            RedisMode::Standalone | RedisMode::Sentinel => self.check_single().await?,
-        }
+        let mode = self.mode;
+        self.run(|c| check(mode, c)).await??;
         Ok(start.elapsed())
     }
 
