@@ -1,5 +1,6 @@
-//! Redis Cluster and Sentinel under traffic: a master killed, slots moved,
-//! a sentinel failover; and the store's outage in every mode.
+//! Redis Cluster and Sentinel under traffic (a master killed, slots moved,
+//! a sentinel failover), and what holds in every Redis mode: the store's
+//! outage, readiness, the cost of a rotation.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -466,3 +467,41 @@ async fn readiness_reports_a_cluster_that_lost_slots_as_degraded() {
         actix_rt::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Store round trips a replica counted, from its `/metrics`.
+async fn store_round_trips(gw: &Gateway) -> f64 {
+    let mut r = client()
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&r.body().await.expect("metrics body")).into_owned();
+    text.lines()
+        .filter(|l| l.starts_with("gb_store_command_latency_seconds_count"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A rotation is one pipelined round trip (counter and states in one slot)
+/// in every mode: N unpinned requests cost N round trips, plus the few of
+/// the scrapes and the replica's heartbeat.
+async fn an_unpinned_request_costs_one_store_round_trip(mode: Mode) {
+    let redis = Deployment::start(mode);
+    let fake = FakeUpstream::start(&keys(3));
+    let gw = &start_gateways(&redis, &fake, 1)[0];
+    let n = 200;
+    let before = store_round_trips(gw).await;
+    for _ in 0..n {
+        let (status, v) = post_json(&format!("{}{GENERATE}", gw.url), &generate_body(), &[]).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let trips = store_round_trips(gw).await - before;
+    assert!(
+        (f64::from(n)..=f64::from(n) * 1.05).contains(&trips),
+        "{mode:?}: {trips} round trips for {n} requests"
+    );
+    let served = fake.served().await;
+    assert!(served.values().all(|c| (66..=68).contains(c)), "{served:?}");
+}
+
+in_every_redis_mode!(an_unpinned_request_costs_one_store_round_trip);
