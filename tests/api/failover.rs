@@ -431,13 +431,34 @@ async fn a_cluster_node_given_as_a_standalone_url_stops_the_start_naming_the_mod
     );
 }
 
+const ADMIN: &str = "admin-token-for-redis-modes";
+
+/// The admin status page's store line.
+async fn admin_store_line(gw: &Gateway) -> String {
+    let mut resp = client()
+        .get(format!("{}/admin", gw.url))
+        .insert_header(("authorization", format!("Bearer {ADMIN}")))
+        .send()
+        .await
+        .expect("admin page");
+    assert_eq!(resp.status().as_u16(), 200);
+    let page = String::from_utf8_lossy(&resp.body().await.expect("page")).into_owned();
+    page.split("id=\"store\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</b>").next())
+        .unwrap_or("")
+        .to_string()
+}
+
 #[actix_rt::test]
 async fn readiness_reports_a_cluster_that_lost_slots_as_degraded() {
     let mut cluster = RedisCluster::start();
     let fake = FakeUpstream::start(&keys(2));
-    let gws = start_gateways(&cluster, &fake, 1);
-    let ready = readyz(&gws[0]).await;
+    let gw = Gateway::start(&fake, Some(&cluster), &[("GB_ADMIN_TOKEN", ADMIN)]);
+    let ready = readyz(&gw).await;
     assert_eq!(ready["status"], "ready", "{ready}");
+    let line = admin_store_line(&gw).await;
+    assert!(line.starts_with("redis (cluster) up"), "{line}");
     // A master and its replica gone: a third of the slots has no server.
     let victim = cluster.masters()[0];
     let replica = cluster
@@ -457,10 +478,12 @@ async fn readiness_reports_a_cluster_that_lost_slots_as_degraded() {
     cluster.kill(victim);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ready = readyz(&gws[0]).await;
+        let ready = readyz(&gw).await;
         if ready["status"] == "degraded" {
             assert_eq!(ready["store_up"], false);
             assert_eq!(ready["store_mode"], "cluster");
+            let line = admin_store_line(&gw).await;
+            assert!(line.starts_with("redis (cluster) DOWN"), "{line}");
             break;
         }
         assert!(Instant::now() < deadline, "still {ready}");
@@ -505,3 +528,56 @@ async fn an_unpinned_request_costs_one_store_round_trip(mode: Mode) {
 }
 
 in_every_redis_mode!(an_unpinned_request_costs_one_store_round_trip);
+
+#[actix_rt::test]
+async fn a_standalone_url_naming_a_replica_is_not_ready() {
+    let master = Redis::start();
+    let replica_port = free_port();
+    let _replica = Redis::spawn_with(
+        replica_port,
+        &["--replicaof", "127.0.0.1", &master.port.to_string()],
+    )
+    .expect("replica starts");
+    let fake = FakeUpstream::start(&keys(2));
+    let gw = Gateway::start_for(
+        &fake.url,
+        &fake.keys,
+        None,
+        &[("GB_REDIS_URL", &format!("redis://127.0.0.1:{replica_port}"))],
+    );
+    let ready = readyz(&gw).await;
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert!(
+        ready["store_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not a master"),
+        "{ready}"
+    );
+    // Unpinned traffic still flows.
+    let (status, v) = post_json(&format!("{}{GENERATE}", gw.url), &generate_body(), &[]).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+#[actix_rt::test]
+async fn sentinel_mode_uses_the_urls_password_for_sentinels_and_data_nodes() {
+    let sentinel = RedisSentinel::start_with_password("s3cret-pw");
+    let fake = FakeUpstream::start(&keys(2));
+    let gw = Gateway::start(&fake, Some(&sentinel), &[]);
+    let ready = readyz(&gw).await;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    let (status, v) = post_json(
+        &format!("{}{GENERATE}", gw.url),
+        &generate_body(),
+        &[("x-session-id", "with-a-password")],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(sentinel
+        .cmd(&["EXISTS", "gb:session:with-a-password"])
+        .contains(":1"));
+    assert!(
+        !gw.log_text().contains("s3cret-pw"),
+        "the password was logged"
+    );
+}

@@ -78,7 +78,9 @@ impl Redis {
         let proc = Proc { child };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if redis_cmd(port, &["PING"]).is_some_and(|r| r.contains("PONG")) {
+            if redis_cmd(port, &["PING"])
+                .is_some_and(|r| r.contains("PONG") || r.contains("NOAUTH"))
+            {
                 return Some(proc);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -233,6 +235,8 @@ pub fn info_field(raw: &str, name: &str) -> Option<String> {
 pub struct Node {
     pub port: u16,
     pub proc: Option<Proc>,
+    /// The server's `requirepass`, if any.
+    pub password: Option<String>,
 }
 
 impl Node {
@@ -240,7 +244,7 @@ impl Node {
         self.proc.is_some()
     }
     pub fn cmd(&self, args: &[&str]) -> String {
-        redis_cmd(self.port, args).unwrap_or_default()
+        redis_cmd_auth(self.port, self.password.as_deref(), args).unwrap_or_default()
     }
 }
 
@@ -333,6 +337,7 @@ impl RedisCluster {
             nodes.push(Node {
                 port,
                 proc: Some(proc),
+                password: None,
             });
         }
         let addrs: Vec<String> = nodes
@@ -549,6 +554,8 @@ pub struct RedisSentinel {
     /// Master first, at start.
     pub data: Vec<Node>,
     pub sentinels: Vec<Node>,
+    /// Required by every server, sentinels included, when set.
+    password: Option<String>,
     dir: TempDir,
 }
 
@@ -556,7 +563,20 @@ impl RedisSentinel {
     pub const MASTER: &'static str = "gb-test-master";
 
     pub fn start() -> RedisSentinel {
+        Self::start_inner(None)
+    }
+
+    /// Every server, sentinels included, requires `password`.
+    pub fn start_with_password(password: &str) -> RedisSentinel {
+        Self::start_inner(Some(password))
+    }
+
+    fn start_inner(password: Option<&str>) -> RedisSentinel {
         let dir = TempDir::new("sentinel");
+        let auth: Vec<&str> = match password {
+            Some(p) => vec!["--requirepass", p, "--masterauth", p],
+            None => Vec::new(),
+        };
         // The master's files (the snapshot a replica syncs from) stay in the
         // temporary directory.
         let master_port = free_port();
@@ -565,23 +585,32 @@ impl RedisSentinel {
             proc: Some(
                 Redis::spawn_with(
                     master_port,
-                    &["--dir", &dir.path(""), "--repl-diskless-sync-delay", "0"],
+                    &[
+                        &["--dir", &dir.path(""), "--repl-diskless-sync-delay", "0"],
+                        &auth[..],
+                    ]
+                    .concat(),
                 )
                 .expect("master starts"),
             ),
+            password: password.map(str::to_string),
         };
         let replica_port = free_port();
         let replica = Redis::spawn_with(
             replica_port,
             &[
-                "--replicaof",
-                "127.0.0.1",
-                &master.port.to_string(),
-                "--dir",
-                &dir.path(""),
-                "--repl-diskless-sync-delay",
-                "0",
-            ],
+                &[
+                    "--replicaof",
+                    "127.0.0.1",
+                    &master.port.to_string(),
+                    "--dir",
+                    &dir.path(""),
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ],
+                &auth[..],
+            ]
+            .concat(),
         )
         .expect("replica starts");
         let mut s = RedisSentinel {
@@ -590,9 +619,11 @@ impl RedisSentinel {
                 Node {
                     port: replica_port,
                     proc: Some(replica),
+                    password: password.map(str::to_string),
                 },
             ],
             sentinels: Vec::new(),
+            password: password.map(str::to_string),
             dir,
         };
         wait_until(20, "the replica in sync", || {
@@ -608,6 +639,7 @@ impl RedisSentinel {
             s.sentinels.push(Node {
                 port,
                 proc: Some(s.spawn_sentinel(port)),
+                password: password.map(str::to_string),
             });
         }
         wait_until(
@@ -632,7 +664,12 @@ impl RedisSentinel {
                 "port {port}\nbind 127.0.0.1\ndir {dir}\n\
                  sentinel monitor {name} 127.0.0.1 {master} 2\n\
                  sentinel down-after-milliseconds {name} 1000\n\
-                 sentinel failover-timeout {name} 5000\n",
+                 sentinel failover-timeout {name} 5000\n{auth}",
+                auth = self
+                    .password
+                    .as_ref()
+                    .map(|p| format!("sentinel auth-pass {} {p}\nrequirepass {p}\n", Self::MASTER))
+                    .unwrap_or_default(),
                 dir = self.dir.path(""),
                 name = Self::MASTER,
                 master = self.data[0].port,
@@ -648,7 +685,7 @@ impl RedisSentinel {
             .expect("redis-server --sentinel");
         let proc = Proc { child };
         wait_until(10, "a sentinel answering", || {
-            redis_cmd(port, &["PING"]).is_some_and(|r| r.contains("PONG"))
+            redis_cmd(port, &["PING"]).is_some_and(|r| r.contains("PONG") || r.contains("NOAUTH"))
         });
         proc
     }
@@ -677,14 +714,15 @@ impl RedisSentinel {
         wait_until(30, "a new master", || {
             now = self.master_port().unwrap_or(before);
             now != before
-                && info_field(
-                    &redis_cmd(now, &["INFO", "replication"]).unwrap_or_default(),
-                    "role",
-                )
-                .as_deref()
+                && info_field(&self.cmd_on(now, &["INFO", "replication"]), "role").as_deref()
                     == Some("master")
         });
         now
+    }
+
+    /// One command on the server at `port`.
+    pub fn cmd_on(&self, port: u16, args: &[&str]) -> String {
+        redis_cmd_auth(port, self.password.as_deref(), args).unwrap_or_default()
     }
 
     pub fn kill_data(&mut self, port: u16) {
@@ -694,9 +732,14 @@ impl RedisSentinel {
     }
 
     pub fn urls(&self) -> String {
+        let auth = self
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
         self.sentinels
             .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .map(|n| format!("redis://{auth}127.0.0.1:{}", n.port))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -713,7 +756,7 @@ impl RedisEnv for RedisSentinel {
 
     fn cmd(&self, args: &[&str]) -> String {
         self.master_port()
-            .and_then(|p| redis_cmd(p, args))
+            .map(|p| self.cmd_on(p, args))
             .unwrap_or_default()
     }
 
@@ -747,16 +790,27 @@ pub(crate) use in_every_redis_mode;
 
 /// One raw RESP command; the raw reply text.
 pub fn redis_cmd(port: u16, args: &[&str]) -> Option<String> {
+    redis_cmd_auth(port, None, args)
+}
+
+/// One raw RESP command after `AUTH password` when one is given.
+pub fn redis_cmd_auth(port: u16, password: Option<&str>, args: &[&str]) -> Option<String> {
+    fn send(s: &mut TcpStream, args: &[&str]) -> Option<String> {
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+        }
+        s.write_all(req.as_bytes()).ok()?;
+        let mut buf = vec![0u8; 1 << 16];
+        let n = s.read(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+    if let Some(p) = password {
+        send(&mut s, &["AUTH", p])?;
     }
-    s.write_all(req.as_bytes()).ok()?;
-    let mut buf = vec![0u8; 1 << 16];
-    let n = s.read(&mut buf).ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    send(&mut s, args)
 }
 
 fn read_url_line(reader: &mut impl BufRead, what: &str) -> (String, Vec<String>) {
