@@ -371,7 +371,8 @@ async fn sentinel_failover_under_traffic(kill: bool) {
 }
 
 /// Every server of the deployment gone: unpinned traffic flows, pinned
-/// requests get the store's 503 at once, readiness says degraded.
+/// requests get the store's 503 at once, readiness says degraded; the
+/// servers back (empty) on their ports are picked up without a restart.
 async fn with_the_store_gone_unpinned_traffic_flows(mode: Mode) {
     let mut redis = Deployment::start(mode);
     let fake = FakeUpstream::start(&keys(3));
@@ -409,6 +410,29 @@ async fn with_the_store_gone_unpinned_traffic_flows(mode: Mode) {
     let ready = readyz(gw).await;
     assert_eq!(ready["status"], "degraded", "{ready}");
     assert_eq!(ready["store_up"], false);
+
+    redis.restart_all();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _) = post_json(
+            &format!("{}{GENERATE}", gw.url),
+            &generate_body(),
+            &[("x-session-id", "after-outage")],
+        )
+        .await;
+        let ready = readyz(gw).await;
+        if status == 200 && ready["status"] == "ready" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{mode:?}: never recovered: {ready}"
+        );
+        actix_rt::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(redis
+        .cmd(&["EXISTS", "gb:session:after-outage"])
+        .contains(":1"));
 }
 
 in_every_redis_mode!(with_the_store_gone_unpinned_traffic_flows);

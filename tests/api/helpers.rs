@@ -202,6 +202,27 @@ impl Deployment {
     }
 }
 
+impl Deployment {
+    /// Starts every server again on its port (empty: no persistence).
+    pub fn restart_all(&mut self) {
+        match self {
+            Deployment::Standalone(r) => r.restart(),
+            Deployment::Cluster(c) => {
+                c.nodes.iter_mut().for_each(Node::restart);
+                c.wait_healthy(60);
+            }
+            Deployment::Sentinel(s) => {
+                s.data.iter_mut().for_each(Node::restart);
+                s.sentinels.iter_mut().for_each(Node::restart);
+                let master = s.data[0].port;
+                wait_until(30, "the sentinels naming the master", || {
+                    s.master_port() == Some(master)
+                });
+            }
+        }
+    }
+}
+
 impl RedisEnv for Deployment {
     fn gateway_env(&self) -> Vec<(String, String)> {
         self.inner().gateway_env()
@@ -237,9 +258,65 @@ pub struct Node {
     pub proc: Option<Proc>,
     /// The server's `requirepass`, if any.
     pub password: Option<String>,
+    launch: Launch,
+}
+
+/// How a node is started (again).
+enum Launch {
+    /// `redis-server` with these arguments besides the port.
+    Server(Vec<String>),
+    /// `redis-server CONF --sentinel`.
+    Sentinel(String),
 }
 
 impl Node {
+    /// Starts a node; `None` if it did not answer.
+    fn start(port: u16, launch: Launch, password: Option<&str>) -> Option<Node> {
+        let mut node = Node {
+            port,
+            proc: None,
+            password: password.map(str::to_string),
+            launch,
+        };
+        node.proc = Some(node.spawn()?);
+        Some(node)
+    }
+
+    fn spawn(&self) -> Option<Proc> {
+        match &self.launch {
+            Launch::Server(args) => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                Redis::spawn_with(self.port, &args)
+            }
+            Launch::Sentinel(conf) => {
+                let child = Command::new("redis-server")
+                    .arg(conf)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server --sentinel");
+                let proc = Proc { child };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    if redis_cmd(self.port, &["PING"])
+                        .is_some_and(|r| r.contains("PONG") || r.contains("NOAUTH"))
+                    {
+                        return Some(proc);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                None
+            }
+        }
+    }
+
+    /// Starts a killed node again on its port, with its files.
+    pub fn restart(&mut self) {
+        self.proc = None;
+        self.proc = Some(self.spawn().expect("the node restarts"));
+    }
+
     pub fn alive(&self) -> bool {
         self.proc.is_some()
     }
@@ -317,28 +394,25 @@ impl RedisCluster {
         for _ in 0..6 {
             let port = free_cluster_port();
             let conf = dir.path(&format!("nodes-{port}.conf"));
-            let proc = Redis::spawn_with(
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-node-timeout",
+                "1000",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--dir",
+                &dir.path(""),
+                "--logfile",
+                &dir.path(&format!("{port}.log")),
+            ];
+            nodes.push(Node::start(
                 port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &conf,
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--repl-diskless-sync-delay",
-                    "0",
-                    "--dir",
-                    &dir.path(""),
-                    "--logfile",
-                    &dir.path(&format!("{port}.log")),
-                ],
-            )?;
-            nodes.push(Node {
-                port,
-                proc: Some(proc),
-                password: None,
-            });
+                Launch::Server(args.iter().map(|a| a.to_string()).collect()),
+                None,
+            )?);
         }
         let addrs: Vec<String> = nodes
             .iter()
@@ -579,49 +653,26 @@ impl RedisSentinel {
         };
         // The master's files (the snapshot a replica syncs from) stay in the
         // temporary directory.
-        let master_port = free_port();
-        let master = Node {
-            port: master_port,
-            proc: Some(
-                Redis::spawn_with(
-                    master_port,
-                    &[
-                        &["--dir", &dir.path(""), "--repl-diskless-sync-delay", "0"],
-                        &auth[..],
-                    ]
-                    .concat(),
-                )
-                .expect("master starts"),
-            ),
-            password: password.map(str::to_string),
+        let server = |extra: &[&str]| -> Launch {
+            Launch::Server(
+                ["--dir", &dir.path(""), "--repl-diskless-sync-delay", "0"]
+                    .iter()
+                    .chain(extra)
+                    .chain(&auth)
+                    .map(|a| a.to_string())
+                    .collect(),
+            )
         };
+        let master = Node::start(free_port(), server(&[]), password).expect("master starts");
         let replica_port = free_port();
-        let replica = Redis::spawn_with(
+        let replica = Node::start(
             replica_port,
-            &[
-                &[
-                    "--replicaof",
-                    "127.0.0.1",
-                    &master.port.to_string(),
-                    "--dir",
-                    &dir.path(""),
-                    "--repl-diskless-sync-delay",
-                    "0",
-                ],
-                &auth[..],
-            ]
-            .concat(),
+            server(&["--replicaof", "127.0.0.1", &master.port.to_string()]),
+            password,
         )
         .expect("replica starts");
         let mut s = RedisSentinel {
-            data: vec![
-                master,
-                Node {
-                    port: replica_port,
-                    proc: Some(replica),
-                    password: password.map(str::to_string),
-                },
-            ],
+            data: vec![master, replica],
             sentinels: Vec::new(),
             password: password.map(str::to_string),
             dir,
@@ -636,11 +687,9 @@ impl RedisSentinel {
         });
         for _ in 0..3 {
             let port = free_port();
-            s.sentinels.push(Node {
-                port,
-                proc: Some(s.spawn_sentinel(port)),
-                password: password.map(str::to_string),
-            });
+            let conf = s.sentinel_conf(port);
+            s.sentinels
+                .push(Node::start(port, Launch::Sentinel(conf), password).expect("a sentinel"));
         }
         wait_until(
             30,
@@ -656,7 +705,8 @@ impl RedisSentinel {
         s
     }
 
-    fn spawn_sentinel(&self, port: u16) -> Proc {
+    /// Writes a sentinel's configuration file; its path.
+    fn sentinel_conf(&self, port: u16) -> String {
         let conf = self.dir.path(&format!("sentinel-{port}.conf"));
         std::fs::write(
             &conf,
@@ -676,18 +726,7 @@ impl RedisSentinel {
             ),
         )
         .expect("sentinel conf");
-        let child = Command::new("redis-server")
-            .arg(&conf)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server --sentinel");
-        let proc = Proc { child };
-        wait_until(10, "a sentinel answering", || {
-            redis_cmd(port, &["PING"]).is_some_and(|r| r.contains("PONG") || r.contains("NOAUTH"))
-        });
-        proc
+        conf
     }
 
     /// The master's port as the sentinels report it.
