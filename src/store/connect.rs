@@ -71,7 +71,7 @@ pub(super) enum Source {
 /// One connection, whatever the mode. Both kinds are multiplexed and cheap
 /// to clone.
 #[derive(Clone)]
-pub enum Conn {
+pub(crate) enum Conn {
     Single(MultiplexedConnection),
     Cluster(ClusterConnection),
 }
