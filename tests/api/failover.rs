@@ -529,6 +529,34 @@ async fn store_round_trips(gw: &Gateway) -> f64 {
         .sum()
 }
 
+/// `(port, INCR calls, HGETALL calls)` of every master.
+fn rotation_calls(redis: &Deployment) -> Vec<(u16, u64, u64)> {
+    let ports = match redis {
+        Deployment::Standalone(r) => vec![r.port],
+        Deployment::Cluster(c) => c.masters(),
+        Deployment::Sentinel(s) => s.master_port().into_iter().collect(),
+    };
+    ports
+        .into_iter()
+        .map(|port| {
+            let stats = match redis {
+                Deployment::Sentinel(s) => s.cmd_on(port, &["INFO", "commandstats"]),
+                _ => redis_cmd(port, &["INFO", "commandstats"]).unwrap_or_default(),
+            };
+            let calls = |cmd: &str| {
+                info_field(&stats, &format!("cmdstat_{cmd}"))
+                    .and_then(|v| {
+                        v.split(',')
+                            .find_map(|kv| kv.strip_prefix("calls="))
+                            .and_then(|n| n.parse().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            (port, calls("incr"), calls("hgetall"))
+        })
+        .collect()
+}
+
 /// A rotation is one pipelined round trip (counter and states in one slot)
 /// in every mode: N unpinned requests cost N round trips, plus the few of
 /// the scrapes and the replica's heartbeat.
@@ -536,13 +564,31 @@ async fn an_unpinned_request_costs_one_store_round_trip(mode: Mode) {
     let redis = Deployment::start(mode);
     let fake = FakeUpstream::start(&keys(3));
     let gw = &start_gateways(&redis, &fake, 1)[0];
-    let n = 200;
+    let n: u32 = 200;
     let before = store_round_trips(gw).await;
+    let calls_before = rotation_calls(&redis);
     for _ in 0..n {
         let (status, v) = post_json(&format!("{}{GENERATE}", gw.url), &generate_body(), &[]).await;
         assert_eq!(status, 200, "{v}");
     }
+    let calls_after = rotation_calls(&redis);
     let trips = store_round_trips(gw).await - before;
+    // Every INCR and HGETALL went to one server: the ring's master.
+    let busy: Vec<(u16, u64, u64)> = calls_after
+        .iter()
+        .map(|(port, incr, hgetall)| {
+            let (_, incr0, hgetall0) = calls_before
+                .iter()
+                .find(|(p, _, _)| p == port)
+                .copied()
+                .unwrap_or((*port, 0, 0));
+            (*port, incr - incr0, hgetall - hgetall0)
+        })
+        .filter(|(_, incr, hgetall)| incr + hgetall > 0)
+        .collect();
+    assert_eq!(busy.len(), 1, "{mode:?}: {busy:?}");
+    assert_eq!(busy[0].1, u64::from(n), "{mode:?}: one INCR a request");
+    assert_eq!(busy[0].2, u64::from(n), "{mode:?}: one HGETALL a request");
     assert!(
         (f64::from(n)..=f64::from(n) * 1.05).contains(&trips),
         "{mode:?}: {trips} round trips for {n} requests"
