@@ -651,3 +651,30 @@ async fn sentinel_mode_uses_the_urls_password_for_sentinels_and_data_nodes() {
         "the password was logged"
     );
 }
+
+#[test]
+fn bad_redis_mode_combinations_stop_the_start_with_one_line() {
+    for (env, var) in [
+        (
+            vec![("GB_REDIS_URL", "redis://:pw-9d3f@a:1,redis://:pw-9d3f@b:1")],
+            "GB_REDIS_URL",
+        ),
+        (
+            vec![
+                ("GB_REDIS_MODE", "cluster"),
+                ("GB_REDIS_URL", "redis://:pw-9d3f@a:7000/2"),
+            ],
+            "GB_REDIS_URL",
+        ),
+        (vec![("GB_REDIS_MODE", "replicated")], "GB_REDIS_MODE"),
+        (vec![("GB_REDIS_MODE", "sentinel")], "GB_REDIS_URL"),
+    ] {
+        let mut all = vec![("GB_API_KEYS", "k1"), ("GB_AUTH_TOKENS", "t1")];
+        all.extend(env.iter().copied());
+        let (code, err) = run_gateway_expecting_exit(&all);
+        assert_ne!(code, 0, "{env:?}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(var), "{err}");
+        assert!(!err.contains("pw-9d3f"), "the password was echoed: {err}");
+    }
+}
