@@ -678,3 +678,13 @@ fn bad_redis_mode_combinations_stop_the_start_with_one_line() {
         assert!(!err.contains("pw-9d3f"), "the password was echoed: {err}");
     }
 }
+
+#[actix_rt::test]
+async fn readiness_names_the_embedded_store_too() {
+    let fake = FakeUpstream::start(&keys(1));
+    let gw = Gateway::start(&fake, None, &[]);
+    let ready = readyz(&gw).await;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["store"], "memory");
+    assert_eq!(ready["store_mode"], "embedded");
+}
