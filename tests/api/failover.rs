@@ -166,8 +166,30 @@ fn binding_outage(outcomes: &[Outcome]) -> Option<(Duration, Duration, usize)> {
 fn start_gateways(redis: &dyn RedisEnv, fake: &FakeUpstream, n: usize) -> Vec<Gateway> {
     let timeout = REDIS_TIMEOUT_MS.to_string();
     (0..n)
-        .map(|_| Gateway::start(fake, Some(redis), &[("GB_REDIS_TIMEOUT_MS", &timeout)]))
+        .map(|_| {
+            Gateway::start(
+                fake,
+                Some(redis),
+                &[("GB_REDIS_TIMEOUT_MS", &timeout), ("GB_ADMIN_TOKEN", ADMIN)],
+            )
+        })
         .collect()
+}
+
+/// The key id each session is bound to, from the admin API.
+async fn session_keys(gw: &Gateway, sids: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for sid in sids {
+        let mut resp = client()
+            .get(format!("{}/admin/api/sessions/{sid}", gw.url))
+            .insert_header(("authorization", format!("Bearer {ADMIN}")))
+            .send()
+            .await
+            .expect("admin api");
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        out.push(v["key_id"].as_str().unwrap_or("").to_string());
+    }
+    out
 }
 
 async fn upload_files(gw: &Gateway, n: usize) -> Vec<String> {
@@ -212,6 +234,11 @@ async fn a_cluster_master_killed_under_traffic_is_replaced_and_sessions_come_bac
 
     let traffic = Traffic::start(&gws, &files, &sids, 6);
     std::thread::sleep(Duration::from_secs(2));
+    let bound_before = session_keys(&gws[0], &sids).await;
+    assert!(
+        bound_before.iter().all(|k| !k.is_empty()),
+        "{bound_before:?}"
+    );
     // The master holding the first session: some sessions and maybe files
     // and the rotation ring live there.
     let victim = cluster.master_of(&format!("gb:session:{}", sids[0]));
@@ -225,6 +252,8 @@ async fn a_cluster_master_killed_under_traffic_is_replaced_and_sessions_come_bac
     let outcomes = traffic.finish();
 
     check_common(&outcomes, &fake, "cluster master kill").await;
+    // The promoted replica had the bindings: every session kept its key.
+    assert_eq!(session_keys(&gws[1], &sids).await, bound_before);
     let late_failures: Vec<&Outcome> = outcomes
         .iter()
         .filter(|o| o.at > promoted_at + Duration::from_secs(5) && o.status != 200)
@@ -330,6 +359,11 @@ async fn sentinel_failover_under_traffic(kill: bool) {
 
     let traffic = Traffic::start(&gws, &files, &sids, 6);
     std::thread::sleep(Duration::from_secs(2));
+    let bound_before = session_keys(&gws[0], &sids).await;
+    assert!(
+        bound_before.iter().all(|k| !k.is_empty()),
+        "{bound_before:?}"
+    );
     let before = sentinel.master_port().expect("a master");
     let asked_at = traffic.since_start();
     let after = if kill {
@@ -344,6 +378,11 @@ async fn sentinel_failover_under_traffic(kill: bool) {
     let outcomes = traffic.finish();
 
     check_common(&outcomes, &fake, "sentinel failover").await;
+    assert_eq!(
+        session_keys(&gws[1], &sids).await,
+        bound_before,
+        "every session kept its key"
+    );
     let late_failures: Vec<&Outcome> = outcomes
         .iter()
         .filter(|o| o.at > promoted_at + Duration::from_secs(5) && o.status != 200)
