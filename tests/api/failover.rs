@@ -239,6 +239,20 @@ async fn a_cluster_master_killed_under_traffic_is_replaced_and_sessions_come_bac
         bound_before.iter().all(|k| !k.is_empty()),
         "{bound_before:?}"
     );
+    // Sessions spread over every master, each binding on its own slot's.
+    let mut holders = std::collections::HashSet::new();
+    for sid in &sids {
+        let key = format!("gb:session:{sid}");
+        let master = cluster.master_of(&key);
+        assert!(
+            redis_cmd(master, &["EXISTS", &key])
+                .unwrap_or_default()
+                .contains(":1"),
+            "{key} on {master}"
+        );
+        holders.insert(master);
+    }
+    assert_eq!(holders.len(), 3, "sessions on every master");
     // The master holding the first session: some sessions and maybe files
     // and the rotation ring live there.
     let victim = cluster.master_of(&format!("gb:session:{}", sids[0]));
