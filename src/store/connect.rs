@@ -13,6 +13,7 @@ use std::time::Duration;
 use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::cluster::ClusterClient;
 use deadpool_redis::redis::cluster_async::ClusterConnection;
+use deadpool_redis::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use deadpool_redis::redis::{self, IntoConnectionInfo};
 use deadpool_redis::{Pool, Runtime};
 use secrecy::{ExposeSecret, SecretString};
@@ -249,10 +250,34 @@ pub(super) async fn check(
             })
         }
         RedisMode::Cluster => {
-            // PING goes to every master the client knows (and fails if one
-            // does not answer); CLUSTER INFO gives the cluster's own view of
-            // its slots.
-            let _: String = redis::cmd("PING").query_async(&mut c).await?;
+            // The slots as the cluster assigns them, then a PING to each
+            // master serving some: a master that died is unreachable at
+            // once, before the other nodes mark it failing. CLUSTER INFO
+            // adds the cluster's own view of its slots.
+            let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut c)
+                .await?;
+            let (covered, masters) = slot_owners(&slots);
+            if covered < SLOTS {
+                return Ok(Err(StoreError::Unavailable(format!(
+                    "only {covered} of {SLOTS} slots are assigned to a master"
+                ))));
+            }
+            if let Conn::Cluster(cluster) = &mut c {
+                for (host, port) in masters {
+                    let ping = redis::cmd("PING");
+                    let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port,
+                    });
+                    if cluster.route_command(ping, at).await.is_err() {
+                        return Ok(Err(StoreError::Unavailable(format!(
+                            "the master at {host}:{port} does not answer"
+                        ))));
+                    }
+                }
+            }
             let info: String = redis::cmd("CLUSTER")
                 .arg("INFO")
                 .query_async(&mut c)
@@ -270,6 +295,50 @@ pub(super) async fn check(
             })
         }
     }
+}
+
+/// From a `CLUSTER SLOTS` reply: how many slots are assigned to a master,
+/// and each master's address.
+fn slot_owners(reply: &[redis::Value]) -> (u64, Vec<(String, u16)>) {
+    use redis::Value;
+    let int = |v: &Value| match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let mut covered = 0;
+    let mut masters: Vec<(String, u16)> = Vec::new();
+    for range in reply {
+        let Value::Array(fields) = range else {
+            continue;
+        };
+        let (Some(start), Some(end)) = (fields.first().and_then(int), fields.get(1).and_then(int))
+        else {
+            continue;
+        };
+        let Some(Value::Array(node)) = fields.get(2) else {
+            continue;
+        };
+        let host = node.first().and_then(text).unwrap_or_default();
+        let port = node
+            .get(1)
+            .and_then(int)
+            .and_then(|p| u16::try_from(p).ok());
+        covered += end.saturating_sub(start) + 1;
+        // A node whose address its peers do not know is reported as "" or
+        // "?": it cannot be pinged by address.
+        let known = !host.is_empty() && host != "?";
+        if let Some(port) = port.filter(|_| known) {
+            if !masters.iter().any(|(h, p)| *h == host && *p == port) {
+                masters.push((host, port));
+            }
+        }
+    }
+    (covered, masters)
 }
 
 fn bad_config(e: impl std::fmt::Display) -> StoreError {

@@ -47,6 +47,9 @@ struct Traffic {
 impl Traffic {
     /// Steady load from `workers` concurrent clients over every gateway, in
     /// its own thread and runtime, so the test can block on Redis meanwhile.
+    /// Each client pauses 25 ms between requests: a steady load, not a
+    /// saturating one, so that tests running beside it keep their share of
+    /// the machine.
     fn start(gws: &[Gateway], files: &[String], sessions: &[String], workers: usize) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let urls: Vec<String> = gws.iter().map(|g| g.url.clone()).collect();
@@ -87,7 +90,7 @@ impl Traffic {
                                 body: v.to_string(),
                             });
                             i += 7;
-                            actix_rt::time::sleep(Duration::from_millis(10)).await;
+                            actix_rt::time::sleep(Duration::from_millis(25)).await;
                         }
                         out
                     }
@@ -561,6 +564,12 @@ async fn readiness_reports_a_cluster_that_lost_slots_as_degraded() {
             assert_eq!(ready["store_mode"], "cluster");
             let line = admin_store_line(&gw).await;
             assert!(line.starts_with("redis (cluster) DOWN"), "{line}");
+            // And it stays so: no replica can take those slots over.
+            for _ in 0..5 {
+                actix_rt::time::sleep(Duration::from_millis(300)).await;
+                let again = readyz(&gw).await;
+                assert_eq!(again["status"], "degraded", "{again}");
+            }
             break;
         }
         assert!(Instant::now() < deadline, "still {ready}");
