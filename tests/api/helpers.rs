@@ -375,7 +375,7 @@ pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 /// promoted within a few seconds of its master's death.
 pub struct RedisCluster {
     pub nodes: Vec<Node>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl RedisCluster {
@@ -430,7 +430,7 @@ impl RedisCluster {
         if !created.success() {
             return None;
         }
-        let c = RedisCluster { nodes, _dir: dir };
+        let c = RedisCluster { nodes, dir };
         c.wait_healthy(30);
         // A replica can take over only once it has its master's data.
         wait_until(30, "every cluster replica in sync", || {
@@ -474,7 +474,7 @@ impl RedisCluster {
                     .nodes
                     .iter()
                     .map(|n| {
-                        std::fs::read_to_string(self._dir.path(&format!("{}.log", n.port)))
+                        std::fs::read_to_string(self.dir.path(&format!("{}.log", n.port)))
                             .unwrap_or_default()
                     })
                     .collect();
