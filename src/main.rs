@@ -1,3 +1,7 @@
+// The actix server future of the whole app is deeply nested; type checking
+// its auto traits needs more than the default query depth.
+#![recursion_limit = "256"]
+
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -52,6 +52,10 @@ pub struct Settings {
     pub upstream_url: String,
     pub upstream_ca_file: Option<String>,
     pub redis_url: Option<SecretString>,
+    /// How `redis_url` is read: one server, cluster seeds, or sentinels.
+    pub redis_mode: crate::store::RedisMode,
+    /// The master's name in sentinel mode (GB_REDIS_SENTINEL_MASTER).
+    pub redis_sentinel_master: String,
     pub redis_prefix: String,
     pub redis_timeout: Duration,
     pub redis_pool_size: usize,
@@ -201,6 +205,19 @@ impl Raw {
         }
     }
 
+    fn redis_mode(&self) -> Result<crate::store::RedisMode, SettingsError> {
+        use crate::store::RedisMode;
+        match self.req("redis_mode")?.to_ascii_lowercase().as_str() {
+            "standalone" => Ok(RedisMode::Standalone),
+            "cluster" => Ok(RedisMode::Cluster),
+            "sentinel" => Ok(RedisMode::Sentinel),
+            other => Err(err(
+                "redis_mode",
+                format!("expected standalone, cluster or sentinel, got {other:?}"),
+            )),
+        }
+    }
+
     fn settings(&self) -> Result<Settings, SettingsError> {
         let listen_raw = self.req("listen")?;
         let listen = listen_raw.parse().map_err(|_| {
@@ -252,15 +269,9 @@ impl Raw {
         }
 
         let redis_url = self.opt("redis_url");
-        if let Some(url) = &redis_url {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("unix://")
-                || url.starts_with("redis+unix://"))
-            {
-                return Err(err("redis_url", "must start with redis:// or rediss://"));
-            }
-        }
+        let redis_mode = self.redis_mode()?;
+        let redis_sentinel_master = self.req("redis_sentinel_master")?;
+        check_redis_urls(redis_url.as_deref(), redis_mode)?;
         let redis_prefix = self.req("redis_prefix")?;
         if !redis_prefix
             .chars()
@@ -341,6 +352,8 @@ impl Raw {
             upstream_url,
             upstream_ca_file,
             redis_url: redis_url.map(SecretString::from),
+            redis_mode,
+            redis_sentinel_master,
             redis_prefix,
             redis_timeout: Duration::from_millis(redis_timeout_ms),
             redis_pool_size,
@@ -374,6 +387,88 @@ impl Raw {
             proxy_cooldown: self.secs("proxy_cooldown")?,
         })
     }
+}
+
+/// Checks `GB_REDIS_URL` against `GB_REDIS_MODE`. Messages never echo a URL:
+/// it may carry a password.
+fn check_redis_urls(url: Option<&str>, mode: crate::store::RedisMode) -> Result<(), SettingsError> {
+    use crate::store::RedisMode;
+    use deadpool_redis::redis::IntoConnectionInfo;
+    let Some(url) = url else {
+        return match mode {
+            RedisMode::Standalone => Ok(()),
+            _ => Err(err(
+                "redis_url",
+                format!(
+                    "is required with GB_REDIS_MODE={}: {}",
+                    mode.as_str(),
+                    match mode {
+                        RedisMode::Cluster => "list the cluster's seed nodes",
+                        _ => "list the sentinels",
+                    }
+                ),
+            )),
+        };
+    };
+    let urls: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(err("redis_url", "names no server"));
+    }
+    if mode == RedisMode::Standalone && urls.len() > 1 {
+        return Err(err(
+            "redis_url",
+            "lists several servers; set GB_REDIS_MODE=cluster (seed nodes) or \
+             GB_REDIS_MODE=sentinel (sentinels), or give one URL",
+        ));
+    }
+    let mut schemes = std::collections::HashSet::new();
+    for (i, u) in urls.iter().enumerate() {
+        let which = if urls.len() > 1 {
+            format!("entry {}", i + 1)
+        } else {
+            "the URL".to_string()
+        };
+        let tcp = u.starts_with("redis://") || u.starts_with("rediss://");
+        let unix = u.starts_with("unix://") || u.starts_with("redis+unix://");
+        if !(tcp || (unix && mode == RedisMode::Standalone)) {
+            return Err(err(
+                "redis_url",
+                match mode {
+                    RedisMode::Standalone => {
+                        format!("{which} must start with redis:// or rediss://")
+                    }
+                    _ => format!(
+                        "{which} must start with redis:// or rediss:// in {} mode",
+                        mode.as_str()
+                    ),
+                },
+            ));
+        }
+        let info = u
+            .into_connection_info()
+            .map_err(|_| err("redis_url", format!("{which} is not a valid Redis URL")))?;
+        if mode == RedisMode::Cluster && info.redis_settings().db() != 0 {
+            return Err(err(
+                "redis_url",
+                format!(
+                    "{which} names database {}; Redis Cluster has only database 0",
+                    info.redis_settings().db()
+                ),
+            ));
+        }
+        schemes.insert(u.starts_with("rediss://"));
+    }
+    if schemes.len() > 1 {
+        return Err(err(
+            "redis_url",
+            "mixes redis:// and rediss://; use one scheme for every server",
+        ));
+    }
+    Ok(())
 }
 
 /// Entries separated by `sep`; `#` starts a comment (a whole line, or the
@@ -454,6 +549,96 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.var, "GB_ADMIN_TOKEN");
         assert!(!e.to_string().contains("t2"));
+    }
+
+    fn with_redis(pairs: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let mut all = vec![("GB_API_KEYS", "k1"), ("GB_AUTH_TOKENS", "t")];
+        all.extend_from_slice(pairs);
+        load_from(env(&all))
+    }
+
+    #[test]
+    fn redis_mode_defaults_to_standalone_with_mymaster() {
+        use crate::store::RedisMode;
+        let s = with_redis(&[("GB_REDIS_URL", "redis://127.0.0.1:6379/2")]).unwrap();
+        assert_eq!(s.redis_mode, RedisMode::Standalone);
+        assert_eq!(s.redis_sentinel_master, "mymaster");
+        let s = with_redis(&[
+            ("GB_REDIS_MODE", "cluster"),
+            (
+                "GB_REDIS_URL",
+                "redis://:pw@10.0.0.1:7000, redis://:pw@10.0.0.2:7000",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(s.redis_mode, RedisMode::Cluster);
+        let s = with_redis(&[
+            ("GB_REDIS_MODE", "Sentinel"),
+            ("GB_REDIS_SENTINEL_MASTER", "gb-main"),
+            (
+                "GB_REDIS_URL",
+                "redis://10.0.0.1:26379,redis://10.0.0.2:26379",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(s.redis_mode, RedisMode::Sentinel);
+        assert_eq!(s.redis_sentinel_master, "gb-main");
+    }
+
+    #[test]
+    fn bad_redis_combinations_name_the_variable_and_hide_the_url() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case] = &[
+            (&[("GB_REDIS_MODE", "shards")], "GB_REDIS_MODE", "shards"),
+            (
+                &[("GB_REDIS_URL", "redis://:s3cret@a:1,redis://:s3cret@b:1")],
+                "GB_REDIS_URL",
+                "several",
+            ),
+            (
+                &[
+                    ("GB_REDIS_MODE", "cluster"),
+                    ("GB_REDIS_URL", "redis://:s3cret@a:7000/3"),
+                ],
+                "GB_REDIS_URL",
+                "database 3",
+            ),
+            (&[("GB_REDIS_MODE", "cluster")], "GB_REDIS_URL", "required"),
+            (
+                &[("GB_REDIS_MODE", "sentinel")],
+                "GB_REDIS_URL",
+                "sentinels",
+            ),
+            (
+                &[
+                    ("GB_REDIS_MODE", "cluster"),
+                    ("GB_REDIS_URL", "redis://:s3cret@a:1,rediss://:s3cret@b:1"),
+                ],
+                "GB_REDIS_URL",
+                "mixes",
+            ),
+            (
+                &[
+                    ("GB_REDIS_MODE", "sentinel"),
+                    ("GB_REDIS_URL", "unix:///run/s3cret.sock"),
+                ],
+                "GB_REDIS_URL",
+                "sentinel mode",
+            ),
+            (
+                &[("GB_REDIS_URL", "http://s3cret@a:1")],
+                "GB_REDIS_URL",
+                "redis://",
+            ),
+        ];
+        for (pairs, var, words) in cases {
+            let e = with_redis(pairs).unwrap_err();
+            assert_eq!(e.var, *var, "{pairs:?}");
+            let line = e.to_string();
+            assert!(line.contains(words), "{pairs:?}: {line}");
+            assert!(!line.contains("s3cret"), "{line}");
+            assert_eq!(line.lines().count(), 1);
+        }
     }
 
     #[test]

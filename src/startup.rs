@@ -14,7 +14,7 @@ use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::settings::Settings;
-use crate::store::{MemoryStore, RedisStore, StateStore};
+use crate::store::{MemoryStore, RedisConfig, RedisStore, StateStore};
 use crate::telemetry::{GatewaySpan, RequestId};
 use crate::upstream::{tls_config, Upstream};
 
@@ -34,20 +34,27 @@ pub async fn open_store(
         tracing::info!("no GB_REDIS_URL: using the embedded in-memory store (single replica only)");
         return Ok(Arc::new(MemoryStore::new()));
     };
-    let store = RedisStore::new(
+    let store = RedisStore::open(&RedisConfig {
+        mode: settings.redis_mode,
         url,
-        &settings.redis_prefix,
-        settings.redis_timeout,
-        settings.redis_pool_size,
-        settings.workers,
-    )?
+        sentinel_master: &settings.redis_sentinel_master,
+        prefix: &settings.redis_prefix,
+        timeout: settings.redis_timeout,
+        pool_size: settings.redis_pool_size,
+        threads: settings.workers,
+    })?
     .with_observer({
         let metrics = metrics.clone();
         Arc::new(move |elapsed, ok| metrics.store_call(elapsed, ok))
     });
+    // A server that answers but cannot serve the gateway (a cluster node in
+    // standalone mode) is a configuration error, not an outage.
+    if let Err(crate::store::StoreError::Misconfigured(msg)) = store.ping().await {
+        anyhow::bail!(msg);
+    }
     match crate::migrations::apply(&store).await {
         Ok(version) => {
-            tracing::info!(layout = version, prefix = %settings.redis_prefix, "Redis store ready")
+            tracing::info!(layout = version, prefix = %settings.redis_prefix, mode = settings.redis_mode.as_str(), "Redis store ready")
         }
         Err(crate::store::StoreError::Layout(msg)) => anyhow::bail!(msg),
         Err(e) => {

@@ -461,11 +461,12 @@ async fn page(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, 
     let store = gw.store();
     let store_status = match store.ping().await {
         Ok(latency) => format!(
-            "{} up ({:.2} ms)",
+            "{} ({}) up ({:.2} ms)",
             store.kind(),
+            store.mode(),
             latency.as_secs_f64() * 1000.0
         ),
-        Err(e) => format!("{} DOWN: {}", store.kind(), e),
+        Err(e) => format!("{} ({}) DOWN: {}", store.kind(), store.mode(), e),
     };
     let rows = key_rows(&gw).await.unwrap_or_default();
     let replicas = replicas::list(store).await.unwrap_or_default();

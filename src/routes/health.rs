@@ -23,12 +23,14 @@ pub async fn readyz(gw: web::Data<Gateway>) -> HttpResponse {
         Ok(latency) => HttpResponse::Ok().json(json!({
             "status": "ready",
             "store": store.kind(),
+            "store_mode": store.mode(),
             "store_up": true,
             "store_latency_ms": latency.as_secs_f64() * 1000.0,
         })),
         Err(e) => HttpResponse::Ok().json(json!({
             "status": "degraded",
             "store": store.kind(),
+            "store_mode": store.mode(),
             "store_up": false,
             "store_error": e.to_string(),
         })),

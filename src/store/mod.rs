@@ -9,9 +9,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod connect;
+pub mod layout;
 pub mod memory;
 pub mod redis;
 
+pub use connect::{RedisConfig, RedisMode};
+pub use layout::KeyLayout;
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
@@ -25,6 +29,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Layout(String),
+    /// The server answers but cannot serve this configuration.
+    #[error("{0}")]
+    Misconfigured(String),
 }
 
 /// What the store keeps about one member of a rotation ring, or about one
@@ -43,6 +50,9 @@ pub enum MemberState {
 /// The disable origin of an operator's decision: only an admin enable undoes it.
 pub const ADMIN: &str = "admin";
 
+/// The reason of a cooldown that names none: a per-minute limit.
+pub const PER_MINUTE: &str = "per_minute";
+
 /// Separates a member from a model in the field of a per-model state.
 pub const MODEL_SEP: char = '|';
 
@@ -55,16 +65,27 @@ pub fn state_field(member: &str, model: Option<&str>) -> String {
 }
 
 impl MemberState {
+    /// A cooldown; an empty reason is the default one, [`PER_MINUTE`].
     pub fn cooling(until_ms: u64, reason: &str) -> Self {
         MemberState::Cooling {
             until_ms,
-            reason: reason.to_string(),
+            reason: if reason.is_empty() {
+                PER_MINUTE
+            } else {
+                reason
+            }
+            .to_string(),
         }
     }
 
+    /// The stored form. A per-minute cooldown is written as `c:<until>`,
+    /// without its reason: the form replicas of layout 1 read, so they keep
+    /// skipping cooling keys during a rolling upgrade.
     pub fn encode(&self) -> String {
         match self {
-            MemberState::Cooling { until_ms, reason } if reason.is_empty() => {
+            MemberState::Cooling { until_ms, reason }
+                if reason.is_empty() || reason == PER_MINUTE =>
+            {
                 format!("c:{until_ms}")
             }
             MemberState::Cooling { until_ms, reason } => format!("c:{until_ms}:{reason}"),
@@ -76,15 +97,11 @@ impl MemberState {
         let (kind, rest) = raw.split_once(':')?;
         let (num, reason) = rest.split_once(':').unwrap_or((rest, ""));
         let num: u64 = num.parse().ok()?;
-        let reason = reason.to_string();
         match kind {
-            "c" => Some(MemberState::Cooling {
-                until_ms: num,
-                reason,
-            }),
+            "c" => Some(MemberState::cooling(num, reason)),
             "d" => Some(MemberState::Disabled {
                 since_ms: num,
-                reason,
+                reason: reason.to_string(),
             }),
             _ => None,
         }
@@ -290,6 +307,14 @@ pub trait StateStore: Send + Sync {
     /// `memory` or `redis`, for logs and `/readyz`.
     fn kind(&self) -> &'static str;
 
+    /// The deployment behind the store, for `/readyz` and the admin page:
+    /// `embedded`, or the Redis mode (`standalone`, `cluster`, `sentinel`).
+    fn mode(&self) -> &'static str {
+        "embedded"
+    }
+
+    /// Whether the store can serve the gateway's commands now, and how long
+    /// finding out took.
     async fn ping(&self) -> Result<Duration, StoreError>;
 
     /// One round-robin step over `members` of `ring`, skipping members that are
@@ -404,7 +429,7 @@ mod tests {
     #[test]
     fn state_round_trips_through_its_encoding() {
         for s in [
-            MemberState::cooling(42, ""),
+            MemberState::cooling(42, PER_MINUTE),
             MemberState::cooling(42, "per_day"),
             MemberState::Disabled {
                 since_ms: 7,
@@ -474,8 +499,9 @@ mod tests {
     fn states_written_without_a_reason_still_decode() {
         assert_eq!(
             MemberState::decode("c:42"),
-            Some(MemberState::cooling(42, ""))
+            Some(MemberState::cooling(42, PER_MINUTE))
         );
+        assert_eq!(MemberState::cooling(42, PER_MINUTE).encode(), "c:42");
         assert_eq!(
             MemberState::decode("d:7:api_key_invalid"),
             Some(MemberState::Disabled {

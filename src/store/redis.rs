@@ -1,20 +1,11 @@
 //! The Redis store: what lets any replica serve any request.
 //!
-//! Key layout (version 2, see `migrations/`), all under the configured prefix:
-//!
-//! | key | type | holds |
-//! |---|---|---|
-//! | `{p}:layout` | string | layout version |
-//! | `{p}:{ring:NAME}:n` | string | rotation counter (INCR) |
-//! | `{p}:{ring:NAME}:s` | hash | member id, or `member|model`, → `c:<until ms>[:<reason>]` / `d:<since ms>:<origin>` |
-//! | `{p}:NS:ID` | string, TTL | one binding (session → key id, upload → record, file → owner record, other resource (`res`) → owner record) |
-//! | `{p}:idx:NAME` | sorted set, TTL | member → expiry (ms) |
-//! | `{p}:lock:NAME` | string, TTL | lock holder |
-//! | `{p}:stats:BUCKET` | hash, TTL | counter name → count (per-minute admin statistics) |
-//! | `{p}:replica:ID` | string, TTL | a replica's heartbeat |
-//!
-//! A ring's counter and states share a hash tag, so the rotation pipeline
-//! touches one Redis Cluster slot; every other operation touches one key.
+//! The same commands in every `GB_REDIS_MODE` (see [`super::connect`]).
+//! Every multi-key command, pipeline and script stays in one Redis Cluster
+//! slot (see [`KeyLayout`]); reads over unrelated keys are sent as concurrent
+//! single-key commands on a cluster instead of one pipeline. The key layout,
+//! with each key's slot tag, is written down once in
+//! `migrations/0001_initial.md`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,13 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, Script};
-use deadpool_redis::{Pool, Runtime};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
+use super::connect::{check, redis_error, Conn, Source};
+use super::layout::KeyLayout;
 use super::{
-    effective_state, state_field, Applied, MemberState, Pick, StateStore, StoreError, Transition,
+    effective_state, state_field, Applied, MemberState, Pick, RedisConfig, RedisMode, StateStore,
+    StoreError, Transition,
 };
 
 const CLAIM: &str = include_str!("lua/claim.lua");
@@ -78,11 +70,12 @@ fn monotonic_ms() -> u64 {
 }
 
 pub struct RedisStore {
-    pool: Pool,
-    slots: Vec<std::sync::RwLock<Option<MultiplexedConnection>>>,
+    source: Source,
+    mode: RedisMode,
+    slots: Vec<std::sync::RwLock<Option<Conn>>>,
     breaker: Breaker,
     observer: Option<Observer>,
-    prefix: String,
+    keys: KeyLayout,
     timeout: Duration,
     claim: Script,
     replace: Script,
@@ -92,9 +85,7 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Builds the pool; connects lazily, so a Redis that is down at start
-    /// does not keep the gateway from starting. `threads`: the worker threads
-    /// that will call it (each gets a connection of its own, pool permitting).
+    /// A standalone store on one URL (see [`RedisStore::open`]).
     pub fn new(
         url: &SecretString,
         prefix: &str,
@@ -102,26 +93,33 @@ impl RedisStore {
         pool_size: usize,
         threads: usize,
     ) -> Result<Self, StoreError> {
-        let cfg = deadpool_redis::Config::from_url(url.expose_secret());
-        let pool = cfg
-            .builder()
-            .map_err(|e| StoreError::Unavailable(format!("bad Redis configuration: {e}")))?
-            .max_size(pool_size)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("cannot build the Redis pool: {e}")))?;
+        Self::open(&RedisConfig {
+            mode: RedisMode::Standalone,
+            url,
+            sentinel_master: "mymaster",
+            prefix,
+            timeout,
+            pool_size,
+            threads,
+        })
+    }
+
+    /// Builds the store; connects lazily, so a Redis that is down at start
+    /// does not keep the gateway from starting.
+    pub fn open(cfg: &RedisConfig<'_>) -> Result<Self, StoreError> {
+        let source = Source::open(cfg)?;
         Ok(Self {
-            pool,
-            slots: (0..pool_size.clamp(1, threads.max(1) + SPARE_CONNECTIONS))
+            source,
+            mode: cfg.mode,
+            slots: (0..cfg
+                .pool_size
+                .clamp(1, cfg.threads.max(1) + SPARE_CONNECTIONS))
                 .map(|_| std::sync::RwLock::new(None))
                 .collect(),
             breaker: Breaker::default(),
             observer: None,
-            prefix: prefix.to_string(),
-            timeout,
+            keys: KeyLayout::new(cfg.prefix),
+            timeout: cfg.timeout,
             claim: Script::new(CLAIM),
             replace: Script::new(REPLACE),
             unlock: Script::new(UNLOCK),
@@ -135,24 +133,14 @@ impl RedisStore {
         self
     }
 
-    fn k(&self, parts: &[&str]) -> String {
-        let mut s = self.prefix.clone();
-        for p in parts {
-            s.push(':');
-            s.push_str(p);
-        }
-        s
-    }
-
-    fn ring_keys(&self, ring: &str) -> (String, String) {
-        let tag = format!("{{ring:{ring}}}");
-        (self.k(&[&tag, "n"]), self.k(&[&tag, "s"]))
+    pub fn redis_mode(&self) -> RedisMode {
+        self.mode
     }
 
     /// Runs one Redis exchange on a pooled connection, bounded by the timeout.
     async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let slot = THREAD_SLOT.with(|s| *s) % self.slots.len();
@@ -177,12 +165,18 @@ impl RedisStore {
         match &result {
             Ok(_) => self.breaker.failures.store(0, Ordering::Relaxed),
             Err(StoreError::Timeout | StoreError::Unavailable(_)) => {
-                // The connection may be dead: the next call on this slot
-                // takes a fresh one from the pool.
-                if let Ok(mut s) = self.slots[slot].write() {
-                    *s = None;
-                }
                 let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                // The connection may be dead, or (sentinel) point at a
+                // demoted master: the next call on this slot takes a fresh
+                // one. A cluster connection heals itself (it refreshes its
+                // slot map and reconnects to nodes) and opening one costs a
+                // round trip per node, so it is replaced only once the
+                // circuit opens.
+                if self.mode != RedisMode::Cluster || failures >= TRIP_AFTER {
+                    if let Ok(mut s) = self.slots[slot].write() {
+                        *s = None;
+                    }
+                }
                 if failures >= TRIP_AFTER {
                     self.breaker
                         .open_until_ms
@@ -203,25 +197,78 @@ impl RedisStore {
     /// thread that opened it, so a call from that thread is written, read and
     /// answered without waking another thread (a shared connection costs two
     /// cross-thread wake-ups per call).
-    async fn connection(&self, slot: usize) -> Result<MultiplexedConnection, StoreError> {
+    async fn connection(&self, slot: usize) -> Result<Conn, StoreError> {
         if let Some(conn) = self.slots[slot].read().ok().and_then(|s| s.clone()) {
             return Ok(conn);
         }
-        let obj = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(pool_error(&e)))?;
-        let conn = deadpool_redis::Connection::take(obj);
+        let conn = self.source.connect().await?;
         if let Ok(mut s) = self.slots[slot].write() {
             *s = Some(conn.clone());
         }
         Ok(conn)
     }
 
+    /// Runs one of the store's scripts on the key it touches. `EVALSHA`
+    /// first; a server that does not know the script yet (a new or newly
+    /// promoted node) gets its body with `EVAL`, on that key's node only.
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        body: &'static str,
+        key: String,
+        args: Vec<String>,
+    ) -> Result<T, StoreError> {
+        self.run(|mut c| async move {
+            let mut by_hash = redis::cmd("EVALSHA");
+            by_hash.arg(script.get_hash()).arg(1).arg(&key).arg(&args);
+            match by_hash.query_async(&mut c).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    let mut by_body = redis::cmd("EVAL");
+                    by_body.arg(body).arg(1).arg(&key).arg(&args);
+                    by_body.query_async(&mut c).await
+                }
+                other => other,
+            }
+        })
+        .await
+    }
+
+    /// Several single-key commands over keys that may live in different
+    /// slots: one pipeline on one server, concurrent commands on a cluster
+    /// (each goes to its key's master, all in flight at once).
+    async fn fan_out<T: redis::FromRedisValue + Send>(
+        &self,
+        cmds: Vec<redis::Cmd>,
+    ) -> Result<Vec<T>, StoreError> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(|c| async move {
+            match c {
+                Conn::Single(mut c) => {
+                    let mut pipe = redis::pipe();
+                    for cmd in cmds {
+                        pipe.add_command(cmd);
+                    }
+                    pipe.query_async(&mut c).await
+                }
+                Conn::Cluster(c) => {
+                    futures_util::future::try_join_all(cmds.into_iter().map(|cmd| {
+                        let mut c = c.clone();
+                        async move { cmd.query_async::<T>(&mut c).await }
+                    }))
+                    .await
+                }
+            }
+        })
+        .await
+    }
+
     /// The layout version recorded in Redis (0 for an empty Redis).
     pub async fn layout_version(&self) -> Result<u64, StoreError> {
-        let key = self.k(&["layout"]);
+        let key = self.keys.layout();
         let v: Option<u64> = self
             .run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
             .await?;
@@ -229,7 +276,7 @@ impl RedisStore {
     }
 
     pub async fn set_layout_version(&self, version: u64) -> Result<(), StoreError> {
-        let key = self.k(&["layout"]);
+        let key = self.keys.layout();
         self.run(|mut c| async move {
             redis::cmd("SET")
                 .arg(&key)
@@ -242,7 +289,12 @@ impl RedisStore {
 
     /// The full name of a key under this store's prefix (for migrations).
     pub fn key(&self, parts: &[&str]) -> String {
-        self.k(parts)
+        self.keys.key(parts)
+    }
+
+    /// The store's key names.
+    pub fn layout(&self) -> &KeyLayout {
+        &self.keys
     }
 
     /// One raw command, bounded like every other (for migrations).
@@ -252,24 +304,6 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         self.run(|mut c| async move { cmd.query_async(&mut c).await })
             .await
-    }
-}
-
-fn pool_error(e: &deadpool_redis::PoolError) -> String {
-    match e {
-        deadpool_redis::PoolError::Timeout(_) => "timed out waiting for a connection".into(),
-        deadpool_redis::PoolError::Backend(err) => redis_error(err.clone()).to_string(),
-        other => other.to_string(),
-    }
-}
-
-fn redis_error(e: redis::RedisError) -> StoreError {
-    if e.is_timeout() {
-        StoreError::Timeout
-    } else {
-        // The message of a RedisError names the failing command kind, never
-        // its arguments, so it is safe to pass on.
-        StoreError::Unavailable(format!("{:?}: {}", e.kind(), e.detail().unwrap_or("")))
     }
 }
 
@@ -289,11 +323,18 @@ impl StateStore for RedisStore {
         "redis"
     }
 
+    fn mode(&self) -> &'static str {
+        self.mode.as_str()
+    }
+
+    /// Not a bare PING: the store is up when the gateway's commands would
+    /// work. A standalone or sentinel server must be a master and not a
+    /// cluster node; a cluster must have every master answering and every
+    /// slot served (the gateway's keys spread over all of them).
     async fn ping(&self) -> Result<Duration, StoreError> {
         let start = Instant::now();
-        let _: String = self
-            .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
-            .await?;
+        let mode = self.mode;
+        self.run(|c| check(mode, c)).await??;
         Ok(start.elapsed())
     }
 
@@ -312,8 +353,9 @@ impl StateStore for RedisStore {
         // (only keys and (key, model) pairs that are cooling or disabled have
         // an entry), pipelined. Plain commands cost Redis less than a script
         // doing the same; the pick itself is the rule the embedded store
-        // applies too.
-        let (counter, states) = self.ring_keys(ring);
+        // applies too. Both keys carry the ring's hash tag: on a cluster the
+        // pipeline goes to one master.
+        let (counter, states) = (self.keys.ring_counter(ring), self.keys.ring_states(ring));
         let (next, raw): (u64, HashMap<String, String>) = self
             .run(|mut c| async move {
                 redis::pipe()
@@ -334,7 +376,7 @@ impl StateStore for RedisStore {
     }
 
     async fn member_states(&self, ring: &str) -> Result<HashMap<String, MemberState>, StoreError> {
-        let (_, states) = self.ring_keys(ring);
+        let states = self.keys.ring_states(ring);
         let raw: HashMap<String, String> = self
             .run(
                 |mut c| async move { redis::cmd("HGETALL").arg(&states).query_async(&mut c).await },
@@ -351,22 +393,23 @@ impl StateStore for RedisStore {
         event: &Transition,
         now_ms: u64,
     ) -> Result<Applied, StoreError> {
-        let (_, states) = self.ring_keys(ring);
+        let states = self.keys.ring_states(ring);
         let field = state_field(member, model);
         let (kind, num, reason) = event.wire();
         let (key_before, before, after): (String, String, String) = self
-            .run(|mut c| async move {
-                self.transition
-                    .key(&states)
-                    .arg(now_ms)
-                    .arg(member)
-                    .arg(&field)
-                    .arg(kind)
-                    .arg(num)
-                    .arg(reason)
-                    .invoke_async(&mut c)
-                    .await
-            })
+            .script(
+                &self.transition,
+                TRANSITION,
+                states,
+                vec![
+                    now_ms.to_string(),
+                    member.to_string(),
+                    field,
+                    kind.to_string(),
+                    num.to_string(),
+                    reason.to_string(),
+                ],
+            )
             .await?;
         Ok(Applied {
             key_before: MemberState::decode(&key_before),
@@ -376,7 +419,7 @@ impl StateStore for RedisStore {
     }
 
     async fn touch(&self, ns: &str, id: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
-        let key = self.k(&[ns, id]);
+        let key = self.keys.binding(ns, id);
         self.run(|mut c| async move {
             redis::cmd("GETEX")
                 .arg(&key)
@@ -395,16 +438,14 @@ impl StateStore for RedisStore {
         value: &str,
         ttl: Duration,
     ) -> Result<(String, bool), StoreError> {
-        let key = self.k(&[ns, id]);
+        let key = self.keys.binding(ns, id);
         let (bound, created): (String, i64) = self
-            .run(|mut c| async move {
-                self.claim
-                    .key(&key)
-                    .arg(value)
-                    .arg(secs(ttl))
-                    .invoke_async(&mut c)
-                    .await
-            })
+            .script(
+                &self.claim,
+                CLAIM,
+                key,
+                vec![value.to_string(), secs(ttl).to_string()],
+            )
             .await?;
         Ok((bound, created == 1))
     }
@@ -417,21 +458,22 @@ impl StateStore for RedisStore {
         value: &str,
         ttl: Duration,
     ) -> Result<String, StoreError> {
-        let key = self.k(&[ns, id]);
-        self.run(|mut c| async move {
-            self.replace
-                .key(&key)
-                .arg(expected)
-                .arg(value)
-                .arg(secs(ttl))
-                .invoke_async(&mut c)
-                .await
-        })
+        let key = self.keys.binding(ns, id);
+        self.script(
+            &self.replace,
+            REPLACE,
+            key,
+            vec![
+                expected.to_string(),
+                value.to_string(),
+                secs(ttl).to_string(),
+            ],
+        )
         .await
     }
 
     async fn put(&self, ns: &str, id: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
-        let key = self.k(&[ns, id]);
+        let key = self.keys.binding(ns, id);
         let _: String = self
             .run(|mut c| async move {
                 redis::cmd("SET")
@@ -450,18 +492,19 @@ impl StateStore for RedisStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        // A pipeline of single-key GETs rather than MGET: the keys are unrelated
-        // entities and may live in different Cluster slots.
-        let mut pipe = redis::pipe();
+        // Single-key GETs rather than MGET: the keys are unrelated entities
+        // and may live in different Cluster slots.
+        let mut cmds = Vec::with_capacity(ids.len());
         for id in ids {
-            pipe.cmd("GET").arg(self.k(&[ns, id]));
+            let mut cmd = redis::cmd("GET");
+            cmd.arg(self.keys.binding(ns, id));
+            cmds.push(cmd);
         }
-        self.run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await
+        self.fan_out(cmds).await
     }
 
     async fn delete(&self, ns: &str, id: &str) -> Result<(), StoreError> {
-        let key = self.k(&[ns, id]);
+        let key = self.keys.binding(ns, id);
         let _: i64 = self
             .run(|mut c| async move { redis::cmd("DEL").arg(&key).query_async(&mut c).await })
             .await?;
@@ -475,23 +518,24 @@ impl StateStore for RedisStore {
         ttl: Duration,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let key = self.k(&["idx", name]);
+        let key = self.keys.index(name);
         let _: i64 = self
-            .run(|mut c| async move {
-                self.index_add
-                    .key(&key)
-                    .arg(now_ms)
-                    .arg(now_ms + ttl.as_millis() as u64)
-                    .arg(member)
-                    .invoke_async(&mut c)
-                    .await
-            })
+            .script(
+                &self.index_add,
+                INDEX_ADD,
+                key,
+                vec![
+                    now_ms.to_string(),
+                    (now_ms + ttl.as_millis() as u64).to_string(),
+                    member.to_string(),
+                ],
+            )
             .await?;
         Ok(())
     }
 
     async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
-        let key = self.k(&["idx", name]);
+        let key = self.keys.index(name);
         self.run(|mut c| async move {
             redis::cmd("ZRANGE")
                 .arg(&key)
@@ -506,7 +550,7 @@ impl StateStore for RedisStore {
     }
 
     async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {
-        let key = self.k(&["idx", name]);
+        let key = self.keys.index(name);
         let _: i64 = self
             .run(|mut c| async move {
                 redis::cmd("ZREM")
@@ -520,7 +564,7 @@ impl StateStore for RedisStore {
     }
 
     async fn try_lock(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let key = self.k(&["lock", name]);
+        let key = self.keys.lock(name);
         let got: Option<String> = self
             .run(|mut c| async move {
                 redis::cmd("SET")
@@ -537,11 +581,9 @@ impl StateStore for RedisStore {
     }
 
     async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError> {
-        let key = self.k(&["lock", name]);
+        let key = self.keys.lock(name);
         let _: i64 = self
-            .run(
-                |mut c| async move { self.unlock.key(&key).arg(holder).invoke_async(&mut c).await },
-            )
+            .script(&self.unlock, UNLOCK, key, vec![holder.to_string()])
             .await?;
         Ok(())
     }
@@ -555,7 +597,7 @@ impl StateStore for RedisStore {
         if counts.is_empty() {
             return Ok(());
         }
-        let key = self.k(&["stats", bucket]);
+        let key = self.keys.stats(bucket);
         let mut pipe = redis::pipe();
         for (name, n) in counts {
             pipe.cmd("HINCRBY").arg(&key).arg(name).arg(*n).ignore();
@@ -569,13 +611,14 @@ impl StateStore for RedisStore {
         if buckets.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut pipe = redis::pipe();
+        // One bucket per minute, each in its own slot.
+        let mut cmds = Vec::with_capacity(buckets.len());
         for b in buckets {
-            pipe.cmd("HGETALL").arg(self.k(&["stats", b]));
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(self.keys.stats(b));
+            cmds.push(cmd);
         }
-        let all: Vec<HashMap<String, u64>> = self
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
+        let all: Vec<HashMap<String, u64>> = self.fan_out(cmds).await?;
         let mut sum = HashMap::new();
         for counts in all {
             for (name, n) in counts {

@@ -26,9 +26,8 @@ async fn spread(gateways: &[Gateway], calls: usize) {
     }
 }
 
-#[actix_rt::test]
-async fn three_replicas_on_one_redis_share_one_rotation() {
-    let redis = Redis::start();
+async fn three_replicas_on_one_redis_share_one_rotation(mode: Mode) {
+    let redis = Deployment::start(mode);
     let fake = FakeUpstream::start(&keys(5));
     let gws: Vec<Gateway> = (0..3)
         .map(|_| Gateway::start(&fake, Some(&redis), &[]))
@@ -40,6 +39,8 @@ async fn three_replicas_on_one_redis_share_one_rotation() {
         assert!((59..=61).contains(n), "key {key} served {n}, want 60 ± 1");
     }
 }
+
+in_every_redis_mode!(three_replicas_on_one_redis_share_one_rotation);
 
 #[actix_rt::test]
 async fn embedded_store_rotates_evenly_in_one_process() {

@@ -8,13 +8,17 @@ use crate::helpers::*;
 const GENERATE: &str = "/v1beta/models/gemini-2.0-flash:generateContent";
 
 struct Cluster {
-    _redis: Redis,
+    _redis: Deployment,
     fake: FakeUpstream,
     gws: Vec<Gateway>,
 }
 
 fn cluster(replicas: usize, n_keys: usize) -> Cluster {
-    let redis = Redis::start();
+    cluster_on(Mode::Standalone, replicas, n_keys)
+}
+
+fn cluster_on(mode: Mode, replicas: usize, n_keys: usize) -> Cluster {
+    let redis = Deployment::start(mode);
     let fake = FakeUpstream::start(&keys(n_keys));
     let gws = (0..replicas)
         .map(|_| Gateway::start(&fake, Some(&redis), &[]))
@@ -26,9 +30,8 @@ fn cluster(replicas: usize, n_keys: usize) -> Cluster {
     }
 }
 
-#[actix_rt::test]
-async fn files_of_one_session_uploaded_on_two_replicas_work_together_on_a_third() {
-    let c = cluster(3, 4);
+async fn files_of_one_session_uploaded_on_two_replicas_work_together_on_a_third(mode: Mode) {
+    let c = cluster_on(mode, 3, 4);
     let sid = "0b1c6a1e-5a7e-4d3c-9d52-2f0d1b7c9e11";
     let f1 = upload_file(
         &format!("{}/upload/v1beta/files", c.gws[0].url),
@@ -63,6 +66,8 @@ async fn files_of_one_session_uploaded_on_two_replicas_work_together_on_a_third(
         gw.assert_no_secrets_logged(&c.fake.keys);
     }
 }
+
+in_every_redis_mode!(files_of_one_session_uploaded_on_two_replicas_work_together_on_a_third);
 
 #[actix_rt::test]
 async fn the_session_path_prefix_and_query_parameter_bind_too() {
@@ -201,9 +206,8 @@ async fn multi_chunk_uploads_with_status_queries_keep_their_offsets() {
     assert_eq!(v["file"]["sizeBytes"], "10");
 }
 
-#[actix_rt::test]
-async fn a_file_is_always_routed_to_its_owner_while_rotation_moves_on() {
-    let c = cluster(3, 5);
+async fn a_file_is_always_routed_to_its_owner_while_rotation_moves_on(mode: Mode) {
+    let c = cluster_on(mode, 3, 5);
     let name = upload_file(
         &format!("{}/upload/v1beta/files", c.gws[0].url),
         None,
@@ -249,6 +253,8 @@ async fn a_file_is_always_routed_to_its_owner_while_rotation_moves_on() {
         "owner served every file request: {served:?}"
     );
 }
+
+in_every_redis_mode!(a_file_is_always_routed_to_its_owner_while_rotation_moves_on);
 
 #[actix_rt::test]
 async fn files_of_different_owners_in_one_request_get_409_and_nothing_goes_upstream() {

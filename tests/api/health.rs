@@ -12,7 +12,7 @@ use crate::helpers::*;
 const GENERATE: &str = "/v1beta/models/gemini-2.0-flash:generateContent";
 
 /// key id → raw state, straight from Redis.
-fn states(redis: &Redis) -> std::collections::HashMap<String, String> {
+fn states(redis: &dyn RedisEnv) -> std::collections::HashMap<String, String> {
     let raw = redis.cmd(&["HGETALL", "gb:{ring:keys}:s"]);
     let vals: Vec<&str> = raw
         .lines()
@@ -32,9 +32,8 @@ fn count_for(seen: &[Value], key: &str) -> usize {
     seen.iter().filter(|r| r["key"] == key).count()
 }
 
-#[actix_rt::test]
-async fn a_cooling_key_gets_no_traffic_from_any_replica_until_its_delay_passes() {
-    let redis = Redis::start();
+async fn a_cooling_key_gets_no_traffic_from_any_replica_until_its_delay_passes(mode: Mode) {
+    let redis = Deployment::start(mode);
     let ks = keys(3);
     let fake = FakeUpstream::start(&ks);
     let gws: Vec<Gateway> = (0..2)
@@ -72,9 +71,10 @@ async fn a_cooling_key_gets_no_traffic_from_any_replica_until_its_delay_passes()
     );
 }
 
-#[actix_rt::test]
-async fn an_invalid_key_is_disabled_after_its_first_400_on_every_replica() {
-    let redis = Redis::start();
+in_every_redis_mode!(a_cooling_key_gets_no_traffic_from_any_replica_until_its_delay_passes);
+
+async fn an_invalid_key_is_disabled_after_its_first_400_on_every_replica(mode: Mode) {
+    let redis = Deployment::start(mode);
     let ks = keys(5);
     // The fake knows only four of the five keys: the fifth is invalid.
     let fake = FakeUpstream::start(&ks[..4]);
@@ -98,6 +98,8 @@ async fn an_invalid_key_is_disabled_after_its_first_400_on_every_replica() {
         gw.assert_no_secrets_logged(&ks);
     }
 }
+
+in_every_redis_mode!(an_invalid_key_is_disabled_after_its_first_400_on_every_replica);
 
 #[actix_rt::test]
 async fn all_keys_429_gives_the_client_429_with_retry_after_and_disables_nothing() {

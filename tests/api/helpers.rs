@@ -66,7 +66,7 @@ impl Redis {
     }
 
     /// `redis-server` on `port` with `extra` arguments, once it answers PING.
-    fn spawn_with(port: u16, extra: &[&str]) -> Option<Proc> {
+    pub fn spawn_with(port: u16, extra: &[&str]) -> Option<Proc> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -78,7 +78,9 @@ impl Redis {
         let proc = Proc { child };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if redis_cmd(port, &["PING"]).is_some_and(|r| r.contains("PONG")) {
+            if redis_cmd(port, &["PING"])
+                .is_some_and(|r| r.contains("PONG") || r.contains("NOAUTH"))
+            {
                 return Some(proc);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -148,18 +150,722 @@ impl Redis {
     }
 }
 
+/// The three ways the gateway can be deployed on Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Standalone,
+    Cluster,
+    Sentinel,
+}
+
+/// A running Redis deployment: what a gateway is given to reach it, and a
+/// way for a test to look at its data.
+pub trait RedisEnv {
+    /// `GB_REDIS_*` variables for a gateway.
+    fn gateway_env(&self) -> Vec<(String, String)>;
+    /// One command, sent where its key lives; the raw reply.
+    fn cmd(&self, args: &[&str]) -> String;
+    /// Every key of every master.
+    fn all_keys(&self) -> Vec<String>;
+}
+
+impl RedisEnv for Redis {
+    fn gateway_env(&self) -> Vec<(String, String)> {
+        vec![("GB_REDIS_URL".into(), self.url())]
+    }
+    fn cmd(&self, args: &[&str]) -> String {
+        Redis::cmd(self, args)
+    }
+    fn all_keys(&self) -> Vec<String> {
+        resp_strings(&Redis::cmd(self, &["KEYS", "*"]))
+    }
+}
+
+/// Any of the three deployments, started by the test.
+pub enum Deployment {
+    Standalone(Redis),
+    Cluster(RedisCluster),
+    Sentinel(RedisSentinel),
+}
+
+impl Deployment {
+    pub fn start(mode: Mode) -> Deployment {
+        match mode {
+            Mode::Standalone => Deployment::Standalone(Redis::start()),
+            Mode::Cluster => Deployment::Cluster(RedisCluster::start()),
+            Mode::Sentinel => Deployment::Sentinel(RedisSentinel::start()),
+        }
+    }
+
+    fn inner(&self) -> &dyn RedisEnv {
+        match self {
+            Deployment::Standalone(r) => r,
+            Deployment::Cluster(c) => c,
+            Deployment::Sentinel(s) => s,
+        }
+    }
+
+    /// Kills every server of the deployment.
+    pub fn stop_all(&mut self) {
+        match self {
+            Deployment::Standalone(r) => r.stop(),
+            Deployment::Cluster(c) => c.nodes.iter_mut().for_each(|n| n.proc = None),
+            Deployment::Sentinel(s) => {
+                s.data.iter_mut().for_each(|n| n.proc = None);
+                s.sentinels.iter_mut().for_each(|n| n.proc = None);
+            }
+        }
+    }
+}
+
+impl Deployment {
+    /// Starts every server again on its port (empty: no persistence).
+    pub fn restart_all(&mut self) {
+        match self {
+            Deployment::Standalone(r) => r.restart(),
+            Deployment::Cluster(c) => {
+                c.nodes.iter_mut().for_each(Node::restart);
+                c.wait_healthy(60);
+            }
+            Deployment::Sentinel(s) => {
+                s.data.iter_mut().for_each(Node::restart);
+                s.sentinels.iter_mut().for_each(Node::restart);
+                let master = s.data[0].port;
+                wait_until(30, "the sentinels naming the master", || {
+                    s.master_port() == Some(master)
+                });
+            }
+        }
+    }
+}
+
+impl RedisEnv for Deployment {
+    fn gateway_env(&self) -> Vec<(String, String)> {
+        self.inner().gateway_env()
+    }
+    fn cmd(&self, args: &[&str]) -> String {
+        self.inner().cmd(args)
+    }
+    fn all_keys(&self) -> Vec<String> {
+        self.inner().all_keys()
+    }
+}
+
+/// The bulk strings of a RESP reply, in order.
+pub fn resp_strings(raw: &str) -> Vec<String> {
+    raw.lines()
+        .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// One field of an `INFO`-style reply.
+pub fn info_field(raw: &str, name: &str) -> Option<String> {
+    raw.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+/// A server of a multi-server deployment.
+pub struct Node {
+    pub port: u16,
+    pub proc: Option<Proc>,
+    /// The server's `requirepass`, if any.
+    pub password: Option<String>,
+    launch: Launch,
+}
+
+/// How a node is started (again).
+enum Launch {
+    /// `redis-server` with these arguments besides the port.
+    Server(Vec<String>),
+    /// `redis-server CONF --sentinel`.
+    Sentinel(String),
+}
+
+impl Node {
+    /// Starts a node; `None` if it did not answer.
+    fn start(port: u16, launch: Launch, password: Option<&str>) -> Option<Node> {
+        let mut node = Node {
+            port,
+            proc: None,
+            password: password.map(str::to_string),
+            launch,
+        };
+        node.proc = Some(node.spawn()?);
+        Some(node)
+    }
+
+    fn spawn(&self) -> Option<Proc> {
+        match &self.launch {
+            Launch::Server(args) => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                Redis::spawn_with(self.port, &args)
+            }
+            Launch::Sentinel(conf) => {
+                let child = Command::new("redis-server")
+                    .arg(conf)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server --sentinel");
+                let proc = Proc { child };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    if redis_cmd(self.port, &["PING"])
+                        .is_some_and(|r| r.contains("PONG") || r.contains("NOAUTH"))
+                    {
+                        return Some(proc);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                None
+            }
+        }
+    }
+
+    /// Starts a killed node again on its port, with its files.
+    pub fn restart(&mut self) {
+        self.proc = None;
+        self.proc = Some(self.spawn().expect("the node restarts"));
+    }
+
+    pub fn alive(&self) -> bool {
+        self.proc.is_some()
+    }
+    pub fn cmd(&self, args: &[&str]) -> String {
+        redis_cmd_auth(self.port, self.password.as_deref(), args).unwrap_or_default()
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("gb-{what}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+    pub fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free port whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds or `secs` pass.
+pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        if Instant::now() >= deadline {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A Redis Cluster of three masters and three replicas, each node on a free
+/// port with its files in a temporary directory. A node's failure is
+/// noticed after one second (`cluster-node-timeout`), so a replica is
+/// promoted within a few seconds of its master's death.
+pub struct RedisCluster {
+    pub nodes: Vec<Node>,
+    dir: TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        for _ in 0..3 {
+            if let Some(c) = Self::try_start() {
+                return c;
+            }
+        }
+        panic!("the Redis Cluster did not form");
+    }
+
+    fn try_start() -> Option<RedisCluster> {
+        let dir = TempDir::new("cluster");
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let port = free_cluster_port();
+            let conf = dir.path(&format!("nodes-{port}.conf"));
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-node-timeout",
+                "1000",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--dir",
+                &dir.path(""),
+                "--logfile",
+                &dir.path(&format!("{port}.log")),
+            ];
+            nodes.push(Node::start(
+                port,
+                Launch::Server(args.iter().map(|a| a.to_string()).collect()),
+                None,
+            )?);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .ok()?;
+        if !created.success() {
+            return None;
+        }
+        let c = RedisCluster { nodes, dir };
+        c.wait_healthy(30);
+        // A replica can take over only once it has its master's data.
+        wait_until(30, "every cluster replica in sync", || {
+            c.nodes.iter().all(|n| {
+                let info = n.cmd(&["INFO", "replication"]);
+                info_field(&info, "role").as_deref() == Some("master")
+                    || info_field(&info, "master_link_status").as_deref() == Some("up")
+            })
+        });
+        Some(c)
+    }
+
+    /// Every live node says `cluster_state:ok`, sees every slot served, and
+    /// there are three masters.
+    pub fn wait_healthy(&self, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let healthy = self.nodes.iter().filter(|n| n.alive()).all(|n| {
+                let info = n.cmd(&["CLUSTER", "INFO"]);
+                info_field(&info, "cluster_state").as_deref() == Some("ok")
+                    && info_field(&info, "cluster_slots_ok").as_deref() == Some("16384")
+            }) && self.masters().len() == 3;
+            if healthy {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let views: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.alive())
+                    .map(|n| {
+                        format!(
+                            "{}:\n{}\n{}",
+                            n.port,
+                            n.cmd(&["CLUSTER", "INFO"]),
+                            n.cmd(&["CLUSTER", "NODES"])
+                        )
+                    })
+                    .collect();
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        std::fs::read_to_string(self.dir.path(&format!("{}.log", n.port)))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                panic!(
+                    "the cluster did not become healthy:\n{}\n{}",
+                    views.join("\n"),
+                    logs.join("\n----\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Ports of the live masters, as the live nodes see them.
+    pub fn masters(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.alive())
+            .filter(|n| {
+                info_field(&n.cmd(&["INFO", "replication"]), "role").as_deref() == Some("master")
+            })
+            .map(|n| n.port)
+            .collect()
+    }
+
+    fn any_live(&self) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.alive())
+            .expect("a live cluster node")
+    }
+
+    /// The port of the master serving `key`.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let slot: u16 = resp_strings(&self.any_live().cmd(&["CLUSTER", "KEYSLOT", key]))
+            .first()
+            .and_then(|l| l.trim_start_matches(':').parse().ok())
+            .or_else(|| {
+                self.any_live()
+                    .cmd(&["CLUSTER", "KEYSLOT", key])
+                    .trim()
+                    .trim_start_matches(':')
+                    .parse()
+                    .ok()
+            })
+            .expect("CLUSTER KEYSLOT");
+        self.slot_owner(slot)
+    }
+
+    /// The port of the master serving `slot`, per `CLUSTER NODES`.
+    pub fn slot_owner(&self, slot: u16) -> u16 {
+        self.node_table()
+            .into_iter()
+            .find(|n| n.master && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+            .map(|n| n.port)
+            .expect("a master serves the slot")
+    }
+
+    /// `CLUSTER NODES`, parsed.
+    pub fn node_table(&self) -> Vec<ClusterNode> {
+        let raw = self.any_live().cmd(&["CLUSTER", "NODES"]);
+        raw.lines()
+            .filter(|l| l.contains("127.0.0.1:"))
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let port = f.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+                let flags = f.get(2)?;
+                let slots = f
+                    .iter()
+                    .skip(8)
+                    .filter(|s| !s.starts_with('['))
+                    .filter_map(|s| {
+                        let (a, b) = s.split_once('-').unwrap_or((s, s));
+                        Some((a.parse().ok()?, b.parse().ok()?))
+                    })
+                    .collect();
+                Some(ClusterNode {
+                    id: f[0].to_string(),
+                    port,
+                    master: flags.contains("master") && !flags.contains("fail"),
+                    slots,
+                })
+            })
+            .collect()
+    }
+
+    /// Kills one node.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
+            n.proc = None;
+        }
+    }
+
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    pub id: String,
+    pub port: u16,
+    pub master: bool,
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl RedisEnv for RedisCluster {
+    fn gateway_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("GB_REDIS_MODE".into(), "cluster".into()),
+            ("GB_REDIS_URL".into(), self.seeds()),
+        ]
+    }
+
+    /// Sent to a live node; a `MOVED` answer is followed (test-side only:
+    /// the gateway leaves that to the redis crate).
+    fn cmd(&self, args: &[&str]) -> String {
+        let mut port = self.any_live().port;
+        for _ in 0..5 {
+            let reply = redis_cmd(port, args).unwrap_or_default();
+            match reply.strip_prefix("-MOVED ") {
+                Some(rest) => {
+                    port = rest
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|a| a.rsplit(':').next())
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(port);
+                }
+                None => return reply,
+            }
+        }
+        String::new()
+    }
+
+    fn all_keys(&self) -> Vec<String> {
+        self.masters()
+            .into_iter()
+            .flat_map(|p| resp_strings(&redis_cmd(p, &["KEYS", "*"]).unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// One master, one replica and three sentinels on free ports, their files in
+/// a temporary directory. The sentinels call a master down after one second.
+pub struct RedisSentinel {
+    /// Master first, at start.
+    pub data: Vec<Node>,
+    pub sentinels: Vec<Node>,
+    /// Required by every server, sentinels included, when set.
+    password: Option<String>,
+    dir: TempDir,
+}
+
+impl RedisSentinel {
+    pub const MASTER: &'static str = "gb-test-master";
+
+    pub fn start() -> RedisSentinel {
+        Self::start_inner(None)
+    }
+
+    /// Every server, sentinels included, requires `password`.
+    pub fn start_with_password(password: &str) -> RedisSentinel {
+        Self::start_inner(Some(password))
+    }
+
+    fn start_inner(password: Option<&str>) -> RedisSentinel {
+        let dir = TempDir::new("sentinel");
+        let auth: Vec<&str> = match password {
+            Some(p) => vec!["--requirepass", p, "--masterauth", p],
+            None => Vec::new(),
+        };
+        // The master's files (the snapshot a replica syncs from) stay in the
+        // temporary directory.
+        let server = |extra: &[&str]| -> Launch {
+            Launch::Server(
+                ["--dir", &dir.path(""), "--repl-diskless-sync-delay", "0"]
+                    .iter()
+                    .chain(extra)
+                    .chain(&auth)
+                    .map(|a| a.to_string())
+                    .collect(),
+            )
+        };
+        let master = Node::start(free_port(), server(&[]), password).expect("master starts");
+        let replica_port = free_port();
+        let replica = Node::start(
+            replica_port,
+            server(&["--replicaof", "127.0.0.1", &master.port.to_string()]),
+            password,
+        )
+        .expect("replica starts");
+        let mut s = RedisSentinel {
+            data: vec![master, replica],
+            sentinels: Vec::new(),
+            password: password.map(str::to_string),
+            dir,
+        };
+        wait_until(20, "the replica in sync", || {
+            info_field(
+                &s.data[1].cmd(&["INFO", "replication"]),
+                "master_link_status",
+            )
+            .as_deref()
+                == Some("up")
+        });
+        for _ in 0..3 {
+            let port = free_port();
+            let conf = s.sentinel_conf(port);
+            s.sentinels
+                .push(Node::start(port, Launch::Sentinel(conf), password).expect("a sentinel"));
+        }
+        wait_until(
+            30,
+            "every sentinel knowing the replica and the others",
+            || {
+                s.sentinels.iter().all(|n| {
+                    let replicas = n.cmd(&["SENTINEL", "REPLICAS", Self::MASTER]);
+                    let others = n.cmd(&["SENTINEL", "SENTINELS", Self::MASTER]);
+                    replicas.contains(&replica_port.to_string()) && others.starts_with("*2")
+                })
+            },
+        );
+        s
+    }
+
+    /// Writes a sentinel's configuration file; its path.
+    fn sentinel_conf(&self, port: u16) -> String {
+        let conf = self.dir.path(&format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {name} 127.0.0.1 {master} 2\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 5000\n{auth}",
+                auth = self
+                    .password
+                    .as_ref()
+                    .map(|p| format!("sentinel auth-pass {} {p}\nrequirepass {p}\n", Self::MASTER))
+                    .unwrap_or_default(),
+                dir = self.dir.path(""),
+                name = Self::MASTER,
+                master = self.data[0].port,
+            ),
+        )
+        .expect("sentinel conf");
+        conf
+    }
+
+    /// The master's port as the sentinels report it.
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinels.iter().filter(|n| n.alive()).find_map(|n| {
+            resp_strings(&n.cmd(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::MASTER]))
+                .get(1)
+                .and_then(|p| p.parse().ok())
+        })
+    }
+
+    /// Asks the sentinels for a failover and waits until the other data
+    /// node is the master, as both the sentinels and itself say.
+    pub fn failover(&self) -> u16 {
+        let before = self.master_port().expect("a master");
+        let reply = self.sentinels[0].cmd(&["SENTINEL", "FAILOVER", Self::MASTER]);
+        assert!(reply.starts_with("+OK"), "SENTINEL FAILOVER: {reply}");
+        self.wait_new_master(before)
+    }
+
+    /// Waits until a master other than `before` is reported and says so itself.
+    pub fn wait_new_master(&self, before: u16) -> u16 {
+        let mut now = before;
+        wait_until(30, "a new master", || {
+            now = self.master_port().unwrap_or(before);
+            now != before
+                && info_field(&self.cmd_on(now, &["INFO", "replication"]), "role").as_deref()
+                    == Some("master")
+        });
+        now
+    }
+
+    /// One command on the server at `port`.
+    pub fn cmd_on(&self, port: u16, args: &[&str]) -> String {
+        redis_cmd_auth(port, self.password.as_deref(), args).unwrap_or_default()
+    }
+
+    pub fn kill_data(&mut self, port: u16) {
+        if let Some(n) = self.data.iter_mut().find(|n| n.port == port) {
+            n.proc = None;
+        }
+    }
+
+    pub fn urls(&self) -> String {
+        let auth = self
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        self.sentinels
+            .iter()
+            .map(|n| format!("redis://{auth}127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl RedisEnv for RedisSentinel {
+    fn gateway_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("GB_REDIS_MODE".into(), "sentinel".into()),
+            ("GB_REDIS_URL".into(), self.urls()),
+            ("GB_REDIS_SENTINEL_MASTER".into(), Self::MASTER.into()),
+        ]
+    }
+
+    fn cmd(&self, args: &[&str]) -> String {
+        self.master_port()
+            .map(|p| self.cmd_on(p, args))
+            .unwrap_or_default()
+    }
+
+    fn all_keys(&self) -> Vec<String> {
+        resp_strings(&self.cmd(&["KEYS", "*"]))
+    }
+}
+
+/// Runs `async fn NAME(mode: Mode)` once per Redis mode, as the tests
+/// `NAME::standalone`, `NAME::cluster` and `NAME::sentinel`.
+macro_rules! in_every_redis_mode {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            use crate::helpers::Mode;
+            #[actix_rt::test]
+            async fn standalone() {
+                super::$name(Mode::Standalone).await
+            }
+            #[actix_rt::test]
+            async fn cluster() {
+                super::$name(Mode::Cluster).await
+            }
+            #[actix_rt::test]
+            async fn sentinel() {
+                super::$name(Mode::Sentinel).await
+            }
+        }
+    )+};
+}
+pub(crate) use in_every_redis_mode;
+
 /// One raw RESP command; the raw reply text.
 pub fn redis_cmd(port: u16, args: &[&str]) -> Option<String> {
+    redis_cmd_auth(port, None, args)
+}
+
+/// One raw RESP command after `AUTH password` when one is given.
+pub fn redis_cmd_auth(port: u16, password: Option<&str>, args: &[&str]) -> Option<String> {
+    fn send(s: &mut TcpStream, args: &[&str]) -> Option<String> {
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+        }
+        s.write_all(req.as_bytes()).ok()?;
+        let mut buf = vec![0u8; 1 << 16];
+        let n = s.read(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+    if let Some(p) = password {
+        send(&mut s, &["AUTH", p])?;
     }
-    s.write_all(req.as_bytes()).ok()?;
-    let mut buf = vec![0u8; 1 << 16];
-    let n = s.read(&mut buf).ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    send(&mut s, args)
 }
 
 fn read_url_line(reader: &mut impl BufRead, what: &str) -> (String, Vec<String>) {
@@ -296,7 +1002,7 @@ pub struct Gateway {
 impl Gateway {
     pub fn start(
         upstream: &FakeUpstream,
-        redis: Option<&Redis>,
+        redis: Option<&dyn RedisEnv>,
         extra: &[(&str, &str)],
     ) -> Gateway {
         Self::start_for(&upstream.url, &upstream.keys, redis, extra)
@@ -306,7 +1012,7 @@ impl Gateway {
     pub fn start_for(
         url: &str,
         keys: &[String],
-        redis: Option<&Redis>,
+        redis: Option<&dyn RedisEnv>,
         extra: &[(&str, &str)],
     ) -> Gateway {
         let mut env: Vec<(String, String)> = vec![
@@ -315,7 +1021,7 @@ impl Gateway {
             ("GB_UPSTREAM_URL".into(), url.to_string()),
         ];
         if let Some(r) = redis {
-            env.push(("GB_REDIS_URL".into(), r.url()));
+            env.extend(r.gateway_env());
         }
         for (k, v) in extra {
             env.push((k.to_string(), v.to_string()));

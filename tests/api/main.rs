@@ -5,6 +5,7 @@
 mod admin_sessions;
 mod core;
 mod docs;
+mod failover;
 mod faults;
 mod files;
 mod hardening;

@@ -4,11 +4,35 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gemini_balancer::store::{
-    apply, MemberState, MemoryStore, Pick, RedisStore, StateStore, Transition, ADMIN,
+    apply, MemberState, MemoryStore, Pick, RedisConfig, RedisMode, RedisStore, StateStore,
+    Transition, ADMIN,
 };
 use secrecy::SecretString;
 
-use crate::helpers::Redis;
+use crate::helpers::{in_every_redis_mode, Deployment, Mode, Redis, RedisEnv};
+
+/// A store on a test deployment, configured as a gateway would be.
+pub fn open_store(redis: &dyn RedisEnv, prefix: &str, timeout: Duration) -> RedisStore {
+    let env: std::collections::HashMap<String, String> = redis.gateway_env().into_iter().collect();
+    let mode = match env.get("GB_REDIS_MODE").map(String::as_str) {
+        Some("cluster") => RedisMode::Cluster,
+        Some("sentinel") => RedisMode::Sentinel,
+        _ => RedisMode::Standalone,
+    };
+    let url = SecretString::from(env["GB_REDIS_URL"].clone());
+    RedisStore::open(&RedisConfig {
+        mode,
+        url: &url,
+        sentinel_master: env
+            .get("GB_REDIS_SENTINEL_MASTER")
+            .map_or("mymaster", String::as_str),
+        prefix,
+        timeout,
+        pool_size: 4,
+        threads: 2,
+    })
+    .unwrap()
+}
 
 fn members(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("m{i}")).collect()
@@ -290,27 +314,21 @@ async fn embedded_store_passes_the_suite() {
     suite(Arc::new(MemoryStore::new())).await;
 }
 
-#[actix_rt::test]
-async fn redis_store_passes_the_suite() {
-    let redis = Redis::start();
-    let store = RedisStore::new(
-        &SecretString::from(redis.url()),
-        "gbtest",
-        Duration::from_secs(2),
-        4,
-        2,
-    )
-    .unwrap();
+async fn redis_store_passes_the_suite(mode: Mode) {
+    let redis = Deployment::start(mode);
+    let store = open_store(&redis, "gbtest", Duration::from_secs(2));
+    assert_eq!(store.mode(), format!("{mode:?}").to_lowercase());
+    store.ping().await.unwrap();
     suite(Arc::new(store)).await;
     // Everything lives under the prefix; nothing holds a key or token.
-    let keys = redis.cmd(&["KEYS", "*"]);
-    for line in keys
-        .lines()
-        .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
-    {
-        assert!(line.starts_with("gbtest:"), "{line}");
+    let keys = redis.all_keys();
+    assert!(keys.len() >= 5, "{keys:?}");
+    for key in keys {
+        assert!(key.starts_with("gbtest:"), "{key}");
     }
 }
+
+in_every_redis_mode!(redis_store_passes_the_suite);
 
 #[actix_rt::test]
 async fn redis_store_fails_fast_when_redis_is_gone() {

@@ -60,6 +60,32 @@ def test_docker_compose_accepts_the_compose_file():
         assert set(out.stdout.split()) == {"redis", "gateway-1", "gateway-2", "gateway-3", "nginx", "fake-gemini"}
 
 
+def test_docker_compose_cluster_override_puts_the_stack_on_a_six_node_cluster():
+    tool = shutil.which("docker-compose")
+    assert tool, "docker-compose is installed by scripts/test"
+    with tempfile.TemporaryDirectory() as d:
+        for f in ("docker-compose.yml", "docker-compose.cluster.yml"):
+            shutil.copy(ROOT / f, d)
+        shutil.copytree(ROOT / "deploy", pathlib.Path(d) / "deploy")
+        shutil.copy(ROOT / ".env.example", pathlib.Path(d) / ".env")
+        files = ["-f", "docker-compose.yml", "-f", "docker-compose.cluster.yml"]
+        out = subprocess.run([tool, *files, "config"], cwd=d, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    services = cfg["services"]
+    nodes = ["redis"] + [f"redis-{i}" for i in range(2, 7)]
+    for n in nodes:
+        command = " ".join(services[n]["command"])
+        assert "--cluster-enabled yes" in command, n
+    init = " ".join(services["redis-cluster-init"]["command"])
+    assert "--cluster-create" not in init and "--cluster create" in init and "--cluster-replicas 1" in init
+    for gw in ("gateway-1", "gateway-2", "gateway-3"):
+        env = services[gw]["environment"]
+        assert env["GB_REDIS_MODE"] == "cluster"
+        assert env["GB_REDIS_URL"].split(",") == [f"redis://{n}:6379" for n in nodes]
+        assert "redis-cluster-init" in services[gw]["depends_on"]
+
+
 def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck():
     text = (ROOT / "Dockerfile").read_text()
     assert text.count("FROM ") >= 2

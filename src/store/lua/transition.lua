@@ -28,7 +28,8 @@ if kind == 'cool' then
   if not is_disabled(key_before) and not is_disabled(before) then
     local cur = is_cooling(before) and tonumber(string.match(before, '^c:(%d+)')) or nil
     if not (cur and cur >= num) then
-      if reason == '' then after = 'c:' .. ARGV[5] else after = 'c:' .. ARGV[5] .. ':' .. reason end
+      -- A per-minute cooldown keeps the form layout 1 reads (`store::MemberState::encode`).
+      if reason == '' or reason == 'per_minute' then after = 'c:' .. ARGV[5] else after = 'c:' .. ARGV[5] .. ':' .. reason end
     end
   end
 elseif kind == 'disable' then
