@@ -14,6 +14,7 @@ use futures_util::future::join_all;
 
 use actix_web::http::StatusCode;
 
+use crate::attempt;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::keys::ApiKey;
@@ -210,16 +211,17 @@ async fn search<'g>(
         let wave = &keys[asked..(asked + WAVE.min(room)).min(keys.len())];
         asked += wave.len();
         let asks = wave.iter().map(|key| {
-            let req = up.request(
-                Method::GET,
-                &path,
-                &headers,
-                Some(key),
-                KeyStyle::GoogHeader,
-            );
+            let request = attempt::Request {
+                method: Method::GET,
+                target: attempt::Target::Path(&path),
+                headers: &headers,
+                style: KeyStyle::GoogHeader,
+                api: "discovery",
+                timeout: Some(PER_KEY_TIMEOUT),
+            };
             async move {
-                match tokio::time::timeout(PER_KEY_TIMEOUT, req.send()).await {
-                    Ok(Ok(resp)) if resp.status().is_success() => Some(key),
+                match attempt::attempt(gw, up, key, request, attempt::Body::Empty).await {
+                    attempt::Sent::Answer(_) => Some(key),
                     _ => None,
                 }
             }

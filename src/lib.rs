@@ -3,6 +3,7 @@
 //! every request that uses an uploaded file to the key that owns it.
 
 pub mod admin_session;
+pub mod attempt;
 pub mod auth;
 pub mod discovery;
 pub mod error;

@@ -13,7 +13,7 @@
 //!    unpinned request moves to another key on 429, 5xx or a transport error,
 //!    up to `GB_MAX_RETRIES` times.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_web::body::SizedStream;
 use actix_web::http::header::{HeaderMap, HeaderValue, RETRY_AFTER};
@@ -22,17 +22,15 @@ use actix_web::HttpResponse;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use crate::attempt;
 use crate::error::{ApiError, Flavor};
 use crate::gateway::Gateway;
-use crate::health::{classify, Outcome};
+use crate::health::Outcome;
 use crate::keys::{ApiKey, NoKey};
 use crate::resources::{mixed_message, RefError};
 use crate::session::{self, BindError, Session};
-use crate::store::{effective_state, now_ms, MemberState, Transition};
+use crate::store::{effective_state, now_ms, MemberState};
 use crate::upstream::{response_forwardable, KeyStyle, Upstream};
-
-/// Largest upstream error body read to classify an answer.
-const ERROR_BODY_LIMIT: usize = 1 << 20;
 
 /// Longest an error body may take to arrive whole (error bodies are small).
 const ERROR_BODY_DEADLINE: Duration = Duration::from_secs(10);
@@ -186,81 +184,43 @@ pub async fn send<'g>(
                 }
             }
         };
-        let started = Instant::now();
-        let via = up.proxy_of(key);
-        count_proxy(gw, up, key);
-        let sent = up
-            .request(
-                call.method.clone(),
-                &target,
-                &call.headers,
-                Some(key),
-                call.key_style,
-            )
-            .send_body(call.body.clone())
-            .await;
-        let mut resp = match sent {
-            Ok(resp) => resp,
-            Err(e) => {
-                let err = transport_error(&e).flavor(call.flavor);
-                tracing::warn!(key_id = %key.id, attempt, error = %e, "upstream unreachable");
-                note_transport_failure(gw, up, key, &e).await;
-                gw.observe(&key.id, "transport");
-                if pinned.is_some() {
-                    return Err(err);
-                }
-                gw.metrics.retry("transport");
-                tried.push(key.id.clone());
-                last = Some(actix_web::ResponseError::error_response(&err));
-                continue;
-            }
+        let request = attempt::Request {
+            method: call.method.clone(),
+            target: attempt::Target::Path(&target),
+            headers: &call.headers,
+            style: call.key_style,
+            api: api_label(call.flavor),
+            timeout: None,
         };
-        let status = resp.status();
-        gw.metrics
-            .upstream(api_label(call.flavor), started.elapsed());
-        if status.is_success() {
-            gw.observe(&key.id, "success");
-            tracing::debug!(key_id = %key.id, status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "upstream answered");
-            return Ok(Ok(Served {
-                key,
-                response: resp,
-            }));
-        }
-        let body = match read_small(
-            &mut resp,
-            ERROR_BODY_LIMIT,
-            gw.settings.upstream_idle_timeout,
+        let (status, headers, body, outcome) = match attempt::attempt(
+            gw,
+            up,
+            key,
+            request,
+            attempt::Body::Bytes(call.body.clone()),
         )
         .await
         {
-            Some(body) => body,
-            None => {
-                // A stalled error body says nothing about the key: a
-                // transport failure, retried like one.
-                tracing::warn!(key_id = %key.id, status = status.as_u16(), attempt, "upstream error body unreadable");
-                gw.observe(&key.id, "transport");
-                let err = ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "The upstream stopped sending in the middle of its answer.",
-                )
-                .flavor(call.flavor);
+            attempt::Sent::Answer(response) => return Ok(Ok(Served { key, response })),
+            attempt::Sent::Unreachable(err) => {
+                let err = err.flavor(call.flavor);
                 if pinned.is_some() {
                     return Err(err);
                 }
+                tracing::info!(key_id = %key.id, attempt, "moving to another key");
                 gw.metrics.retry("transport");
                 tried.push(key.id.clone());
                 last = Some(actix_web::ResponseError::error_response(&err));
                 continue;
             }
+            attempt::Sent::Refused {
+                status,
+                headers,
+                body,
+                outcome,
+            } => (status, headers, body, outcome),
         };
-        let outcome = classify(status, &body, now_ms());
-        gw.observe(&key.id, outcome.name());
-        gw.keys.record(gw.store(), key, &outcome).await;
-        if let (Outcome::RateLimited { model, .. }, Some(via)) = (&outcome, via) {
-            egress_throttle_check(gw, key, model.as_deref(), via).await;
-        }
-        tracing::info!(key_id = %key.id, status = status.as_u16(), attempt, outcome = ?outcome, "upstream error");
-        let mut response = buffered_back(status, resp.headers(), body);
+        let mut response = buffered_back(status, &headers, body);
         if let Outcome::RateLimited { until_ms, .. } = outcome {
             if !response.headers().contains_key(RETRY_AFTER) {
                 let secs = until_ms.saturating_sub(now_ms()).div_ceil(1000).max(1);
@@ -297,70 +257,6 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
         Ok(served) => stream_back(served.response, gw.settings.upstream_idle_timeout),
         Err(response) => response,
     })
-}
-
-/// Counts a request leaving through a key's proxy, if it uses one.
-pub fn count_proxy(gw: &Gateway, up: &Upstream, key: &ApiKey) {
-    if let (Some(router), Some(i)) = (&gw.proxies, up.proxy_of(key)) {
-        if let Some(spec) = router.specs.get(i) {
-            gw.metrics.proxy_request(&spec.id);
-        }
-    }
-}
-
-/// With proxies in use, 429s from every key behind one proxy within a short
-/// window mean that proxy's egress IP is throttled: the proxy is marked down
-/// (its keys move to other proxies) and those keys' cooldowns are lifted.
-async fn egress_throttle_check(gw: &Gateway, key: &ApiKey, model: Option<&str>, idx: usize) {
-    let Some(router) = &gw.proxies else {
-        return;
-    };
-    let Some(spec) = router.specs.get(idx) else {
-        return;
-    };
-    // Another replica may have found the throttle first (a 429 is the rare
-    // path, so one more store read here is cheap).
-    router.refresh(gw.store()).await;
-    if router.is_down(idx, now_ms()) {
-        // The proxy it went through is already known to be throttled (or
-        // failing): the 429 says nothing about the key.
-        lift(gw.store(), &key.id, model).await;
-        return;
-    }
-    // Shared through the store: each replica sees only part of the 429s.
-    let index = format!("proxy-429:{}", spec.id);
-    let store = gw.store();
-    let now = now_ms();
-    let recent = match store
-        .index_add(&index, &key.id, crate::proxy::THROTTLE_WINDOW, now)
-        .await
-    {
-        Ok(()) => store.index_members(&index, now).await.unwrap_or_default(),
-        Err(_) => return,
-    };
-    let behind = router.keys_behind(idx, gw.keys.keys().iter().map(|k| k.id.as_str()));
-    if !behind.is_empty() && behind.iter().all(|k| recent.contains(k)) {
-        tracing::warn!(proxy_id = %spec.id, keys = behind.len(), "every key behind one proxy answered 429: its egress IP is throttled; moving its keys");
-        router.mark_down(store, idx).await;
-        for id in &behind {
-            lift(store, id, model).await;
-            let _ = store.index_remove(&index, id).await;
-        }
-    }
-}
-
-/// Lifts the cooldowns a throttled egress IP caused (key-wide and for the
-/// model at hand); a disabled key stays disabled.
-async fn lift(store: &dyn crate::store::StateStore, key_id: &str, model: Option<&str>) {
-    let now = now_ms();
-    let _ = store
-        .transition(crate::keys::RING, key_id, None, &Transition::Lift, now)
-        .await;
-    if model.is_some() {
-        let _ = store
-            .transition(crate::keys::RING, key_id, model, &Transition::Lift, now)
-            .await;
-    }
 }
 
 /// A request pinned to a key (session or file owner) never moves to another
@@ -405,21 +301,6 @@ async fn wait_for_pinned(gw: &Gateway, key: &ApiKey, call: &Call) -> Result<(), 
             .retry_after(rest.div_ceil(1000))
             .flavor(call.flavor))
         }
-    }
-}
-
-/// A connection that could not be opened through a key's proxy marks that
-/// proxy down (for every replica), so its keys move to the next proxy.
-pub async fn note_transport_failure(
-    gw: &Gateway,
-    up: &Upstream,
-    key: &ApiKey,
-    e: &awc::error::SendRequestError,
-) {
-    if let (awc::error::SendRequestError::Connect(_), Some(router), Some(i)) =
-        (e, &gw.proxies, up.proxy_of(key))
-    {
-        router.mark_down(gw.store(), i).await;
     }
 }
 

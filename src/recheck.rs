@@ -57,7 +57,7 @@ pub async fn recheck_once(gw: &Gateway, upstream: &Upstream) -> usize {
 /// Checks one key now (admin "re-check"): re-enabled if it works and the
 /// upstream, not an operator, had disabled it. Returns whether it works.
 pub async fn recheck_key(gw: &Gateway, upstream: &Upstream, key: &ApiKey) -> bool {
-    let ok = works(upstream, key).await;
+    let ok = works(gw, upstream, key).await;
     if ok {
         match gw
             .store()
@@ -74,16 +74,18 @@ pub async fn recheck_key(gw: &Gateway, upstream: &Upstream, key: &ApiKey) -> boo
     ok
 }
 
-async fn works(upstream: &Upstream, key: &ApiKey) -> bool {
-    let req = upstream.request(
-        Method::GET,
-        "/v1beta/models?pageSize=1",
-        &HeaderMap::new(),
-        Some(key),
-        KeyStyle::GoogHeader,
-    );
-    match tokio::time::timeout(Duration::from_secs(30), req.send()).await {
-        Ok(Ok(resp)) => resp.status().is_success(),
-        _ => false,
-    }
+async fn works(gw: &Gateway, upstream: &Upstream, key: &ApiKey) -> bool {
+    let headers = HeaderMap::new();
+    let request = crate::attempt::Request {
+        method: Method::GET,
+        target: crate::attempt::Target::Path("/v1beta/models?pageSize=1"),
+        headers: &headers,
+        style: KeyStyle::GoogHeader,
+        api: "recheck",
+        timeout: Some(Duration::from_secs(30)),
+    };
+    matches!(
+        crate::attempt::attempt(gw, upstream, key, request, crate::attempt::Body::Empty).await,
+        crate::attempt::Sent::Answer(_)
+    )
 }

@@ -7,6 +7,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 use super::{authorize, Edge};
+use crate::attempt;
 use crate::error::{ApiError, Flavor};
 use crate::files;
 use crate::gateway::Gateway;
@@ -63,18 +64,25 @@ pub async fn handle(
                 format!("{}?{query}", edge.path)
             };
             let method = req.method().clone();
-            let resp = up
-                .request(
-                    method.clone(),
-                    &target,
-                    req.headers(),
-                    Some(key),
-                    KeyStyle::GoogHeader,
-                )
-                .send()
-                .await
-                .map_err(|e| pipeline::transport_error(&e))?;
-            if method == Method::DELETE && resp.status().is_success() {
+            let request = attempt::Request {
+                method: method.clone(),
+                target: attempt::Target::Path(&target),
+                headers: req.headers(),
+                style: KeyStyle::GoogHeader,
+                api: "files",
+                timeout: None,
+            };
+            let resp = match attempt::attempt(gw, up, key, request, attempt::Body::Empty).await {
+                attempt::Sent::Answer(resp) => resp,
+                attempt::Sent::Refused {
+                    status,
+                    headers,
+                    body,
+                    ..
+                } => return Ok(pipeline::buffered_back(status, &headers, body)),
+                attempt::Sent::Unreachable(err) => return Err(err),
+            };
+            if method == Method::DELETE {
                 if let Err(e) = files::forget(gw.store(), &name, &token.id).await {
                     tracing::warn!(file = %name, error = %e, "deleted upstream but the binding stays until it expires");
                 }
@@ -118,23 +126,25 @@ async fn list(
         .map_err(|e| pipeline::store_down(e, FLAVOR))?;
     let fetches = page.iter().zip(records).map(|(name, record)| async move {
         let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
-        let mut resp = up
-            .request(
-                Method::GET,
-                &format!("/{ver}/{name}"),
-                req.headers(),
-                Some(key),
-                KeyStyle::GoogHeader,
-            )
-            .send()
-            .await
-            .ok()?;
-        if !resp.status().is_success() {
-            if resp.status() == StatusCode::NOT_FOUND || resp.status() == StatusCode::FORBIDDEN {
-                let _ = files::forget(gw.store(), name, token_id).await;
+        let path = format!("/{ver}/{name}");
+        let request = attempt::Request {
+            method: Method::GET,
+            target: attempt::Target::Path(&path),
+            headers: req.headers(),
+            style: KeyStyle::GoogHeader,
+            api: "files",
+            timeout: None,
+        };
+        let mut resp = match attempt::attempt(gw, up, key, request, attempt::Body::Empty).await {
+            attempt::Sent::Answer(resp) => resp,
+            attempt::Sent::Refused { status, .. } => {
+                if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
+                    let _ = files::forget(gw.store(), name, token_id).await;
+                }
+                return None;
             }
-            return None;
-        }
+            attempt::Sent::Unreachable(_) => return None,
+        };
         let body =
             pipeline::read_small(&mut resp, 1 << 20, gw.settings.upstream_idle_timeout).await?;
         serde_json::from_slice::<Value>(&body).ok()

@@ -420,28 +420,36 @@ async fn list(
         .await
         .map_err(|e| pipeline::store_down(e, FLAVOR))?;
     let token_id = token.id.as_str();
-    let fetches = page.iter().zip(records).map(|(name, record)| async move {
-        let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
-        let mut resp = up
-            .request(
-                Method::GET,
-                &format!("/{ver}/{name}"),
-                req.headers(),
-                Some(key),
-                KeyStyle::GoogHeader,
-            )
-            .send()
-            .await
-            .ok()?;
-        if !resp.status().is_success() {
-            if resp.status() == StatusCode::NOT_FOUND || resp.status() == StatusCode::FORBIDDEN {
-                let _ = resources::forget(gw.store(), name, token_id).await;
-            }
-            return None;
-        }
-        let body: Bytes = resp.body().limit(ANSWER_LIMIT).await.ok()?;
-        serde_json::from_slice::<Value>(&body).ok()
-    });
+    let fetches =
+        page.iter().zip(records).map(|(name, record)| async move {
+            let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
+            let path = format!("/{ver}/{name}");
+            let request = crate::attempt::Request {
+                method: Method::GET,
+                target: crate::attempt::Target::Path(&path),
+                headers: req.headers(),
+                style: KeyStyle::GoogHeader,
+                api: "gemini",
+                timeout: None,
+            };
+            let mut resp =
+                match crate::attempt::attempt(gw, up, key, request, crate::attempt::Body::Empty)
+                    .await
+                {
+                    crate::attempt::Sent::Answer(resp) => resp,
+                    crate::attempt::Sent::Refused { status, .. } => {
+                        if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
+                            let _ = resources::forget(gw.store(), name, token_id).await;
+                        }
+                        return None;
+                    }
+                    crate::attempt::Sent::Unreachable(_) => return None,
+                };
+            let body =
+                pipeline::read_small(&mut resp, ANSWER_LIMIT, gw.settings.upstream_idle_timeout)
+                    .await?;
+            serde_json::from_slice::<Value>(&body).ok()
+        });
     let found: Vec<Value> = join_all(fetches).await.into_iter().flatten().collect();
     let mut out = json!({});
     if !found.is_empty() {

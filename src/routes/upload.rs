@@ -7,17 +7,17 @@
 //! key at all. Chunk bodies are streamed upstream, never held in memory and
 //! never parsed, whatever their `Content-Type`.
 
-use actix_web::body::SizedStream;
 use actix_web::http::header::{HeaderMap, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 
 use super::{authorize, read_body, Edge};
+use crate::attempt;
 use crate::error::{ApiError, Flavor};
 use crate::files::{self, FileRecord};
 use crate::gateway::Gateway;
-use crate::pipeline::{self, buffered_back, stream_back, transport_error, Call};
+use crate::pipeline::{self, buffered_back, stream_back, Call};
 use crate::upload::{self, Commands, UploadRecord};
 use crate::upstream::{query_param, KeyStyle, Upstream};
 
@@ -241,54 +241,60 @@ async fn chunk(
         .await
         .map_err(|e| pipeline::store_down(e, FLAVOR))?
         .ok_or_else(unknown)?;
-    let key = gw.keys.by_id(&record.key);
-    if let Some(key) = key {
-        pipeline::count_proxy(gw, up, key);
-    }
-    let request = up.request_to(
-        req.method().clone(),
-        &record.url,
-        req.headers(),
-        key,
-        KeyStyle::GoogHeader,
-    );
-    let length = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
-    let sent = match length {
-        Some(len) => request.send_body(SizedStream::new(len, payload)).await,
-        None => request.send_stream(payload).await,
+    let Some(key) = gw.keys.by_id(&record.key) else {
+        return Err(upload_error(
+            StatusCode::CONFLICT,
+            "The API key this upload was started with is no longer configured on the \
+             gateway. Start the upload again.",
+        ));
     };
-    let mut resp = match sent {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::warn!(key_id = %record.key, error = %e, "upload chunk could not be forwarded");
-            if let Some(key) = key {
-                pipeline::note_transport_failure(gw, up, key, &e).await;
-            }
-            // The finalize may have reached the upstream and made the file
-            // although its answer never came back.
+    let length = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
+    let request = attempt::Request {
+        method: req.method().clone(),
+        target: attempt::Target::Url(&record.url),
+        headers: req.headers(),
+        style: KeyStyle::GoogHeader,
+        api: "upload",
+        timeout: None,
+    };
+    let mut resp = match attempt::attempt(
+        gw,
+        up,
+        key,
+        request,
+        attempt::Body::Stream(payload, length),
+    )
+    .await
+    {
+        attempt::Sent::Answer(resp) => resp,
+        // A refused or unanswered finalize may still have made the file (a
+        // repeated finalize is refused; an answer can be lost): ask the
+        // upload itself.
+        attempt::Sent::Refused {
+            status,
+            headers,
+            body,
+            ..
+        } => {
             if commands.finalize {
                 if let Some((status, headers, body)) = query_final(gw, up, &record, key).await {
                     return finish(gw, &record, status, &headers, body).await;
                 }
             }
-            return Err(transport_error(&e).flavor(FLAVOR));
-        }
-    };
-    let is_final = header(resp.headers(), "x-goog-upload-status").as_deref() == Some("final");
-    let finished = resp.status().is_success() && is_final;
-    if !finished && !commands.finalize {
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let headers = resp.headers().clone();
-            let body = pipeline::read_small(
-                &mut resp,
-                FINAL_BODY_LIMIT,
-                gw.settings.upstream_idle_timeout,
-            )
-            .await
-            .unwrap_or_default();
             return Ok(ensure_final(buffered_back(status, &headers, body)));
         }
+        attempt::Sent::Unreachable(err) => {
+            tracing::warn!(key_id = %record.key, "upload chunk could not be forwarded");
+            if commands.finalize {
+                if let Some((status, headers, body)) = query_final(gw, up, &record, key).await {
+                    return finish(gw, &record, status, &headers, body).await;
+                }
+            }
+            return Err(err.flavor(FLAVOR));
+        }
+    };
+    let finished = header(resp.headers(), "x-goog-upload-status").as_deref() == Some("final");
+    if !finished && !commands.finalize {
         return Ok(stream_back(resp, gw.settings.upstream_idle_timeout));
     }
     // The upload is (or may already be) finished: the client gets its file
@@ -303,8 +309,8 @@ async fn chunk(
     .await;
     let (status, headers, body) = match (finished, read) {
         (true, Some(body)) => (status, headers, body),
-        // The final answer was lost, or the upstream refused a repeated
-        // finalize: ask the upload itself whether it made a file.
+        // The final answer was lost: ask the upload itself whether it made
+        // a file.
         (_, read) => match query_final(gw, up, &record, key).await {
             Some(found) => found,
             None if finished => {
@@ -352,25 +358,28 @@ async fn query_final(
     gw: &Gateway,
     up: &Upstream,
     record: &UploadRecord,
-    key: Option<&crate::keys::ApiKey>,
+    key: &crate::keys::ApiKey,
 ) -> Option<(StatusCode, HeaderMap, Bytes)> {
     let mut headers = HeaderMap::new();
     headers.insert(
         actix_web::http::header::HeaderName::from_static("x-goog-upload-command"),
         HeaderValue::from_static("query"),
     );
-    let send = up
-        .request_to(
-            Method::POST,
-            &record.url,
-            &headers,
-            key,
-            KeyStyle::GoogHeader,
-        )
-        .send();
-    let mut resp = send.await.ok()?;
+    let request = attempt::Request {
+        method: Method::POST,
+        target: attempt::Target::Url(&record.url),
+        headers: &headers,
+        style: KeyStyle::GoogHeader,
+        api: "upload",
+        timeout: None,
+    };
+    let attempt::Sent::Answer(mut resp) =
+        attempt::attempt(gw, up, key, request, attempt::Body::Empty).await
+    else {
+        return None;
+    };
     let is_final = header(resp.headers(), "x-goog-upload-status").as_deref() == Some("final");
-    if !(resp.status().is_success() && is_final) {
+    if !is_final {
         return None;
     }
     let status = resp.status();
@@ -470,24 +479,32 @@ async fn single_shot(
     } else {
         format!("/upload/{ver}/files?{query}")
     };
-    let request = up.request(
-        Method::POST,
-        &target,
-        req.headers(),
-        Some(key),
-        KeyStyle::GoogHeader,
-    );
     let length = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
-    let sent = match length {
-        Some(len) => request.send_body(SizedStream::new(len, payload)).await,
-        None => request.send_stream(payload).await,
+    let request = attempt::Request {
+        method: Method::POST,
+        target: attempt::Target::Path(&target),
+        headers: req.headers(),
+        style: KeyStyle::GoogHeader,
+        api: "upload",
+        timeout: None,
     };
-    let mut resp = match sent {
-        Ok(resp) => resp,
-        Err(e) => {
-            pipeline::note_transport_failure(gw, up, key, &e).await;
-            return Err(transport_error(&e).flavor(FLAVOR));
-        }
+    let mut resp = match attempt::attempt(
+        gw,
+        up,
+        key,
+        request,
+        attempt::Body::Stream(payload, length),
+    )
+    .await
+    {
+        attempt::Sent::Answer(resp) => resp,
+        attempt::Sent::Refused {
+            status,
+            headers,
+            body,
+            ..
+        } => return Ok(ensure_final(buffered_back(status, &headers, body))),
+        attempt::Sent::Unreachable(err) => return Err(err.flavor(FLAVOR)),
     };
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -498,19 +515,13 @@ async fn single_shot(
     )
     .await
     .unwrap_or_default();
-    if status.is_success() {
-        if let Recorded::StoreFailed = record_file(gw, &body, &key.id, &owner).await {
-            return Err(upload_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "The file was created, but the gateway could not record which key owns it. \
-                 Upload it again.",
-            )
-            .retry_after(1));
-        }
-    } else {
-        let outcome = crate::health::classify(status, &body, crate::store::now_ms());
-        gw.keys.record(gw.store(), key, &outcome).await;
-        return Ok(ensure_final(buffered_back(status, &headers, body)));
+    if let Recorded::StoreFailed = record_file(gw, &body, &key.id, &owner).await {
+        return Err(upload_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The file was created, but the gateway could not record which key owns it. \
+             Upload it again.",
+        )
+        .retry_after(1));
     }
     Ok(buffered_back(status, &headers, body))
 }

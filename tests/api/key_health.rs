@@ -398,3 +398,27 @@ async fn an_implicit_upload_binding_shows_in_the_admin_session_lookup() {
     assert_eq!(v["key_id"], key_id(&owner).as_str());
     assert!(!v.to_string().contains(TOKEN));
 }
+
+#[actix_rt::test]
+async fn answers_to_file_calls_reach_key_health_like_any_other() {
+    let redis = Redis::start();
+    let ks = keys(2);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, Some(&redis), &[("GB_ADMIN_TOKEN", ADMIN)]);
+    let name = upload_file(&format!("{}/upload/v1beta/files", gw.url), None, &[], b"x").await;
+    let owner = fake.owner_key(&name).await;
+    fake.set_mode(&owner, json!({"mode": "invalid"})).await;
+    let resp = client()
+        .get(format!("{}/v1beta/{name}", gw.url))
+        .insert_header(("x-goog-api-key", TOKEN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400, "Google's answer is passed on");
+    let row = key_row(&gw, &owner).await;
+    assert_eq!(
+        (row["state"].as_str(), row["disabled_reason"].as_str()),
+        (Some("disabled"), Some("api_key_invalid")),
+        "{row}"
+    );
+}
