@@ -114,8 +114,9 @@ class Config:
 
     def __init__(self, name, url, pids, redis=None, headers=(), credential=TOKEN, metrics_urls=()):
         self.name, self.url, self.pids = name, url, pids
-        # (port, pid) of the Redis this configuration uses, if any.
-        self.redis = redis
+        # (port, pid) of each Redis server this configuration uses (one, or a
+        # cluster's nodes).
+        self.redis = [redis] if isinstance(redis, tuple) else list(redis or [])
         self.headers, self.credential, self.metrics_urls = headers, credential, metrics_urls
         self.rounds = []
         self.cpu = self.redis_cpu = 0.0
@@ -126,14 +127,14 @@ class Config:
 def saturate(c, args):
     """One saturation round of `c`, adding its costs to the totals."""
     before = [proc_stat(p)[1] for p in c.pids]
-    rcpu0 = proc_stat(c.redis[1])[1] if c.redis else 0
-    calls0 = redis_calls(c.redis[0]) if c.redis else 0
+    rcpu0 = sum(proc_stat(pid)[1] for _, pid in c.redis)
+    calls0 = sum(redis_calls(port) for port, _ in c.redis)
     trips0 = store_calls(c.metrics_urls) if c.metrics_urls else 0
     sat = oha(c.url + GENERATE, args.seconds, args.conns, headers=c.headers, credential=c.credential)
     c.cpu += sum(proc_stat(p)[1] for p in c.pids) - sum(before)
     if c.redis:
-        c.redis_cpu += proc_stat(c.redis[1])[1] - rcpu0
-        c.redis_cmds += redis_calls(c.redis[0]) - calls0
+        c.redis_cpu += sum(proc_stat(pid)[1] for _, pid in c.redis) - rcpu0
+        c.redis_cmds += sum(redis_calls(port) for port, _ in c.redis) - calls0
     if c.metrics_urls:
         c.trips += store_calls(c.metrics_urls) - trips0
     c.rounds.append(sat)
@@ -189,6 +190,47 @@ def gateway_env(fake_url, redis_port=None):
     return env
 
 
+def cluster_port():
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        p = free_port()
+        if p + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 10000))
+                return p
+            except OSError:
+                continue
+
+
+def start_cluster(workdir):
+    """A Redis Cluster of 3 masters and 3 replicas; [(port, pid)] of every node."""
+    nodes = []
+    for _ in range(6):
+        port = cluster_port()
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--cluster-enabled", "yes", "--cluster-config-file", f"{workdir}/nodes-{port}.conf",
+             "--dir", workdir], stdout=subprocess.DEVNULL)
+        nodes.append((port, proc))
+    for port, _ in nodes:
+        deadline = time.monotonic() + 20
+        while subprocess.run(["redis-cli", "-p", str(port), "PING"], capture_output=True, text=True).stdout.strip() != "PONG":
+            if time.monotonic() > deadline:
+                raise SystemExit("a cluster node did not start")
+            time.sleep(0.1)
+    subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p, _ in nodes],
+                    "--cluster-replicas", "1", "--cluster-yes"], check=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not all("cluster_state:ok" in subprocess.run(["redis-cli", "-p", str(p), "CLUSTER", "INFO"],
+                                                      capture_output=True, text=True).stdout for p, _ in nodes):
+        if time.monotonic() > deadline:
+            raise SystemExit("the cluster did not come up")
+        time.sleep(0.2)
+    return nodes
+
+
 def run_pass(args, delay_ms):
     """Every configuration against a fake that answers after `delay_ms`.
 
@@ -217,6 +259,14 @@ def run_pass(args, delay_ms):
         time.sleep(0.5)
         gwr, gwr_url = start([str(BIN / "gemini-balancer")], gateway_env(fake_url, redis_port), "stderr")
         procs.append(gwr)
+        cluster_dir = tempfile.mkdtemp(prefix="gb-bench-cluster-")
+        cluster = start_cluster(cluster_dir)
+        procs += [p for _, p in cluster]
+        cenv = gateway_env(fake_url)
+        cenv["GB_REDIS_MODE"] = "cluster"
+        cenv["GB_REDIS_URL"] = ",".join(f"redis://127.0.0.1:{p}" for p, _ in cluster[:3])
+        gwc, gwc_url = start([str(BIN / "gemini-balancer")], cenv, "stderr")
+        procs.append(gwc)
         # The direct run authenticates with a real key of the fake.
         configs = [
             Config("direct to the fake", fake_url, [fake.pid], credential=KEYS[0]),
@@ -224,6 +274,8 @@ def run_pass(args, delay_ms):
             Config("gateway, Redis", gwr_url, [gwr.pid], (redis_port, redis.pid), metrics_urls=[gwr_url]),
             Config("gateway, Redis, session-pinned", gwr_url, [gwr.pid], (redis_port, redis.pid),
                    headers=("x-session-id: bench-session",), metrics_urls=[gwr_url]),
+            Config("gateway, Redis Cluster (3 masters)", gwc_url, [gwc.pid],
+                   [(port, proc.pid) for port, proc in cluster], metrics_urls=[gwc_url]),
         ]
         if shutil.which("nginx") or pathlib.Path("/usr/sbin/nginx").exists():
             stack_dir = tempfile.mkdtemp(prefix="gb-bench-stack-")

@@ -248,24 +248,8 @@ async fn chunk(
              gateway. Start the upload again.",
         ));
     };
-    let length = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
-    let request = attempt::Request {
-        method: req.method().clone(),
-        target: attempt::Target::Url(&record.url),
-        headers: req.headers(),
-        style: KeyStyle::GoogHeader,
-        api: "upload",
-        timeout: None,
-    };
-    let mut resp = match attempt::attempt(
-        gw,
-        up,
-        key,
-        request,
-        attempt::Body::Stream(payload, length),
-    )
-    .await
-    {
+    let target = attempt::Target::Url(&record.url);
+    let mut resp = match stream_up(gw, up, key, req.method().clone(), target, req, payload).await {
         attempt::Sent::Answer(resp) => resp,
         // A refused or unanswered finalize may still have made the file (a
         // repeated finalize is refused; an answer can be lost): ask the
@@ -479,24 +463,8 @@ async fn single_shot(
     } else {
         format!("/upload/{ver}/files?{query}")
     };
-    let length = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
-    let request = attempt::Request {
-        method: Method::POST,
-        target: attempt::Target::Path(&target),
-        headers: req.headers(),
-        style: KeyStyle::GoogHeader,
-        api: "upload",
-        timeout: None,
-    };
-    let mut resp = match attempt::attempt(
-        gw,
-        up,
-        key,
-        request,
-        attempt::Body::Stream(payload, length),
-    )
-    .await
-    {
+    let target = attempt::Target::Path(&target);
+    let mut resp = match stream_up(gw, up, key, Method::POST, target, req, payload).await {
         attempt::Sent::Answer(resp) => resp,
         attempt::Sent::Refused {
             status,
@@ -524,6 +492,28 @@ async fn single_shot(
         .retry_after(1));
     }
     Ok(buffered_back(status, &headers, body))
+}
+
+/// Streams an upload's bytes upstream with its key, as they arrive.
+async fn stream_up(
+    gw: &Gateway,
+    up: &Upstream,
+    key: &crate::keys::ApiKey,
+    method: Method,
+    target: attempt::Target<'_>,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> attempt::Sent {
+    let length = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
+    let request = attempt::Request {
+        method,
+        target,
+        headers: req.headers(),
+        style: KeyStyle::GoogHeader,
+        api: "upload",
+        timeout: None,
+    };
+    attempt::attempt(gw, up, key, request, attempt::Body::Stream(payload, length)).await
 }
 
 /// Every error on the upload path says `x-goog-upload-status: final`, or the
