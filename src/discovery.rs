@@ -184,8 +184,8 @@ pub async fn discover(
         .flatten())
 }
 
-enum Search<'g> {
-    Found(&'g ApiKey),
+enum Search {
+    Found(std::sync::Arc<ApiKey>),
     Nobody,
     /// The budget ran out before every key was asked.
     CutShort,
@@ -193,12 +193,7 @@ enum Search<'g> {
 
 /// Asks the pool's keys, a wave at a time and at most `allowance` in all,
 /// which of them can see `name`. Returns how many were asked.
-async fn search<'g>(
-    gw: &'g Gateway,
-    up: &Upstream,
-    name: &str,
-    allowance: usize,
-) -> (usize, Search<'g>) {
+async fn search(gw: &Gateway, up: &Upstream, name: &str, allowance: usize) -> (usize, Search) {
     let path = format!("/v1beta/{name}");
     let headers = HeaderMap::new();
     let keys = gw.keys.keys();
@@ -227,7 +222,7 @@ async fn search<'g>(
             }
         });
         if let Some(key) = join_all(asks).await.into_iter().flatten().next() {
-            return (asked, Search::Found(key));
+            return (asked, Search::Found(key.clone()));
         }
     }
     (asked, Search::Nobody)

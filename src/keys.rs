@@ -2,6 +2,7 @@
 //! upstream answer says about the key's health.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use actix_web::http::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
@@ -42,11 +43,57 @@ impl std::fmt::Debug for ApiKey {
     }
 }
 
+/// The pool's keys. They can change while the gateway runs (a reloaded keys
+/// file): a request holds the `Arc` of the key it started with, so it
+/// finishes on that key whatever the pool becomes meanwhile.
 pub struct KeyPool {
-    keys: Vec<ApiKey>,
-    ids: Vec<String>,
+    set: RwLock<Arc<KeySet>>,
     /// Process-local rotation, used only while the state store is unreachable.
     local: AtomicU64,
+}
+
+/// One version of the pool.
+pub struct KeySet {
+    keys: Vec<Arc<ApiKey>>,
+    ids: Vec<String>,
+    /// A short digest of the key ids, to tell replicas' sets apart.
+    digest: String,
+}
+
+impl KeySet {
+    fn new(secrets: &[SecretString]) -> Self {
+        let keys: Vec<Arc<ApiKey>> = secrets
+            .iter()
+            .cloned()
+            .map(|s| Arc::new(ApiKey::new(s)))
+            .collect();
+        let ids: Vec<String> = keys.iter().map(|k| k.id.clone()).collect();
+        Self {
+            digest: set_digest(&ids),
+            keys,
+            ids,
+        }
+    }
+}
+
+/// A short digest of a set of ids, in any order.
+pub fn set_digest(ids: &[String]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut sorted: Vec<&String> = ids.iter().collect();
+    sorted.sort();
+    let mut h = Sha256::new();
+    for id in sorted {
+        h.update(id.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(&h.finalize()[..6])
+}
+
+/// What a reload changed, by key id.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
 }
 
 /// Why no key could be chosen.
@@ -80,21 +127,57 @@ impl NoKey {
 
 impl KeyPool {
     pub fn new(secrets: &[SecretString]) -> Self {
-        let keys: Vec<ApiKey> = secrets.iter().cloned().map(ApiKey::new).collect();
-        let ids = keys.iter().map(|k| k.id.clone()).collect();
         Self {
-            keys,
-            ids,
+            set: RwLock::new(Arc::new(KeySet::new(secrets))),
             local: AtomicU64::new(0),
         }
     }
 
-    pub fn keys(&self) -> &[ApiKey] {
-        &self.keys
+    fn current(&self) -> Arc<KeySet> {
+        match self.set.read() {
+            Ok(set) => set.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
-    pub fn by_id(&self, id: &str) -> Option<&ApiKey> {
-        self.keys.iter().find(|k| k.id == id)
+    /// The keys now (a snapshot).
+    pub fn keys(&self) -> Vec<Arc<ApiKey>> {
+        self.current().keys.clone()
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<Arc<ApiKey>> {
+        self.current().keys.iter().find(|k| k.id == id).cloned()
+    }
+
+    /// The digest of the key ids now.
+    pub fn digest(&self) -> String {
+        self.current().digest.clone()
+    }
+
+    /// Puts a new set of keys in place at once; requests in flight keep the
+    /// key they hold. Returns what changed.
+    pub fn replace(&self, secrets: &[SecretString]) -> Changes {
+        let next = Arc::new(KeySet::new(secrets));
+        let before = self.current();
+        let changes = Changes {
+            added: next
+                .ids
+                .iter()
+                .filter(|id| !before.ids.contains(id))
+                .cloned()
+                .collect(),
+            removed: before
+                .ids
+                .iter()
+                .filter(|id| !next.ids.contains(id))
+                .cloned()
+                .collect(),
+        };
+        match self.set.write() {
+            Ok(mut set) => *set = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+        changes
     }
 
     /// The next key by shared round-robin over the keys usable for `model`
@@ -106,10 +189,11 @@ impl KeyPool {
         store: &dyn StateStore,
         exclude: &[String],
         model: Option<&str>,
-    ) -> Result<&ApiKey, NoKey> {
+    ) -> Result<Arc<ApiKey>, NoKey> {
         let now = now_ms();
-        match store.rotate(RING, &self.ids, exclude, model, now).await {
-            Ok(Pick::Member(i)) => self.keys.get(i).ok_or(NoKey::Exhausted),
+        let set = self.current();
+        match store.rotate(RING, &set.ids, exclude, model, now).await {
+            Ok(Pick::Member(i)) => set.keys.get(i).cloned().ok_or(NoKey::Exhausted),
             Ok(Pick::AllCooling { until_ms }) => Err(NoKey::AllCooling {
                 retry_after_secs: until_ms.saturating_sub(now).div_ceil(1000),
             }),
@@ -117,13 +201,13 @@ impl KeyPool {
             Ok(Pick::Exhausted) => Err(NoKey::Exhausted),
             Err(e) => {
                 tracing::warn!(error = %e, "state store unreachable; rotating keys locally");
-                self.next_local(exclude)
+                self.next_local(&set, exclude)
             }
         }
     }
 
-    fn next_local(&self, exclude: &[String]) -> Result<&ApiKey, NoKey> {
-        let usable: Vec<&ApiKey> = self
+    fn next_local(&self, set: &KeySet, exclude: &[String]) -> Result<Arc<ApiKey>, NoKey> {
+        let usable: Vec<&Arc<ApiKey>> = set
             .keys
             .iter()
             .filter(|k| !exclude.contains(&k.id))
@@ -132,7 +216,7 @@ impl KeyPool {
             return Err(NoKey::Exhausted);
         }
         let c = self.local.fetch_add(1, Ordering::Relaxed);
-        Ok(usable[(c % usable.len() as u64) as usize])
+        Ok(usable[(c % usable.len() as u64) as usize].clone())
     }
 
     /// Applies what an upstream answer says about a key to the shared state,
@@ -238,7 +322,7 @@ impl KeyPool {
         states: &std::collections::HashMap<String, MemberState>,
         now: u64,
     ) -> Vec<KeyView> {
-        self.keys
+        self.keys()
             .iter()
             .map(|k| {
                 let (state, until, cool_reason, reason) = match states.get(&k.id) {

@@ -47,10 +47,10 @@ pub async fn open_on(store: &dyn StateStore, key_id: &str) -> Result<usize, Stor
 /// The key for a new session: the next healthy key by rotation that has
 /// room, skipping `tried`; when every healthy key is at the cap, the first
 /// of them (Google, not the gateway, has the last word on the limit).
-pub async fn choose<'g>(gw: &'g Gateway, tried: &[String]) -> Result<&'g ApiKey, NoKey> {
+pub async fn choose(gw: &Gateway, tried: &[String]) -> Result<std::sync::Arc<ApiKey>, NoKey> {
     let cap = gw.settings.live_sessions_per_key;
     let mut exclude = tried.to_vec();
-    let mut full: Option<&ApiKey> = None;
+    let mut full: Option<std::sync::Arc<ApiKey>> = None;
     for _ in 0..gw.keys.keys().len() {
         let key = match gw.keys.next(gw.store(), &exclude, None).await {
             Ok(key) => key,
@@ -59,7 +59,7 @@ pub async fn choose<'g>(gw: &'g Gateway, tried: &[String]) -> Result<&'g ApiKey,
         match open_on(gw.store(), &key.id).await {
             Ok(n) if n >= cap => {
                 tracing::debug!(key_id = %key.id, open = n, "key at its Live session cap; trying another");
-                full.get_or_insert(key);
+                full.get_or_insert_with(|| key.clone());
                 exclude.push(key.id.clone());
             }
             _ => return Ok(key),

@@ -13,6 +13,7 @@
 //!    unpinned request moves to another key on 429, 5xx or a transport error,
 //!    up to `GB_MAX_RETRIES` times.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::body::SizedStream;
@@ -65,14 +66,14 @@ impl Call {
 }
 
 /// Step 1: the key a request must use, if any.
-pub async fn pin<'g>(
-    gw: &'g Gateway,
+pub async fn pin(
+    gw: &Gateway,
     up: &Upstream,
     body: &[u8],
     session: Option<&Session>,
     token_id: &str,
     flavor: Flavor,
-) -> Result<Option<&'g ApiKey>, ApiError> {
+) -> Result<Option<Arc<ApiKey>>, ApiError> {
     match crate::resources::body_owner(gw, up, body, token_id).await {
         Ok(Some(key)) => return Ok(Some(key)),
         Ok(None) => {}
@@ -140,33 +141,33 @@ pub fn store_down(e: crate::store::StoreError, flavor: Flavor) -> ApiError {
 }
 
 /// The upstream answer of a request that succeeded on some key.
-pub struct Served<'g> {
-    pub key: &'g ApiKey,
+pub struct Served {
+    pub key: Arc<ApiKey>,
     pub response: awc::ClientResponse,
 }
 
 /// Steps 2–6 for a request with a buffered body. `Ok(Err(response))` is an
 /// upstream error answer, passed on as Google gave it.
-pub async fn send<'g>(
-    gw: &'g Gateway,
+pub async fn send(
+    gw: &Gateway,
     up: &Upstream,
     call: &Call,
-    pinned: Option<&'g ApiKey>,
-) -> Result<Result<Served<'g>, HttpResponse>, ApiError> {
+    pinned: Option<Arc<ApiKey>>,
+) -> Result<Result<Served, HttpResponse>, ApiError> {
     let attempts = if pinned.is_some() {
         1
     } else {
         gw.settings.max_retries + 1
     };
-    if let Some(key) = pinned {
+    if let Some(key) = &pinned {
         wait_for_pinned(gw, key, call).await?;
     }
     let target = call.path_and_query();
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<HttpResponse> = None;
     for attempt in 0..attempts {
-        let key = match pinned {
-            Some(key) => key,
+        let key = match &pinned {
+            Some(key) => key.clone(),
             None => {
                 match gw
                     .keys
@@ -195,7 +196,7 @@ pub async fn send<'g>(
         let (status, headers, body, outcome) = match attempt::attempt(
             gw,
             up,
-            key,
+            &key,
             request,
             attempt::Body::Bytes(call.body.clone()),
         )

@@ -47,7 +47,7 @@ pub async fn recheck_once(gw: &Gateway, upstream: &Upstream) -> usize {
     for key in gw.keys.keys() {
         // An operator's disable stands until an operator enables the key.
         let upstream_disabled = matches!(states.get(&key.id), Some(s @ MemberState::Disabled { .. }) if !s.is_admin_disabled());
-        if upstream_disabled && recheck_key(gw, upstream, key).await {
+        if upstream_disabled && recheck_key(gw, upstream, &key).await {
             re_enabled += 1;
         }
     }

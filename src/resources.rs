@@ -253,12 +253,12 @@ impl From<crate::discovery::DiscoveryError> for RefError {
 
 /// The key owning every resource `body` names, if it names any the gateway
 /// knows (or can discover); an error when they belong to different keys.
-pub async fn body_owner<'g>(
-    gw: &'g Gateway,
+pub async fn body_owner(
+    gw: &Gateway,
     up: &Upstream,
     body: &[u8],
     token_id: &str,
-) -> Result<Option<&'g ApiKey>, RefError> {
+) -> Result<Option<std::sync::Arc<ApiKey>>, RefError> {
     let refs = scan_refs(body);
     if refs.is_empty() {
         return Ok(None);

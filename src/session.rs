@@ -134,13 +134,13 @@ pub enum BindError {
 /// key. An implicit token session also moves off a key that cools for longer
 /// than `pin_wait` (files already uploaded stay with their owner); a session
 /// the client named stays, and its requests wait or get 429.
-pub async fn resolve<'a>(
+pub async fn resolve(
     store: &dyn StateStore,
-    pool: &'a KeyPool,
+    pool: &KeyPool,
     session: &Session,
     ttl: Duration,
     pin_wait: Duration,
-) -> Result<(&'a ApiKey, bool), BindError> {
+) -> Result<(std::sync::Arc<ApiKey>, bool), BindError> {
     let sid = session.id.as_str();
     let (bound, unusable) = {
         let bound = store.touch(NS, sid, ttl);

@@ -243,7 +243,7 @@ async fn act(
             json!({"id": key.id, "state": "disabled"})
         }
         "recheck" => {
-            let works = crate::recheck::recheck_key(gw, up, key).await;
+            let works = crate::recheck::recheck_key(gw, up, &key).await;
             json!({"id": key.id, "works": works})
         }
         other => {

@@ -72,7 +72,7 @@ pub async fn handle(
                 api: "files",
                 timeout: None,
             };
-            let resp = match attempt::attempt(gw, up, key, request, attempt::Body::Empty).await {
+            let resp = match attempt::attempt(gw, up, &key, request, attempt::Body::Empty).await {
                 attempt::Sent::Answer(resp) => resp,
                 attempt::Sent::Refused {
                     status,
@@ -135,7 +135,7 @@ async fn list(
             api: "files",
             timeout: None,
         };
-        let mut resp = match attempt::attempt(gw, up, key, request, attempt::Body::Empty).await {
+        let mut resp = match attempt::attempt(gw, up, &key, request, attempt::Body::Empty).await {
             attempt::Sent::Answer(resp) => resp,
             attempt::Sent::Refused { status, .. } => {
                 if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {

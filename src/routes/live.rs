@@ -185,9 +185,9 @@ impl Relay {
             let Some(key) = key else {
                 break;
             };
-            match self.open(key, &setup).await {
+            match self.open(&key, &setup).await {
                 Opened::Ready(upstream, first) => {
-                    self.relay(key, session, stream, *upstream, first).await;
+                    self.relay(&key, session, stream, *upstream, first).await;
                     return;
                 }
                 Opened::KeyFailed(reason) => {

@@ -192,7 +192,7 @@ async fn create(
         })?;
     if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
         if let Some(name) = v.get("name").and_then(Value::as_str) {
-            record(gw, name, served.key, &token.id, &v).await;
+            record(gw, name, &served.key, &token.id, &v).await;
         }
     }
     Ok(buffered_back(status, served.response.headers(), answer))
@@ -328,7 +328,7 @@ async fn owned(
         }
     }
     let c = call(req, edge, &token.id, body);
-    let mut served = match pipeline::send(gw, up, &c, Some(key)).await? {
+    let mut served = match pipeline::send(gw, up, &c, Some(key.clone())).await? {
         Ok(served) => served,
         Err(response) => return Ok(response),
     };
@@ -368,7 +368,7 @@ async fn owned(
         })?;
     if method == Method::PATCH {
         if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
-            record(gw, name, key, &token.id, &v).await;
+            record(gw, name, &key, &token.id, &v).await;
         }
     } else {
         // The files a batch or operation produced belong to its key.
@@ -382,7 +382,7 @@ async fn owned(
                 .zip(known.iter().chain(std::iter::repeat(&None)))
             {
                 if rec.is_none() {
-                    record(gw, file, key, &token.id, &Value::Null).await;
+                    record(gw, file, &key, &token.id, &Value::Null).await;
                 }
             }
         }
@@ -420,36 +420,33 @@ async fn list(
         .await
         .map_err(|e| pipeline::store_down(e, FLAVOR))?;
     let token_id = token.id.as_str();
-    let fetches =
-        page.iter().zip(records).map(|(name, record)| async move {
-            let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
-            let path = format!("/{ver}/{name}");
-            let request = crate::attempt::Request {
-                method: Method::GET,
-                target: crate::attempt::Target::Path(&path),
-                headers: req.headers(),
-                style: KeyStyle::GoogHeader,
-                api: "gemini",
-                timeout: None,
-            };
-            let mut resp =
-                match crate::attempt::attempt(gw, up, key, request, crate::attempt::Body::Empty)
-                    .await
-                {
-                    crate::attempt::Sent::Answer(resp) => resp,
-                    crate::attempt::Sent::Refused { status, .. } => {
-                        if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
-                            let _ = resources::forget(gw.store(), name, token_id).await;
-                        }
-                        return None;
+    let fetches = page.iter().zip(records).map(|(name, record)| async move {
+        let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
+        let path = format!("/{ver}/{name}");
+        let request = crate::attempt::Request {
+            method: Method::GET,
+            target: crate::attempt::Target::Path(&path),
+            headers: req.headers(),
+            style: KeyStyle::GoogHeader,
+            api: "gemini",
+            timeout: None,
+        };
+        let mut resp =
+            match crate::attempt::attempt(gw, up, &key, request, crate::attempt::Body::Empty).await
+            {
+                crate::attempt::Sent::Answer(resp) => resp,
+                crate::attempt::Sent::Refused { status, .. } => {
+                    if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
+                        let _ = resources::forget(gw.store(), name, token_id).await;
                     }
-                    crate::attempt::Sent::Unreachable(_) => return None,
-                };
-            let body =
-                pipeline::read_small(&mut resp, ANSWER_LIMIT, gw.settings.upstream_idle_timeout)
-                    .await?;
-            serde_json::from_slice::<Value>(&body).ok()
-        });
+                    return None;
+                }
+                crate::attempt::Sent::Unreachable(_) => return None,
+            };
+        let body = pipeline::read_small(&mut resp, ANSWER_LIMIT, gw.settings.upstream_idle_timeout)
+            .await?;
+        serde_json::from_slice::<Value>(&body).ok()
+    });
     let found: Vec<Value> = join_all(fetches).await.into_iter().flatten().collect();
     let mut out = json!({});
     if !found.is_empty() {

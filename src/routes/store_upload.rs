@@ -74,7 +74,7 @@ pub async fn start(
         key_style: KeyStyle::GoogHeader,
         model: None,
     };
-    let mut served = match pipeline::send(gw, up, &call, Some(key)).await? {
+    let mut served = match pipeline::send(gw, up, &call, Some(key.clone())).await? {
         Ok(served) => served,
         Err(response) => return Ok(response),
     };

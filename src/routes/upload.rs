@@ -249,7 +249,7 @@ async fn chunk(
         ));
     };
     let target = attempt::Target::Url(&record.url);
-    let mut resp = match stream_up(gw, up, key, req.method().clone(), target, req, payload).await {
+    let mut resp = match stream_up(gw, up, &key, req.method().clone(), target, req, payload).await {
         attempt::Sent::Answer(resp) => resp,
         // A refused or unanswered finalize may still have made the file (a
         // repeated finalize is refused; an answer can be lost): ask the
@@ -261,7 +261,7 @@ async fn chunk(
             ..
         } => {
             if commands.finalize {
-                if let Some((status, headers, body)) = query_final(gw, up, &record, key).await {
+                if let Some((status, headers, body)) = query_final(gw, up, &record, &key).await {
                     return finish(gw, &record, status, &headers, body).await;
                 }
             }
@@ -270,7 +270,7 @@ async fn chunk(
         attempt::Sent::Unreachable(err) => {
             tracing::warn!(key_id = %record.key, "upload chunk could not be forwarded");
             if commands.finalize {
-                if let Some((status, headers, body)) = query_final(gw, up, &record, key).await {
+                if let Some((status, headers, body)) = query_final(gw, up, &record, &key).await {
                     return finish(gw, &record, status, &headers, body).await;
                 }
             }
@@ -295,7 +295,7 @@ async fn chunk(
         (true, Some(body)) => (status, headers, body),
         // The final answer was lost: ask the upload itself whether it made
         // a file.
-        (_, read) => match query_final(gw, up, &record, key).await {
+        (_, read) => match query_final(gw, up, &record, &key).await {
             Some(found) => found,
             None if finished => {
                 return Err(upload_error(
@@ -464,7 +464,7 @@ async fn single_shot(
         format!("/upload/{ver}/files?{query}")
     };
     let target = attempt::Target::Path(&target);
-    let mut resp = match stream_up(gw, up, key, Method::POST, target, req, payload).await {
+    let mut resp = match stream_up(gw, up, &key, Method::POST, target, req, payload).await {
         attempt::Sent::Answer(resp) => resp,
         attempt::Sent::Refused {
             status,
