@@ -1,34 +1,112 @@
 //! Client authentication: which gateway token, if any, a request carries.
 
 use actix_web::http::header::{HeaderMap, AUTHORIZATION};
-use secrecy::ExposeSecret;
+use std::sync::{Arc, RwLock};
+
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 use crate::identity::ClientToken;
 
+/// The client tokens and the admin token in force. Both can change while
+/// the gateway runs (reloaded token files): a revoked token is refused from
+/// the next request on.
 pub struct Auth {
-    tokens: Vec<(ClientToken, [u8; 32])>,
-    admin: Option<[u8; 32]>,
+    tokens: RwLock<Arc<TokenSet>>,
+    admin: RwLock<Option<Admin>>,
+}
+
+struct TokenSet {
+    tokens: Vec<(Arc<ClientToken>, [u8; 32])>,
+    digest: String,
+}
+
+impl TokenSet {
+    fn new(tokens: &[SecretString]) -> Self {
+        let tokens: Vec<(Arc<ClientToken>, [u8; 32])> = tokens
+            .iter()
+            .map(|t| {
+                (
+                    Arc::new(ClientToken::new(t.clone())),
+                    digest(t.expose_secret()),
+                )
+            })
+            .collect();
+        let ids: Vec<String> = tokens.iter().map(|(t, _)| t.id.clone()).collect();
+        Self {
+            digest: crate::keys::set_digest(&ids),
+            tokens,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Admin {
+    digest: [u8; 32],
+    /// Which admin token is in force, as admin page sessions record it.
+    generation: String,
+}
+
+impl Admin {
+    fn new(token: &SecretString) -> Self {
+        Self {
+            digest: digest(token.expose_secret()),
+            generation: crate::admin_session::generation(token.expose_secret()),
+        }
+    }
 }
 
 fn digest(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
+fn read<T: Clone>(lock: &RwLock<T>) -> T {
+    match lock.read() {
+        Ok(v) => v.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+fn write<T>(lock: &RwLock<T>, value: T) {
+    match lock.write() {
+        Ok(mut v) => *v = value,
+        Err(poisoned) => *poisoned.into_inner() = value,
+    }
+}
+
 impl Auth {
-    pub fn new(tokens: &[secrecy::SecretString], admin: Option<&secrecy::SecretString>) -> Self {
+    pub fn new(tokens: &[SecretString], admin: Option<&SecretString>) -> Self {
         Self {
-            tokens: tokens
-                .iter()
-                .map(|t| {
-                    let d = digest(t.expose_secret());
-                    (ClientToken::new(t.clone()), d)
-                })
-                .collect(),
-            admin: admin.map(|a| digest(a.expose_secret())),
+            tokens: RwLock::new(Arc::new(TokenSet::new(tokens))),
+            admin: RwLock::new(admin.map(Admin::new)),
         }
+    }
+
+    /// Puts a new set of client tokens in place; returns (before, after)
+    /// counts.
+    pub fn replace_tokens(&self, tokens: &[SecretString]) -> (usize, usize) {
+        let next = Arc::new(TokenSet::new(tokens));
+        let before = read(&self.tokens).tokens.len();
+        let after = next.tokens.len();
+        write(&self.tokens, next);
+        (before, after)
+    }
+
+    /// Puts a new admin token in place (page sessions of the old one end).
+    pub fn replace_admin(&self, admin: Option<&SecretString>) {
+        write(&self.admin, admin.map(Admin::new));
+    }
+
+    /// A digest of the client token ids in force.
+    pub fn tokens_digest(&self) -> String {
+        read(&self.tokens).digest.clone()
+    }
+
+    /// Which admin token is in force (a digest), while one is.
+    pub fn admin_generation(&self) -> Option<String> {
+        read(&self.admin).map(|a| a.generation)
     }
 
     /// The token a request presents, in the forms the SDKs send: the
@@ -48,15 +126,16 @@ impl Auth {
 
     /// Checks a presented token in constant time against every client token
     /// (digests have one length, so not even the length leaks).
-    pub fn verify(&self, presented: Option<&str>) -> Result<&ClientToken, ApiError> {
+    pub fn verify(&self, presented: Option<&str>) -> Result<Arc<ClientToken>, ApiError> {
         let presented = presented
             .filter(|p| !p.is_empty())
             .ok_or_else(ApiError::unauthenticated)?;
         let d = digest(presented);
+        let set = read(&self.tokens);
         let mut found = None;
-        for (token, td) in &self.tokens {
+        for (token, td) in &set.tokens {
             if bool::from(td.ct_eq(&d)) {
-                found = Some(token);
+                found = Some(token.clone());
             }
         }
         found.ok_or_else(ApiError::forbidden_token)
@@ -64,14 +143,14 @@ impl Auth {
 
     /// Whether the presented token is the admin token (never a client token).
     pub fn is_admin(&self, presented: Option<&str>) -> bool {
-        match (&self.admin, presented) {
-            (Some(admin), Some(p)) => bool::from(admin.ct_eq(&digest(p))),
+        match (read(&self.admin), presented) {
+            (Some(admin), Some(p)) => bool::from(admin.digest.ct_eq(&digest(p))),
             _ => false,
         }
     }
 
     pub fn admin_enabled(&self) -> bool {
-        self.admin.is_some()
+        read(&self.admin).is_some()
     }
 }
 

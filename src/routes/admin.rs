@@ -46,11 +46,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// The digest of the admin token in force, which every live session holds.
 fn generation(gw: &Gateway) -> Option<String> {
-    use secrecy::ExposeSecret;
-    gw.settings
-        .admin_token
-        .as_ref()
-        .map(|t| admin_session::generation(t.expose_secret()))
+    gw.auth.admin_generation()
 }
 
 /// Whether the request may carry the session cookie over HTTPS only: the

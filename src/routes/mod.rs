@@ -139,12 +139,12 @@ fn check_header_sizes(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Authenticates the client; the token's id is all the rest of the request sees.
-pub fn authorize<'a>(
-    auth: &'a Auth,
+pub fn authorize(
+    auth: &Auth,
     headers: &HeaderMap,
     edge: &Edge,
     flavor: Flavor,
-) -> Result<&'a ClientToken, ApiError> {
+) -> Result<std::sync::Arc<ClientToken>, ApiError> {
     let query_key = edge.query_key();
     auth.verify(Auth::presented(headers, query_key.as_deref()))
         .map_err(|e| e.flavor(flavor))
