@@ -15,3 +15,4 @@ mod ops;
 mod proxies;
 mod store;
 mod tls;
+mod usage;
