@@ -141,6 +141,7 @@ async fn token_sums_over_every_answer_shape_and_two_replicas_equal_what_the_upst
     let env = [
         ("GB_ADMIN_TOKEN", ADMIN),
         ("GB_AUTH_TOKENS", tokens.as_str()),
+        ("GB_USAGE_RETENTION_DAYS", "2"),
     ];
     let gws: Vec<Gateway> = (0..2)
         .map(|_| Gateway::start(&fake, Some(&redis), &env))
@@ -271,6 +272,20 @@ async fn token_sums_over_every_answer_shape_and_two_replicas_equal_what_the_upst
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
+
+    // The store forgets an hour's counts two hours after the retention.
+    let buckets = redis.cmd(&["KEYS", "gb:stats:usage:*"]);
+    let bucket = buckets
+        .lines()
+        .find(|l| l.starts_with("gb:"))
+        .expect("a usage bucket");
+    let ttl: u64 = redis
+        .cmd(&["TTL", bucket])
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    assert!(ttl > 2 * 86_400 && ttl <= 2 * 86_400 + 7_200, "{ttl}");
 
     // Prometheus sees the same tokens, with bounded model labels.
     let mut metrics = String::new();
