@@ -61,15 +61,20 @@ impl Meter {
         if self.done {
             return None;
         }
+        self.served();
+        self.hide
+            .as_mut()
+            .map(HideUsage::finish)
+            .filter(|b| !b.is_empty())
+    }
+
+    /// Records a served answer with the tokens its tail reports.
+    fn served(&mut self) {
         self.done = true;
         let tokens = self
             .format
             .and_then(|f| scan::tokens(f, &self.tail.bytes()));
         self.usage.success(&self.series, tokens.as_ref(), now_ms());
-        self.hide
-            .as_mut()
-            .map(HideUsage::finish)
-            .filter(|b| !b.is_empty())
     }
 
     /// The answer was cut mid-way (`stream_cut`, `stream_stalled`).
@@ -97,12 +102,13 @@ impl Meter {
 }
 
 impl Drop for Meter {
-    /// A client that hung up mid-answer: the upstream still served it, so it
-    /// counts as a request (its tokens are not known).
+    /// An answer whose end was never polled: a body of known length sent
+    /// whole, or a client that hung up mid-answer. The upstream served it,
+    /// so it counts as a request, with the tokens its tail reports (a
+    /// stream's running counts so far), if any.
     fn drop(&mut self) {
         if !self.done {
-            self.done = true;
-            self.usage.success(&self.series, None, now_ms());
+            self.served();
         }
     }
 }
