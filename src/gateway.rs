@@ -23,6 +23,8 @@ pub struct Gateway {
     pub started_ms: u64,
     /// Outbound proxies, when configured.
     pub proxies: Option<Arc<ProxyRouter>>,
+    /// Usage per hour, token, key and model, and the recent upstream errors.
+    pub usage: Arc<crate::usage::Usage>,
     draining: AtomicBool,
 }
 
@@ -30,6 +32,8 @@ impl Gateway {
     pub fn new(settings: Settings, store: Arc<dyn StateStore>, metrics: Arc<Metrics>) -> Self {
         let settings_proxies = settings.proxies.clone();
         let proxy_cooldown = settings.proxy_cooldown;
+        let settings_usage = (settings.usage_retention_days, settings.usage_max_series);
+        let metrics_usage = metrics.clone();
         Self {
             keys: KeyPool::new(&settings.api_keys),
             auth: Auth::new(&settings.auth_tokens, settings.admin_token.as_ref()),
@@ -41,6 +45,12 @@ impl Gateway {
             started_ms: crate::store::now_ms(),
             proxies: (!settings_proxies.is_empty())
                 .then(|| Arc::new(ProxyRouter::new(settings_proxies, proxy_cooldown))),
+            usage: Arc::new(crate::usage::Usage::new(
+                settings_usage.0,
+                settings_usage.1,
+                metrics_usage,
+                uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            )),
             draining: AtomicBool::new(false),
         }
     }

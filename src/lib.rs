@@ -30,3 +30,4 @@ pub mod store;
 pub mod telemetry;
 pub mod upload;
 pub mod upstream;
+pub mod usage;

@@ -54,6 +54,18 @@ pub struct KeyModel {
     pub model: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelKind {
+    pub model: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelOutcome {
+    pub model: &'static str,
+    pub outcome: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 18))
 }
@@ -79,6 +91,10 @@ pub struct Metrics {
     pub files_recorded: Counter,
     pub proxy_requests: Family<ProxyLabel, Counter>,
     pub proxy_up: Family<ProxyLabel, Gauge>,
+    /// Tokens Google reported, by model family label and kind.
+    pub tokens: Family<ModelKind, Counter>,
+    pub requests_by_model: Family<ModelOutcome, Counter>,
+    pub usage_series_overflow: Counter,
 }
 
 impl Default for Metrics {
@@ -108,6 +124,9 @@ impl Metrics {
             files_recorded: Counter::default(),
             proxy_requests: Family::default(),
             proxy_up: Family::default(),
+            tokens: Family::default(),
+            requests_by_model: Family::default(),
+            usage_series_overflow: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -195,6 +214,21 @@ impl Metrics {
             "1 while an outbound proxy is usable",
             m.proxy_up.clone(),
         );
+        registry.register(
+            "tokens",
+            "Tokens Google reported in successful answers, by model and kind",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "requests_by_model",
+            "Upstream answers by model and outcome",
+            m.requests_by_model.clone(),
+        );
+        registry.register(
+            "usage_series_overflow",
+            "Usage counted under model `other` because the hour's series limit was reached",
+            m.usage_series_overflow.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -247,6 +281,43 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// A model's label: its name for Google's known families (bounded), else
+/// `other`, so a client naming models cannot grow the label set.
+pub fn model_label(model: Option<&str>) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "gemini-2.5-pro",
+        "gemini-2.5-flash-lite",
+        "gemini-2.5-flash-image",
+        "gemini-2.5-flash",
+        "gemini-2.0-flash-lite",
+        "gemini-2.0-flash",
+        "gemini-1.5-pro",
+        "gemini-1.5-flash-8b",
+        "gemini-1.5-flash",
+        "gemini-3-pro",
+        "gemini-3-flash",
+        "gemini-embedding",
+        "gemma-3",
+        "text-embedding",
+        "embedding",
+        "imagen",
+        "veo",
+        "learnlm",
+        "aqa",
+    ];
+    let Some(m) = model else {
+        return "none";
+    };
+    KNOWN
+        .iter()
+        .find(|family| {
+            m.strip_prefix(**family)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+        })
+        .copied()
+        .unwrap_or("other")
 }
 
 /// The route class of a path (after any `/session/{sid}` prefix), for labels.
@@ -312,6 +383,22 @@ mod tests {
         assert_eq!(route_class("POST", "/upload/v1beta/files"), "upload");
         assert_eq!(route_class("DELETE", "/v1beta/files/abc"), "files_delete");
         assert_eq!(route_class("GET", "/nope"), "unknown");
+    }
+
+    #[test]
+    fn models_fold_into_known_families_or_other() {
+        assert_eq!(model_label(Some("gemini-2.5-flash")), "gemini-2.5-flash");
+        assert_eq!(
+            model_label(Some("gemini-2.5-flash-preview-05-20")),
+            "gemini-2.5-flash"
+        );
+        assert_eq!(
+            model_label(Some("gemini-2.5-flash-lite")),
+            "gemini-2.5-flash-lite"
+        );
+        assert_eq!(model_label(Some("gemini-2.5-flashy")), "other");
+        assert_eq!(model_label(Some("my-own-model-123")), "other");
+        assert_eq!(model_label(None), "none");
     }
 
     #[test]

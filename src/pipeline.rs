@@ -205,6 +205,14 @@ pub async fn send(
             attempt::Sent::Answer(response) => return Ok(Ok(Served { key, response })),
             attempt::Sent::Unreachable(err) => {
                 let err = err.flavor(call.flavor);
+                crate::usage::record_error(
+                    &gw.usage,
+                    call,
+                    &key.id,
+                    err.status.as_u16(),
+                    b"",
+                    "transport",
+                );
                 if pinned.is_some() {
                     return Err(err);
                 }
@@ -221,6 +229,14 @@ pub async fn send(
                 outcome,
             } => (status, headers, body, outcome),
         };
+        crate::usage::record_error(
+            &gw.usage,
+            call,
+            &key.id,
+            status.as_u16(),
+            &body,
+            outcome.name(),
+        );
         let mut response = buffered_back(status, &headers, body);
         if let Outcome::RateLimited { until_ms, .. } = outcome {
             if !response.headers().contains_key(RETRY_AFTER) {
@@ -245,6 +261,15 @@ pub async fn send(
 
 /// A whole proxied request: pin, send with retries, stream the answer back.
 pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResponse, ApiError> {
+    // An OpenAI stream always asks for usage upstream, so it can be counted;
+    // the client gets it only if it asked.
+    let (call, hide_usage) = match (call.flavor, &call.model) {
+        (Flavor::OpenAi, Some(_)) => match crate::usage::scan::inject_include_usage(&call.body) {
+            Some(body) => (Call { body, ..call }, true),
+            None => (call, false),
+        },
+        _ => (call, false),
+    };
     let pinned = pin(
         gw,
         up,
@@ -255,7 +280,14 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
     )
     .await?;
     Ok(match send(gw, up, &call, pinned).await? {
-        Ok(served) => stream_back(served.response, gw.settings.upstream_idle_timeout),
+        Ok(served) => {
+            let meter = crate::usage::meter(&gw.usage, &call, &served.key.id, hide_usage);
+            stream_back_metered(
+                served.response,
+                gw.settings.upstream_idle_timeout,
+                Some(meter),
+            )
+        }
         Err(response) => response,
     })
 }
@@ -344,6 +376,19 @@ pub fn stream_back<S>(resp: awc::ClientResponse<S>, idle: Duration) -> HttpRespo
 where
     S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
 {
+    stream_back_metered(resp, idle, None)
+}
+
+/// [`stream_back`], with a usage meter that sees every chunk, learns how the
+/// answer ended, and may hold back what the client did not ask for.
+pub fn stream_back_metered<S>(
+    resp: awc::ClientResponse<S>,
+    idle: Duration,
+    mut meter: Option<crate::usage::meter::Meter>,
+) -> HttpResponse
+where
+    S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
+{
     let mut builder = HttpResponse::build(resp.status());
     copy_headers(&mut builder, resp.headers());
     let length = resp
@@ -356,28 +401,47 @@ where
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    let status = resp.status().as_u16();
+    if let (Some(m), Some(_)) = (meter.as_mut(), length) {
+        m.keep_length();
+    }
     let body = futures_util::stream::unfold(
-        (resp, 0u64, false),
-        move |(mut upstream, sent, done)| async move {
+        (resp, 0u64, false, meter),
+        move |(mut upstream, sent, done, mut meter)| async move {
             if done {
                 return None;
             }
             match tokio::time::timeout(idle, upstream.next()).await {
                 Ok(Some(Ok(chunk))) => {
                     let sent = sent + chunk.len() as u64;
-                    Some((Ok(chunk), (upstream, sent, false)))
+                    let chunk = match meter.as_mut() {
+                        Some(m) => m.chunk(chunk),
+                        None => chunk,
+                    };
+                    Some((Ok(chunk), (upstream, sent, false, meter)))
                 }
                 Ok(Some(Err(e))) => {
                     tracing::warn!(error = %e, sent, "upstream body ended with an error; the client's response is cut short");
-                    Some((Err(e), (upstream, sent, true)))
+                    if let Some(m) = meter.as_mut() {
+                        m.cut("stream_cut", status);
+                    }
+                    Some((Err(e), (upstream, sent, true, meter)))
                 }
                 Ok(None) => {
                     if length.is_some_and(|want| sent < want) {
                         tracing::warn!(sent, expected = length, "upstream body ended with an error: closed early; the client's response is cut short");
+                        if let Some(m) = meter.as_mut() {
+                            m.cut("stream_cut", status);
+                        }
+                        return None;
                     }
-                    None
+                    let rest = meter.as_mut().and_then(|m| m.finish());
+                    rest.map(|b| (Ok(b), (upstream, sent, true, meter)))
                 }
                 Err(_) => {
+                    if let Some(m) = meter.as_mut() {
+                        m.cut("stream_stalled", status);
+                    }
                     tracing::warn!(
                         sent,
                         idle_s = idle.as_secs(),
@@ -392,7 +456,7 @@ where
                             "the upstream body stalled",
                         )))
                     };
-                    Some((cut, (upstream, sent, true)))
+                    Some((cut, (upstream, sent, true, meter)))
                 }
             }
         },

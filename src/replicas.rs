@@ -30,9 +30,13 @@ pub async fn run(gw: Arc<Gateway>, addr: SocketAddr) {
         if let Err(e) = gw.stats.flush(gw.store()).await {
             tracing::debug!(error = %e, "statistics flush deferred");
         }
+        if let Err(e) = gw.usage.flush(gw.store()).await {
+            tracing::debug!(error = %e, "usage flush deferred");
+        }
         tokio::time::sleep(EVERY).await;
         if gw.draining() {
             let _ = gw.stats.flush(gw.store()).await;
+            let _ = gw.usage.flush(gw.store()).await;
             let _ = gw.store().delete(NS, &gw.replica).await;
             return;
         }

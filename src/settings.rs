@@ -89,6 +89,14 @@ pub struct Settings {
     /// PEM certificate chain and key of the optional TLS listener.
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
+    /// Client token id → the label written before it (`label=token` in
+    /// `GB_AUTH_TOKENS`): what the status page shows for the token.
+    pub token_labels: Vec<(String, String)>,
+    /// Days of hourly usage kept (`GB_USAGE_RETENTION_DAYS`).
+    pub usage_retention_days: u64,
+    /// Distinct usage series (token × key × model) one replica records per
+    /// hour before folding new models into `other` (`GB_USAGE_MAX_SERIES`).
+    pub usage_max_series: usize,
 }
 
 /// Reads settings from the layered sources described in the module docs.
@@ -242,6 +250,7 @@ impl Raw {
         }
 
         let mut auth_tokens = self.list("auth_tokens");
+        let token_labels = split_labels(&mut auth_tokens);
         dedup_secrets(&mut auth_tokens);
         if auth_tokens.is_empty() {
             return Err(err("auth_tokens", "at least one client token is required"));
@@ -385,6 +394,15 @@ impl Raw {
             },
             proxies: self.proxies()?,
             proxy_cooldown: self.secs("proxy_cooldown")?,
+            token_labels,
+            usage_retention_days: match self.num::<u64>("usage_retention_days")? {
+                n @ 1..=90 => n,
+                _ => return Err(err("usage_retention_days", "must be between 1 and 90")),
+            },
+            usage_max_series: match self.num::<usize>("usage_max_series")? {
+                0 => return Err(err("usage_max_series", "must be at least 1")),
+                n => n,
+            },
         })
     }
 }
@@ -481,6 +499,33 @@ fn split_list(text: &str, sep: char) -> Vec<SecretString> {
         .collect()
 }
 
+/// Splits `label=token` entries: the entry becomes the bare token, and its
+/// id is paired with the label. A label is 1–40 letters, digits or `_.@-`;
+/// an entry whose text before the first `=` is not one is a bare token.
+fn split_labels(list: &mut [SecretString]) -> Vec<(String, String)> {
+    use secrecy::ExposeSecret;
+    let mut labels = Vec::new();
+    for entry in list.iter_mut() {
+        let parsed = entry
+            .expose_secret()
+            .split_once('=')
+            .and_then(|(label, token)| {
+                let ok = (1..=40).contains(&label.len())
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_.@-".contains(c))
+                    && !token.is_empty()
+                    && !token.starts_with('=');
+                ok.then(|| (label.to_string(), SecretString::from(token.to_string())))
+            });
+        if let Some((label, token)) = parsed {
+            labels.push((crate::identity::short_id(&token), label));
+            *entry = token;
+        }
+    }
+    labels
+}
+
 fn dedup_secrets(list: &mut Vec<SecretString>) {
     use secrecy::ExposeSecret;
     let mut seen = std::collections::HashSet::new();
@@ -519,6 +564,36 @@ mod tests {
             let e = load_from(env(&[base[0], base[1], ("GB_WORKERS", bad)])).unwrap_err();
             assert_eq!(e.var, "GB_WORKERS", "{bad}");
         }
+    }
+
+    #[test]
+    fn token_labels_are_split_off_and_never_kept_with_the_token() {
+        use secrecy::ExposeSecret;
+        let s = load_from(env(&[
+            ("GB_API_KEYS", "k1"),
+            (
+                "GB_AUTH_TOKENS",
+                "alice=tok-a,tok-b,padded==,bad label=tok-c",
+            ),
+        ]))
+        .unwrap();
+        let tokens: Vec<&str> = s.auth_tokens.iter().map(|t| t.expose_secret()).collect();
+        assert_eq!(tokens, ["tok-a", "tok-b", "padded==", "bad label=tok-c"]);
+        assert_eq!(
+            s.token_labels,
+            vec![(
+                crate::identity::short_id(&SecretString::from("tok-a")),
+                "alice".to_string()
+            )]
+        );
+        assert_eq!(s.usage_retention_days, 7);
+        let e = load_from(env(&[
+            ("GB_API_KEYS", "k1"),
+            ("GB_AUTH_TOKENS", "t"),
+            ("GB_USAGE_RETENTION_DAYS", "0"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "GB_USAGE_RETENTION_DAYS");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/api/files/{id}", web::get().to(api_file))
             .route("/api/replicas", web::get().to(api_replicas))
             .route("/api/proxies", web::get().to(api_proxies))
+            .route("/api/usage", web::get().to(super::admin_usage::api_usage))
+            .route("/api/errors", web::get().to(super::admin_usage::api_errors))
             .default_service(web::to(|| async { Err::<HttpResponse, _>(not_enabled()) })),
     );
 }
@@ -102,7 +104,7 @@ fn not_enabled() -> ApiError {
 
 /// Who is calling: the API with the admin token, or the page with a live
 /// session.
-enum Caller {
+pub(super) enum Caller {
     Bearer,
     Page { session: String },
 }
@@ -136,7 +138,7 @@ impl Caller {
 
 /// 404 while admin is off; 401 without a token; 403 with a wrong one (a
 /// client token included).
-async fn check(gw: &Gateway, req: &HttpRequest) -> Result<Caller, ApiError> {
+pub(super) async fn check(gw: &Gateway, req: &HttpRequest) -> Result<Caller, ApiError> {
     if !gw.auth.admin_enabled() {
         return Err(not_enabled());
     }
@@ -412,14 +414,14 @@ async fn page_action(
         .finish())
 }
 
-fn html(status: StatusCode, body: &str) -> HttpResponse {
+pub(super) fn html(status: StatusCode, body: &str) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("text/html; charset=utf-8")
         .insert_header(("cache-control", "no-store"))
         .body(body.to_string())
 }
 
-fn esc(s: &str) -> String {
+pub(super) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -428,7 +430,8 @@ fn esc(s: &str) -> String {
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}\
-.healthy{color:#070}.cooling{color:#a60}.disabled{color:#b00}form{display:inline}";
+.healthy{color:#070}.cooling{color:#a60}.disabled{color:#b00}form{display:inline}\
+td.n{text-align:right}svg{border:1px solid #ccc;background:#fff}.legend span{margin-right:1em}";
 
 fn login_page(error: Option<&str>) -> String {
     let error = error
@@ -539,6 +542,7 @@ async fn page(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, 
         }
         body.push_str("</table>");
     }
+    body.push_str(&super::admin_usage::section(&gw, req.query_string()).await);
     body.push_str("</body></html>");
     Ok(html(StatusCode::OK, &body))
 }

@@ -17,6 +17,7 @@ use crate::session::{self, Session};
 use crate::upstream::{filtered_query, query_param, KeyStyle, Upstream};
 
 pub mod admin;
+pub mod admin_usage;
 pub mod files;
 pub mod health;
 pub mod live;

@@ -20,3 +20,4 @@ mod resources;
 mod settings_effects;
 mod store;
 mod tls;
+mod usage;

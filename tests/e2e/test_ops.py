@@ -1,11 +1,13 @@
 """Operator surfaces checked with real clients: the admin page in headless
 Chromium, /metrics with the Prometheus parser."""
 
+import datetime
 import hashlib
 import json
 import pathlib
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 
 import pytest
@@ -107,3 +109,104 @@ def test_metrics_parse_as_openmetrics(admin_stack):
     assert served and served[0].value == 3
     assert "gb_upstream_latency_seconds" in families
     assert "gb_key_state" in families
+
+
+TOKEN_B = "e2e-token-bravo-0123456789"
+BODY_MARK = "private-e2e-prompt-5512"
+ARTIFACTS = pathlib.Path(__file__).resolve().parents[2] / "bench" / "out"
+
+
+def call(url, path, token, body, openai=False):
+    headers = {"content-type": "application/json"}
+    headers.update({"authorization": f"Bearer {token}"} if openai else {"x-goog-api-key": token})
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except Exception:  # a stream cut mid-way
+        return None, b""
+
+
+def admin_api(url, path):
+    req = urllib.request.Request(url + path, headers={"authorization": f"Bearer {ADMIN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture
+def usage_stack():
+    s = Stack(replicas=2, extra_env={"GB_ADMIN_TOKEN": ADMIN,
+                                     "GB_AUTH_TOKENS": f"team-a={TOKEN},{TOKEN_B}"})
+    yield s
+    s.stop()
+    logs = s.logs()
+    for secret in KEYS + [TOKEN, TOKEN_B, ADMIN, BODY_MARK]:
+        assert secret not in logs
+
+
+def test_the_status_page_charts_usage_and_lists_errors(usage_stack, browser, tmp_path):
+    a, b = usage_stack.urls
+    gen = {"contents": [{"parts": [{"text": BODY_MARK}]}]}
+    chat = {"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": BODY_MARK}]}
+    # Mixed traffic over both replicas, both client tokens, three models.
+    for _ in range(3):
+        assert call(a, "/v1beta/models/gemini-2.0-flash:generateContent", TOKEN, gen)[0] == 200
+    for _ in range(2):
+        assert call(b, "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse", TOKEN_B, gen)[0] == 200
+        assert call(b, "/v1beta/openai/chat/completions", TOKEN, dict(chat, stream=True), openai=True)[0] == 200
+    # A rate-limited key and a cut stream, for the errors table.
+    usage_stack.fake.set_mode(KEYS[0], {"mode": "quota", "retryDelay": "9s"})
+    for _ in range(len(KEYS)):
+        assert call(a, "/v1beta/models/gemini-2.0-flash:generateContent", TOKEN_B, gen)[0] == 200
+    for k in KEYS:
+        usage_stack.fake.set_mode(k, {"mode": "break_stream"})
+    call(b, "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse", TOKEN, gen)
+
+    # The replicas flush every few seconds: wait until both have.
+    WebDriverWait(None, 60, poll_frequency=0.3).until(
+        lambda _: len(admin_api(a, "/admin/api/errors")["errors"]) >= 2)
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    # 3 + 2 + 2 answers, one per key with the first rate-limited once, one cut.
+    WebDriverWait(None, 60, poll_frequency=0.3).until(
+        lambda _: admin_api(a, f"/admin/api/usage?from={today}")["totals"]["requests"]
+        == 7 + len(KEYS) + 1 + 1)
+    expected = admin_api(a, f"/admin/api/usage?from={today}")
+
+    browser.set_window_size(1400, 3000)
+    browser.get(f"{a}/admin")
+    browser.find_element(By.ID, "token").send_keys(ADMIN)
+    browser.find_element(By.ID, "login").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "chart-tokens"))
+    # Charts: bars for the hours with traffic, one color per model.
+    for chart in ["chart-requests", "chart-tokens"]:
+        bars = browser.find_elements(By.CSS_SELECTOR, f"#{chart} rect.bar")
+        assert bars, f"no bars in {chart}"
+    legend = browser.page_source
+    for model in ["gemini-2.0-flash", "gemini-2.5-pro", "gemini-2.5-flash"]:
+        assert model in legend
+    # Today's usage per key and model, against the pool.
+    key_rows = browser.find_elements(By.CSS_SELECTOR, "#usage-keys tr")
+    assert len(key_rows) >= 4
+    pool = browser.find_element(By.ID, "usage-pool").text
+    assert str(expected["totals"]["total_tokens"]) in pool
+    # Client tokens by label, or by id; never the token.
+    tokens = browser.find_element(By.ID, "usage-tokens").text
+    assert "team-a" in tokens
+    assert key_id(TOKEN_B) in tokens
+    # The recent errors: the 429 with Google's status and delay, the cut.
+    errors = browser.find_element(By.ID, "errors").text
+    assert "RESOURCE_EXHAUSTED" in errors and "9 s" in errors
+    assert "stream_cut" in errors
+    page = browser.page_source
+    for secret in KEYS + [TOKEN, TOKEN_B, ADMIN, BODY_MARK]:
+        assert secret not in page, "a secret on the page"
+    shot = tmp_path / "admin-usage.png"
+    assert browser.save_screenshot(str(shot))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "admin-usage.png")
+    # The date-range form is a plain GET: a range before the traffic is empty.
+    browser.get(f"{a}/admin?from=2020-01-01&to=2020-01-02")
+    assert browser.find_element(By.CSS_SELECTOR, "#range input[name=from]").get_attribute("value") == "2020-01-01"
+    assert "team-a" not in browser.find_element(By.ID, "usage-tokens").text

@@ -220,14 +220,36 @@ pub fn check_files(
     Ok(refs.len())
 }
 
+/// Token counts every answer reports, as Google does: prompt 11 (2 of
+/// them cached), 7 output, 3 thoughts, 21 in all. A stream reports running
+/// counts on every event (2, 4, then 7 output tokens), so only its last
+/// event holds the answer's total.
+pub const USAGE: [u64; 5] = [11, 7, 3, 2, 21];
+
+fn usage_metadata(output: u64) -> Value {
+    let [prompt, _, thoughts, cached, _] = USAGE;
+    json!({
+        "promptTokenCount": prompt,
+        "candidatesTokenCount": output,
+        "thoughtsTokenCount": thoughts,
+        "cachedContentTokenCount": cached,
+        "totalTokenCount": prompt + output + thoughts,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt}]
+    })
+}
+
 fn candidate(text: &str) -> Value {
+    candidate_with(text, USAGE[1])
+}
+
+fn candidate_with(text: &str, output: u64) -> Value {
     json!({
         "candidates": [{
             "content": {"parts": [{"text": text}], "role": "model"},
             "finishReason": "STOP",
             "index": 0
         }],
-        "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 4, "totalTokenCount": 8},
+        "usageMetadata": usage_metadata(output),
         "modelVersion": "gemini-2.0-flash"
     })
 }
@@ -262,7 +284,11 @@ pub fn stream(fake: &Fake, req: &HttpRequest, key: &str, sse: bool) -> HttpRespo
         .get("x-fake-hold")
         .and_then(|v| v.to_str().ok())
         .map(|name| fake.hold(name));
-    let events: Vec<Value> = (0..3).map(|i| candidate(&format!("chunk {i} "))).collect();
+    let events: Vec<Value> = [2, 4, USAGE[1]]
+        .iter()
+        .enumerate()
+        .map(|(i, out)| candidate_with(&format!("chunk {i} "), *out))
+        .collect();
     let stream = async_stream(events, hold, sse, breaks);
     let content_type = if sse {
         "text/event-stream"

@@ -4,7 +4,20 @@ use actix_web::HttpResponse;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::gemini::MODELS;
+use crate::gemini::{MODELS, USAGE};
+
+/// The same counts as the native answers, in OpenAI's shape
+/// (`completion_tokens` includes the reasoning tokens).
+fn usage() -> Value {
+    let [prompt, output, thoughts, cached, total] = USAGE;
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": output + thoughts,
+        "total_tokens": total,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": thoughts}
+    })
+}
 
 pub fn models() -> HttpResponse {
     HttpResponse::Ok().json(json!({
@@ -23,6 +36,10 @@ pub fn chat(body: &Value) -> HttpResponse {
         .and_then(|m| m.as_str())
         .unwrap_or("gemini-2.0-flash")
         .to_string();
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(|v| v.as_bool())
+        == Some(true);
     if body.get("stream").and_then(|s| s.as_bool()) == Some(true) {
         let chunks: Vec<String> = (0..3)
             .map(|i| {
@@ -34,6 +51,13 @@ pub fn chat(body: &Value) -> HttpResponse {
                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
                 )
             })
+            .chain(include_usage.then(|| {
+                format!(
+                    "data: {}\n\n",
+                    json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
+                           "choices": [], "usage": usage()})
+                )
+            }))
             .chain(std::iter::once("data: [DONE]\n\n".to_string()))
             .collect();
         let stream = futures_util::stream::iter(
@@ -51,7 +75,7 @@ pub fn chat(body: &Value) -> HttpResponse {
         "created": 0,
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the fake upstream."}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+        "usage": usage()
     }))
 }
 
