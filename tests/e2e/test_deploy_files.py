@@ -156,5 +156,8 @@ def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck():
     rust_version = re.search(r'^rust-version = "([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
     assert f"ARG BUILDER_IMAGE=rust:{rust_version}-slim-bookworm" in text, "the builder is the crate's rust-version"
     assert "AS fake" in text, "the fake upstream has its own target"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for arg, value in compose["x-build-args"].items():
+        assert f"ARG {arg}={value.split(':-', 1)[1].rstrip('}')}" in text, f"compose's {arg} default is the Dockerfile's"
     assert "HEALTHCHECK" in text
     assert "GB_API_KEYS" not in text and "GB_AUTH_TOKENS" not in text, "no secrets baked in"
