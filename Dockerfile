@@ -1,30 +1,64 @@
-# syntax=docker/dockerfile:1
-# Multi-stage build: dependencies are compiled in their own layer (cached
-# until Cargo.toml/Cargo.lock change), then the gateway; the runtime image
-# holds only the binary, runs as a non-root user and carries no secrets.
+# Multi-stage build; needs no BuildKit feature (the tests use the classic builder).
+#
+#   docker build -t gemini-balancer .                        # the gateway
+#   docker build --target fake -t gemini-balancer-fake .     # fake upstream + test proxy
+#
+# Base images are build arguments, so machines without a registry can pass
+# local ones (see scripts/base-images):
+#   --build-arg BUILDER_IMAGE=...  Debian bookworm with cargo on PATH and a C
+#                                  compiler
+#   --build-arg RUNTIME_IMAGE=...  Debian bookworm
+ARG BUILDER_IMAGE=rust:1.89-slim-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
 
-FROM rust:1.89-slim-bookworm AS build
+# Recipe: the manifests plus an empty `fn main() {}` at every target path
+# that `cargo metadata` reports. Generated from Cargo.toml on every build,
+# so it cannot drift from it; its content changes only when the manifests or
+# the list of targets do, and the dependency layer below is cached on it.
+FROM ${BUILDER_IMAGE} AS recipe
 WORKDIR /src
-# Dependency layer: build against stub sources so this layer only depends on
-# the manifests.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin/fake-gemini \
- && echo 'fn main() {}' > src/main.rs \
- && echo '' > src/lib.rs \
- && echo 'fn main() {}' > src/bin/fake-gemini/main.rs \
- && cargo build --release --locked --bins \
- && rm -rf src target/release/deps/gemini_balancer* target/release/deps/libgemini_balancer* \
-           target/release/deps/fake_gemini* target/release/.fingerprint/gemini-balancer-*
+COPY src ./src
+RUN mkdir -p /recipe \
+ && cp Cargo.toml Cargo.lock /recipe/ \
+ && cargo metadata --offline --no-deps --format-version 1 >/tmp/metadata.json \
+ && grep -o '"src_path":"[^"]*"' /tmp/metadata.json | cut -d'"' -f4 | sort -u >/tmp/targets \
+ && test -s /tmp/targets \
+ && while read -r path; do \
+      rel="${path#/src/}"; \
+      mkdir -p "/recipe/$(dirname "$rel")"; \
+      echo 'fn main() {}' >"/recipe/$rel"; \
+    done </tmp/targets
+
+FROM ${BUILDER_IMAGE} AS build
+WORKDIR /src
+# Dependency layer: rebuilt only when the recipe changes.
+COPY --from=recipe /recipe ./
+RUN cargo build --release --locked --bins
 COPY config ./config
 COPY src ./src
-RUN cargo build --release --locked --bins
+# The sources may be older than the recipe's build: touch them so cargo
+# rebuilds this crate rather than keeping the empty targets.
+RUN find src -type f -exec touch {} + \
+ && cargo build --release --locked --bins \
+ && mkdir -p /out \
+ && cp target/release/gemini-balancer target/release/fake-gemini target/release/test-proxy /out/
 
-FROM debian:bookworm-slim AS runtime
+# The fake Gemini upstream and the test proxy, for the compose demo profile
+# and the tests. Not part of the release image.
+FROM ${RUNTIME_IMAGE} AS fake
+COPY --from=build /out/fake-gemini /out/test-proxy /usr/local/bin/
+USER 10001:10001
+ENV FAKE_LISTEN=0.0.0.0:8000
+EXPOSE 8000
+ENTRYPOINT ["fake-gemini"]
+
+# The release image (the default target): the gateway binary only, non-root,
+# no secrets.
+FROM ${RUNTIME_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 gateway \
  && useradd --system --uid 10001 --gid gateway --no-create-home --shell /usr/sbin/nologin gateway
-COPY --from=build /src/target/release/gemini-balancer /usr/local/bin/gemini-balancer
-# The fake upstream, for the offline demo profile of docker-compose.yml.
-COPY --from=build /src/target/release/fake-gemini /usr/local/bin/fake-gemini
+COPY --from=build /out/gemini-balancer /usr/local/bin/gemini-balancer
 USER 10001:10001
 ENV GB_LISTEN=0.0.0.0:8000 \
     GB_LOG_FORMAT=json

@@ -97,6 +97,9 @@ pub struct Settings {
     /// Distinct usage series (token × key × model) one replica records per
     /// hour before folding new models into `other` (`GB_USAGE_MAX_SERIES`).
     pub usage_max_series: usize,
+    /// Internal listener for `/metrics` and `/admin` (`GB_ADMIN_LISTEN`);
+    /// when set, the public listener answers 404 there.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// Reads settings from the layered sources described in the module docs.
@@ -326,6 +329,21 @@ impl Raw {
                 n
             }
         };
+        let admin_listen = match self.opt("admin_listen") {
+            None => None,
+            Some(raw) => {
+                let addr: SocketAddr = raw.parse().map_err(|_| {
+                    err(
+                        "admin_listen",
+                        format!("expected host:port such as 0.0.0.0:9000, got {raw:?}"),
+                    )
+                })?;
+                if addr == listen && addr.port() != 0 {
+                    return Err(err("admin_listen", "must differ from GB_LISTEN"));
+                }
+                Some(addr)
+            }
+        };
         let redis_timeout_ms: u64 = self.num("redis_timeout_ms")?;
         if redis_timeout_ms == 0 {
             return Err(err("redis_timeout_ms", "must be at least 1"));
@@ -403,6 +421,7 @@ impl Raw {
                 0 => return Err(err("usage_max_series", "must be at least 1")),
                 n => n,
             },
+            admin_listen,
         })
     }
 }
@@ -594,6 +613,23 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.var, "GB_USAGE_RETENTION_DAYS");
+    }
+
+    #[test]
+    fn admin_listen_is_off_by_default_and_must_be_an_address() {
+        let base = [("GB_API_KEYS", "k1"), ("GB_AUTH_TOKENS", "t")];
+        assert!(load_from(env(&base)).unwrap().admin_listen.is_none());
+        let s = load_from(env(&[
+            base[0],
+            base[1],
+            ("GB_ADMIN_LISTEN", "0.0.0.0:9000"),
+        ]))
+        .unwrap();
+        assert_eq!(s.admin_listen.map(|a| a.port()), Some(9000));
+        for bad in ["9000", "localhost", "0.0.0.0:8000"] {
+            let e = load_from(env(&[base[0], base[1], ("GB_ADMIN_LISTEN", bad)])).unwrap_err();
+            assert_eq!(e.var, "GB_ADMIN_LISTEN", "{bad}");
+        }
     }
 
     #[test]

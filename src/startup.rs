@@ -21,7 +21,32 @@ use crate::upstream::{tls_config, Upstream};
 pub struct Application {
     server: Server,
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     gateway: Arc<Gateway>,
+}
+
+/// With `GB_ADMIN_LISTEN` set, which listener serves which paths: the
+/// internal one serves `/metrics`, `/admin` and the health checks only, the
+/// public one everything else. Without it, one listener serves everything.
+#[derive(Clone, Copy)]
+struct ListenerSplit {
+    admin: Option<SocketAddr>,
+}
+
+impl ListenerSplit {
+    /// `local` is the address of the listener the request came in on, `path`
+    /// the decoded path the router matches.
+    fn refuses(&self, local: SocketAddr, path: &str) -> bool {
+        let Some(admin) = self.admin else {
+            return false;
+        };
+        let ops = path == "/metrics" || path == "/admin" || path.starts_with("/admin/");
+        if local == admin {
+            !(ops || path == "/healthz" || path == "/readyz")
+        } else {
+            ops
+        }
+    }
 }
 
 /// Opens the configured store. Redis is checked for a layout this build can
@@ -72,6 +97,18 @@ impl Application {
         let listener = TcpListener::bind(settings.listen)
             .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen))?;
         let addr = listener.local_addr()?;
+        let admin_listener = match settings.admin_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .with_context(|| format!("GB_ADMIN_LISTEN: cannot bind {a}"))?,
+            ),
+            None => None,
+        };
+        let admin_addr = match &admin_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+        let split = ListenerSplit { admin: admin_addr };
         let grace = settings.shutdown_grace;
         let workers = settings.workers;
         let tls_listener = match (&settings.tls_cert, &settings.tls_key) {
@@ -92,6 +129,18 @@ impl Application {
             App::new()
                 .app_data(data.clone())
                 .app_data(web::Data::new(upstream))
+                .wrap_fn(move |req, srv| {
+                    use futures_util::future::{ready, Either, FutureExt};
+                    if split.refuses(req.app_config().local_addr(), req.match_info().as_str()) {
+                        let res = req.error_response(crate::error::ApiError::not_found(
+                            "No route for this path.",
+                        ));
+                        Either::Left(ready(Ok(res.map_into_right_body())))
+                    } else {
+                        let fut = actix_web::dev::Service::call(srv, req);
+                        Either::Right(fut.map(|r| r.map(|res| res.map_into_left_body())))
+                    }
+                })
                 .wrap_fn(|req, srv| {
                     let id = req.extensions().get::<RequestId>().cloned();
                     let route = crate::metrics::route_class(req.method().as_str(), req.path());
@@ -129,11 +178,18 @@ impl Application {
             Some(cfg) => (server.listen_rustls_0_23(listener, cfg.clone())?, "https"),
             None => (server.listen(listener)?, "http"),
         };
+        let server = match admin_listener {
+            Some(l) => server.listen(l)?,
+            None => server,
+        };
         let server = server
             .shutdown_timeout(grace.as_secs())
             .disable_signals()
             .run();
         tracing::info!("listening on {scheme}://{addr}");
+        if let Some(a) = admin_addr {
+            tracing::info!("metrics and admin on the internal listener http://{a} only");
+        }
         {
             let gw = gateway.clone();
             let replica = gw.replica.clone();
@@ -158,12 +214,18 @@ impl Application {
         Ok(Self {
             server,
             addr,
+            admin_addr,
             gateway,
         })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The internal listener's address, when `GB_ADMIN_LISTEN` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Serves until SIGTERM or SIGINT, then drains: readiness turns 503, no new

@@ -2,6 +2,7 @@
 //! `redis-server` per test on a free port, the project's fake upstream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin_listen;
 mod admin_sessions;
 mod core;
 mod docs;

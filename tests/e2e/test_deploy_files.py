@@ -3,6 +3,7 @@ against the Kubernetes schemas, docker-compose accepts the compose file, the
 Dockerfile keeps its promises."""
 
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -38,12 +39,95 @@ def test_deployment_matches_the_gateway_contract():
     c = pod["containers"][0]
     assert spec["replicas"] == 3
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["livenessProbe"]["exec"]["command"] == ["gemini-balancer", "healthcheck"], \
+        "liveness uses the image's health check"
     assert c["resources"]["limits"] and c["resources"]["requests"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
     grace = int(yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]["GB_SHUTDOWN_GRACE"])
     assert pod["terminationGracePeriodSeconds"] > grace + 5 - 1, "preStop + grace fit the pod's grace period"
+
+
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
+
+
+def render_kustomization():
+    """What `kubectl kustomize k8s/` does with this kustomization: every
+    resource, namespaced, images rewritten by `images:`."""
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert set(kust) <= {"apiVersion", "kind", "namespace", "resources", "images"}, \
+        "the rendering below knows these fields only"
+    images = {i["name"]: f"{i.get('newName', i['name'])}:{i['newTag']}" for i in kust.get("images", [])}
+    docs = []
+    for res in kust["resources"]:
+        for doc in yaml.safe_load_all((K8S / res).read_text()):
+            if not doc:
+                continue
+            if doc["kind"] not in CLUSTER_SCOPED:
+                doc["metadata"]["namespace"] = kust["namespace"]
+            pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for c in pod.get("containers", []) + pod.get("initContainers", []):
+                name = c["image"].rsplit(":", 1)[0] if ":" in c["image"].split("/")[-1] else c["image"]
+                if name in images:
+                    c["image"] = images[name]
+            docs.append(doc)
+    return docs
+
+
+def test_the_rendered_kustomization_validates_and_keeps_operations_internal():
+    docs = render_kustomization()
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump_all(docs, f)
+        rendered = f.name
+    tool = pathlib.Path(sys.executable).parent / "kubernetes-validate"
+    out = subprocess.run([str(tool), "--strict", rendered], capture_output=True, text=True, timeout=300)
+    pathlib.Path(rendered).unlink()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("passed") >= len(docs)
+
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    dep = next(d for d in by_kind["Deployment"] if d["metadata"]["name"] == "gemini-balancer")
+    pod = dep["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    # The image the Dockerfile builds and docker-compose.yml runs.
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert c["image"] == compose["x-gateway"]["image"] == "gemini-balancer:latest"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    cm = next(d for d in by_kind["ConfigMap"] if d["metadata"]["name"] == "gemini-balancer")["data"]
+    assert int(cm["GB_ADMIN_LISTEN"].rsplit(":", 1)[1]) == ports["admin"]
+    assert int(cm["GB_LISTEN"].rsplit(":", 1)[1]) == ports["http"]
+    # Prometheus scrapes the internal port.
+    ann = pod["metadata"]["annotations"]
+    assert int(ann["prometheus.io/port"]) == ports["admin"] and ann["prometheus.io/path"] == "/metrics"
+    # No Service carries the internal port; the Ingress reaches the public one.
+    for svc in by_kind["Service"]:
+        for p in svc["spec"]["ports"]:
+            assert p.get("targetPort") not in ("admin", ports["admin"]) and p["port"] != ports["admin"], svc
+    svc = next(d for d in by_kind["Service"] if d["metadata"]["name"] == "gemini-balancer")
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
+    for ing in by_kind["Ingress"]:
+        for rule in ing["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                assert backend["name"] == "gemini-balancer" and backend["port"] == {"name": "http"}
+    assert all(d["metadata"].get("namespace") == "gemini-balancer"
+               for d in docs if d["kind"] not in CLUSTER_SCOPED)
+
+
+def test_compose_keeps_operations_internal_and_wires_prometheus_there():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    gw = compose["x-gateway"]
+    admin_port = gw["environment"]["GB_ADMIN_LISTEN"].rsplit(":", 1)[1]
+    assert gw["expose"] == [admin_port] and "ports" not in gw
+    assert gw["labels"]["prometheus.io/port"] == admin_port
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {f"gateway-{i}:{admin_port}" for i in (1, 2, 3)}
+    nginx = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "location = /metrics" in nginx and "location /admin" in nginx
+    assert f":{admin_port}" not in nginx, "nginx proxies the public port only"
 
 
 def test_docker_compose_accepts_the_compose_file():
@@ -57,7 +141,11 @@ def test_docker_compose_accepts_the_compose_file():
         assert out.returncode == 0, out.stderr
         out = subprocess.run([tool, "--profile", "demo", "config", "--services"], cwd=d,
                              capture_output=True, text=True, timeout=120)
-        assert set(out.stdout.split()) == {"redis", "gateway-1", "gateway-2", "gateway-3", "nginx", "fake-gemini"}
+        assert set(out.stdout.split()) == {"redis", "gateway-1", "gateway-2", "gateway-3", "nginx",
+                                           "fake-gemini", "prometheus"}
+        services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+        assert services["fake-gemini"]["profiles"] == ["demo"]
+        assert services["prometheus"]["profiles"] == ["monitoring"]
 
 
 def test_docker_compose_cluster_override_puts_the_stack_on_a_six_node_cluster():
@@ -90,5 +178,12 @@ def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck():
     text = (ROOT / "Dockerfile").read_text()
     assert text.count("FROM ") >= 2
     assert "USER 10001" in text
+    assert "ARG BUILDER_IMAGE=" in text and "ARG RUNTIME_IMAGE=debian:bookworm-slim" in text
+    rust_version = re.search(r'^rust-version = "([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
+    assert f"ARG BUILDER_IMAGE=rust:{rust_version}-slim-bookworm" in text, "the builder is the crate's rust-version"
+    assert "AS fake" in text, "the fake upstream has its own target"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for arg, value in compose["x-build-args"].items():
+        assert f"ARG {arg}={value.split(':-', 1)[1].rstrip('}')}" in text, f"compose's {arg} default is the Dockerfile's"
     assert "HEALTHCHECK" in text
     assert "GB_API_KEYS" not in text and "GB_AUTH_TOKENS" not in text, "no secrets baked in"

@@ -1,0 +1,600 @@
+"""The deployment files, run: the image built from the Dockerfile and the
+docker-compose stack (demo profile: nginx, three replicas, Redis with AOF,
+the fake upstream), driven through nginx's published port with the real
+google-genai SDK, then faults.
+
+The test starts its own dockerd (own data root, exec root and socket), makes
+the base images locally (scripts/base-images: debootstrap + docker import,
+cached under GB_DOCKER_CACHE), builds the release image and the fake's image,
+and removes everything it made at the end. Where dockerd cannot start it
+skips, loudly.
+"""
+
+import http.client
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+from conftest import KEYS, TOKEN, Fake, free_port  # noqa: E402
+
+ADMIN = "container-admin-token-0123"
+MODEL = "gemini-2.0-flash"
+GENERATE = f"/v1beta/models/{MODEL}:generateContent"
+PROJECT = "gbstack"
+CACHE = pathlib.Path(os.environ.get(
+    "GB_DOCKER_CACHE", pathlib.Path.home() / ".cache" / "gemini-balancer-test" / "base-images"))
+BASES = {
+    "BUILDER_IMAGE": "gb-base/builder:bookworm",
+    "RUNTIME_IMAGE": "gb-base/runtime:bookworm",
+}
+
+
+def say(msg):
+    print(f"[container-stack] {msg}", flush=True)
+
+
+def loud_skip(reason):
+    bar = "=" * 72
+    sys.__stderr__.write(f"\n{bar}\nSKIP container stack: {reason}\n{bar}\n")
+    sys.__stderr__.flush()
+    pytest.skip(reason)
+
+
+def wait_for(what, check, timeout=120, interval=0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as e:  # noqa: BLE001 - polled until the deadline
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+class Dockerd:
+    """A dockerd of the test's own, reached through DOCKER_HOST."""
+
+    def __init__(self):
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="gbd-", dir="/tmp"))
+        self.sock = self.dir / "docker.sock"
+        self.env = dict(os.environ, DOCKER_HOST=f"unix://{self.sock}", DOCKER_BUILDKIT="0",
+                        COMPOSE_DOCKER_CLI_BUILD="0")
+        self.log = open(self.dir / "dockerd.log", "w")
+        self.proc = subprocess.Popen(
+            ["dockerd", "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "exec"),
+             "--pidfile", str(self.dir / "dockerd.pid"), "-H", f"unix://{self.sock}",
+             "--iptables=false", "--ip6tables=false", "--bridge=none"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def ready(self):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if self.run("docker", "info", check=False, quiet=True).returncode == 0:
+                return True
+            time.sleep(0.5)
+        return False
+
+    def log_tail(self, n=30):
+        try:
+            return "".join((self.dir / "dockerd.log").read_text().splitlines(True)[-n:])
+        except OSError:
+            return ""
+
+    def run(self, *args, check=True, quiet=False, cwd=None, env=None, timeout=600, input=None):
+        out = subprocess.run(list(args), env=dict(self.env, **(env or {})), cwd=cwd, input=input,
+                             capture_output=True, text=True, timeout=timeout)
+        if check and out.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        return out
+
+    def stream(self, *args, cwd=None, env=None, keep=lambda line: True, timeout=3600):
+        """Runs a long command, printing the lines `keep` selects."""
+        tail = []
+        proc = subprocess.Popen(list(args), env=dict(self.env, **(env or {})), cwd=cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout:
+            tail = (tail + [line])[-80:]
+            if keep(line):
+                say(line.rstrip())
+            if time.monotonic() > deadline:
+                proc.kill()
+        rc = proc.wait()
+        if rc != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({rc}):\n{''.join(tail)}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self.log.close()
+        # What dockerd may leave mounted (its network namespace), then the
+        # directory.
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1] for line in f]
+        for m in reversed(mounts):
+            if m.startswith(str(self.dir) + "/"):
+                subprocess.run(["umount", "-l", m], check=False)
+        subprocess.run(["rm", "-rf", str(self.dir)], check=False)
+        assert not self.dir.exists(), f"{self.dir} could not be removed"
+
+
+class Compose:
+    def __init__(self, docker, workdir, env):
+        self.docker = docker
+        self.dir = workdir
+        self.env = env
+
+    def __call__(self, *args, check=True, timeout=600):
+        return self.docker.run("docker-compose", "-p", PROJECT, "--profile", "demo", *args,
+                               cwd=self.dir, env=self.env, check=check, timeout=timeout)
+
+    def container(self, service):
+        cid = self("ps", "-q", service).stdout.strip()
+        assert cid, f"no container for {service}"
+        return cid
+
+    def logs(self, service):
+        out = self.docker.run("docker", "logs", self.container(service), check=False)
+        return out.stdout + out.stderr
+
+
+def build_keep(line):
+    return line.startswith(("Step ", "Successfully", " ---> Using cache")) or "Finished" in line \
+        or re.search(r"\berror(\[|:)", line) is not None
+
+
+@pytest.fixture(scope="module")
+def env():
+    started = time.monotonic()
+    if os.geteuid() != 0:
+        loud_skip("needs root to run dockerd and debootstrap")
+    for tool in ("dockerd", "docker", "docker-compose", "debootstrap"):
+        if not shutil.which(tool):
+            loud_skip(f"{tool} is not installed (scripts/test installs docker.io, docker-compose, debootstrap)")
+    docker = Dockerd()
+    if not docker.ready():
+        tail = docker.log_tail()
+        docker.stop()
+        loud_skip(f"dockerd could not start here:\n{tail}")
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="gb-compose-"))
+    compose = None
+    try:
+        t0 = time.monotonic()
+        docker.stream("bash", str(ROOT / "scripts" / "base-images"), str(CACHE))
+        say(f"base images ready in {time.monotonic() - t0:.0f} s")
+
+        t0 = time.monotonic()
+        args = [f"--build-arg={k}={v}" for k, v in BASES.items()]
+        docker.stream("docker", "build", "--network", "host", *args, "-t", "gemini-balancer:latest",
+                      str(ROOT), keep=build_keep)
+        docker.stream("docker", "build", "--network", "host", *args, "--target", "fake",
+                      "-t", "gemini-balancer-fake:latest", str(ROOT), keep=build_keep)
+        say(f"images built in {time.monotonic() - t0:.0f} s")
+
+        shutil.copy(ROOT / "docker-compose.yml", workdir)
+        shutil.copytree(ROOT / "deploy", workdir / "deploy")
+        port = free_port()
+        (workdir / ".env").write_text(
+            f"GB_API_KEYS={','.join(KEYS)}\n"
+            f"GB_AUTH_TOKENS={TOKEN}\n"
+            f"GB_ADMIN_TOKEN={ADMIN}\n"
+            f"GB_PUBLIC_URL=http://127.0.0.1:{port}\n"
+            "GB_UPSTREAM_URL=http://fake-gemini:8000\n")
+        compose = Compose(docker, workdir, {
+            "REDIS_IMAGE": "gb-base/redis:bookworm",
+            "NGINX_IMAGE": "gb-base/nginx:bookworm",
+            "GB_HTTP_ADDR": "127.0.0.1",
+            "GB_HTTP_PORT": str(port),
+        })
+        t0 = time.monotonic()
+        compose("up", "-d", "--no-build")
+        ctx = {"docker": docker, "compose": compose, "url": f"http://127.0.0.1:{port}", "port": port}
+        wait_until_serving(ctx)
+        say(f"compose stack serving in {time.monotonic() - t0:.0f} s")
+        yield ctx
+    finally:
+        try:
+            if compose is not None:
+                for service in ("gateway-1", "gateway-2", "gateway-3"):
+                    logs = compose.logs(service) if compose("ps", "-q", service, check=False).stdout.strip() else ""
+                    for secret in KEYS + [TOKEN, ADMIN]:
+                        assert secret not in logs, f"a key or token was logged by {service}"
+        finally:
+            cleanup(docker, compose)
+            shutil.rmtree(workdir, ignore_errors=True)
+            say(f"docker part took {time.monotonic() - started:.0f} s in all")
+
+
+def cleanup(docker, compose):
+    if compose is not None:
+        compose("down", "-v", "--remove-orphans", "--rmi", "all", check=False, timeout=300)
+    # Whatever is left that the test made: containers, networks, volumes,
+    # images (the base images, the intermediate build images).
+    ids = docker.run("docker", "ps", "-aq", check=False).stdout.split()
+    if ids:
+        docker.run("docker", "rm", "-f", *ids, check=False)
+    docker.run("docker", "network", "prune", "-f", check=False)
+    docker.run("docker", "volume", "prune", "-f", check=False)
+    docker.run("docker", "image", "prune", "-af", check=False, timeout=600)
+    left = {
+        "containers": docker.run("docker", "ps", "-aq", check=False).stdout.split(),
+        "volumes": docker.run("docker", "volume", "ls", "-q", check=False).stdout.split(),
+        "images": docker.run("docker", "images", "-aq", check=False).stdout.split(),
+        "networks": [n for n in docker.run("docker", "network", "ls", "--format", "{{.Name}}",
+                                            check=False).stdout.split() if n not in ("host", "none", "bridge")],
+    }
+    docker.stop()
+    say(f"removed; left behind: {left}")
+    assert not any(left.values()), left
+
+
+def health(docker, cid):
+    out = docker.run("docker", "inspect", "-f", "{{.State.Health.Status}}", cid, check=False)
+    return out.stdout.strip()
+
+
+def wait_until_serving(ctx):
+    docker, compose = ctx["docker"], ctx["compose"]
+    for service in ("gateway-1", "gateway-2", "gateway-3"):
+        cid = compose.container(service)
+        wait_for(f"{service} healthy (HEALTHCHECK: gemini-balancer healthcheck)",
+                 lambda: health(docker, cid) == "healthy", timeout=180)
+    wait_for("nginx answers /healthz", lambda: http_get(ctx["url"] + "/healthz")[0] == 200, timeout=120)
+    wait_for("the fake's control port", lambda: fake(ctx).requests() is not None, timeout=60)
+
+
+def fake(ctx):
+    out = ctx["compose"]("port", "fake-gemini", "8000").stdout.strip()
+    return Fake(f"http://{out}")
+
+
+def http_get(url, headers=None):
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def generate(url, body=None, headers=None, timeout=60):
+    data = json.dumps(body or {"contents": [{"parts": [{"text": "hello"}]}]}).encode()
+    req = urllib.request.Request(url + GENERATE, data=data, method="POST", headers={
+        "content-type": "application/json", "x-goog-api-key": TOKEN, **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def client(url, headers=None):
+    from google import genai
+    from google.genai import types
+    opts = {"base_url": url, "api_version": "v1beta"}
+    if headers:
+        opts["headers"] = headers
+    return genai.Client(api_key=TOKEN, http_options=types.HttpOptions(**opts))
+
+
+def upload(c, data, name):
+    from google.genai import types
+    return c.files.upload(file=io.BytesIO(data),
+                          config=types.UploadFileConfig(mime_type="text/plain", display_name=name))
+
+
+def replica_of(ctx, request_id):
+    """The gateway service whose log carries this request id."""
+    def find():
+        hits = [s for s in ("gateway-1", "gateway-2", "gateway-3") if request_id in ctx["compose"].logs(s)]
+        return hits[0] if hits else None
+    return wait_for(f"a replica's log line with request id {request_id}", find, timeout=30)
+
+
+def use_files(c, files):
+    from google.genai import types
+    parts = [types.Part.from_uri(file_uri=f.uri, mime_type=f.mime_type) for f in files]
+    return c.models.generate_content(model=MODEL, contents=parts + ["Compare these files."])
+
+
+def binding_keys(ctx):
+    """Every binding in Redis (sessions, uploads, files), not heartbeats,
+    locks, counters or statistics."""
+    out = ctx["compose"]("exec", "-T", "redis", "redis-cli", "--scan", "--pattern", "gb:*").stdout
+    skip = (":replica:", ":lock:", ":stats:", ":{ring:", ":layout")
+    return {k for k in out.split() if not any(s in k for s in skip)}
+
+
+class Traffic:
+    """Background generate calls through nginx from several threads; each
+    request's start, end and outcome are kept."""
+
+    def __init__(self, url, threads=4):
+        self.url = url
+        self.stop_flag = threading.Event()
+        self.done = []  # (start, end, status)
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def loop(self):
+        while not self.stop_flag.is_set():
+            start = time.monotonic()
+            try:
+                status, _ = generate(self.url, timeout=120)
+            except Exception as e:  # noqa: BLE001 - a failed request is counted
+                status = repr(e)
+            with self.lock:
+                self.done.append((start, time.monotonic(), status))
+
+    def count(self):
+        with self.lock:
+            return sum(1 for r in self.done if r[2] == 200)
+
+    def stop(self):
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout=180)
+        with self.lock:
+            ok = sum(1 for r in self.done if r[2] == 200)
+            return ok, [r for r in self.done if r[2] != 200]
+
+
+STATE = {}
+
+
+def test_the_release_image_holds_the_gateway_only(env):
+    docker = env["docker"]
+    size = int(docker.run("docker", "image", "inspect", "-f", "{{.Size}}", "gemini-balancer:latest").stdout)
+    listing = docker.run("docker", "run", "--rm", "--entrypoint", "ls", "gemini-balancer:latest",
+                         "-la", "/usr/local/bin").stdout
+    say(f"release image gemini-balancer:latest: {size / 1e6:.1f} MB; /usr/local/bin:\n{listing}")
+    names = {line.split()[-1] for line in listing.splitlines()[1:] if line.split()[-1] not in (".", "..")}
+    assert names == {"gemini-balancer"}, listing
+    cfg = json.loads(docker.run("docker", "image", "inspect", "gemini-balancer:latest").stdout)[0]["Config"]
+    assert cfg["User"] == "10001:10001"
+    assert cfg["Healthcheck"]["Test"] == ["CMD", "gemini-balancer", "healthcheck"]
+    for var in cfg.get("Env") or []:
+        assert not var.startswith(("GB_API_KEYS", "GB_AUTH_TOKENS", "GB_ADMIN_TOKEN")), var
+    fake_bin = docker.run("docker", "run", "--rm", "--entrypoint", "ls", "gemini-balancer-fake:latest",
+                          "/usr/local/bin").stdout.split()
+    assert set(fake_bin) == {"fake-gemini", "test-proxy"}
+
+
+def test_seed_flow_two_uploads_of_one_session_on_different_replicas(env):
+    url = env["url"]
+    sid = str(uuid.uuid4())
+    files, replicas = [], []
+    for i in range(6):
+        rid = f"seed-{uuid.uuid4().hex}"
+        f = upload(client(url, {"X-Session-Id": sid, "x-request-id": rid}), f"file {i}".encode(), f"f{i}")
+        files.append(f)
+        replicas.append(replica_of(env, rid))
+        if len(set(replicas)) >= 2:
+            break
+    assert len(set(replicas)) >= 2, f"every upload landed on {replicas}"
+    first = files[0]
+    other = next(f for f, r in zip(files, replicas) if r != replicas[0])
+    say(f"uploads of session {sid[:8]}… started on {replicas}")
+    owners = fake(env).file_owners()
+    assert owners[first.name] == owners[other.name], "one session, one key"
+    r = use_files(client(url), [first, other])
+    assert "2 files" in r.text, r.text
+    STATE.update(sid=sid, files=[first, other], owner=owners[first.name])
+
+
+def test_one_sse_stream_event_by_event_through_nginx(env):
+    conn = http.client.HTTPConnection("127.0.0.1", env["port"], timeout=60)
+    body = json.dumps({"contents": [{"parts": [{"text": "hello"}]}]})
+    conn.request("POST", f"/v1beta/models/{MODEL}:streamGenerateContent?alt=sse", body=body, headers={
+        "content-type": "application/json", "x-goog-api-key": TOKEN, "x-fake-hold": "container-sse"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("content-type").startswith("text/event-stream")
+
+    def event():
+        lines = []
+        while True:
+            line = resp.readline()
+            assert line, "the stream ended early"
+            if line in (b"\r\n", b"\n"):
+                if lines:
+                    return b"".join(lines).decode()
+                continue
+            lines.append(line)
+
+    # The fake holds the rest of the stream until released: the first event
+    # arrives only if nginx passes it on as it comes.
+    first = event()
+    assert "chunk 0" in first and "chunk 1" not in first, first
+    fake(env)._call("POST", "/_fake/release/container-sse", {})
+    rest = [event(), event()]
+    assert "chunk 1" in rest[0] and "chunk 2" in rest[1], rest
+    for e in [first] + rest:
+        assert e.startswith("data: ") and json.loads(e[len("data: "):])["candidates"]
+    conn.close()
+
+
+def test_a_256_mib_upload_through_nginx(env):
+    size = 256 << 20
+    f = upload(client(env["url"]), b"\0" * size, "big")
+    assert int(f.size_bytes) == size
+    r = use_files(client(env["url"]), [f])
+    assert "1 files" in r.text, r.text
+
+
+def test_metrics_and_admin_are_internal_only(env):
+    url = env["url"]
+    for path in ("/metrics", "/admin", "/admin/", "/admin/api/keys", "/%61dmin/api/keys"):
+        status, body = http_get(url + path, {"authorization": f"Bearer {ADMIN}"})
+        assert status == 404, f"{path} through the public port: {status} {body}"
+    # The internal listener, as Prometheus (deploy/prometheus.yml) and an
+    # operator on the compose network reach it.
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert sorted(targets) == ["gateway-1:9000", "gateway-2:9000", "gateway-3:9000"]
+    network = f"{PROJECT}_default"
+    script = "\n".join(
+        f'exec 3<>/dev/tcp/{t.split(":")[0]}/{t.split(":")[1]} && '
+        f'printf "GET /metrics HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n" >&3 && head -c 100000 <&3 | tr -d "\\r"; exec 3<&-'
+        for t in targets)
+    out = env["docker"].run("docker", "run", "--rm", "--network", network, "gb-base/runtime:bookworm",
+                            "bash", "-c", script).stdout
+    assert len(re.findall(r"^HTTP/1\.[01] 200 ", out, re.M)) == 3, out[:2000]
+    assert "gb_requests_total" in out
+    admin = env["docker"].run(
+        "docker", "run", "--rm", "--network", network, "gb-base/runtime:bookworm", "bash", "-c",
+        'exec 3<>/dev/tcp/gateway-2/9000 && printf "GET /admin/api/keys HTTP/1.0\\r\\n'
+        f'Authorization: Bearer {ADMIN}\\r\\n\\r\\n" >&3 && cat <&3').stdout
+    assert re.match(r"HTTP/1\.[01] 200 ", admin), admin[:500]
+    assert '"masked"' in admin and not any(k in admin for k in KEYS), "the admin API never shows a key"
+    for service in ("gateway-1", "gateway-2", "gateway-3"):
+        ports = env["docker"].run("docker", "port", env["compose"].container(service)).stdout
+        assert ports.strip() == "", f"{service} publishes {ports}"
+
+
+def test_killing_a_replica_fails_only_in_flight_requests(env):
+    docker, compose = env["docker"], env["compose"]
+    traffic = Traffic(env["url"], threads=4)
+    try:
+        wait_for("traffic flowing", lambda: traffic.count() >= 20, timeout=120)
+        victim = compose.container("gateway-2")
+        kill_started = time.monotonic()
+        docker.run("docker", "kill", victim)
+        kill_done = time.monotonic()
+        at_kill = traffic.count()
+        say(f"killed gateway-2 after {at_kill} requests")
+        wait_for("traffic flowing past the dead replica", lambda: traffic.count() >= at_kill + 60, timeout=300)
+    finally:
+        ok, failed = traffic.stop()
+    say(f"replica kill: {ok} requests ok, {len(failed)} failed {[f[2] for f in failed[:8]]}")
+    # Only requests in flight while the replica died may fail: none that
+    # ended before the kill began, none that started after it was dead.
+    for start, end, status in failed:
+        assert end >= kill_started and start <= kill_done, \
+            f"a request not in flight failed ({status}): {start - kill_started:+.3f} s .. {end - kill_started:+.3f} s"
+    docker.run("docker", "start", victim)
+    wait_for("gateway-2 healthy again", lambda: health(docker, victim) == "healthy", timeout=180)
+
+
+def test_redis_restart_keeps_bindings_through_aof(env):
+    assert STATE, "the seed flow ran first"
+    compose = env["compose"]
+    before = binding_keys(env)
+    assert len(before) >= 3, before  # a session and its two files at least
+    traffic = Traffic(env["url"], threads=2)
+    try:
+        wait_for("traffic flowing", lambda: traffic.count() >= 10, timeout=120)
+        compose("restart", "redis")
+        wait_for("redis healthy", lambda: health(env["docker"], compose.container("redis")) == "healthy",
+                 timeout=120)
+        at = traffic.count()
+        wait_for("traffic after the restart", lambda: traffic.count() >= at + 20, timeout=120)
+    finally:
+        ok, failed = traffic.stop()
+    say(f"redis restart: {ok} requests ok, {len(failed)} failed {[f[2] for f in failed[:8]]}")
+    after = binding_keys(env)
+    assert before <= after, f"lost: {sorted(before - after)}"
+    # The session still binds new uploads to its key, the files still go
+    # to their owner.
+    rid = f"after-redis-{uuid.uuid4().hex}"
+    f = upload(client(env["url"], {"X-Session-Id": STATE["sid"], "x-request-id": rid}), b"later", "later")
+    assert fake(env).file_owners()[f.name] == STATE["owner"]
+    r = use_files(client(env["url"]), STATE["files"] + [f])
+    assert "3 files" in r.text, r.text
+
+
+def test_down_and_up_still_routes_earlier_files_to_their_owner(env):
+    assert STATE, "the seed flow ran first"
+    compose = env["compose"]
+    before = binding_keys(env)
+    compose("down", timeout=300)
+    compose("up", "-d", "--no-build", timeout=300)
+    wait_until_serving(env)
+    assert before <= binding_keys(env), "the Redis volume outlived down + up"
+    # The fake upstream is a new process without the files; what is checked
+    # is where the gateway sends a request that references one: straight to
+    # the key that owns it (a lost binding would show as discovery probes on
+    # other keys first).
+    up = fake(env)
+    for f in STATE["files"]:
+        up.reset()
+        generate(env["url"], {"contents": [{"parts": [
+            {"fileData": {"fileUri": f.uri, "mimeType": "text/plain"}}, {"text": "what is it?"}]}]})
+        reqs = [r for r in up.requests() if not r["path"].endswith("/models")]
+        assert len(reqs) == 1 and ":generateContent" in reqs[0]["path"], reqs
+        assert reqs[0]["headers"]["x-goog-api-key"] == STATE["owner"]
+
+
+def checkout_copy(dest):
+    """The project's files as a user's checkout has them."""
+    out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         capture_output=True, check=True)
+    for name in filter(None, out.stdout.decode().split("\0")):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def test_the_readme_quick_start(env):
+    """README's compose quick start, command for command, in a copy of the
+    checkout. The environment supplies what this machine lacks: the local
+    base images and Debian's Redis and nginx (no registry), the build
+    network for crates.io, and a free port instead of 8080."""
+    env["compose"]("down", "-v", timeout=300)
+    checkout = pathlib.Path(tempfile.mkdtemp(prefix="gb-checkout-"))
+    try:
+        checkout_copy(checkout)
+        compose = Compose(env["docker"], checkout, dict(env["compose"].env, GB_BUILD_NETWORK="host", **BASES))
+        # cp .env.example .env
+        shutil.copy(checkout / ".env.example", checkout / ".env")
+        # echo GB_UPSTREAM_URL=http://fake-gemini:8000 >> .env
+        with open(checkout / ".env", "a") as f:
+            f.write("GB_UPSTREAM_URL=http://fake-gemini:8000\n")
+        # docker-compose --profile demo up -d --build
+        compose("up", "-d", "--build", timeout=1800)
+        for service in ("gateway-1", "gateway-2", "gateway-3"):
+            cid = compose.container(service)
+            wait_for(f"{service} healthy", lambda: health(env["docker"], cid) == "healthy", timeout=180)
+        # curl localhost:8080/v1beta/models -H "x-goog-api-key: change-me-client-token"
+        status, body = wait_for(
+            "the models list through nginx",
+            lambda: (lambda r: r if r[0] == 200 else None)(
+                http_get(env["url"] + "/v1beta/models", {"x-goog-api-key": "change-me-client-token"})),
+            timeout=60)
+        assert f"models/{MODEL}" in body, body
+        readme = (ROOT / "README.md").read_text()
+        for line in ("cp .env.example .env", "echo GB_UPSTREAM_URL=http://fake-gemini:8000 >> .env",
+                     "docker-compose --profile demo up -d --build",
+                     'curl localhost:8080/v1beta/models -H "x-goog-api-key: change-me-client-token"'):
+            assert line in readme, f"the README's quick start still says: {line}"
+    finally:
+        shutil.rmtree(checkout, ignore_errors=True)
