@@ -21,10 +21,12 @@ pub struct Auth {
 struct TokenSet {
     tokens: Vec<(Arc<ClientToken>, [u8; 32])>,
     digest: String,
+    /// Token id → label (`label=token` entries), for operators' pages.
+    labels: Vec<(String, String)>,
 }
 
 impl TokenSet {
-    fn new(tokens: &[SecretString]) -> Self {
+    fn new(tokens: &[SecretString], labels: Vec<(String, String)>) -> Self {
         let tokens: Vec<(Arc<ClientToken>, [u8; 32])> = tokens
             .iter()
             .map(|t| {
@@ -38,6 +40,7 @@ impl TokenSet {
         Self {
             digest: crate::keys::set_digest(&ids),
             tokens,
+            labels,
         }
     }
 }
@@ -77,17 +80,25 @@ fn write<T>(lock: &RwLock<T>, value: T) {
 }
 
 impl Auth {
-    pub fn new(tokens: &[SecretString], admin: Option<&SecretString>) -> Self {
+    pub fn new(
+        tokens: &[SecretString],
+        labels: Vec<(String, String)>,
+        admin: Option<&SecretString>,
+    ) -> Self {
         Self {
-            tokens: RwLock::new(Arc::new(TokenSet::new(tokens))),
+            tokens: RwLock::new(Arc::new(TokenSet::new(tokens, labels))),
             admin: RwLock::new(admin.map(Admin::new)),
         }
     }
 
     /// Puts a new set of client tokens in place; returns (before, after)
     /// counts.
-    pub fn replace_tokens(&self, tokens: &[SecretString]) -> (usize, usize) {
-        let next = Arc::new(TokenSet::new(tokens));
+    pub fn replace_tokens(
+        &self,
+        tokens: &[SecretString],
+        labels: Vec<(String, String)>,
+    ) -> (usize, usize) {
+        let next = Arc::new(TokenSet::new(tokens, labels));
         let before = read(&self.tokens).tokens.len();
         let after = next.tokens.len();
         write(&self.tokens, next);
@@ -97,6 +108,15 @@ impl Auth {
     /// Puts a new admin token in place (page sessions of the old one end).
     pub fn replace_admin(&self, admin: Option<&SecretString>) {
         write(&self.admin, admin.map(Admin::new));
+    }
+
+    /// The label a client token was given, if any.
+    pub fn label_of(&self, token_id: &str) -> Option<String> {
+        read(&self.tokens)
+            .labels
+            .iter()
+            .find(|(id, _)| id == token_id)
+            .map(|(_, label)| label.clone())
     }
 
     /// A digest of the client token ids in force.
@@ -164,6 +184,7 @@ mod tests {
     fn auth() -> Auth {
         Auth::new(
             &[SecretString::from("tok-a"), SecretString::from("tok-b")],
+            Vec::new(),
             Some(&SecretString::from("adm")),
         )
     }

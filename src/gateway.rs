@@ -1,6 +1,6 @@
 //! The state every worker shares: settings, key pool, client tokens, store.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::auth::Auth;
@@ -26,6 +26,8 @@ pub struct Gateway {
     /// Usage per hour, token, key and model, and the recent upstream errors.
     pub usage: Arc<crate::usage::Usage>,
     draining: AtomicBool,
+    /// When the keys or tokens in force were last loaded (Unix ms).
+    loaded_ms: AtomicU64,
 }
 
 impl Gateway {
@@ -36,7 +38,11 @@ impl Gateway {
         let metrics_usage = metrics.clone();
         Self {
             keys: KeyPool::new(&settings.api_keys),
-            auth: Auth::new(&settings.auth_tokens, settings.admin_token.as_ref()),
+            auth: Auth::new(
+                &settings.auth_tokens,
+                settings.token_labels.clone(),
+                settings.admin_token.as_ref(),
+            ),
             settings,
             store,
             metrics,
@@ -52,7 +58,19 @@ impl Gateway {
                 uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
             )),
             draining: AtomicBool::new(false),
+            loaded_ms: AtomicU64::new(crate::store::now_ms()),
         }
+    }
+
+    /// Notes that keys or tokens were (re)loaded now.
+    pub fn mark_loaded(&self) {
+        self.loaded_ms
+            .store(crate::store::now_ms(), Ordering::Relaxed);
+    }
+
+    /// When the keys or tokens in force were last loaded (Unix ms).
+    pub fn loaded_ms(&self) -> u64 {
+        self.loaded_ms.load(Ordering::Relaxed)
     }
 
     /// Records one upstream answer for a key: metrics and hourly statistics.

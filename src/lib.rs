@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod probe;
 pub mod proxy;
 pub mod recheck;
+pub mod reload;
 pub mod replicas;
 pub mod resources;
 pub mod routes;

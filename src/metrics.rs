@@ -85,6 +85,8 @@ pub struct Metrics {
     pub store_latency: Histogram,
     pub store_errors: Counter,
     pub sessions_bound: Counter,
+    pub config_reloads: Counter,
+    pub config_reload_errors: Counter,
     pub uploads_bound_by_token: Counter,
     pub mixed_owner_conflicts: Counter,
     pub uploads_started: Counter,
@@ -118,6 +120,8 @@ impl Metrics {
             store_latency: latency_histogram(),
             store_errors: Counter::default(),
             sessions_bound: Counter::default(),
+            config_reloads: Counter::default(),
+            config_reload_errors: Counter::default(),
             uploads_bound_by_token: Counter::default(),
             mixed_owner_conflicts: Counter::default(),
             uploads_started: Counter::default(),
@@ -183,6 +187,16 @@ impl Metrics {
             "sessions_bound",
             "Sessions bound to a key by this replica",
             m.sessions_bound.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Reloads of the keys, tokens or admin token files that took effect",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "config_reload_errors",
+            "Reloads refused (unreadable, empty or malformed file; the last good set stays)",
+            m.config_reload_errors.clone(),
         );
         registry.register(
             "uploads_bound_by_token",

@@ -22,6 +22,15 @@ pub struct ReplicaInfo {
     pub version: String,
     pub started_ms: u64,
     pub seen_ms: u64,
+    /// Digests of the key ids and client token ids the replica serves with,
+    /// and when it last loaded them: after a change of the mounted secrets,
+    /// every replica should show the same digests.
+    #[serde(default)]
+    pub keys_digest: String,
+    #[serde(default)]
+    pub tokens_digest: String,
+    #[serde(default)]
+    pub loaded_ms: u64,
 }
 
 pub async fn run(gw: Arc<Gateway>, addr: SocketAddr) {
@@ -50,6 +59,9 @@ async fn beat(gw: &Gateway, addr: SocketAddr) {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_ms: gw.started_ms,
         seen_ms: now_ms(),
+        keys_digest: gw.keys.digest(),
+        tokens_digest: gw.auth.tokens_digest(),
+        loaded_ms: gw.loaded_ms(),
     };
     let Ok(value) = serde_json::to_string(&info) else {
         return;

@@ -284,11 +284,30 @@ pub async fn body_owner(
     keys.dedup();
     match keys.as_slice() {
         [] => Ok(None),
-        [one] => Ok(gw.keys.by_id(one)),
+        [one] => match gw.keys.by_id(one) {
+            Some(key) => Ok(Some(key)),
+            None => Err(RefError::Refused(gone_key(
+                &owned.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            ))),
+        },
         _ => Err(RefError::Mixed(
             owned.iter().map(|(n, _)| n.to_string()).collect(),
         )),
     }
+}
+
+/// The answer for resources whose owner key was removed from the gateway's
+/// configuration: they exist only in that key's project, so no other key
+/// can serve them, and the request is never sent.
+pub fn gone_key(names: &[&str]) -> crate::error::ApiError {
+    crate::error::ApiError::new(
+        actix_web::http::StatusCode::GONE,
+        format!(
+            "{} belong to an API key that is no longer configured on the gateway: they \
+             exist only in that key's project. Upload or create them again.",
+            names.join(", ")
+        ),
+    )
 }
 
 /// The 409 message for resources on different keys.

@@ -48,6 +48,12 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub api_keys: Vec<SecretString>,
     pub auth_tokens: Vec<SecretString>,
+    /// Secrets files re-read while running (`GB_*_FILE`).
+    pub api_keys_file: Option<SecretFile>,
+    pub auth_tokens_file: Option<SecretFile>,
+    pub admin_token_file: Option<SecretFile>,
+    /// How often those files are checked (`GB_RELOAD_INTERVAL`).
+    pub reload_interval: Duration,
     pub admin_token: Option<SecretString>,
     pub upstream_url: String,
     pub upstream_ca_file: Option<String>,
@@ -100,6 +106,27 @@ pub struct Settings {
     /// Internal listener for `/metrics` and `/admin` (`GB_ADMIN_LISTEN`);
     /// when set, the public listener answers 404 there.
     pub admin_listen: Option<SocketAddr>,
+}
+
+/// A secrets file and a digest of the content the settings were read from,
+/// so a reload sees any change made after that.
+#[derive(Debug, Clone)]
+pub struct SecretFile {
+    pub path: String,
+    pub digest: [u8; 32],
+}
+
+impl SecretFile {
+    fn read(key: &str, path: &str) -> Result<(Self, String), SettingsError> {
+        use sha2::{Digest, Sha256};
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(key, format!("cannot read the file: {}", e.kind())))?;
+        let file = SecretFile {
+            path: path.to_string(),
+            digest: Sha256::digest(text.as_bytes()).into(),
+        };
+        Ok((file, text))
+    }
 }
 
 /// Reads settings from the layered sources described in the module docs.
@@ -216,6 +243,19 @@ impl Raw {
         }
     }
 
+    /// The path in `GB_{KEY}_FILE`; giving both it and `GB_{KEY}` is an error.
+    fn file_of(&self, key: &str) -> Result<Option<String>, SettingsError> {
+        let file = self.opt(&format!("{key}_file"));
+        if file.is_some() && self.opt(key).is_some() {
+            let var = format!("GB_{}", key.to_uppercase());
+            return Err(SettingsError {
+                var: format!("{var} and {var}_FILE"),
+                problem: "give one of them, not both".into(),
+            });
+        }
+        Ok(file)
+    }
+
     fn redis_mode(&self) -> Result<crate::store::RedisMode, SettingsError> {
         use crate::store::RedisMode;
         match self.req("redis_mode")?.to_ascii_lowercase().as_str() {
@@ -238,12 +278,14 @@ impl Raw {
             )
         })?;
 
-        let mut api_keys = self.list("api_keys");
-        if let Some(path) = self.opt("api_keys_file") {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| err("api_keys_file", format!("cannot read the file: {e}")))?;
-            api_keys.extend(split_list(&text, '\n'));
-        }
+        let (api_keys_file, mut api_keys) = match self.file_of("api_keys")? {
+            Some(path) => {
+                let (file, text) = SecretFile::read("api_keys_file", &path)?;
+                let keys = crate::reload::parse_keys(&text).map_err(|p| err("api_keys_file", p))?;
+                (Some(file), keys)
+            }
+            None => (None, self.list("api_keys")),
+        };
         dedup_secrets(&mut api_keys);
         if api_keys.is_empty() {
             return Err(err(
@@ -252,13 +294,36 @@ impl Raw {
             ));
         }
 
-        let mut auth_tokens = self.list("auth_tokens");
-        let token_labels = split_labels(&mut auth_tokens);
+        let (auth_tokens_file, (mut auth_tokens, token_labels)) =
+            match self.file_of("auth_tokens")? {
+                Some(path) => {
+                    let (file, text) = SecretFile::read("auth_tokens_file", &path)?;
+                    let parsed = crate::reload::parse_tokens(&text)
+                        .map_err(|p| err("auth_tokens_file", p))?;
+                    (Some(file), parsed)
+                }
+                None => {
+                    let mut tokens = self.list("auth_tokens");
+                    let labels = split_labels(&mut tokens);
+                    (None, (tokens, labels))
+                }
+            };
         dedup_secrets(&mut auth_tokens);
         if auth_tokens.is_empty() {
-            return Err(err("auth_tokens", "at least one client token is required"));
+            return Err(err(
+                "auth_tokens",
+                "at least one client token is required (or GB_AUTH_TOKENS_FILE)",
+            ));
         }
-        let admin_token = self.opt("admin_token").map(SecretString::from);
+        let (admin_token_file, admin_token) = match self.file_of("admin_token")? {
+            Some(path) => {
+                let (file, text) = SecretFile::read("admin_token_file", &path)?;
+                let token =
+                    crate::reload::parse_admin(&text).map_err(|p| err("admin_token_file", p))?;
+                (Some(file), Some(token))
+            }
+            None => (None, self.opt("admin_token").map(SecretString::from)),
+        };
         if let Some(admin) = &admin_token {
             use secrecy::ExposeSecret;
             if auth_tokens
@@ -375,6 +440,10 @@ impl Raw {
             listen,
             api_keys,
             auth_tokens,
+            api_keys_file,
+            auth_tokens_file,
+            admin_token_file,
+            reload_interval: self.secs("reload_interval")?,
             admin_token,
             upstream_url,
             upstream_ca_file,
@@ -518,38 +587,7 @@ fn split_list(text: &str, sep: char) -> Vec<SecretString> {
         .collect()
 }
 
-/// Splits `label=token` entries: the entry becomes the bare token, and its
-/// id is paired with the label. A label is 1–40 letters, digits or `_.@-`;
-/// an entry whose text before the first `=` is not one is a bare token.
-fn split_labels(list: &mut [SecretString]) -> Vec<(String, String)> {
-    use secrecy::ExposeSecret;
-    let mut labels = Vec::new();
-    for entry in list.iter_mut() {
-        let parsed = entry
-            .expose_secret()
-            .split_once('=')
-            .and_then(|(label, token)| {
-                let ok = (1..=40).contains(&label.len())
-                    && label
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_.@-".contains(c))
-                    && !token.is_empty()
-                    && !token.starts_with('=');
-                ok.then(|| (label.to_string(), SecretString::from(token.to_string())))
-            });
-        if let Some((label, token)) = parsed {
-            labels.push((crate::identity::short_id(&token), label));
-            *entry = token;
-        }
-    }
-    labels
-}
-
-fn dedup_secrets(list: &mut Vec<SecretString>) {
-    use secrecy::ExposeSecret;
-    let mut seen = std::collections::HashSet::new();
-    list.retain(|s| seen.insert(s.expose_secret().to_string()));
-}
+use crate::reload::{dedup as dedup_secrets, split_labels};
 
 #[cfg(test)]
 mod tests {

@@ -209,6 +209,7 @@ impl Application {
                     }
                 });
             }
+            actix_rt::spawn(crate::reload::run(gw.clone()));
             actix_rt::spawn(crate::replicas::run(gw, addr));
         }
         Ok(Self {

@@ -307,7 +307,19 @@ async fn api_replicas(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpRe
     let list = replicas::list(gw.store())
         .await
         .map_err(|e| crate::pipeline::store_down(e, crate::error::Flavor::Gemini))?;
-    Ok(HttpResponse::Ok().json(json!({"replicas": list})))
+    let (keys, tokens) = (gw.keys.digest(), gw.auth.tokens_digest());
+    let rows: Vec<serde_json::Value> = list
+        .iter()
+        .map(|r| {
+            let mut v = json!(r);
+            v["differs"] = json!(r.keys_digest != keys || r.tokens_digest != tokens);
+            v
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "replicas": rows,
+        "this_replica": {"id": gw.replica, "keys_digest": keys, "tokens_digest": tokens, "loaded_ms": gw.loaded_ms()},
+    })))
 }
 
 fn proxy_rows(gw: &Gateway) -> Vec<serde_json::Value> {
@@ -516,15 +528,22 @@ async fn page(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, 
             outcomes.join(", ")
         );
     }
-    body.push_str("</table><h2>Replicas seen recently</h2><table id=\"replicas\"><tr><th>id</th><th>address</th><th>version</th><th>last seen</th></tr>");
+    body.push_str("</table><h2>Replicas seen recently</h2><table id=\"replicas\"><tr><th>id</th><th>address</th><th>version</th><th>last seen</th><th>keys / tokens (digests)</th><th>loaded</th></tr>");
+    let (keys_digest, tokens_digest) = (gw.keys.digest(), gw.auth.tokens_digest());
     for rep in &replicas {
+        let differs = rep.keys_digest != keys_digest || rep.tokens_digest != tokens_digest;
         let _ = write!(
             body,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} s ago</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} s ago</td><td class=\"{}\">{} / {}{}</td><td>{} s ago</td></tr>",
             esc(&rep.id),
             esc(&rep.addr),
             esc(&rep.version),
-            now.saturating_sub(rep.seen_ms) / 1000
+            now.saturating_sub(rep.seen_ms) / 1000,
+            if differs { "disabled" } else { "healthy" },
+            esc(&rep.keys_digest),
+            esc(&rep.tokens_digest),
+            if differs { " (differs from this replica)" } else { "" },
+            now.saturating_sub(rep.loaded_ms) / 1000
         );
     }
     body.push_str("</table>");

@@ -146,12 +146,10 @@ fn range(query: &str, now: u64) -> Result<Range, ApiError> {
     Ok(Range { from, to, by })
 }
 
-fn label_of<'a>(gw: &'a Gateway, token_id: &'a str) -> &'a str {
-    gw.settings
-        .token_labels
-        .iter()
-        .find(|(id, _)| id == token_id)
-        .map_or(token_id, |(_, label)| label.as_str())
+fn label_of(gw: &Gateway, token_id: &str) -> String {
+    gw.auth
+        .label_of(token_id)
+        .unwrap_or_else(|| token_id.to_string())
 }
 
 fn cell_json(row: &mut Map<String, Value>, cell: &Cell) {
@@ -433,7 +431,7 @@ pub async fn section(gw: &Gateway, query: &str) -> String {
         let _ = write!(
             out,
             "<tr><td>{}</td>{}</tr>",
-            esc(label_of(gw, &k[0])),
+            esc(&label_of(gw, &k[0])),
             cells_row(&cell)
         );
     }

@@ -56,7 +56,10 @@ pub async fn handle(
             }
             .filter(|r| r.owner == token.id)
             .ok_or_else(|| not_found(&name))?;
-            let key = gw.keys.by_id(&record.key).ok_or_else(|| not_found(&name))?;
+            let key = gw
+                .keys
+                .by_id(&record.key)
+                .ok_or_else(|| crate::resources::gone_key(&[name.as_str()]).flavor(FLAVOR))?;
             let query = edge.forward_query();
             let target = if query.is_empty() {
                 edge.path.clone()

@@ -17,6 +17,7 @@ mod live;
 mod migrations;
 mod ops;
 mod proxies;
+mod reload;
 mod resources;
 mod settings_effects;
 mod store;
