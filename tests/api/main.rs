@@ -18,5 +18,6 @@ mod ops;
 mod proxies;
 mod resources;
 mod settings_effects;
+mod shutdown;
 mod store;
 mod tls;
