@@ -11,6 +11,7 @@ mod files;
 mod hardening;
 mod health;
 mod helpers;
+mod hygiene;
 mod key_health;
 mod live;
 mod migrations;
