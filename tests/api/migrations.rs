@@ -307,3 +307,65 @@ async fn an_old_replica_keeps_serving_while_a_newer_one_migrates_and_a_fresh_pre
     );
     assert_eq!(redis.cmd(&["GET", "gb:layout"]), "$1\r\n3\r\n", "untouched");
 }
+
+#[actix_rt::test]
+async fn records_written_in_layout_1_are_read_after_the_upgrade_to_layout_2() {
+    let redis = Redis::start();
+    let ks = keys(3);
+    let fake = FakeUpstream::start(&ks);
+    // A file of key 2, recorded by a replica of layout 1 (no `created`),
+    // and key 0 cooling in layout 1's form.
+    let name = upload_file(
+        &format!("{}/upload/v1beta/files", fake.url),
+        None,
+        &[("x-goog-api-key", &ks[2])],
+        b"from layout 1",
+    )
+    .await;
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 600_000;
+    let record = json!({"key": key_id(&ks[2]), "owner": key_id(TOKEN)}).to_string();
+    redis.cmd(&["SET", "gb:layout", "1"]);
+    redis.cmd(&["SET", &format!("gb:file:{name}"), &record]);
+    redis.cmd(&[
+        "HSET",
+        "gb:{ring:keys}:s",
+        &key_id(&ks[0]),
+        &format!("c:{until}"),
+    ]);
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    assert_eq!(redis.cmd(&["GET", "gb:layout"]), "$1\r\n2\r\n");
+    let log = gw.log_text();
+    assert!(log.contains("migration=\"0002_resources\""), "{log}");
+    assert!(!log.contains("migration=\"0001_initial\""), "{log}");
+    fake.post("/_fake/reset", json!({})).await;
+    let (status, v) = post_json(
+        &format!("{}/v1beta/models/gemini-2.0-flash:generateContent", gw.url),
+        &file_body(&[&name]),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let seen = fake.requests().await;
+    assert_eq!(seen.len(), 1, "straight to its owner, no lookup: {seen:?}");
+    assert_eq!(seen[0]["key"], ks[2].as_str());
+    for _ in 0..6 {
+        let (status, v) = post_json(
+            &format!("{}/v1beta/models/gemini-2.0-flash:generateContent", gw.url),
+            &generate_body(),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert!(
+        fake.requests()
+            .await
+            .iter()
+            .all(|r| r["key"] != ks[0].as_str()),
+        "a key cooling in layout 1's form gets no traffic"
+    );
+}
