@@ -163,6 +163,22 @@ async fn an_upload_in_flight_finishes_after_sigterm() {
     );
     conn.write_all(head.as_bytes()).unwrap();
     conn.write_all(&data[..data.len() / 2]).unwrap();
+    // Signalled only once the chunk is on its way upstream: a request whose
+    // head the gateway has not read yet is an idle connection, closed at
+    // SIGTERM.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fake
+        .requests()
+        .await
+        .iter()
+        .any(|r| r["query"].as_str().unwrap_or("").contains("upload_id"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the chunk never reached upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     sigterm(&gw);
     wait_listener_closed(&gw).await;
     conn.write_all(&data[data.len() / 2..]).unwrap();
