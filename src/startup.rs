@@ -229,9 +229,10 @@ impl Application {
         self.admin_addr
     }
 
-    /// Serves until SIGTERM or SIGINT, then drains: readiness turns 503, no new
-    /// connections are accepted, in-flight requests and streams finish within
-    /// `GB_SHUTDOWN_GRACE` seconds.
+    /// Serves until SIGTERM or SIGINT, then drains: no new connections are
+    /// accepted (a request already being handled sees readiness 503), and
+    /// in-flight requests and streams finish within `GB_SHUTDOWN_GRACE`
+    /// seconds.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let gateway = self.gateway.clone();

@@ -1086,6 +1086,24 @@ impl Gateway {
     }
 }
 
+/// Every replica any test starts is checked when the test lets it go: no
+/// client token and no pool key (the test keys all start `AIzaFakeKey`) in
+/// anything it logged, whatever the test was about.
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let log = self.log_text();
+        for secret in [TOKEN, TOKEN_B, "AIzaFakeKey"] {
+            assert!(
+                !log.contains(secret),
+                "a replica logged a secret ({secret}…):\n{log}"
+            );
+        }
+    }
+}
+
 /// Runs the gateway binary to completion (configuration errors).
 pub fn run_gateway_expecting_exit(env: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gemini-balancer"));

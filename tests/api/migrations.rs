@@ -7,6 +7,7 @@ use std::time::Duration;
 use gemini_balancer::migrations::{apply_with, Migration, MIGRATIONS};
 use gemini_balancer::store::{RedisStore, StoreError};
 use secrecy::SecretString;
+use serde_json::json;
 
 use crate::helpers::*;
 
@@ -117,4 +118,254 @@ async fn real_replicas_starting_together_record_the_newest_layout_once() {
         .sum::<usize>();
     assert_eq!(applied, MIGRATIONS.len());
     assert!(redis.cmd(&["GET", "gb:layout"]).contains("\r\n2\r\n"));
+}
+
+/// A test layout 3 that marks every file record, and dies half-way the first
+/// time (while `gb:test:die` exists), as a replica killed mid-step would.
+fn marking(
+    store: &RedisStore,
+) -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + '_>> {
+    Box::pin(async move {
+        for i in 0..4 {
+            if i == 2 {
+                let mut del = deadpool_redis::redis::cmd("DEL");
+                del.arg(store.key(&["test", "die"]));
+                let died: i64 = store.command(del).await?;
+                if died == 1 {
+                    return Err(StoreError::Unavailable("killed half-way".into()));
+                }
+            }
+            // Idempotent: a record marked before the death is marked again,
+            // to the same value.
+            let mut set = deadpool_redis::redis::cmd("HSET");
+            set.arg(store.key(&["test", "marked"]))
+                .arg(i.to_string())
+                .arg("3");
+            let _: i64 = store.command(set).await?;
+            let mut runs = deadpool_redis::redis::cmd("HINCRBY");
+            runs.arg(store.key(&["test", "runs"]))
+                .arg(i.to_string())
+                .arg(1);
+            let _: i64 = store.command(runs).await?;
+        }
+        Ok(())
+    })
+}
+
+const WITH_A_STEP_THAT_DIES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial",
+        up: MIGRATIONS[0].up,
+    },
+    Migration {
+        version: 2,
+        name: "0002_resources",
+        up: MIGRATIONS[1].up,
+    },
+    Migration {
+        version: 3,
+        name: "0003_test_marking",
+        up: marking,
+    },
+];
+
+#[actix_rt::test]
+async fn a_migration_that_died_half_way_runs_again_to_the_end() {
+    let redis = Redis::start();
+    let s = store(&redis);
+    redis.cmd(&["SET", "gb:test:die", "1"]);
+    let err = apply_with(&s, WITH_A_STEP_THAT_DIES).await.unwrap_err();
+    assert!(err.to_string().contains("killed half-way"), "{err}");
+    // Half done: the steps before it are recorded, its own version is not,
+    // and the lock is free for the next replica.
+    assert_eq!(redis.cmd(&["GET", "gb:layout"]), "$1\r\n2\r\n");
+    assert_eq!(redis.cmd(&["HLEN", "gb:test:marked"]).trim(), ":2");
+    assert_eq!(redis.cmd(&["EXISTS", "gb:lock:migrate"]).trim(), ":0");
+    // The next replica's start runs the step again, to the end.
+    assert_eq!(apply_with(&s, WITH_A_STEP_THAT_DIES).await.unwrap(), 3);
+    assert_eq!(redis.cmd(&["GET", "gb:layout"]), "$1\r\n3\r\n");
+    assert_eq!(redis.cmd(&["HLEN", "gb:test:marked"]).trim(), ":4");
+    let runs = resp_strings(&redis.cmd(&["HGETALL", "gb:test:runs"]));
+    assert_eq!(
+        runs,
+        ["0", "2", "1", "2", "2", "1", "3", "1"],
+        "re-run from the start"
+    );
+    // And never again.
+    apply_with(&s, WITH_A_STEP_THAT_DIES).await.unwrap();
+    assert_eq!(redis.cmd(&["HGET", "gb:test:runs", "3"]), "$1\r\n1\r\n");
+}
+
+#[actix_rt::test]
+async fn a_migration_lock_held_by_another_replica_times_out_without_migrating() {
+    let redis = Redis::start();
+    // A replica that took the lock and hangs (its lease far from over).
+    redis.cmd(&["SET", "gb:lock:migrate", "someone-else", "EX", "600"]);
+    let err = apply_with(&store(&redis), WITH_TEST_MIGRATION)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the migration lock stayed taken for 30 s"),
+        "{err}"
+    );
+    assert_eq!(redis.cmd(&["EXISTS", "gb:layout"]).trim(), ":0");
+    assert_eq!(
+        redis.cmd(&["EXISTS", "gb:test:migration-runs"]).trim(),
+        ":0"
+    );
+    assert_eq!(
+        redis.cmd(&["GET", "gb:lock:migrate"]),
+        "$12\r\nsomeone-else\r\n",
+        "another replica's lock is left alone"
+    );
+}
+
+#[actix_rt::test]
+async fn an_old_replica_keeps_serving_while_a_newer_one_migrates_and_a_fresh_prefix_rolls_back() {
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(&keys(3));
+    let old = Gateway::start(&fake, Some(&redis), &[]);
+    let name = upload_file(
+        &format!("{}/upload/v1beta/files", old.url),
+        None,
+        &[("x-session-id", "before-upgrade")],
+        b"kept",
+    )
+    .await;
+    let owner = fake.owner_key(&name).await;
+    // A newer build starts on the same Redis and moves the layout on.
+    assert_eq!(
+        apply_with(&store(&redis), WITH_TEST_MIGRATION)
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(redis.cmd(&["GET", "gb:layout"]), "$1\r\n3\r\n");
+    // The replica of the older build that was already serving carries on:
+    // its file and session bindings still route, new ones are written.
+    fake.post("/_fake/reset", json!({})).await;
+    for body in [file_body(&[&name]), generate_body()] {
+        let (status, v) = post_json(
+            &format!("{}/v1beta/models/gemini-2.0-flash:generateContent", old.url),
+            &body,
+            &[("x-session-id", "before-upgrade")],
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let (status, v) = post_json(
+        &format!("{}/v1beta/models/gemini-2.0-flash:generateContent", old.url),
+        &generate_body(),
+        &[("x-session-id", "during-upgrade")],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let served: Vec<String> = fake
+        .requests()
+        .await
+        .iter()
+        .take(2)
+        .map(|r| r["key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(served, [owner.clone(), owner]);
+    assert_eq!(
+        redis.cmd(&["EXISTS", "gb:session:during-upgrade"]).trim(),
+        ":1"
+    );
+    // Another replica of the older build refuses to start on that layout...
+    let url = redis.url();
+    let ks = fake.keys.join(",");
+    let upstream = fake.url.clone();
+    let (code, err) = run_gateway_expecting_exit(&[
+        ("GB_API_KEYS", &ks),
+        ("GB_AUTH_TOKENS", TOKEN),
+        ("GB_REDIS_URL", &url),
+        ("GB_UPSTREAM_URL", &upstream),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("GB_REDIS_PREFIX"), "{err}");
+    // ...and rolls back on a fresh prefix, beside the newer layout.
+    let back = Gateway::start(&fake, Some(&redis), &[("GB_REDIS_PREFIX", "gb-rollback")]);
+    let (status, v) = post_json(
+        &format!(
+            "{}/v1beta/models/gemini-2.0-flash:generateContent",
+            back.url
+        ),
+        &generate_body(),
+        &[("x-session-id", "after-rollback")],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(redis.cmd(&["GET", "gb-rollback:layout"]), "$1\r\n2\r\n");
+    assert_eq!(
+        redis
+            .cmd(&["EXISTS", "gb-rollback:session:after-rollback"])
+            .trim(),
+        ":1"
+    );
+    assert_eq!(redis.cmd(&["GET", "gb:layout"]), "$1\r\n3\r\n", "untouched");
+}
+
+#[actix_rt::test]
+async fn records_written_in_layout_1_are_read_after_the_upgrade_to_layout_2() {
+    let redis = Redis::start();
+    let ks = keys(3);
+    let fake = FakeUpstream::start(&ks);
+    // A file of key 2, recorded by a replica of layout 1 (no `created`),
+    // and key 0 cooling in layout 1's form.
+    let name = upload_file(
+        &format!("{}/upload/v1beta/files", fake.url),
+        None,
+        &[("x-goog-api-key", &ks[2])],
+        b"from layout 1",
+    )
+    .await;
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 600_000;
+    let record = json!({"key": key_id(&ks[2]), "owner": key_id(TOKEN)}).to_string();
+    redis.cmd(&["SET", "gb:layout", "1"]);
+    redis.cmd(&["SET", &format!("gb:file:{name}"), &record]);
+    redis.cmd(&[
+        "HSET",
+        "gb:{ring:keys}:s",
+        &key_id(&ks[0]),
+        &format!("c:{until}"),
+    ]);
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    assert_eq!(redis.cmd(&["GET", "gb:layout"]), "$1\r\n2\r\n");
+    let log = gw.log_text();
+    assert!(log.contains("migration=\"0002_resources\""), "{log}");
+    assert!(!log.contains("migration=\"0001_initial\""), "{log}");
+    fake.post("/_fake/reset", json!({})).await;
+    let (status, v) = post_json(
+        &format!("{}/v1beta/models/gemini-2.0-flash:generateContent", gw.url),
+        &file_body(&[&name]),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let seen = fake.requests().await;
+    assert_eq!(seen.len(), 1, "straight to its owner, no lookup: {seen:?}");
+    assert_eq!(seen[0]["key"], ks[2].as_str());
+    for _ in 0..6 {
+        let (status, v) = post_json(
+            &format!("{}/v1beta/models/gemini-2.0-flash:generateContent", gw.url),
+            &generate_body(),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert!(
+        fake.requests()
+            .await
+            .iter()
+            .all(|r| r["key"] != ks[0].as_str()),
+        "a key cooling in layout 1's form gets no traffic"
+    );
 }

@@ -298,3 +298,184 @@ async fn an_egress_ip_throttle_moves_the_proxys_keys_instead_of_cooling_them() {
     let logs: String = s.gws.iter().map(Gateway::log_text).collect();
     assert!(logs.contains("egress IP is throttled"));
 }
+
+/// `gb_proxy_up{proxy_id=…}` as one replica reports it.
+async fn proxy_up(gw: &Gateway, proxy_id: &str) -> f64 {
+    let mut m = client()
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap();
+    let text = String::from_utf8(m.body().await.unwrap().to_vec()).unwrap();
+    let prefix = format!("gb_proxy_up{{proxy_id=\"{proxy_id}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+}
+
+/// Sends unpinned requests until every key in `keys` has been asked once
+/// since the fake's last reset (each may answer 429: the request is retried
+/// on another key).
+async fn reach(s: &Setup, keys: &[&String]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        let asked: HashSet<String> = s
+            .fake
+            .requests()
+            .await
+            .iter()
+            .filter_map(|r| r["key"].as_str().map(str::to_string))
+            .collect();
+        if keys.iter().all(|k| asked.contains(*k)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "keys never asked: {asked:?}");
+        post_json(
+            &format!("{}{GENERATE}", s.gws[i % 2].url),
+            &generate_body(),
+            &[],
+        )
+        .await;
+        i += 1;
+    }
+}
+
+#[actix_rt::test]
+async fn only_429s_from_every_key_behind_a_proxy_within_10_s_are_a_throttle_and_the_proxy_comes_back(
+) {
+    let s = setup("3");
+    let specs: Vec<_> = s
+        .list
+        .split(',')
+        .map(|u| gemini_balancer::proxy::parse(u).unwrap())
+        .collect();
+    let ids: Vec<String> = specs.iter().map(|p| p.id.clone()).collect();
+    let ring = gemini_balancer::proxy::ProxyRouter::new(specs, Duration::from_secs(30));
+    // The proxy with the most keys: at least two of the six.
+    let p = (0..3)
+        .max_by_key(|i| {
+            s.ks.iter()
+                .filter(|k| ring.home(&key_id(k)) == Some(*i))
+                .count()
+        })
+        .unwrap();
+    let behind: Vec<&String> =
+        s.ks.iter()
+            .filter(|k| ring.home(&key_id(k)) == Some(p))
+            .collect();
+    assert!(behind.len() >= 2);
+    let (first, rest) = behind.split_first().unwrap();
+    let index = format!("gb:idx:proxy-429:{}", ids[p]);
+    for gw in &s.gws {
+        assert_eq!(proxy_up(gw, &ids[p]).await, 1.0);
+    }
+
+    // Some keys behind the proxy answer 429 (their own quota): not a throttle.
+    for k in rest {
+        s.fake
+            .set_mode(k, json!({"mode": "quota", "retryDelay": "1s"}))
+            .await;
+    }
+    s.fake.post("/_fake/reset", json!({})).await;
+    reach(&s, rest).await;
+    for gw in &s.gws {
+        assert_eq!(proxy_up(gw, &ids[p]).await, 1.0, "a partial set");
+    }
+    assert_eq!(
+        s._redis.cmd(&["ZCARD", &index]).trim(),
+        format!(":{}", rest.len()),
+        "the 429s were counted"
+    );
+
+    // Once those 429s are older than 10 s, the last key's 429 completes
+    // the set, but not within the window: still not a throttle.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let lapsed = rest.iter().all(|k| {
+            let raw = s._redis.cmd(&["ZSCORE", &index, &key_id(k)]);
+            resp_strings(&raw)
+                .first()
+                .and_then(|v| v.parse::<f64>().ok())
+                // Gone with the whole index once its last member lapsed.
+                .is_none_or(|until| (until as u128) < now)
+        });
+        if lapsed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the window never passed");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for k in rest {
+        s.fake.set_mode(k, json!({"mode": "normal"})).await;
+    }
+    s.fake
+        .set_mode(first, json!({"mode": "quota", "retryDelay": "1s"}))
+        .await;
+    s.fake.post("/_fake/reset", json!({})).await;
+    reach(&s, &[first]).await;
+    for gw in &s.gws {
+        assert_eq!(proxy_up(gw, &ids[p]).await, 1.0, "429s 10 s apart");
+    }
+    let logs: String = s.gws.iter().map(Gateway::log_text).collect();
+    assert!(!logs.contains("egress IP is throttled"), "{logs}");
+    s.fake.set_mode(first, json!({"mode": "normal"})).await;
+
+    // Google throttles the proxy's egress IP: every key behind it answers
+    // 429 at once. The proxy goes down on both replicas.
+    s.fake
+        .post(&format!("/_fake/throttle/{}", IPS[p]), json!({"on": true}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        post_json(
+            &format!("{}{GENERATE}", s.gws[i % 2].url),
+            &generate_body(),
+            &[],
+        )
+        .await;
+        i += 1;
+        if proxy_up(&s.gws[0], &ids[p]).await == 0.0 && proxy_up(&s.gws[1], &ids[p]).await == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the proxy never went down");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s
+        .gws
+        .iter()
+        .any(|g| g.log_text().contains("egress IP is throttled"))
+    {
+        assert!(Instant::now() < deadline, "the throttle was not logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.fake
+        .post(&format!("/_fake/throttle/{}", IPS[p]), json!({"on": false}))
+        .await;
+    // After its cooldown it is up again and carries its keys once more.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        s.fake.post("/_fake/reset", json!({})).await;
+        traffic(&s, 12).await;
+        let now = routes(&s.fake).await;
+        let home = behind.iter().all(|k| {
+            now.get(*k)
+                .is_none_or(|ips| ips == &HashSet::from([IPS[p].to_string()]))
+        });
+        let up =
+            proxy_up(&s.gws[0], &ids[p]).await == 1.0 && proxy_up(&s.gws[1], &ids[p]).await == 1.0;
+        if up && home && behind.iter().any(|k| now.contains_key(*k)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never came back: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
