@@ -46,9 +46,9 @@ STALLED_KEY = KEYS[3]
 # keep-alive connections to the upstream and Redis, per worker thread.
 FD_SLACK = 64
 # Every soak client shares one token, and after Redis loses its data they
-# rediscover hundreds of files at once: a per-token lookup rate sized for one
+# rediscover thousands of files at once: a per-token lookup rate sized for one
 # real client would refuse them (that limit has its own tests).
-DISCOVERY_BUDGET = 1000
+DISCOVERY_BUDGET = 100_000
 GATEWAY_ENV = {"GB_UPSTREAM_TIMEOUT": str(UPSTREAM_TIMEOUT), "GB_UPSTREAM_IDLE_TIMEOUT": str(IDLE_TIMEOUT),
                "GB_DISCOVERY_BUDGET": str(DISCOVERY_BUDGET)}
 
@@ -328,6 +328,10 @@ class Soak:
             "files_uploaded": len(self.files),
             "files_misrouted": len(misrouted),
             "misrouted": misrouted[:20],
+            # What the replicas logged about the first misrouted files (file
+            # names are not secrets), to tell which fault moved them.
+            "misrouted_log": [line.strip()[:400] for line in self.stack.logs().splitlines()
+                              if any(m.split(" via ")[0] in line for m in misrouted[:3])][:30],
             "secrets_in_logs": any(s in self.stack.logs() for s in KEYS + [TOKEN]),
             "sigterm_exit_code": self.sigterm_exit,
             "upstream_timeout_s": UPSTREAM_TIMEOUT,
