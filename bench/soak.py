@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Soak test: mixed traffic (generate, stream, session uploads across
 replicas, file-referencing requests) through three replicas on one Redis,
-while Redis is restarted (losing its data) and one replica is stopped and
-started again. Reports requests by outcome and checks afterwards that every
-file uploaded during the run is still routed to its owner key.
+while Redis is restarted (losing its data), one replica is stopped and
+started again, and one key's upstream answers stall mid-body (plain, then
+SSE) under a short GB_UPSTREAM_IDLE_TIMEOUT. Reports requests by outcome,
+the longest HTTP exchange, each replica's resident memory and open file
+descriptors sampled from /proc over the run, and checks afterwards that
+every file uploaded during the run is still routed to its owner key.
 
 Usage: bench/soak [--seconds N] [--workers N] [--out FILE]
-Exit status 1 when a request failed outside the Redis outage window or a
-file is misrouted."""
+Exit status 1 when a request failed outside the Redis outage and stall
+windows, an exchange outlived the upstream timeouts, descriptors leaked, or
+a file is misrouted."""
 
 import argparse
 import collections
@@ -31,17 +35,37 @@ from conftest import BIN_DIR, KEYS, TOKEN, Proc, Stack  # noqa: E402
 
 GENERATE = "/v1beta/models/gemini-2.0-flash:generateContent"
 STREAM = "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"
-GRACE = 5.0  # seconds after Redis is back during which failures still count as the outage's
+GRACE = 5.0  # seconds after a fault ends during which failures still count as the fault's
+UPSTREAM_TIMEOUT = 5  # GB_UPSTREAM_TIMEOUT: the fake answers at once
+IDLE_TIMEOUT = 1  # GB_UPSTREAM_IDLE_TIMEOUT: a stalled body is cut after this
+# No HTTP exchange may last longer than the upstream may take to start and to
+# stall once, plus a margin for a Redis call or two and a slow CI machine.
+EXCHANGE_BOUND = UPSTREAM_TIMEOUT + IDLE_TIMEOUT + 4
+STALLED_KEY = KEYS[3]
+# Descriptors a replica may hold after the run beyond its idle count: pooled
+# keep-alive connections to the upstream and Redis, per worker thread.
+FD_SLACK = 64
+# Every soak client shares one token, and after Redis loses its data they
+# rediscover thousands of files at once: a per-token lookup rate sized for one
+# real client would refuse them (that limit has its own tests).
+DISCOVERY_BUDGET = 100_000
+GATEWAY_ENV = {"GB_UPSTREAM_TIMEOUT": str(UPSTREAM_TIMEOUT), "GB_UPSTREAM_IDLE_TIMEOUT": str(IDLE_TIMEOUT),
+               "GB_DISCOVERY_BUDGET": str(DISCOVERY_BUDGET)}
 
 
 class Soak:
     def __init__(self, seconds, workers):
         self.seconds = seconds
         self.workers = workers
-        self.stack = Stack(replicas=3)
+        self.stack = Stack(replicas=3, extra_env=GATEWAY_ENV)
         self.urls = list(self.stack.urls)
         self.lock = threading.Lock()
         self.outage = [None, None]
+        self.stall = [None, None]
+        self.longest = 0.0
+        self.over_bound = []
+        self.samples = collections.defaultdict(list)  # pid -> [(t, rss_kib, fds)]
+        self.baseline = {}
         self.outcomes = collections.Counter()
         self.failures = []
         self.files = []
@@ -65,6 +89,7 @@ class Soak:
         for url in tries:
             u = urllib.parse.urlparse(url)
             conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+            started = time.monotonic()
             try:
                 conn.request(method, path, body=data, headers=headers)
                 resp = conn.getresponse()
@@ -77,14 +102,25 @@ class Soak:
                 continue
             finally:
                 conn.close()
+                self.timed(method, path, time.monotonic() - started)
         raise ConnectionError(f"no replica answered: {last}")
 
-    def in_outage(self, started, ended):
-        s, e = self.outage
+    def timed(self, method, path, took):
+        with self.lock:
+            self.longest = max(self.longest, took)
+            if took > EXCHANGE_BOUND and len(self.over_bound) < 20:
+                self.over_bound.append(f"{method} {path.split('?')[0]}: {took:.1f} s")
+
+    @staticmethod
+    def overlaps(window, started, ended):
+        s, e = window
         if s is None:
             return False
         e = (e or time.monotonic()) + GRACE
         return started <= e and ended >= s
+
+    def in_outage(self, started, ended):
+        return self.overlaps(self.outage, started, ended)
 
     def record(self, op, started, ok, detail="", status=None):
         ended = time.monotonic()
@@ -96,6 +132,12 @@ class Soak:
                 # while Redis is down, and only with the store's 503; the rest
                 # flow on process-local rotation.
                 self.outcomes[f"{op}:expected_during_redis_outage"] += 1
+            elif status in (None, 200, 502, 504) and self.overlaps(self.stall, started, ended):
+                # One key's answers stall mid-body: the client gets a cut
+                # answer (a closed connection, or an SSE error event) once
+                # the idle timeout fires; that no exchange outlives it is
+                # checked on every exchange.
+                self.outcomes[f"{op}:cut_during_upstream_stall"] += 1
             else:
                 self.outcomes[f"{op}:FAILED"] += 1
                 if len(self.failures) < 20:
@@ -193,11 +235,56 @@ class Soak:
         time.sleep(d * 0.1)
         env = {"PATH": os.environ.get("PATH", ""), "GB_LISTEN": "127.0.0.1:0", "GB_API_KEYS": ",".join(KEYS),
                "GB_AUTH_TOKENS": TOKEN, "GB_UPSTREAM_URL": self.stack.fake.url,
-               "GB_REDIS_URL": self.stack.redis.url, "RUST_LOG": "info"}
+               "GB_REDIS_URL": self.stack.redis.url, "RUST_LOG": "info", **GATEWAY_ENV}
         fresh = Proc([str(BIN_DIR / "gemini-balancer")], env, "stderr")
         self.stack.gateways[1] = fresh
         with self.lock:
             self.urls.insert(1, fresh.url)
+
+    def stalls(self):
+        """Stalled upstream answers on one key, plain then SSE, with the
+        rest of the traffic flowing. Runs after the other faults."""
+        d = self.seconds
+        time.sleep(d * 0.68)
+        self.stall[0] = time.monotonic()
+        self.stack.fake.set_mode(STALLED_KEY, {"mode": "stall", "status": 200, "after": 10})
+        time.sleep(d * 0.08)
+        self.stack.fake.set_mode(STALLED_KEY, {"mode": "stall", "status": 200, "after": 40, "sse": True})
+        time.sleep(d * 0.08)
+        self.stack.fake.set_mode(STALLED_KEY, {"mode": "stall", "status": 429, "after": 20})
+        time.sleep(d * 0.04)
+        self.stack.fake.set_mode(STALLED_KEY, {"mode": "normal"})
+        self.stall[1] = time.monotonic()
+
+    def sample(self, stop):
+        """Each live replica's resident memory and open descriptors, twice a
+        second, from /proc."""
+        while not stop.is_set():
+            for g in list(self.stack.gateways):
+                pid = g.proc.pid
+                figures = proc_figures(pid)
+                if figures:
+                    self.samples[pid].append((time.monotonic(),) + figures)
+            stop.wait(0.5)
+
+    def resources(self):
+        """Per replica: memory and descriptors at the start, at their peak,
+        and after the run once in-flight exchanges have ended."""
+        out = []
+        for g in self.stack.gateways:
+            pid = g.proc.pid
+            samples = self.samples.get(pid, [])
+            end = proc_figures(pid)
+            if not samples or not end:
+                continue
+            start = self.baseline.get(pid, samples[0][1:])
+            out.append({
+                "pid": pid,
+                "samples": len(samples),
+                "rss_kib": {"start": start[0], "peak": max(s[1] for s in samples), "end": end[0]},
+                "fds": {"start": start[1], "peak": max(s[2] for s in samples), "end": end[1]},
+            })
+        return out
 
     def verify_files(self):
         owners = self.stack.fake.file_owners()
@@ -213,13 +300,24 @@ class Soak:
     def run(self):
         t0 = time.monotonic()
         deadline = t0 + self.seconds
+        for g in self.stack.gateways:
+            self.baseline[g.proc.pid] = proc_figures(g.proc.pid)
+        stop = threading.Event()
+        sampler = threading.Thread(target=self.sample, args=(stop,))
+        sampler.start()
         threads = [threading.Thread(target=self.worker, args=(deadline,)) for _ in range(self.workers)]
         chaos = threading.Thread(target=self.faults, args=(t0,))
-        for th in threads + [chaos]:
+        stalls = threading.Thread(target=self.stalls)
+        for th in threads + [chaos, stalls]:
             th.start()
-        for th in threads + [chaos]:
+        for th in threads + [chaos, stalls]:
             th.join()
         owners, misrouted = self.verify_files()
+        # Upstream connections of cut answers are closed by then: every
+        # exchange has ended, and none may outlive EXCHANGE_BOUND.
+        stop.set()
+        sampler.join()
+        resources = self.resources()
         failed = sum(n for k, n in self.outcomes.items() if k.endswith(":FAILED"))
         report = {
             "seconds": self.seconds,
@@ -230,8 +328,19 @@ class Soak:
             "files_uploaded": len(self.files),
             "files_misrouted": len(misrouted),
             "misrouted": misrouted[:20],
+            # What the replicas logged about the first misrouted files (file
+            # names are not secrets), to tell which fault moved them.
+            "misrouted_log": [line.strip()[:400] for line in self.stack.logs().splitlines()
+                              if any(m.split(" via ")[0] in line for m in misrouted[:3])][:30],
             "secrets_in_logs": any(s in self.stack.logs() for s in KEYS + [TOKEN]),
             "sigterm_exit_code": self.sigterm_exit,
+            "upstream_timeout_s": UPSTREAM_TIMEOUT,
+            "upstream_idle_timeout_s": IDLE_TIMEOUT,
+            "exchange_bound_s": EXCHANGE_BOUND,
+            "longest_exchange_s": round(self.longest, 2),
+            "exchanges_over_bound": self.over_bound,
+            "replicas": resources,
+            "fds_leaked": [r["pid"] for r in resources if r["fds"]["end"] > r["fds"]["start"] + FD_SLACK],
         }
         self.stack.stop()
         return report
@@ -254,6 +363,16 @@ def wait_for_redis(port, deadline_s=20):
     raise RuntimeError("redis-server did not come back")
 
 
+def proc_figures(pid):
+    """(resident KiB, open descriptors) of a live process, else None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def file_body(names):
     parts = [{"fileData": {"fileUri": n, "mimeType": "text/plain"}} for n in names]
     return {"contents": [{"parts": parts + [{"text": "use these"}]}]}
@@ -269,7 +388,8 @@ def main():
     pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     ok = (report["failed_outside_outage"] == 0 and report["files_misrouted"] == 0
-          and not report["secrets_in_logs"] and report["sigterm_exit_code"] == 0)
+          and not report["secrets_in_logs"] and report["sigterm_exit_code"] == 0
+          and not report["exchanges_over_bound"] and not report["fds_leaked"])
     sys.exit(0 if ok else 1)
 
 

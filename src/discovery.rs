@@ -141,6 +141,10 @@ pub async fn discover_many(
                 tracing::info!(resource = %names[i], "no pool key can see the resource; treated as unknown");
                 store.put(MISS_NS, &names[i], "1", MISS_TTL).await?;
             }
+            (asked, Search::Unsure) => {
+                spent += asked;
+                tracing::info!(resource = %names[i], "no pool key could confirm the resource now; treated as unknown, not remembered");
+            }
             (asked, Search::CutShort) => {
                 spent += asked;
                 unresolved += 1;
@@ -186,18 +190,30 @@ pub async fn discover(
 
 enum Search {
     Found(std::sync::Arc<ApiKey>),
+    /// Every key answered that it cannot see it (403 or 404).
     Nobody,
+    /// No key could see it, but some could not say (rate-limited, failing,
+    /// unreachable): the owner may be one of them, so no miss is remembered.
+    Unsure,
     /// The budget ran out before every key was asked.
     CutShort,
 }
 
 /// Asks the pool's keys, a wave at a time and at most `allowance` in all,
 /// which of them can see `name`. Returns how many were asked.
+/// One key's answer to "can you see it?".
+enum Asked<'k> {
+    Sees(&'k std::sync::Arc<ApiKey>),
+    Denies,
+    Unsure,
+}
+
 async fn search(gw: &Gateway, up: &Upstream, name: &str, allowance: usize) -> (usize, Search) {
     let path = format!("/v1beta/{name}");
     let headers = HeaderMap::new();
     let keys = gw.keys.keys();
     let mut asked = 0;
+    let mut unsure = false;
     while asked < keys.len() {
         let room = allowance - asked;
         if room == 0 {
@@ -216,14 +232,30 @@ async fn search(gw: &Gateway, up: &Upstream, name: &str, allowance: usize) -> (u
             };
             async move {
                 match attempt::attempt(gw, up, key, request, attempt::Body::Empty).await {
-                    attempt::Sent::Answer(_) => Some(key),
-                    _ => None,
+                    attempt::Sent::Answer(_) => Asked::Sees(key),
+                    attempt::Sent::Refused { status, .. }
+                        if status == StatusCode::FORBIDDEN || status == StatusCode::NOT_FOUND =>
+                    {
+                        Asked::Denies
+                    }
+                    _ => Asked::Unsure,
                 }
             }
         });
-        if let Some(key) = join_all(asks).await.into_iter().flatten().next() {
-            return (asked, Search::Found(key.clone()));
+        for answer in join_all(asks).await {
+            match answer {
+                Asked::Sees(key) => return (asked, Search::Found(key.clone())),
+                Asked::Unsure => unsure = true,
+                Asked::Denies => {}
+            }
         }
     }
-    (asked, Search::Nobody)
+    (
+        asked,
+        if unsure {
+            Search::Unsure
+        } else {
+            Search::Nobody
+        },
+    )
 }

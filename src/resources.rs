@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::gateway::Gateway;
 use crate::keys::ApiKey;
 use crate::settings::Settings;
-use crate::store::{now_ms, StateStore, StoreError};
+use crate::store::{now_ms, IndexEntry, StateStore, StoreError};
 use crate::upstream::Upstream;
 
 /// The resource types that belong to a key.
@@ -226,6 +226,53 @@ pub async fn of_token(
     store
         .index_members(&kind.token_index(token_id), now_ms())
         .await
+}
+
+/// One page of the resources of one type a client token created, newest
+/// first, and the place the next page starts after (when there is one).
+pub async fn page_of_token(
+    store: &dyn StateStore,
+    kind: Kind,
+    token_id: &str,
+    after: Option<&IndexEntry>,
+    size: usize,
+) -> Result<(Vec<String>, Option<IndexEntry>), StoreError> {
+    let mut entries = store
+        .index_page(&kind.token_index(token_id), now_ms(), after, size + 1)
+        .await?;
+    let next = if entries.len() > size {
+        entries.truncate(size);
+        entries.last().cloned()
+    } else {
+        None
+    };
+    Ok((entries.into_iter().map(|e| e.member).collect(), next))
+}
+
+/// The page token of a place in a token's list: the entry's expiry and its
+/// name, opaque to clients. Files that arrive later sort before it, so the
+/// pages after it neither repeat nor skip one.
+pub fn page_token(place: &IndexEntry) -> String {
+    format!(
+        "{}.{}",
+        place.expires_ms,
+        hex::encode(place.member.as_bytes())
+    )
+}
+
+/// The place a page token names, if it is one this gateway wrote for a list
+/// of `kind`.
+pub fn parse_page_token(token: &str, kind: Kind) -> Option<IndexEntry> {
+    let (expires, member) = token.split_once('.')?;
+    if expires.is_empty() || !expires.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let member = String::from_utf8(hex::decode(member).ok()?).ok()?;
+    let id = member.rsplit('/').next()?;
+    (Kind::of(&member) == Some(kind) && valid_id(id)).then_some(IndexEntry {
+        member,
+        expires_ms: expires.parse().ok()?,
+    })
 }
 
 /// Why the resources a body names cannot decide its key.
@@ -624,6 +671,28 @@ mod tests {
         assert_eq!(produced_files(batch), vec!["files/batch-out"]);
         let video = br#"{"response":{"generateVideoResponse":{"generatedSamples":[{"video":{"uri":"https://x/v1beta/files/vid-1:download?alt=media"}}]}}}"#;
         assert_eq!(produced_files(video), vec!["files/vid-1"]);
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_garbage_is_refused() {
+        let place = IndexEntry {
+            member: "files/abc-1".into(),
+            expires_ms: 1_764_400_000_000,
+        };
+        let token = page_token(&place);
+        assert_eq!(parse_page_token(&token, Kind::File), Some(place));
+        assert_eq!(parse_page_token(&token, Kind::CachedContent), None);
+        for bad in [
+            "",
+            "10",
+            "zz",
+            "1.zz",
+            ".6669",
+            "x.66696c65732f61",
+            "-1.66696c65732f61",
+        ] {
+            assert_eq!(parse_page_token(bad, Kind::File), None, "{bad}");
+        }
     }
 
     #[test]

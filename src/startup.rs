@@ -14,7 +14,9 @@ use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::settings::Settings;
-use crate::store::{MemoryStore, RedisConfig, RedisStore, StateStore};
+use crate::store::{
+    GatedStore, LayoutGate, LayoutStatus, MemoryStore, RedisConfig, RedisStore, StateStore,
+};
 use crate::telemetry::{GatewaySpan, RequestId};
 use crate::upstream::{tls_config, Upstream};
 
@@ -50,7 +52,9 @@ impl ListenerSplit {
 }
 
 /// Opens the configured store. Redis is checked for a layout this build can
-/// read; a Redis that is down at start is logged and retried lazily.
+/// read; when that cannot be done at start (Redis is down, or another
+/// replica holds the migration lock), the check is retried in the background
+/// and requests that need bindings get 503 until it is done.
 pub async fn open_store(
     settings: &Settings,
     metrics: &Arc<Metrics>,
@@ -74,20 +78,40 @@ pub async fn open_store(
     });
     // A server that answers but cannot serve the gateway (a cluster node in
     // standalone mode) is a configuration error, not an outage.
-    if let Err(crate::store::StoreError::Misconfigured(msg)) = store.ping().await {
-        anyhow::bail!(msg);
-    }
-    match crate::migrations::apply(&store).await {
+    let reachable = match store.ping().await {
+        Err(crate::store::StoreError::Misconfigured(msg)) => anyhow::bail!(msg),
+        other => other.is_ok(),
+    };
+    let store = Arc::new(store);
+    let checked = if reachable {
+        crate::migrations::apply_within(&store, crate::migrations::MIGRATIONS, START_PATIENCE).await
+    } else {
+        Err(crate::store::StoreError::Unavailable(
+            "Redis did not answer a ping".into(),
+        ))
+    };
+    let gate = match checked {
         Ok(version) => {
-            tracing::info!(layout = version, prefix = %settings.redis_prefix, mode = settings.redis_mode.as_str(), "Redis store ready")
+            tracing::info!(layout = version, prefix = %settings.redis_prefix, mode = settings.redis_mode.as_str(), "Redis store ready");
+            Arc::new(LayoutGate::new(LayoutStatus::Compatible { version }))
         }
         Err(crate::store::StoreError::Layout(msg)) => anyhow::bail!(msg),
         Err(e) => {
-            tracing::warn!(error = %e, "Redis unreachable at start; serving unpinned traffic until it is back")
+            tracing::warn!(error = %e, "Redis key layout unchecked at start; serving unpinned traffic and retrying the check in the background");
+            let gate = Arc::new(LayoutGate::new(LayoutStatus::Unchecked));
+            actix_rt::spawn(crate::migrations::keep_checking(
+                store.clone(),
+                gate.clone(),
+            ));
+            gate
         }
-    }
-    Ok(Arc::new(store))
+    };
+    Ok(Arc::new(GatedStore::new(store, gate)))
 }
+
+/// How long a replica starting waits for another's migration lock before it
+/// starts serving and leaves the check to the background.
+const START_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {

@@ -12,11 +12,10 @@ use crate::error::{ApiError, Flavor};
 use crate::files;
 use crate::gateway::Gateway;
 use crate::pipeline::{self, stream_back};
-use crate::upstream::{query_param, KeyStyle, Upstream};
+use crate::resources::{self, Kind};
+use crate::upstream::{KeyStyle, Upstream};
 
 const FLAVOR: Flavor = Flavor::Gemini;
-const DEFAULT_PAGE: usize = 10;
-const MAX_PAGE: usize = 100;
 
 fn not_found(name: &str) -> ApiError {
     ApiError::new(
@@ -100,7 +99,7 @@ pub async fn handle(
 }
 
 /// The calling token's files, newest first, paged with the gateway's own
-/// page tokens; metadata fetched from each file's owner key concurrently.
+/// page tokens (a place in the list: files uploaded meanwhile shift nothing); metadata fetched from each file's owner key concurrently.
 async fn list(
     gw: &Gateway,
     up: &Upstream,
@@ -109,21 +108,11 @@ async fn list(
     ver: &str,
     token_id: &str,
 ) -> Result<HttpResponse, ApiError> {
-    let page_size = query_param(&edge.query, "pageSize")
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(DEFAULT_PAGE)
-        .min(MAX_PAGE);
-    let offset = match query_param(&edge.query, "pageToken").filter(|t| !t.is_empty()) {
-        Some(t) => t
-            .parse::<usize>()
-            .map_err(|_| ApiError::bad_request("Invalid pageToken."))?,
-        None => 0,
-    };
-    let names = files::of_token(gw.store(), token_id)
-        .await
-        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
-    let page: Vec<String> = names.iter().skip(offset).take(page_size).cloned().collect();
+    let (page_size, after) = super::resources::page_request(edge, Kind::File)?;
+    let (page, next) =
+        resources::page_of_token(gw.store(), Kind::File, token_id, after.as_ref(), page_size)
+            .await
+            .map_err(|e| pipeline::store_down(e, FLAVOR))?;
     let records = files::owners(gw.store(), &page)
         .await
         .map_err(|e| pipeline::store_down(e, FLAVOR))?;
@@ -157,8 +146,8 @@ async fn list(
     if !found.is_empty() {
         out["files"] = Value::Array(found);
     }
-    if offset + page_size < names.len() {
-        out["nextPageToken"] = Value::String((offset + page_size).to_string());
+    if let Some(next) = next {
+        out["nextPageToken"] = Value::String(resources::page_token(&next));
     }
     Ok(HttpResponse::Ok()
         .content_type("application/json; charset=UTF-8")

@@ -4,37 +4,52 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 use crate::gateway::Gateway;
+use crate::store::LayoutStatus;
 
 /// Alive as long as the process answers.
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Ready while the replica can serve. A store outage makes it `degraded`,
-/// still 200: unpinned traffic keeps flowing, and taking every replica out
-/// of the load balancer because Redis blinked would be worse. Only draining
+/// Ready while the replica can serve. A store outage, or a key layout not
+/// checked yet (or newer than this build knows), makes it `degraded`, still
+/// 200: unpinned traffic keeps flowing, and taking every replica out of the
+/// load balancer because Redis blinked would be worse. Only draining
 /// (shutdown) makes it 503.
 pub async fn readyz(gw: web::Data<Gateway>) -> HttpResponse {
     if gw.draining() {
         return HttpResponse::ServiceUnavailable().json(json!({"status": "draining"}));
     }
     let store = gw.store();
-    match store.ping().await {
-        Ok(latency) => HttpResponse::Ok().json(json!({
-            "status": "ready",
-            "store": store.kind(),
-            "store_mode": store.mode(),
-            "store_up": true,
-            "store_latency_ms": latency.as_secs_f64() * 1000.0,
-        })),
-        Err(e) => HttpResponse::Ok().json(json!({
-            "status": "degraded",
-            "store": store.kind(),
-            "store_mode": store.mode(),
-            "store_up": false,
-            "store_error": e.to_string(),
-        })),
+    let layout = store.layout();
+    let mut body = json!({
+        "status": "ready",
+        "store": store.kind(),
+        "store_mode": store.mode(),
+        "layout": layout.name(),
+    });
+    match &layout {
+        LayoutStatus::Compatible { version } if *version > 0 => {
+            body["layout_version"] = json!(version);
+        }
+        LayoutStatus::Compatible { .. } => {}
+        LayoutStatus::Unchecked | LayoutStatus::Newer { .. } => body["status"] = json!("degraded"),
     }
+    if let LayoutStatus::Newer { reason } = &layout {
+        body["layout_error"] = json!(reason);
+    }
+    match store.ping().await {
+        Ok(latency) => {
+            body["store_up"] = json!(true);
+            body["store_latency_ms"] = json!(latency.as_secs_f64() * 1000.0);
+        }
+        Err(e) => {
+            body["status"] = json!("degraded");
+            body["store_up"] = json!(false);
+            body["store_error"] = json!(e.to_string());
+        }
+    }
+    HttpResponse::Ok().json(body)
 }
 
 /// Prometheus text (OpenMetrics). Key states, cooldowns and store health are

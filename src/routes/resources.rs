@@ -17,7 +17,7 @@ use crate::gateway::Gateway;
 use crate::keys::ApiKey;
 use crate::pipeline::{self, buffered_back, stream_back, Call};
 use crate::resources::{self, Kind, OwnerRecord, RefError};
-use crate::store::now_ms;
+use crate::store::{now_ms, IndexEntry};
 use crate::upstream::{query_param, KeyStyle, Upstream};
 
 const FLAVOR: Flavor = Flavor::Gemini;
@@ -391,7 +391,8 @@ async fn owned(
 }
 
 /// The calling token's resources of one type, newest first, paged with the
-/// gateway's own page tokens; each fetched from its owner key concurrently.
+/// gateway's own page tokens (a place in the list, not an offset, so
+/// resources created meanwhile shift nothing); each fetched from its owner key concurrently.
 async fn list(
     gw: &Gateway,
     up: &Upstream,
@@ -401,21 +402,11 @@ async fn list(
     kind: Kind,
 ) -> Result<HttpResponse, ApiError> {
     let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
-    let page_size = query_param(&edge.query, "pageSize")
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(DEFAULT_PAGE)
-        .min(MAX_PAGE);
-    let offset = match query_param(&edge.query, "pageToken").filter(|t| !t.is_empty()) {
-        Some(t) => t
-            .parse::<usize>()
-            .map_err(|_| ApiError::bad_request("Invalid pageToken."))?,
-        None => 0,
-    };
-    let names = resources::of_token(gw.store(), kind, &token.id)
-        .await
-        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
-    let page: Vec<String> = names.iter().skip(offset).take(page_size).cloned().collect();
+    let (page_size, after) = page_request(edge, kind)?;
+    let (page, next) =
+        resources::page_of_token(gw.store(), kind, &token.id, after.as_ref(), page_size)
+            .await
+            .map_err(|e| pipeline::store_down(e, FLAVOR))?;
     let records = resources::owners(gw.store(), &page)
         .await
         .map_err(|e| pipeline::store_down(e, FLAVOR))?;
@@ -458,12 +449,31 @@ async fn list(
         };
         out[field] = Value::Array(found);
     }
-    if offset + page_size < names.len() {
-        out["nextPageToken"] = Value::String((offset + page_size).to_string());
+    if let Some(next) = next {
+        out["nextPageToken"] = Value::String(resources::page_token(&next));
     }
     Ok(HttpResponse::Ok()
         .content_type("application/json; charset=UTF-8")
         .body(out.to_string()))
+}
+
+/// A list request's `pageSize` (default 10, at most 100) and the place its
+/// `pageToken` resumes after; 400 for a token this gateway did not write.
+pub fn page_request(edge: &Edge, kind: Kind) -> Result<(usize, Option<IndexEntry>), ApiError> {
+    let page_size = query_param(&edge.query, "pageSize")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_PAGE)
+        .min(MAX_PAGE);
+    let after = match query_param(&edge.query, "pageToken").filter(|t| !t.is_empty()) {
+        Some(t) => Some(resources::parse_page_token(&t, kind).ok_or_else(|| {
+            ApiError::bad_request(
+                "Invalid pageToken: pass the nextPageToken of the previous page of this list unchanged.",
+            )
+        })?),
+        None => None,
+    };
+    Ok((page_size, after))
 }
 
 #[cfg(test)]

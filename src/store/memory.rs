@@ -1,23 +1,72 @@
 //! The embedded store: one process, no Redis. Same semantics as the Redis
 //! store, kept in maps behind one short-held lock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use super::{
-    apply, choose, effective_state, lapsed, state_field, Applied, MemberState, Pick, StateStore,
-    StoreError, Transition,
+    apply, choose, effective_state, lapsed, state_field, Applied, IndexEntry, MemberState, Pick,
+    StateStore, StoreError, Transition,
 };
+
+/// One index: each member's expiry, and the members ordered by (expiry,
+/// member) like a Redis sorted set, so a page is read without a sort.
+#[derive(Default)]
+struct Index {
+    expiry: HashMap<String, u64>,
+    order: BTreeSet<(u64, String)>,
+}
+
+impl Index {
+    fn insert(&mut self, member: &str, expires_ms: u64) {
+        self.remove(member);
+        self.expiry.insert(member.to_string(), expires_ms);
+        self.order.insert((expires_ms, member.to_string()));
+    }
+
+    fn remove(&mut self, member: &str) {
+        if let Some(old) = self.expiry.remove(member) {
+            self.order.remove(&(old, member.to_string()));
+        }
+    }
+
+    fn prune(&mut self, now_ms: u64) {
+        while self.order.first().is_some_and(|(exp, _)| *exp <= now_ms) {
+            if let Some((_, member)) = self.order.pop_first() {
+                self.expiry.remove(&member);
+            }
+        }
+    }
+
+    /// Live members, latest expiry first, from the one after `after`.
+    fn page(
+        &self,
+        now_ms: u64,
+        after: Option<&IndexEntry>,
+    ) -> impl Iterator<Item = IndexEntry> + '_ {
+        let below: Box<dyn DoubleEndedIterator<Item = &(u64, String)>> = match after {
+            Some(a) => Box::new(self.order.range(..(a.expires_ms, a.member.clone()))),
+            None => Box::new(self.order.iter()),
+        };
+        below
+            .rev()
+            .take_while(move |(exp, _)| *exp > now_ms)
+            .map(|(exp, member)| IndexEntry {
+                member: member.clone(),
+                expires_ms: *exp,
+            })
+    }
+}
 
 #[derive(Default)]
 struct Inner {
     counters: HashMap<String, u64>,
     states: HashMap<String, HashMap<String, MemberState>>,
     bindings: HashMap<String, (String, Instant)>,
-    indexes: HashMap<String, HashMap<String, u64>>,
+    indexes: HashMap<String, Index>,
     locks: HashMap<String, (String, Instant)>,
     counts: HashMap<String, (HashMap<String, u64>, Instant)>,
     writes_since_sweep: usize,
@@ -216,26 +265,30 @@ impl StateStore for MemoryStore {
     ) -> Result<(), StoreError> {
         self.with(|inner| {
             let index = inner.indexes.entry(name.to_string()).or_default();
-            index.retain(|_, exp| *exp > now_ms);
-            index.insert(member.to_string(), now_ms + ttl.as_millis() as u64);
+            index.prune(now_ms);
+            index.insert(member, now_ms + ttl.as_millis() as u64);
         })
     }
 
     async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
         self.with(|inner| {
-            let mut live: Vec<(u64, String)> = inner
-                .indexes
-                .get(name)
-                .map(|index| {
-                    index
-                        .iter()
-                        .filter(|(_, exp)| **exp > now_ms)
-                        .map(|(m, exp)| (*exp, m.clone()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            live.sort_by(|a, b| b.cmp(a));
-            live.into_iter().map(|(_, m)| m).collect()
+            inner.indexes.get(name).map_or_else(Vec::new, |index| {
+                index.page(now_ms, None).map(|e| e.member).collect()
+            })
+        })
+    }
+
+    async fn index_page(
+        &self,
+        name: &str,
+        now_ms: u64,
+        after: Option<&IndexEntry>,
+        count: usize,
+    ) -> Result<Vec<IndexEntry>, StoreError> {
+        self.with(|inner| {
+            inner.indexes.get(name).map_or_else(Vec::new, |index| {
+                index.page(now_ms, after).take(count).collect()
+            })
         })
     }
 

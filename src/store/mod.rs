@@ -10,11 +10,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub mod connect;
+pub mod gate;
 pub mod layout;
 pub mod memory;
 pub mod redis;
 
 pub use connect::{RedisConfig, RedisMode};
+pub use gate::{GatedStore, LayoutGate, LayoutStatus};
 pub use layout::KeyLayout;
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
@@ -248,6 +250,14 @@ pub fn lapsed(state: &MemberState, now_ms: u64) -> bool {
     matches!(state, MemberState::Cooling { until_ms, .. } if *until_ms <= now_ms)
 }
 
+/// One live member of an index with its expiry (its score in Redis): a
+/// place a listing can resume after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub member: String,
+    pub expires_ms: u64,
+}
+
 /// The answer of one rotation step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pick {
@@ -311,6 +321,12 @@ pub trait StateStore: Send + Sync {
     /// `embedded`, or the Redis mode (`standalone`, `cluster`, `sentinel`).
     fn mode(&self) -> &'static str {
         "embedded"
+    }
+
+    /// What the replica knows of the key layout the store holds (the
+    /// embedded store has none to check).
+    fn layout(&self) -> LayoutStatus {
+        LayoutStatus::Compatible { version: 0 }
     }
 
     /// Whether the store can serve the gateway's commands now, and how long
@@ -388,8 +404,23 @@ pub trait StateStore: Send + Sync {
         now_ms: u64,
     ) -> Result<(), StoreError>;
 
-    /// Live members of an index, most recently added first.
+    /// Live members of an index, most recently added first: latest expiry
+    /// first, members of one expiry in reverse byte order.
     async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError>;
+
+    /// Up to `count` live members of an index in the order of
+    /// [`StateStore::index_members`], from the one after `after` (from the
+    /// first when `None`). Members added since a previous page (a later
+    /// expiry) sort before `after`, so paging never shows one twice nor
+    /// skips one; a member re-added since then moves to the front. Reads the
+    /// members that share `after`'s expiry, then at most `count` more.
+    async fn index_page(
+        &self,
+        name: &str,
+        now_ms: u64,
+        after: Option<&IndexEntry>,
+        count: usize,
+    ) -> Result<Vec<IndexEntry>, StoreError>;
 
     async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError>;
 

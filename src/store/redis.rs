@@ -20,8 +20,8 @@ use secrecy::SecretString;
 use super::connect::{check, redis_error, Conn, Source};
 use super::layout::KeyLayout;
 use super::{
-    effective_state, state_field, Applied, MemberState, Pick, RedisConfig, RedisMode, StateStore,
-    StoreError, Transition,
+    effective_state, state_field, Applied, IndexEntry, MemberState, Pick, RedisConfig, RedisMode,
+    StateStore, StoreError, Transition,
 };
 
 const CLAIM: &str = include_str!("lua/claim.lua");
@@ -31,6 +31,8 @@ const REPLACE: &str = include_str!("lua/replace.lua");
 const UNLOCK: &str = include_str!("lua/unlock.lua");
 
 const INDEX_ADD: &str = include_str!("lua/index_add.lua");
+
+const INDEX_PAGE: &str = include_str!("lua/index_page.lua");
 
 const TRANSITION: &str = include_str!("lua/transition.lua");
 
@@ -81,6 +83,7 @@ pub struct RedisStore {
     replace: Script,
     unlock: Script,
     index_add: Script,
+    index_page: Script,
     transition: Script,
 }
 
@@ -124,6 +127,7 @@ impl RedisStore {
             replace: Script::new(REPLACE),
             unlock: Script::new(UNLOCK),
             index_add: Script::new(INDEX_ADD),
+            index_page: Script::new(INDEX_PAGE),
             transition: Script::new(TRANSITION),
         })
     }
@@ -311,6 +315,19 @@ fn decode_states(raw: HashMap<String, String>) -> HashMap<String, MemberState> {
     raw.into_iter()
         .filter_map(|(k, v)| MemberState::decode(&v).map(|s| (k, s)))
         .collect()
+}
+
+/// A sorted-set score the store wrote (whole milliseconds).
+fn parse_score(raw: &str) -> Result<u64, StoreError> {
+    raw.parse::<u64>()
+        .ok()
+        .or_else(|| {
+            raw.parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        })
+        .ok_or_else(|| StoreError::Corrupt("an index score is not a number".into()))
 }
 
 fn secs(ttl: Duration) -> u64 {
@@ -547,6 +564,51 @@ impl StateStore for RedisStore {
                 .await
         })
         .await
+    }
+
+    async fn index_page(
+        &self,
+        name: &str,
+        now_ms: u64,
+        after: Option<&IndexEntry>,
+        count: usize,
+    ) -> Result<Vec<IndexEntry>, StoreError> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.keys.index(name);
+        let (same, below): (Vec<String>, Vec<String>) = self
+            .script(
+                &self.index_page,
+                INDEX_PAGE,
+                key,
+                vec![
+                    now_ms.to_string(),
+                    count.to_string(),
+                    after.map_or_else(String::new, |a| a.expires_ms.to_string()),
+                ],
+            )
+            .await?;
+        let mut page: Vec<IndexEntry> = match after {
+            Some(a) if a.expires_ms > now_ms => same
+                .into_iter()
+                .filter(|m| m.as_bytes() < a.member.as_bytes())
+                .map(|member| IndexEntry {
+                    member,
+                    expires_ms: a.expires_ms,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        for pair in below.chunks_exact(2) {
+            let expires_ms = parse_score(&pair[1])?;
+            page.push(IndexEntry {
+                member: pair[0].clone(),
+                expires_ms,
+            });
+        }
+        page.truncate(count);
+        Ok(page)
     }
 
     async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {

@@ -368,3 +368,32 @@ async fn a_token_that_keeps_naming_unknown_files_is_slowed_down_alone() {
         .unwrap();
     assert_ne!(other.status().as_u16(), 429, "{:?}", other.body().await);
 }
+
+#[actix_rt::test]
+async fn a_rate_limited_owner_is_not_remembered_as_a_miss_during_rediscovery() {
+    let redis = Redis::start();
+    let ks = keys(4);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    let url = format!("{}{GENERATE}", gw.url);
+    let name = upload_file(
+        &format!("{}/upload/v1beta/files", gw.url),
+        None,
+        &[],
+        b"mine",
+    )
+    .await;
+    let owner = fake.owner_key(&name).await;
+    // Redis loses everything while the owner key is rate-limited.
+    assert!(redis.cmd(&["FLUSHALL"]).contains("OK"));
+    fake.set_mode(&owner, json!({"mode": "quota", "retryDelay": "1s"}))
+        .await;
+    let (status, _) = post_json(&url, &file_body(&[&name]), &[]).await;
+    assert_ne!(status, 200, "the owner could not answer");
+    // Once the owner answers again, its file is found again at once.
+    fake.set_mode(&owner, json!({"mode": "normal"})).await;
+    for _ in 0..6 {
+        let (status, body) = post_json(&url, &file_body(&[&name]), &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}

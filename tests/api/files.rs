@@ -514,3 +514,93 @@ async fn handed_out_upload_urls_use_the_public_base_and_keep_the_path_prefix() {
         .unwrap();
     assert!(id.len() >= 32, "at least 128 random bits");
 }
+
+/// One page of the token's files through `gw`: names and the next token.
+async fn files_page(gw: &str, page_token: &str) -> (Vec<String>, Option<String>) {
+    let mut resp = client()
+        .get(format!(
+            "{gw}/v1beta/files?pageSize=2&pageToken={page_token}"
+        ))
+        .insert_header(("x-goog-api-key", TOKEN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: Value = resp.json().await.unwrap();
+    let names = v["files"]
+        .as_array()
+        .map(|fs| {
+            fs.iter()
+                .map(|f| f["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    (names, v["nextPageToken"].as_str().map(str::to_string))
+}
+
+#[actix_rt::test]
+async fn listing_page_by_page_while_files_arrive_skips_and_repeats_nothing() {
+    let c = cluster(2, 2);
+    let url = format!("{}/upload/v1beta/files", c.gws[0].url);
+    let mut before = Vec::new();
+    for _ in 0..7 {
+        before.push(upload_file(&url, None, &[], b"before").await);
+    }
+    let mut seen = Vec::new();
+    let mut arrived = Vec::new();
+    let mut token = String::new();
+    loop {
+        // Pages alternate between the replicas: the token is the gateway's,
+        // not one process's.
+        let gw = &c.gws[seen.len() / 2 % c.gws.len()].url;
+        let (names, next) = files_page(gw, &token).await;
+        seen.extend(names);
+        // Two new files between every two pages: an offset would shift by
+        // two and show the last two files of the page again.
+        for _ in 0..2 {
+            arrived.push(upload_file(&url, None, &[], b"during").await);
+        }
+        match next {
+            Some(t) => token = t,
+            None => break,
+        }
+        assert!(
+            seen.len() <= 2 * before.len(),
+            "paging never ends: {seen:?}"
+        );
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        seen.len(),
+        "a file was listed twice: {seen:?}"
+    );
+    let mut present = before.clone();
+    present.sort();
+    assert_eq!(unique, present, "every file present at the start, once");
+    // A fresh listing starts with files that arrived meanwhile.
+    let (first, _) = files_page(&c.gws[0].url, "").await;
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|n| arrived.contains(n)), "{first:?}");
+
+    for bad in ["10", "zz", "1.zz"] {
+        let mut resp = client()
+            .get(format!("{}/v1beta/files?pageToken={bad}", c.gws[0].url))
+            .insert_header(("x-goog-api-key", TOKEN))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400, "{bad}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["status"], "INVALID_ARGUMENT", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("pageToken"),
+            "{v}"
+        );
+    }
+}

@@ -369,3 +369,126 @@ async fn records_written_in_layout_1_are_read_after_the_upgrade_to_layout_2() {
         "a key cooling in layout 1's form gets no traffic"
     );
 }
+
+const GENERATE: &str = "/v1beta/models/gemini-2.0-flash:generateContent";
+
+async fn readyz(gw: &Gateway) -> serde_json::Value {
+    let mut resp = client()
+        .get(format!("{}/readyz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "never out of the balancer");
+    resp.json().await.unwrap()
+}
+
+async fn with_session(gw: &Gateway, sid: &str) -> (u16, serde_json::Value) {
+    post_json(
+        &format!("{}{GENERATE}", gw.url),
+        &generate_body(),
+        &[("x-session-id", sid)],
+    )
+    .await
+}
+
+async fn unpinned(gw: &Gateway) -> u16 {
+    post_json(&format!("{}{GENERATE}", gw.url), &generate_body(), &[])
+        .await
+        .0
+}
+
+/// Polls `/readyz` (bounded) until its layout reads `want`.
+async fn wait_for_layout(gw: &Gateway, want: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let ready = readyz(gw).await;
+        if ready["layout"] == want {
+            return ready;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "layout never became {want}: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// While the layout is unchecked: degraded but ready, bindings refused with
+/// the Gemini 503, unpinned traffic served.
+async fn assert_bindings_wait(gw: &Gateway, sid: &str) {
+    let ready = readyz(gw).await;
+    assert_eq!(ready["layout"], "unchecked", "{ready}");
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    let (status, v) = with_session(gw, sid).await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["status"], "UNAVAILABLE", "{v}");
+    assert_eq!(unpinned(gw).await, 200, "unpinned traffic keeps flowing");
+}
+
+#[actix_rt::test]
+async fn a_replica_started_while_redis_is_down_checks_the_layout_once_redis_is_back() {
+    let mut redis = Redis::start();
+    redis.stop();
+    let fake = FakeUpstream::start(&keys(2));
+    let gw = Gateway::start(&fake, Some(&redis), &[("GB_REDIS_TIMEOUT_MS", "300")]);
+    assert_bindings_wait(&gw, "while-down").await;
+
+    redis.restart();
+    let ready = wait_for_layout(&gw, "compatible").await;
+    assert_eq!(ready["layout_version"], MIGRATIONS.len(), "{ready}");
+    assert!(redis.cmd(&["GET", "gb:layout"]).contains("\r\n2\r\n"));
+    let (status, v) = with_session(&gw, "after-check").await;
+    assert_eq!(status, 200, "{v}");
+    assert!(redis
+        .cmd(&["EXISTS", "gb:session:after-check"])
+        .contains(":1"));
+}
+
+#[actix_rt::test]
+async fn bindings_wait_while_another_replica_holds_the_migration_lock() {
+    let redis = Redis::start();
+    redis.cmd(&["SET", "gb:lock:migrate", "a-stuck-replica", "PX", "120000"]);
+    let fake = FakeUpstream::start(&keys(2));
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    // Redis answers: only the unchecked layout keeps the binding away.
+    assert_eq!(readyz(&gw).await["store_up"], true);
+    assert_bindings_wait(&gw, "while-locked").await;
+    assert!(redis
+        .cmd(&["EXISTS", "gb:session:while-locked"])
+        .contains(":0"));
+
+    redis.cmd(&["DEL", "gb:lock:migrate"]);
+    wait_for_layout(&gw, "compatible").await;
+    assert!(redis.cmd(&["GET", "gb:layout"]).contains("\r\n2\r\n"));
+    let (status, v) = with_session(&gw, "after-lock").await;
+    assert_eq!(status, 200, "{v}");
+}
+
+#[actix_rt::test]
+async fn a_newer_layout_found_in_the_background_refuses_bindings_for_good() {
+    let redis = Redis::start();
+    redis.cmd(&["SET", "gb:lock:migrate", "a-newer-replica", "PX", "120000"]);
+    let fake = FakeUpstream::start(&keys(2));
+    let gw = Gateway::start(&fake, Some(&redis), &[]);
+    assert_bindings_wait(&gw, "before").await;
+
+    // The newer replica finishes its migration and releases the lock.
+    redis.cmd(&["SET", "gb:layout", "3"]);
+    redis.cmd(&["DEL", "gb:lock:migrate"]);
+    gw.wait_for_log("REFUSING every request that needs a binding")
+        .await;
+    let ready = wait_for_layout(&gw, "newer").await;
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert!(
+        ready["layout_error"]
+            .as_str()
+            .unwrap()
+            .contains("layout version 3"),
+        "{ready}"
+    );
+    let (status, v) = with_session(&gw, "after").await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(unpinned(&gw).await, 200);
+    assert!(redis.cmd(&["GET", "gb:layout"]).contains("\r\n3\r\n"));
+    assert!(redis.cmd(&["EXISTS", "gb:session:after"]).contains(":0"));
+}

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gemini_balancer::store::{
-    apply, MemberState, MemoryStore, Pick, RedisConfig, RedisMode, RedisStore, StateStore,
-    Transition, ADMIN,
+    apply, IndexEntry, MemberState, MemoryStore, Pick, RedisConfig, RedisMode, RedisStore,
+    StateStore, Transition, ADMIN,
 };
 use secrecy::SecretString;
 
@@ -297,6 +297,7 @@ async fn suite(store: Arc<dyn StateStore>) {
         vec!["old"],
         "{kind}"
     );
+    index_pages(&*store).await;
     // Locks.
     assert!(store.try_lock("l", "a", ttl).await.unwrap());
     assert!(!store.try_lock("l", "b", ttl).await.unwrap());
@@ -307,6 +308,83 @@ async fn suite(store: Arc<dyn StateStore>) {
     );
     store.unlock("l", "a").await.unwrap();
     assert!(store.try_lock("l", "b", ttl).await.unwrap());
+}
+
+/// Pages of an index: every live member once, in `index_members` order,
+/// whatever arrives or leaves between pages.
+async fn index_pages(store: &dyn StateStore) {
+    let kind = store.kind();
+    let members = |page: &[IndexEntry]| page.iter().map(|e| e.member.clone()).collect::<Vec<_>>();
+    // m0..m5, m2 and m3 sharing one expiry; one lapsed member.
+    for (m, secs) in [("m0", 10), ("m1", 20), ("m2", 30), ("m3", 30), ("m4", 40)] {
+        store
+            .index_add("pg", m, Duration::from_secs(secs), 1_000)
+            .await
+            .unwrap();
+    }
+    store
+        .index_add("pg", "gone", Duration::from_secs(1), 1_000)
+        .await
+        .unwrap();
+    let all = store.index_members("pg", 5_000).await.unwrap();
+    assert_eq!(all, vec!["m4", "m3", "m2", "m1", "m0"], "{kind}");
+    let first = store.index_page("pg", 5_000, None, 2).await.unwrap();
+    assert_eq!(members(&first), vec!["m4", "m3"], "{kind}");
+    assert_eq!(first[1].expires_ms, 31_000, "{kind}");
+    // A newer member arrives and an unseen one leaves between pages.
+    store
+        .index_add("pg", "m9", Duration::from_secs(90), 2_000)
+        .await
+        .unwrap();
+    store.index_remove("pg", "m1").await.unwrap();
+    let second = store
+        .index_page("pg", 5_000, first.last(), 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        members(&second),
+        vec!["m2", "m0"],
+        "{kind}: after m3, same expiry first"
+    );
+    assert!(
+        store
+            .index_page("pg", 5_000, second.last(), 2)
+            .await
+            .unwrap()
+            .is_empty(),
+        "{kind}"
+    );
+    // A position whose member is gone still resumes in place.
+    let gone = IndexEntry {
+        member: "m35".into(),
+        expires_ms: 31_000,
+    };
+    assert_eq!(
+        members(
+            &store
+                .index_page("pg", 5_000, Some(&gone), 10)
+                .await
+                .unwrap()
+        ),
+        vec!["m3", "m2", "m0"],
+        "{kind}"
+    );
+    // Lapsed members are never listed; an empty or unknown index is empty.
+    assert_eq!(
+        members(&store.index_page("pg", 25_000, None, 10).await.unwrap()),
+        vec!["m9", "m4", "m3", "m2"],
+        "{kind}"
+    );
+    assert!(store
+        .index_page("none", 0, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .index_page("pg", 5_000, None, 0)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[actix_rt::test]

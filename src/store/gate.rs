@@ -1,0 +1,235 @@
+//! Bindings wait for the key layout.
+//!
+//! A replica reads and writes bindings (sessions, files, resources) only once
+//! it knows the layout Redis holds is one it can read. Until the check has
+//! run (Redis was down at start, or another replica held the migration lock
+//! too long), and for good when Redis holds a newer layout, every binding
+//! call fails as a store outage would, so requests that need one get a 503;
+//! key rotation, health, locks and counters pass through, so unpinned
+//! traffic keeps flowing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{Applied, IndexEntry, MemberState, Pick, StateStore, StoreError, Transition};
+
+/// What a replica knows of the layout its store holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayoutStatus {
+    /// Not checked yet: the check is retried in the background.
+    Unchecked,
+    /// Checked (and brought up to date): this build can read it.
+    Compatible { version: u64 },
+    /// Newer than this build knows: bindings stay refused.
+    Newer { reason: String },
+}
+
+impl LayoutStatus {
+    /// `unchecked`, `compatible` or `newer`, for `/readyz`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LayoutStatus::Unchecked => "unchecked",
+            LayoutStatus::Compatible { .. } => "compatible",
+            LayoutStatus::Newer { .. } => "newer",
+        }
+    }
+}
+
+/// The layout status one replica shares between its requests and the task
+/// that checks the layout.
+#[derive(Debug)]
+pub struct LayoutGate {
+    status: RwLock<LayoutStatus>,
+}
+
+impl LayoutGate {
+    pub fn new(status: LayoutStatus) -> Self {
+        Self {
+            status: RwLock::new(status),
+        }
+    }
+
+    pub fn status(&self) -> LayoutStatus {
+        self.status
+            .read()
+            .map_or(LayoutStatus::Unchecked, |s| s.clone())
+    }
+
+    pub fn set(&self, status: LayoutStatus) {
+        if let Ok(mut s) = self.status.write() {
+            *s = status;
+        }
+    }
+
+    /// Whether bindings may be used now; the error a binding call answers
+    /// otherwise.
+    fn open(&self) -> Result<(), StoreError> {
+        match self.status() {
+            LayoutStatus::Compatible { .. } => Ok(()),
+            LayoutStatus::Unchecked => Err(StoreError::Unavailable(
+                "the key layout of the store is not checked yet".into(),
+            )),
+            LayoutStatus::Newer { reason } => Err(StoreError::Layout(reason)),
+        }
+    }
+}
+
+/// A store whose bindings and indexes wait for its [`LayoutGate`].
+pub struct GatedStore {
+    inner: Arc<dyn StateStore>,
+    gate: Arc<LayoutGate>,
+}
+
+impl GatedStore {
+    pub fn new(inner: Arc<dyn StateStore>, gate: Arc<LayoutGate>) -> Self {
+        Self { inner, gate }
+    }
+}
+
+#[async_trait]
+impl StateStore for GatedStore {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn mode(&self) -> &'static str {
+        self.inner.mode()
+    }
+
+    fn layout(&self) -> LayoutStatus {
+        self.gate.status()
+    }
+
+    async fn ping(&self) -> Result<Duration, StoreError> {
+        self.inner.ping().await
+    }
+
+    async fn rotate(
+        &self,
+        ring: &str,
+        members: &[String],
+        exclude: &[String],
+        model: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Pick, StoreError> {
+        self.inner
+            .rotate(ring, members, exclude, model, now_ms)
+            .await
+    }
+
+    async fn member_states(&self, ring: &str) -> Result<HashMap<String, MemberState>, StoreError> {
+        self.inner.member_states(ring).await
+    }
+
+    async fn transition(
+        &self,
+        ring: &str,
+        member: &str,
+        model: Option<&str>,
+        event: &Transition,
+        now_ms: u64,
+    ) -> Result<Applied, StoreError> {
+        self.inner
+            .transition(ring, member, model, event, now_ms)
+            .await
+    }
+
+    async fn touch(&self, ns: &str, id: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+        self.gate.open()?;
+        self.inner.touch(ns, id, ttl).await
+    }
+
+    async fn claim(
+        &self,
+        ns: &str,
+        id: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<(String, bool), StoreError> {
+        self.gate.open()?;
+        self.inner.claim(ns, id, value, ttl).await
+    }
+
+    async fn replace(
+        &self,
+        ns: &str,
+        id: &str,
+        expected: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<String, StoreError> {
+        self.gate.open()?;
+        self.inner.replace(ns, id, expected, value, ttl).await
+    }
+
+    async fn put(&self, ns: &str, id: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.gate.open()?;
+        self.inner.put(ns, id, value, ttl).await
+    }
+
+    async fn get_many(&self, ns: &str, ids: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        self.gate.open()?;
+        self.inner.get_many(ns, ids).await
+    }
+
+    async fn delete(&self, ns: &str, id: &str) -> Result<(), StoreError> {
+        self.gate.open()?;
+        self.inner.delete(ns, id).await
+    }
+
+    async fn index_add(
+        &self,
+        name: &str,
+        member: &str,
+        ttl: Duration,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.gate.open()?;
+        self.inner.index_add(name, member, ttl, now_ms).await
+    }
+
+    async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        self.gate.open()?;
+        self.inner.index_members(name, now_ms).await
+    }
+
+    async fn index_page(
+        &self,
+        name: &str,
+        now_ms: u64,
+        after: Option<&IndexEntry>,
+        count: usize,
+    ) -> Result<Vec<IndexEntry>, StoreError> {
+        self.gate.open()?;
+        self.inner.index_page(name, now_ms, after, count).await
+    }
+
+    async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {
+        self.gate.open()?;
+        self.inner.index_remove(name, member).await
+    }
+
+    async fn try_lock(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.inner.try_lock(name, holder, ttl).await
+    }
+
+    async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        self.inner.unlock(name, holder).await
+    }
+
+    async fn add_counts(
+        &self,
+        bucket: &str,
+        counts: &[(String, u64)],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.add_counts(bucket, counts, ttl).await
+    }
+
+    async fn read_counts(&self, buckets: &[String]) -> Result<HashMap<String, u64>, StoreError> {
+        self.inner.read_counts(buckets).await
+    }
+}
