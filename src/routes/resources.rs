@@ -179,17 +179,7 @@ async fn create(
         Err(response) => return Ok(response),
     };
     let status = served.response.status();
-    let answer = served
-        .response
-        .body()
-        .limit(ANSWER_LIMIT)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("The upstream answer could not be read: {e}"),
-            )
-        })?;
+    let answer = read_answer(gw, &mut served.response).await?;
     if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
         if let Some(name) = v.get("name").and_then(Value::as_str) {
             record(gw, name, &served.key, &token.id, &v).await;
@@ -224,17 +214,7 @@ async fn mint(
         Err(response) => return Ok(response),
     };
     let status = served.response.status();
-    let answer = served
-        .response
-        .body()
-        .limit(ANSWER_LIMIT)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("The upstream answer could not be read: {e}"),
-            )
-        })?;
+    let answer = read_answer(gw, &mut served.response).await?;
     let minted = serde_json::from_slice::<Value>(&answer)
         .ok()
         .and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string));
@@ -249,6 +229,19 @@ async fn mint(
         }
     }
     Ok(buffered_back(status, served.response.headers(), answer))
+}
+
+/// A successful answer the gateway must read (to record what it created),
+/// whole and within the upstream deadlines, like every small body.
+async fn read_answer(gw: &Gateway, resp: &mut awc::ClientResponse) -> Result<Bytes, ApiError> {
+    pipeline::read_small(resp, ANSWER_LIMIT, gw.settings.upstream_idle_timeout)
+        .await
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "The upstream's answer could not be read whole.",
+            )
+        })
 }
 
 /// A discovery failure as the client's error.
@@ -355,17 +348,7 @@ async fn owned(
         ));
     }
     let status = served.response.status();
-    let answer = served
-        .response
-        .body()
-        .limit(ANSWER_LIMIT)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("The upstream answer could not be read: {e}"),
-            )
-        })?;
+    let answer = read_answer(gw, &mut served.response).await?;
     if method == Method::PATCH {
         if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
             record(gw, name, &key, &token.id, &v).await;

@@ -80,12 +80,13 @@ pub async fn start(
     };
     let status = served.response.status();
     let headers = served.response.headers().clone();
-    let answer = served
-        .response
-        .body()
-        .limit(ANSWER_LIMIT)
-        .await
-        .unwrap_or_default();
+    let answer = pipeline::read_small(
+        &mut served.response,
+        ANSWER_LIMIT,
+        gw.settings.upstream_idle_timeout,
+    )
+    .await
+    .unwrap_or_default();
     let mut response = buffered_back(status, &headers, answer);
     let Some(upstream_url) = headers
         .get("x-goog-upload-url")
