@@ -78,7 +78,7 @@ pub async fn handle(
             let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
             let pinned = pipeline::pin(&gw, &up, b"", edge.session.as_ref(), &token.id, FLAVOR)
                 .await?
-                .map(|k| k.id.clone());
+                .map(|p| p.key.id.clone());
             (pinned, None)
         }
     };

@@ -321,10 +321,11 @@ async fn owned(
         }
     }
     let c = call(req, edge, &token.id, body);
-    let mut served = match pipeline::send(gw, up, &c, Some(key.clone())).await? {
-        Ok(served) => served,
-        Err(response) => return Ok(response),
-    };
+    let mut served =
+        match pipeline::send(gw, up, &c, Some(pipeline::Pinned::to(key.clone()))).await? {
+            Ok(served) => served,
+            Err(response) => return Ok(response),
+        };
     let method = req.method();
     // `cachedContents/x`, not `fileSearchStores/x/documents/y`.
     let whole = edge.path.ends_with(name) || edge.path.ends_with(&format!("{name}:cancel"));

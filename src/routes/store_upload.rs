@@ -74,10 +74,11 @@ pub async fn start(
         key_style: KeyStyle::GoogHeader,
         model: None,
     };
-    let mut served = match pipeline::send(gw, up, &call, Some(key.clone())).await? {
-        Ok(served) => served,
-        Err(response) => return Ok(response),
-    };
+    let mut served =
+        match pipeline::send(gw, up, &call, Some(pipeline::Pinned::to(key.clone()))).await? {
+            Ok(served) => served,
+            Err(response) => return Ok(response),
+        };
     let status = served.response.status();
     let headers = served.response.headers().clone();
     let answer = pipeline::read_small(

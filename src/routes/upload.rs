@@ -450,7 +450,7 @@ async fn single_shot(
 ) -> Result<HttpResponse, ApiError> {
     let session = pipeline::upload_session(gw, edge.session.as_ref(), &owner);
     let key = match pipeline::pin(gw, up, &[], session.as_ref(), &owner, FLAVOR).await? {
-        Some(key) => key,
+        Some(pinned) => pinned.key,
         None => gw
             .keys
             .next(gw.store(), &[], None)
