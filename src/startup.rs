@@ -113,8 +113,25 @@ pub async fn open_store(
 /// starts serving and leaves the check to the background.
 const START_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Raises the open-files soft limit to the hard one: a replica holds one
+/// socket per client connection (and per upstream connection over
+/// HTTP/1.1), so thousands of open streams need more than the usual soft
+/// limit of 1,024. The hard limit is the operator's (compose `ulimits`, the
+/// container runtime's default in Kubernetes).
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < 16_384 => tracing::warn!(
+            limit,
+            "open-files limit is low: each client connection takes one; raise the hard limit (ulimit -n, compose ulimits)"
+        ),
+        Ok(limit) => tracing::info!(limit, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-files limit"),
+    }
+}
+
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        raise_open_files_limit();
         let metrics = Arc::new(Metrics::new());
         let store = open_store(&settings, &metrics).await?;
         let tls = tls_config(settings.upstream_ca_file.as_deref())?;
