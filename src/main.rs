@@ -74,9 +74,9 @@ async fn main() -> std::process::ExitCode {
     // `gemini-balancer healthcheck`: for container HEALTHCHECKs in images
     // without curl.
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        let probed = match &settings.tls_cert {
-            Some(cert) => gemini_balancer::probe::probe_health_tls(settings.listen, cert),
-            None => gemini_balancer::startup::probe_health(settings.listen),
+        let probed = match &settings.tls {
+            Some(tls) => gemini_balancer::probe::probe_health_tls(settings.listen.addr, &tls.cert),
+            None => gemini_balancer::startup::probe_health(settings.listen.addr),
         };
         return match probed {
             Ok(()) => std::process::ExitCode::SUCCESS,
@@ -86,7 +86,7 @@ async fn main() -> std::process::ExitCode {
             }
         };
     }
-    telemetry::init(settings.log_format);
+    telemetry::init(settings.logging.format);
     let result = async {
         Application::build(settings)
             .await?

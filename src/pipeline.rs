@@ -81,14 +81,14 @@ pub async fn pin(
         Err(RefError::Refused(e)) => return Err(e.flavor(flavor)),
         Err(RefError::Mixed(names)) => {
             gw.metrics.mixed_owner_conflicts.inc();
-            let advice = split_advice(gw.settings.upload_affinity);
+            let advice = split_advice(gw.settings.sessions.upload_affinity);
             return Err(
                 ApiError::new(StatusCode::CONFLICT, mixed_message(&names, advice)).flavor(flavor),
             );
         }
     }
     if let Some(s) = session {
-        let (ttl, wait) = (gw.settings.session_ttl, gw.settings.pin_wait);
+        let (ttl, wait) = (gw.settings.sessions.ttl, gw.settings.sessions.pin_wait);
         return match session::resolve(gw.store(), &gw.keys, s, ttl, wait).await {
             Ok((key, bound_now)) => {
                 if bound_now {
@@ -128,7 +128,7 @@ pub fn split_advice(affinity: crate::settings::UploadAffinity) -> &'static str {
 /// The session an upload is bound through: the one the client named, else
 /// (with `GB_UPLOAD_AFFINITY=token`) the implicit session of its token.
 pub fn upload_session(gw: &Gateway, named: Option<&Session>, token_id: &str) -> Option<Session> {
-    match (named, gw.settings.upload_affinity) {
+    match (named, gw.settings.sessions.upload_affinity) {
         (Some(s), _) => Some(s.clone()),
         (None, crate::settings::UploadAffinity::Token) => Some(Session::for_token(token_id)),
         (None, crate::settings::UploadAffinity::None) => None,
@@ -157,7 +157,7 @@ pub async fn send(
     let attempts = if pinned.is_some() {
         1
     } else {
-        gw.settings.max_retries + 1
+        gw.settings.keys.max_retries + 1
     };
     if let Some(key) = &pinned {
         wait_for_pinned(gw, key, call).await?;
@@ -284,7 +284,7 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
             let meter = crate::usage::meter(&gw.usage, &call, &served.key.id, hide_usage);
             stream_back_metered(
                 served.response,
-                gw.settings.upstream_idle_timeout,
+                gw.settings.upstream.idle_timeout,
                 Some(meter),
             )
         }
@@ -317,7 +317,7 @@ async fn wait_for_pinned(gw: &Gateway, key: &ApiKey, call: &Call) -> Result<(), 
         .flavor(call.flavor)),
         Some(MemberState::Cooling { until_ms, .. }) => {
             let rest = until_ms.saturating_sub(now_ms());
-            if rest <= gw.settings.pin_wait.as_millis() as u64 {
+            if rest <= gw.settings.sessions.pin_wait.as_millis() as u64 {
                 tracing::info!(key_id = %key.id, wait_ms = rest, "pinned key is cooling; waiting for it");
                 tokio::time::sleep(std::time::Duration::from_millis(rest)).await;
                 return Ok(());
