@@ -64,10 +64,16 @@ unsafe impl GlobalAlloc for LeanMiMalloc {
 
 #[actix_web::main]
 async fn main() -> std::process::ExitCode {
+    // Names only: a misspelt variable's value may be a secret.
+    let unknown = settings::unknown_in_environment();
     let settings = match settings::load() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("gemini-balancer: configuration error: {e}");
+            // A misspelt variable is the likely cause of a missing one.
+            for u in &unknown {
+                eprintln!("gemini-balancer: {u}");
+            }
             return std::process::ExitCode::from(2);
         }
     };
@@ -87,6 +93,9 @@ async fn main() -> std::process::ExitCode {
         };
     }
     telemetry::init(settings.logging.format);
+    for u in &unknown {
+        tracing::warn!(variable = %u.name, did_you_mean = u.nearest, "{u}");
+    }
     let result = async {
         Application::build(settings)
             .await?
