@@ -96,14 +96,14 @@ pub async fn pin(
         Err(RefError::Refused(e)) => return Err(e.flavor(flavor)),
         Err(RefError::Mixed(names)) => {
             gw.metrics.mixed_owner_conflicts.inc();
-            let advice = split_advice(gw.settings.upload_affinity);
+            let advice = split_advice(gw.settings.sessions.upload_affinity);
             return Err(
                 ApiError::new(StatusCode::CONFLICT, mixed_message(&names, advice)).flavor(flavor),
             );
         }
     }
     if let Some(s) = session {
-        let (ttl, wait) = (gw.settings.session_ttl, gw.settings.pin_wait);
+        let (ttl, wait) = (gw.settings.sessions.ttl, gw.settings.sessions.pin_wait);
         return match session::resolve(gw.store(), &gw.keys, s, ttl, wait).await {
             Ok((key, bound_now, states)) => {
                 if bound_now {
@@ -146,7 +146,7 @@ pub fn split_advice(affinity: crate::settings::UploadAffinity) -> &'static str {
 /// The session an upload is bound through: the one the client named, else
 /// (with `GB_UPLOAD_AFFINITY=token`) the implicit session of its token.
 pub fn upload_session(gw: &Gateway, named: Option<&Session>, token_id: &str) -> Option<Session> {
-    match (named, gw.settings.upload_affinity) {
+    match (named, gw.settings.sessions.upload_affinity) {
         (Some(s), _) => Some(s.clone()),
         (None, crate::settings::UploadAffinity::Token) => Some(Session::for_token(token_id)),
         (None, crate::settings::UploadAffinity::None) => None,
@@ -175,7 +175,7 @@ pub async fn send(
     let attempts = if pinned.is_some() {
         1
     } else {
-        gw.settings.max_retries + 1
+        gw.settings.keys.max_retries + 1
     };
     let pinned = match pinned {
         Some(Pinned { key, states }) => {
@@ -306,7 +306,7 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
             let meter = crate::usage::meter(&gw.usage, &call, &served.key.id, hide_usage);
             stream_back_metered(
                 served.response,
-                gw.settings.upstream_idle_timeout,
+                gw.settings.upstream.idle_timeout,
                 Some(meter),
             )
         }
@@ -348,7 +348,7 @@ async fn wait_for_pinned(
         .flavor(call.flavor)),
         Some(MemberState::Cooling { until_ms, .. }) => {
             let rest = until_ms.saturating_sub(now_ms());
-            if rest <= gw.settings.pin_wait.as_millis() as u64 {
+            if rest <= gw.settings.sessions.pin_wait.as_millis() as u64 {
                 tracing::info!(key_id = %key.id, wait_ms = rest, "pinned key is cooling; waiting for it");
                 tokio::time::sleep(std::time::Duration::from_millis(rest)).await;
                 return Ok(());

@@ -59,18 +59,18 @@ pub async fn open_store(
     settings: &Settings,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Arc<dyn StateStore>> {
-    let Some(url) = &settings.redis_url else {
+    let Some(url) = &settings.redis.url else {
         tracing::info!("no GB_REDIS_URL: using the embedded in-memory store (single replica only)");
         return Ok(Arc::new(MemoryStore::new()));
     };
     let store = RedisStore::open(&RedisConfig {
-        mode: settings.redis_mode,
+        mode: settings.redis.mode,
         url,
-        sentinel_master: &settings.redis_sentinel_master,
-        prefix: &settings.redis_prefix,
-        timeout: settings.redis_timeout,
-        pool_size: settings.redis_pool_size,
-        threads: settings.workers,
+        sentinel_master: &settings.redis.sentinel_master,
+        prefix: &settings.redis.prefix,
+        timeout: settings.redis.timeout,
+        pool_size: settings.redis.pool_size,
+        threads: settings.listen.workers,
     })?
     .with_observer({
         let metrics = metrics.clone();
@@ -92,7 +92,7 @@ pub async fn open_store(
     };
     let gate = match checked {
         Ok(version) => {
-            tracing::info!(layout = version, prefix = %settings.redis_prefix, mode = settings.redis_mode.as_str(), "Redis store ready");
+            tracing::info!(layout = version, prefix = %settings.redis.prefix, mode = settings.redis.mode.as_str(), "Redis store ready");
             Arc::new(LayoutGate::new(LayoutStatus::Compatible { version }))
         }
         Err(crate::store::StoreError::Layout(msg)) => anyhow::bail!(msg),
@@ -134,11 +134,11 @@ impl Application {
         raise_open_files_limit();
         let metrics = Arc::new(Metrics::new());
         let store = open_store(&settings, &metrics).await?;
-        let tls = tls_config(settings.upstream_ca_file.as_deref())?;
-        let listener = TcpListener::bind(settings.listen)
-            .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen))?;
+        let tls = tls_config(settings.upstream.ca_file.as_deref())?;
+        let listener = TcpListener::bind(settings.listen.addr)
+            .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen.addr))?;
         let addr = listener.local_addr()?;
-        let admin_listener = match settings.admin_listen {
+        let admin_listener = match settings.admin.listen {
             Some(a) => Some(
                 TcpListener::bind(a)
                     .with_context(|| format!("GB_ADMIN_LISTEN: cannot bind {a}"))?,
@@ -150,11 +150,11 @@ impl Application {
             None => None,
         };
         let split = ListenerSplit { admin: admin_addr };
-        let grace = settings.shutdown_grace;
-        let workers = settings.workers;
-        let tls_listener = match (&settings.tls_cert, &settings.tls_key) {
-            (Some(cert), Some(key)) => Some(listener_tls(cert, key)?),
-            _ => None,
+        let grace = settings.listen.shutdown_grace;
+        let workers = settings.listen.workers;
+        let tls_listener = match &settings.tls {
+            Some(tls) => Some(listener_tls(&tls.cert, &tls.key)?),
+            None => None,
         };
         let gateway = Arc::new(Gateway::new(settings, store, metrics));
         let data = web::Data::from(gateway.clone());
@@ -162,9 +162,9 @@ impl Application {
         let server = HttpServer::new(move || {
             let tls = worker_tls.clone();
             let upstream = Upstream::new(
-                &data.settings.upstream_url,
+                &data.settings.upstream.url,
                 tls.clone(),
-                data.settings.upstream_timeout,
+                data.settings.upstream.timeout,
                 data.proxies.clone(),
             );
             App::new()
@@ -235,9 +235,9 @@ impl Application {
             let gw = gateway.clone();
             let replica = gw.replica.clone();
             let upstream = Upstream::new(
-                &gw.settings.upstream_url,
+                &gw.settings.upstream.url,
                 tls.clone(),
-                gw.settings.upstream_timeout,
+                gw.settings.upstream.timeout,
                 gw.proxies.clone(),
             );
             actix_rt::spawn(crate::recheck::run(gw.clone(), upstream, replica));
