@@ -236,3 +236,57 @@ fn answering_404() -> (u16, std::thread::JoinHandle<()>) {
     });
     (port, server)
 }
+
+/// The "Max open files" soft and hard limits of a process.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    (
+        fields.next().unwrap().to_string(),
+        fields.next().unwrap().to_string(),
+    )
+}
+
+#[actix_rt::test]
+async fn a_replica_raises_its_open_files_soft_limit_to_the_hard_one() {
+    use std::io::BufRead;
+    let fake = FakeUpstream::start(&keys(1));
+    let (_, hard) = open_files_limits(std::process::id());
+    // Started with a soft limit far below the hard one, as many systems do.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\"")
+        .arg(env!("CARGO_BIN_EXE_gemini-balancer"))
+        .env_clear()
+        .env("GB_LISTEN", "127.0.0.1:0")
+        .env("GB_API_KEYS", keys(1).join(","))
+        .env("GB_AUTH_TOKENS", "t1")
+        .env("GB_UPSTREAM_URL", &fake.url)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut logged = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("open-files limit") {
+            logged = Some(line.clone());
+        }
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    let (soft, now_hard) = open_files_limits(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(now_hard, hard, "the hard limit is the operator's");
+    assert_eq!(soft, hard, "the soft limit was raised to the hard one");
+    let logged = logged.expect("the limit is logged at start");
+    assert!(logged.contains(&format!("limit={hard}")), "{logged}");
+}
