@@ -5,7 +5,7 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use gemini_balancer::{settings, startup::Application, telemetry};
+use gemini_balancer::{ops::telemetry, settings, startup::Application};
 
 /// mimalloc: per-thread free lists suit a server that allocates and frees
 /// small buffers on every request on the thread that served it; glibc's
@@ -75,7 +75,9 @@ async fn main() -> std::process::ExitCode {
     // without curl.
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
         let probed = match &settings.tls_cert {
-            Some(cert) => gemini_balancer::probe::probe_health_tls(settings.listen, cert),
+            Some(cert) => {
+                gemini_balancer::ops::healthcheck::probe_health_tls(settings.listen, cert)
+            }
             None => gemini_balancer::startup::probe_health(settings.listen),
         };
         return match probed {

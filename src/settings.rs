@@ -59,7 +59,7 @@ pub struct Settings {
     pub upstream_ca_file: Option<String>,
     pub redis_url: Option<SecretString>,
     /// How `redis_url` is read: one server, cluster seeds, or sentinels.
-    pub redis_mode: crate::store::RedisMode,
+    pub redis_mode: crate::state::RedisMode,
     /// The master's name in sentinel mode (GB_REDIS_SENTINEL_MASTER).
     pub redis_sentinel_master: String,
     pub redis_prefix: String,
@@ -88,7 +88,7 @@ pub struct Settings {
     /// Lifetime of an admin page session.
     pub admin_session_ttl: Duration,
     /// Outbound proxies (`GB_PROXIES`), parsed; empty with `GB_PROXY_MODE=none`.
-    pub proxies: Vec<crate::proxy::ProxySpec>,
+    pub proxies: Vec<crate::upstream::proxy::ProxySpec>,
     pub proxy_cooldown: Duration,
     /// Open Live sessions per key before new sessions prefer other keys.
     pub live_sessions_per_key: usize,
@@ -221,7 +221,7 @@ impl Raw {
             .unwrap_or_default()
     }
 
-    fn proxies(&self) -> Result<Vec<crate::proxy::ProxySpec>, SettingsError> {
+    fn proxies(&self) -> Result<Vec<crate::upstream::proxy::ProxySpec>, SettingsError> {
         let mode = self.req("proxy_mode")?.to_ascii_lowercase();
         let list = self.opt("proxies").unwrap_or_default();
         match mode.as_str() {
@@ -232,7 +232,7 @@ impl Raw {
                 .filter(|p| !p.is_empty())
                 .enumerate()
                 .map(|(i, url)| {
-                    crate::proxy::parse(url)
+                    crate::upstream::proxy::parse(url)
                         .map_err(|problem| err("proxies", format!("entry {} {problem}", i + 1)))
                 })
                 .collect(),
@@ -256,8 +256,8 @@ impl Raw {
         Ok(file)
     }
 
-    fn redis_mode(&self) -> Result<crate::store::RedisMode, SettingsError> {
-        use crate::store::RedisMode;
+    fn redis_mode(&self) -> Result<crate::state::RedisMode, SettingsError> {
+        use crate::state::RedisMode;
         match self.req("redis_mode")?.to_ascii_lowercase().as_str() {
             "standalone" => Ok(RedisMode::Standalone),
             "cluster" => Ok(RedisMode::Cluster),
@@ -281,7 +281,8 @@ impl Raw {
         let (api_keys_file, mut api_keys) = match self.file_of("api_keys")? {
             Some(path) => {
                 let (file, text) = SecretFile::read("api_keys_file", &path)?;
-                let keys = crate::reload::parse_keys(&text).map_err(|p| err("api_keys_file", p))?;
+                let keys = crate::background::reload::parse_keys(&text)
+                    .map_err(|p| err("api_keys_file", p))?;
                 (Some(file), keys)
             }
             None => (None, self.list("api_keys")),
@@ -298,7 +299,7 @@ impl Raw {
             match self.file_of("auth_tokens")? {
                 Some(path) => {
                     let (file, text) = SecretFile::read("auth_tokens_file", &path)?;
-                    let parsed = crate::reload::parse_tokens(&text)
+                    let parsed = crate::background::reload::parse_tokens(&text)
                         .map_err(|p| err("auth_tokens_file", p))?;
                     (Some(file), parsed)
                 }
@@ -318,8 +319,8 @@ impl Raw {
         let (admin_token_file, admin_token) = match self.file_of("admin_token")? {
             Some(path) => {
                 let (file, text) = SecretFile::read("admin_token_file", &path)?;
-                let token =
-                    crate::reload::parse_admin(&text).map_err(|p| err("admin_token_file", p))?;
+                let token = crate::background::reload::parse_admin(&text)
+                    .map_err(|p| err("admin_token_file", p))?;
                 (Some(file), Some(token))
             }
             None => (None, self.opt("admin_token").map(SecretString::from)),
@@ -497,8 +498,8 @@ impl Raw {
 
 /// Checks `GB_REDIS_URL` against `GB_REDIS_MODE`. Messages never echo a URL:
 /// it may carry a password.
-fn check_redis_urls(url: Option<&str>, mode: crate::store::RedisMode) -> Result<(), SettingsError> {
-    use crate::store::RedisMode;
+fn check_redis_urls(url: Option<&str>, mode: crate::state::RedisMode) -> Result<(), SettingsError> {
+    use crate::state::RedisMode;
     use deadpool_redis::redis::IntoConnectionInfo;
     let Some(url) = url else {
         return match mode {
@@ -587,7 +588,7 @@ fn split_list(text: &str, sep: char) -> Vec<SecretString> {
         .collect()
 }
 
-use crate::reload::{dedup as dedup_secrets, split_labels};
+use crate::background::reload::{dedup as dedup_secrets, split_labels};
 
 #[cfg(test)]
 mod tests {
@@ -639,7 +640,7 @@ mod tests {
         assert_eq!(
             s.token_labels,
             vec![(
-                crate::identity::short_id(&SecretString::from("tok-a")),
+                crate::domain::identity::short_id(&SecretString::from("tok-a")),
                 "alice".to_string()
             )]
         );
@@ -708,7 +709,7 @@ mod tests {
 
     #[test]
     fn redis_mode_defaults_to_standalone_with_mymaster() {
-        use crate::store::RedisMode;
+        use crate::state::RedisMode;
         let s = with_redis(&[("GB_REDIS_URL", "redis://127.0.0.1:6379/2")]).unwrap();
         assert_eq!(s.redis_mode, RedisMode::Standalone);
         assert_eq!(s.redis_sentinel_master, "mymaster");

@@ -11,14 +11,14 @@ use anyhow::Context;
 use tracing_actix_web::TracingLogger;
 
 use crate::gateway::Gateway;
-use crate::metrics::Metrics;
-use crate::routes;
+use crate::http::routes;
+use crate::ops::metrics::Metrics;
+use crate::ops::telemetry::{GatewaySpan, RequestId};
 use crate::settings::Settings;
-use crate::store::{
+use crate::state::{
     GatedStore, LayoutGate, LayoutStatus, MemoryStore, RedisConfig, RedisStore, StateStore,
 };
-use crate::telemetry::{GatewaySpan, RequestId};
-use crate::upstream::{tls_config, Upstream};
+use crate::upstream::client::{tls_config, Upstream};
 
 pub struct Application {
     server: Server,
@@ -79,14 +79,19 @@ pub async fn open_store(
     // A server that answers but cannot serve the gateway (a cluster node in
     // standalone mode) is a configuration error, not an outage.
     let reachable = match store.ping().await {
-        Err(crate::store::StoreError::Misconfigured(msg)) => anyhow::bail!(msg),
+        Err(crate::state::StoreError::Misconfigured(msg)) => anyhow::bail!(msg),
         other => other.is_ok(),
     };
     let store = Arc::new(store);
     let checked = if reachable {
-        crate::migrations::apply_within(&store, crate::migrations::MIGRATIONS, START_PATIENCE).await
+        crate::state::migrations::apply_within(
+            &store,
+            crate::state::migrations::MIGRATIONS,
+            START_PATIENCE,
+        )
+        .await
     } else {
-        Err(crate::store::StoreError::Unavailable(
+        Err(crate::state::StoreError::Unavailable(
             "Redis did not answer a ping".into(),
         ))
     };
@@ -95,11 +100,11 @@ pub async fn open_store(
             tracing::info!(layout = version, prefix = %settings.redis_prefix, mode = settings.redis_mode.as_str(), "Redis store ready");
             Arc::new(LayoutGate::new(LayoutStatus::Compatible { version }))
         }
-        Err(crate::store::StoreError::Layout(msg)) => anyhow::bail!(msg),
+        Err(crate::state::StoreError::Layout(msg)) => anyhow::bail!(msg),
         Err(e) => {
             tracing::warn!(error = %e, "Redis key layout unchecked at start; serving unpinned traffic and retrying the check in the background");
             let gate = Arc::new(LayoutGate::new(LayoutStatus::Unchecked));
-            actix_rt::spawn(crate::migrations::keep_checking(
+            actix_rt::spawn(crate::state::migrations::keep_checking(
                 store.clone(),
                 gate.clone(),
             ));
@@ -156,7 +161,7 @@ impl Application {
                 .wrap_fn(move |req, srv| {
                     use futures_util::future::{ready, Either, FutureExt};
                     if split.refuses(req.app_config().local_addr(), req.match_info().as_str()) {
-                        let res = req.error_response(crate::error::ApiError::not_found(
+                        let res = req.error_response(crate::http::error::ApiError::not_found(
                             "No route for this path.",
                         ));
                         Either::Left(ready(Ok(res.map_into_right_body())))
@@ -167,7 +172,7 @@ impl Application {
                 })
                 .wrap_fn(|req, srv| {
                     let id = req.extensions().get::<RequestId>().cloned();
-                    let route = crate::metrics::route_class(req.method().as_str(), req.path());
+                    let route = crate::ops::metrics::route_class(req.method().as_str(), req.path());
                     let metrics = req
                         .app_data::<web::Data<Gateway>>()
                         .map(|gw| gw.metrics.clone());
@@ -191,9 +196,9 @@ impl Application {
                     }
                 })
                 .wrap(TracingLogger::<GatewaySpan>::new())
-                .route("/healthz", web::get().to(routes::health::healthz))
-                .route("/readyz", web::get().to(routes::health::readyz))
-                .route("/metrics", web::get().to(routes::health::metrics))
+                .route("/healthz", web::get().to(routes::ops::healthz))
+                .route("/readyz", web::get().to(routes::ops::readyz))
+                .route("/metrics", web::get().to(routes::ops::metrics))
                 .configure(routes::admin::configure)
                 .default_service(web::to(routes::dispatch))
         })
@@ -223,7 +228,11 @@ impl Application {
                 gw.settings.upstream_timeout,
                 gw.proxies.clone(),
             );
-            actix_rt::spawn(crate::recheck::run(gw.clone(), upstream, replica));
+            actix_rt::spawn(crate::background::recheck::run(
+                gw.clone(),
+                upstream,
+                replica,
+            ));
             if let Some(router) = gw.proxies.clone() {
                 let gw = gw.clone();
                 actix_rt::spawn(async move {
@@ -233,8 +242,8 @@ impl Application {
                     }
                 });
             }
-            actix_rt::spawn(crate::reload::run(gw.clone()));
-            actix_rt::spawn(crate::replicas::run(gw, addr));
+            actix_rt::spawn(crate::background::reload::run(gw.clone()));
+            actix_rt::spawn(crate::background::heartbeat::run(gw, addr));
         }
         Ok(Self {
             server,
