@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::gateway::Gateway;
 use crate::state::{now_ms, StateStore, StoreError};
 
-const NS: &str = "replica";
-const INDEX: &str = "replicas";
+const NS: &str = crate::state::keyspace::ns::REPLICA;
+const INDEX: &str = crate::state::keyspace::index::REPLICAS;
 const EVERY: Duration = Duration::from_secs(5);
 const LIVES: Duration = Duration::from_secs(20);
 

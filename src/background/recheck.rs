@@ -14,7 +14,7 @@ use crate::gateway::Gateway;
 use crate::state::{now_ms, MemberState, Transition};
 use crate::upstream::client::{KeyStyle, Upstream};
 
-const LOCK: &str = "recheck";
+const LOCK: &str = crate::state::keyspace::lock::RECHECK;
 
 /// Runs forever on the current (actix) runtime.
 pub async fn run(gw: Arc<Gateway>, upstream: Upstream, replica: String) {

@@ -22,7 +22,7 @@ use crate::state::StoreError;
 use crate::upstream::attempt;
 use crate::upstream::client::{KeyStyle, Upstream};
 
-const MISS_NS: &str = "file-miss";
+const MISS_NS: &str = crate::state::keyspace::ns::DISCOVERY_MISS;
 const MISS_TTL: Duration = Duration::from_secs(300);
 const WAVE: usize = 8;
 const PER_KEY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,7 +82,7 @@ fn per_minute(gw: &Gateway) -> u64 {
 }
 
 fn rate_bucket(token_id: &str, now_ms: u64) -> String {
-    format!("discovery:{token_id}:{}", now_ms / 60_000)
+    crate::state::keyspace::bucket::discovery(token_id, now_ms / 60_000)
 }
 
 /// The owners of `names` (in order), discovered and recorded (owned by

@@ -13,7 +13,7 @@ use crate::state::{now_ms, MemberState, Pick, StateStore, Transition, MODEL_SEP}
 use crate::upstream::outcome::Outcome;
 
 /// The rotation ring every replica shares for the key pool.
-pub const RING: &str = "keys";
+pub const RING: &str = crate::state::keyspace::ring::KEYS;
 
 /// One real Gemini key. Only [`ApiKey::expose`] hands out the secret, at the
 /// line that sends it upstream.

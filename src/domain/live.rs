@@ -23,7 +23,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(10);
 const QUOTA_COOLDOWN: Duration = Duration::from_secs(60);
 
 fn index(key_id: &str) -> String {
-    format!("live:{key_id}")
+    crate::state::keyspace::index::live_sessions(key_id)
 }
 
 /// Counts (or renews) one open session on a key.

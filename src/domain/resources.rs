@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::keys::ApiKey;
 use crate::gateway::Gateway;
 use crate::settings::Settings;
+use crate::state::keyspace::{index, ns};
 use crate::state::{now_ms, IndexEntry, StateStore, StoreError};
 use crate::upstream::client::Upstream;
 
@@ -88,15 +89,15 @@ impl Kind {
     /// they always had, so replicas of earlier versions read them unchanged.
     fn ns(self) -> &'static str {
         match self {
-            Kind::File => "file",
-            _ => "res",
+            Kind::File => ns::FILE,
+            _ => ns::RESOURCE,
         }
     }
 
     fn token_index(self, token_id: &str) -> String {
         match self {
-            Kind::File => format!("token-files:{token_id}"),
-            k => format!("token-res:{}:{token_id}", k.collection()),
+            Kind::File => index::token_files(token_id),
+            k => index::token_resources(k.collection(), token_id),
         }
     }
 
@@ -167,17 +168,17 @@ pub async fn owners(
     names: &[String],
 ) -> Result<Vec<Option<OwnerRecord>>, StoreError> {
     let mut out = vec![None; names.len()];
-    for ns in ["file", "res"] {
+    for namespace in [ns::FILE, ns::RESOURCE] {
         let (at, group): (Vec<usize>, Vec<String>) = names
             .iter()
             .enumerate()
-            .filter(|(_, n)| Kind::of(n).unwrap_or(Kind::File).ns() == ns)
+            .filter(|(_, n)| Kind::of(n).unwrap_or(Kind::File).ns() == namespace)
             .map(|(i, n)| (i, n.clone()))
             .unzip();
         if group.is_empty() {
             continue;
         }
-        let raw = store.get_many(ns, &group).await?;
+        let raw = store.get_many(namespace, &group).await?;
         for (i, value) in at.into_iter().zip(raw) {
             out[i] = value.and_then(|s| serde_json::from_str(&s).ok());
         }

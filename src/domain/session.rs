@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::domain::keys::{ApiKey, KeyPool, NoKey};
 use crate::state::{MemberState, StateStore, StoreError};
 
-const NS: &str = "session";
+const NS: &str = crate::state::keyspace::ns::SESSION;
 
 /// A normalised, valid session id: 1–128 of `[a-z0-9._:-]`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,7 +18,7 @@ pub struct KeyStats {
 }
 
 fn bucket(ms: u64) -> String {
-    format!("keys:{}", ms / BUCKET_MS)
+    crate::state::keyspace::bucket::key_stats(ms / BUCKET_MS)
 }
 
 impl KeyStats {

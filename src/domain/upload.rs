@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::state::{StateStore, StoreError};
 
-const NS: &str = "upload";
+const NS: &str = crate::state::keyspace::ns::UPLOAD;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UploadRecord {

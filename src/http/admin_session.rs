@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 
 use crate::state::{StateStore, StoreError};
 
-const NS: &str = "admin-session";
+const NS: &str = crate::state::keyspace::ns::ADMIN_SESSION;
 
 /// A new session id: 256 random bits, hex.
 pub fn new_id() -> Result<String, StoreError> {

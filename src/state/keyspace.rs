@@ -1,11 +1,106 @@
-//! Every Redis key name, built in one place. The layout, with each key's
-//! Redis Cluster slot tag, is written down in `migrations/0001_initial.md`.
+//! Every Redis key name, built in one place: the namespaces, index, lock,
+//! counter and ring names callers hand the store, and how the Redis store
+//! turns them into keys. The written layout (`ARCHITECTURE.md`, section
+//! "State") lists every key family [`families`] builds, each with its Redis
+//! Cluster slot tag; a unit test keeps the two equal.
 //!
 //! A Redis Cluster hashes a key by the text between its first `{` and the
 //! next `}` when there is one (its hash tag), else by the whole key. Keys one
 //! command, pipeline or script touches together share a tag; keys of
 //! unrelated entities (sessions, uploads, files) carry none, so they spread
 //! over every master.
+
+use std::fmt::Display;
+
+/// Binding namespaces: one value per id, `{prefix}:NS:ID`.
+pub mod ns {
+    /// Session id → the key id the session is bound to.
+    pub const SESSION: &str = "session";
+    /// Upload id → the upstream upload session a chunk goes to.
+    pub const UPLOAD: &str = "upload";
+    /// File name → its owner record. Files kept this namespace when other
+    /// resources got theirs, so replicas of layout 1 read them unchanged.
+    pub const FILE: &str = "file";
+    /// Resource name (caches, batches, operations, file search stores) →
+    /// its owner record.
+    pub const RESOURCE: &str = "res";
+    /// Resource name → a recent discovery miss (no pool key could see it).
+    pub const DISCOVERY_MISS: &str = "file-miss";
+    /// Replica id → its last heartbeat.
+    pub const REPLICA: &str = "replica";
+    /// Digest of an admin page session id → the admin token it was opened
+    /// with (a digest).
+    pub const ADMIN_SESSION: &str = "admin-session";
+}
+
+/// Index names: members with an expiry, `{prefix}:idx:NAME`.
+pub mod index {
+    use super::Display;
+
+    /// The replicas that sent a heartbeat recently.
+    pub const REPLICAS: &str = "replicas";
+    /// The last upstream errors, for the usage API.
+    pub const USAGE_ERRORS: &str = "usage-errors";
+
+    /// The files a client token uploaded.
+    pub fn token_files(token_id: impl Display) -> String {
+        format!("token-files:{token_id}")
+    }
+
+    /// The resources of one collection (`cachedContents`, …) a client token
+    /// created.
+    pub fn token_resources(collection: impl Display, token_id: impl Display) -> String {
+        format!("token-res:{collection}:{token_id}")
+    }
+
+    /// The open Live sessions on a key, across replicas.
+    pub fn live_sessions(key_id: impl Display) -> String {
+        format!("live:{key_id}")
+    }
+
+    /// The keys behind one outbound proxy that answered 429 lately.
+    pub fn proxy_429s(proxy_id: impl Display) -> String {
+        format!("proxy-429:{proxy_id}")
+    }
+}
+
+/// Lock names: one holder at a time, `{prefix}:lock:NAME`.
+pub mod lock {
+    /// Held while a replica checks or upgrades the key layout.
+    pub const MIGRATE: &str = "migrate";
+    /// Held by the replica that re-checks disabled keys this interval.
+    pub const RECHECK: &str = "recheck";
+}
+
+/// Counter buckets: named counts that lapse together,
+/// `{prefix}:stats:BUCKET`.
+pub mod bucket {
+    use super::Display;
+
+    /// Per-key request counts by outcome, one bucket a minute.
+    pub fn key_stats(minute: impl Display) -> String {
+        format!("keys:{minute}")
+    }
+
+    /// Usage series (requests, errors, tokens), one bucket an hour.
+    pub fn usage(hour: impl Display) -> String {
+        format!("usage:{hour}")
+    }
+
+    /// The discovery lookups one client token made in one minute.
+    pub fn discovery(token_id: impl Display, minute: impl Display) -> String {
+        format!("discovery:{token_id}:{minute}")
+    }
+}
+
+/// Rotation rings: members with a shared health state, `{prefix}:{ring:NAME}:…`.
+pub mod ring {
+    /// The pool's API keys.
+    pub const KEYS: &str = "keys";
+    /// The outbound proxies (their health only; a key's proxy is chosen by
+    /// hashing, not rotation).
+    pub const PROXIES: &str = "proxies";
+}
 
 /// Key names under one prefix.
 #[derive(Debug, Clone)]
@@ -78,15 +173,7 @@ impl Keyspace {
 /// The Redis Cluster slot of a key (CRC16/XMODEM of its hash tag or whole
 /// name, mod 16384), for tests and diagnostics.
 pub fn slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
-        let rest = &bytes[open + 1..];
-        rest.iter()
-            .position(|&b| b == b'}')
-            .filter(|&close| close > 0)
-            .map(|close| &rest[..close])
-    });
-    crc16(tagged.unwrap_or(bytes)) % 16384
+    crc16(hash_tag(key).unwrap_or(key).as_bytes()) % 16384
 }
 
 fn crc16(data: &[u8]) -> u16 {
@@ -102,6 +189,45 @@ fn crc16(data: &[u8]) -> u16 {
         }
     }
     crc
+}
+
+/// Every key family the gateway writes, built by the functions the code
+/// uses, with `<…>` for the variable parts: what the written layout lists.
+pub fn families(prefix: &str) -> Vec<String> {
+    let k = Keyspace::new(prefix);
+    vec![
+        k.layout(),
+        k.ring_counter(ring::KEYS),
+        k.ring_states(ring::KEYS),
+        k.ring_states(ring::PROXIES),
+        k.binding(ns::SESSION, "<session id>"),
+        k.binding(ns::UPLOAD, "<upload id>"),
+        k.binding(ns::FILE, "files/<id>"),
+        k.binding(ns::RESOURCE, "<resource name>"),
+        k.binding(ns::DISCOVERY_MISS, "<resource name>"),
+        k.binding(ns::REPLICA, "<replica id>"),
+        k.binding(ns::ADMIN_SESSION, "<session digest>"),
+        k.index(index::REPLICAS),
+        k.index(index::USAGE_ERRORS),
+        k.index(&index::token_files("<token id>")),
+        k.index(&index::token_resources("<collection>", "<token id>")),
+        k.index(&index::live_sessions("<key id>")),
+        k.index(&index::proxy_429s("<proxy id>")),
+        k.lock(lock::MIGRATE),
+        k.lock(lock::RECHECK),
+        k.stats(&bucket::key_stats("<minute>")),
+        k.stats(&bucket::usage("<hour>")),
+        k.stats(&bucket::discovery("<token id>", "<minute>")),
+    ]
+}
+
+/// The hash tag Redis Cluster places a key by, if it has one.
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let rest = &key[open + 1..];
+    rest.find('}')
+        .filter(|&close| close > 0)
+        .map(|close| &rest[..close])
 }
 
 #[cfg(test)]

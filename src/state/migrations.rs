@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::state::keyspace::lock;
 use crate::state::{LayoutGate, LayoutStatus, RedisStore, StateStore, StoreError};
 
 /// How long a check waits for another replica's migration lock.
@@ -80,7 +81,7 @@ pub async fn apply_within(
     let holder = uuid::Uuid::new_v4().to_string();
     let started = tokio::time::Instant::now();
     while !store
-        .try_lock("migrate", &holder, Duration::from_secs(60))
+        .try_lock(lock::MIGRATE, &holder, Duration::from_secs(60))
         .await?
     {
         if started.elapsed() >= patience {
@@ -92,7 +93,7 @@ pub async fn apply_within(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let result = migrate_locked(store, migrations, known).await;
-    let _ = store.unlock("migrate", &holder).await;
+    let _ = store.unlock(lock::MIGRATE, &holder).await;
     result
 }
 

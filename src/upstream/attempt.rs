@@ -185,7 +185,7 @@ async fn egress_throttle_check(gw: &Gateway, key: &ApiKey, model: Option<&str>, 
         return;
     }
     // Shared through the store: each replica sees only part of the 429s.
-    let index = format!("proxy-429:{}", spec.id);
+    let index = crate::state::keyspace::index::proxy_429s(&spec.id);
     let store = gw.store();
     let now = now_ms();
     let recent = match store

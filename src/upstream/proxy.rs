@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use crate::state::{now_ms, MemberState, StateStore, Transition};
 
 /// The rotation ring name under which proxy states are shared.
-pub const RING: &str = "proxies";
+pub const RING: &str = crate::state::keyspace::ring::PROXIES;
 const VNODES: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

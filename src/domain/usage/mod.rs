@@ -30,12 +30,12 @@ pub const HOUR_MS: u64 = 3_600_000;
 const DAY_MS: u64 = 24 * HOUR_MS;
 /// Recent upstream errors kept across the cluster.
 pub const RECENT_ERRORS: usize = 200;
-const ERRORS_INDEX: &str = "usage-errors";
+const ERRORS_INDEX: &str = crate::state::keyspace::index::USAGE_ERRORS;
 const OVERFLOW: &str = "~overflow";
 const SEP: char = '|';
 
 fn bucket(hour: u64) -> String {
-    format!("usage:{hour}")
+    crate::state::keyspace::bucket::usage(hour)
 }
 
 /// A model name as a series part: bounded and free of separators (a client
