@@ -19,6 +19,9 @@
 //! Beside them: [`settings`] (the only reader of the environment),
 //! [`gateway`] (the state every worker shares) and [`startup`] (the wiring).
 
+// Detached tasks start only in `background` (see clippy.toml).
+#![deny(clippy::disallowed_methods)]
+
 pub mod background;
 pub mod domain;
 pub mod gateway;

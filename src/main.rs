@@ -1,6 +1,8 @@
 // The actix server future of the whole app is deeply nested; type checking
 // its auto traits needs more than the default query depth.
 #![recursion_limit = "256"]
+// Detached tasks start only in the library's `background` (see clippy.toml).
+#![deny(clippy::disallowed_methods)]
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -10,6 +10,7 @@ use actix_web::{web, App, HttpMessage, HttpServer};
 use anyhow::Context;
 use tracing_actix_web::TracingLogger;
 
+use crate::background::Background;
 use crate::gateway::Gateway;
 use crate::http::routes;
 use crate::ops::metrics::Metrics;
@@ -25,6 +26,7 @@ pub struct Application {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     gateway: Arc<Gateway>,
+    background: Background,
 }
 
 /// With `GB_ADMIN_LISTEN` set, which listener serves which paths: the
@@ -58,6 +60,7 @@ impl ListenerSplit {
 pub async fn open_store(
     settings: &Settings,
     metrics: &Arc<Metrics>,
+    background: &mut Background,
 ) -> anyhow::Result<Arc<dyn StateStore>> {
     let Some(url) = &settings.redis_url else {
         tracing::info!("no GB_REDIS_URL: using the embedded in-memory store (single replica only)");
@@ -104,10 +107,7 @@ pub async fn open_store(
         Err(e) => {
             tracing::warn!(error = %e, "Redis key layout unchecked at start; serving unpinned traffic and retrying the check in the background");
             let gate = Arc::new(LayoutGate::new(LayoutStatus::Unchecked));
-            actix_rt::spawn(crate::state::migrations::keep_checking(
-                store.clone(),
-                gate.clone(),
-            ));
+            background.check_layout(store.clone(), gate.clone());
             gate
         }
     };
@@ -121,7 +121,8 @@ const START_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
-        let store = open_store(&settings, &metrics).await?;
+        let mut background = Background::new();
+        let store = open_store(&settings, &metrics, &mut background).await?;
         let tls = tls_config(settings.upstream_ca_file.as_deref())?;
         let listener = TcpListener::bind(settings.listen)
             .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen))?;
@@ -221,35 +222,20 @@ impl Application {
         }
         {
             let gw = gateway.clone();
-            let replica = gw.replica.clone();
             let upstream = Upstream::new(
                 &gw.settings.upstream_url,
                 tls.clone(),
                 gw.settings.upstream_timeout,
                 gw.proxies.clone(),
             );
-            actix_rt::spawn(crate::background::recheck::run(
-                gw.clone(),
-                upstream,
-                replica,
-            ));
-            if let Some(router) = gw.proxies.clone() {
-                let gw = gw.clone();
-                actix_rt::spawn(async move {
-                    loop {
-                        router.refresh(gw.store()).await;
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                });
-            }
-            actix_rt::spawn(crate::background::reload::run(gw.clone()));
-            actix_rt::spawn(crate::background::heartbeat::run(gw, addr));
+            background.start(&gw, upstream, addr);
         }
         Ok(Self {
             server,
             addr,
             admin_addr,
             gateway,
+            background,
         })
     }
 
@@ -267,15 +253,25 @@ impl Application {
     /// in-flight requests and streams finish within `GB_SHUTDOWN_GRACE`
     /// seconds.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let handle = self.server.handle();
-        let gateway = self.gateway.clone();
-        actix_rt::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutdown signal: draining in-flight requests");
-            gateway.start_draining();
-            handle.stop(true).await;
-        });
-        self.server.await?;
+        let Self {
+            mut server,
+            gateway,
+            background,
+            ..
+        } = self;
+        let handle = server.handle();
+        let served = tokio::select! {
+            served = &mut server => served,
+            () = wait_for_signal() => {
+                tracing::info!("shutdown signal: draining in-flight requests");
+                gateway.start_draining();
+                // Awaiting the server is what drives its graceful stop.
+                let (served, ()) = futures_util::future::join(&mut server, handle.stop(true)).await;
+                served
+            }
+        };
+        background.stop(&gateway).await;
+        served?;
         tracing::info!("stopped");
         Ok(())
     }

@@ -33,6 +33,7 @@ pub struct ReplicaInfo {
     pub loaded_ms: u64,
 }
 
+/// Beats and flushes every few seconds, until [`super::Background::stop`].
 pub async fn run(gw: Arc<Gateway>, addr: SocketAddr) {
     loop {
         beat(&gw, addr).await;
@@ -43,13 +44,14 @@ pub async fn run(gw: Arc<Gateway>, addr: SocketAddr) {
             tracing::debug!(error = %e, "usage flush deferred");
         }
         tokio::time::sleep(EVERY).await;
-        if gw.draining() {
-            let _ = gw.stats.flush(gw.store()).await;
-            let _ = gw.usage.flush(gw.store()).await;
-            let _ = gw.store().delete(NS, &gw.replica).await;
-            return;
-        }
     }
+}
+
+/// The last flush of a stopping replica, and the end of its heartbeat.
+pub async fn sign_off(gw: &Gateway) {
+    let _ = gw.stats.flush(gw.store()).await;
+    let _ = gw.usage.flush(gw.store()).await;
+    let _ = gw.store().delete(NS, &gw.replica).await;
 }
 
 async fn beat(gw: &Gateway, addr: SocketAddr) {

@@ -99,7 +99,7 @@ pub async fn handle(
         ephemeral,
         id: uuid::Uuid::new_v4().simple().to_string(),
     };
-    actix_web::rt::spawn(relay.run(session, stream.max_frame_size(MAX_FRAME)));
+    crate::background::for_connection(relay.run(session, stream.max_frame_size(MAX_FRAME)));
     Ok(response)
 }
 
