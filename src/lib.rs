@@ -21,12 +21,28 @@
 
 // Detached tasks start only in `background` (see clippy.toml).
 #![deny(clippy::disallowed_methods)]
+// Allowed in Cargo.toml only for the dev tools under src/bin.
+#![warn(
+    clippy::doc_markdown,
+    clippy::redundant_closure_for_method_calls,
+    clippy::unreadable_literal,
+    clippy::items_after_statements,
+    clippy::unused_async,
+    clippy::map_unwrap_or
+)]
 
 pub mod background;
 pub mod domain;
 pub mod gateway;
 pub mod http;
 pub mod ops;
+// Allowed here rather than fixed in place: settings.rs is being split into
+// sections, and these doc and style findings go with that change.
+#[allow(
+    clippy::doc_markdown,
+    clippy::redundant_closure_for_method_calls,
+    clippy::unreadable_literal
+)]
 pub mod settings;
 pub mod startup;
 pub mod state;

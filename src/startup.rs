@@ -168,7 +168,9 @@ impl Application {
                         Either::Left(ready(Ok(res.map_into_right_body())))
                     } else {
                         let fut = actix_web::dev::Service::call(srv, req);
-                        Either::Right(fut.map(|r| r.map(|res| res.map_into_left_body())))
+                        Either::Right(
+                            fut.map(|r| r.map(actix_web::dev::ServiceResponse::map_into_left_body)),
+                        )
                     }
                 })
                 .wrap_fn(|req, srv| {
@@ -302,7 +304,7 @@ fn listener_tls(cert: &str, key: &str) -> anyhow::Result<rustls::ServerConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .and_then(Iterator::collect::<Result<_, _>>)
         .map_err(|e| anyhow::anyhow!("GB_TLS_CERT: cannot read a PEM certificate chain: {e}"))?;
     if certs.is_empty() {
         anyhow::bail!("GB_TLS_CERT: the file holds no certificate");

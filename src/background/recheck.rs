@@ -39,9 +39,8 @@ pub async fn run(gw: Arc<Gateway>, upstream: Upstream, replica: String) {
 
 /// Checks every disabled key once; returns how many were re-enabled.
 pub async fn recheck_once(gw: &Gateway, upstream: &Upstream) -> usize {
-    let states = match gw.store().member_states(RING).await {
-        Ok(s) => s,
-        Err(_) => return 0,
+    let Ok(states) = gw.store().member_states(RING).await else {
+        return 0;
     };
     let mut re_enabled = 0;
     for key in gw.keys.keys() {

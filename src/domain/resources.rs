@@ -127,6 +127,10 @@ pub struct OwnerRecord {
     pub created: u64,
 }
 
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -502,7 +506,7 @@ fn escaped(body: &[u8], quote_at: usize) -> bool {
 }
 
 fn skip_ws(body: &[u8], pos: &mut usize) {
-    while body.get(*pos).is_some_and(|b| b.is_ascii_whitespace()) {
+    while body.get(*pos).is_some_and(u8::is_ascii_whitespace) {
         *pos += 1;
     }
 }
@@ -598,7 +602,7 @@ fn parse_rfc3339_ms(s: &str) -> Option<u64> {
     let mut rest = &s[19..];
     let mut millis = 0u64;
     if let Some(frac) = rest.strip_prefix('.') {
-        let digits: String = frac.chars().take_while(|c| c.is_ascii_digit()).collect();
+        let digits: String = frac.chars().take_while(char::is_ascii_digit).collect();
         let three: String = digits.chars().chain("000".chars()).take(3).collect();
         millis = three.parse().ok()?;
         rest = &frac[digits.len()..];
@@ -616,7 +620,7 @@ fn parse_rfc3339_ms(s: &str) -> Option<u64> {
     let yoe = y - era * 400;
     let doy = (153 * m as i64 + 2) / 5 + day as i64 - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146097 + doe - 719468;
+    let days = era * 146_097 + doe - 719_468;
     let secs = days * 86400 + (hour * 3600 + min * 60 + sec) as i64;
     u64::try_from(secs).ok().map(|s| s * 1000 + millis)
 }

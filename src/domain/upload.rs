@@ -38,6 +38,10 @@ pub fn valid_upload_id(id: &str) -> bool {
 /// `X-Goog-Upload-Command`, parsed as a token list: `upload,finalize` and
 /// `upload, finalize` are the same.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "one flag per command the header may combine"
+)]
 pub struct Commands {
     pub start: bool,
     pub upload: bool,
@@ -167,7 +171,7 @@ mod tests {
                 pairs.push(format!("key={key}"));
                 let url = format!("{base}?{}", pairs.join("&"));
                 let stripped = strip_key_param(&url);
-                let query = stripped.split_once('?').map(|(_, q)| q).unwrap_or("");
+                let query = stripped.split_once('?').map_or("", |(_, q)| q);
                 prop_assert!(query.split('&').all(|p| !p.starts_with("key=") && p != "key"));
             }
         }

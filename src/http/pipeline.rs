@@ -437,7 +437,9 @@ where
                         }
                         return None;
                     }
-                    let rest = meter.as_mut().and_then(|m| m.finish());
+                    let rest = meter
+                        .as_mut()
+                        .and_then(crate::domain::usage::meter::Meter::finish);
                     rest.map(|b| (Ok(b), (upstream, sent, true, meter)))
                 }
                 Err(_) => {

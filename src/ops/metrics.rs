@@ -342,11 +342,11 @@ pub fn route_class(method: &str, path: &str) -> &'static str {
     };
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {
-        ["healthz"] | ["readyz"] => "health",
+        ["healthz" | "readyz"] => "health",
         ["metrics"] => "metrics",
         ["admin", ..] => "admin",
         ["upload", _, "files"] => "upload",
-        [_, "openai", ..] | ["v1", "chat", ..] | ["v1", "embeddings", ..] => {
+        [_, "openai", ..] | ["v1", "chat" | "embeddings", ..] => {
             if path.contains("chat/completions") {
                 "openai_chat"
             } else if path.contains("embeddings") {

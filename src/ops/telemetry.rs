@@ -62,8 +62,7 @@ impl RootSpanBuilder for GatewaySpan {
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .filter(|v| sane_request_id(v))
-            .map(str::to_string)
-            .unwrap_or_else(new_request_id);
+            .map_or_else(new_request_id, str::to_string);
         request.extensions_mut().insert(RequestId(id.clone()));
         tracing::info_span!(
             "request",

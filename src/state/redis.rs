@@ -132,6 +132,7 @@ impl RedisStore {
         })
     }
 
+    #[must_use]
     pub fn with_observer(mut self, observer: Observer) -> Self {
         self.observer = Some(observer);
         self

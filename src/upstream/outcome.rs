@@ -9,7 +9,7 @@ use actix_web::http::StatusCode;
 pub enum Outcome {
     Success,
     /// 429: cool down until then; only for `model` when Google's
-    /// QuotaFailure names one (its limits are per project and per model).
+    /// `QuotaFailure` names one (its limits are per project and per model).
     RateLimited {
         until_ms: u64,
         per_day: bool,
@@ -110,7 +110,7 @@ pub fn classify(status: StatusCode, body: &[u8], now: u64) -> Outcome {
     }
 }
 
-/// A 429's cooldown. Each QuotaFailure violation lasts until the next
+/// A 429's cooldown. Each `QuotaFailure` violation lasts until the next
 /// midnight Pacific (a per-day `quotaId`) or for the `RetryInfo` delay
 /// (default 60 s), scoped to the model its `quotaDimensions` name, or to the
 /// whole key; of several violations the longest wins.
@@ -188,7 +188,7 @@ pub fn parse_duration_ms(s: &str) -> Option<u64> {
     Some((secs * 1000 + ms + round_up).min(CAP))
 }
 
-/// The next midnight in America/Los_Angeles (Google's daily quota reset),
+/// The next midnight in `America/Los_Angeles` (Google's daily quota reset),
 /// as Unix ms. US rules: daylight time from the second Sunday of March to the
 /// first Sunday of November, switching at 02:00 local.
 pub fn next_pacific_midnight_ms(now_ms: u64) -> u64 {
@@ -227,8 +227,8 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
-    let m = m as i64;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
 }
@@ -242,7 +242,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let mp = (5 * doy + 2) / 153;
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
 }
 
@@ -251,6 +251,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[allow(clippy::needless_pass_by_value, reason = "takes json! literals")]
     fn body(v: serde_json::Value) -> Vec<u8> {
         v.to_string().into_bytes()
     }

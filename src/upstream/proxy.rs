@@ -9,6 +9,7 @@
 //! connection pool per proxy.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -177,7 +178,7 @@ async fn http_connect(
     let mut req = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n");
     if let Some((user, pass)) = &spec.auth {
         let token = base64(format!("{user}:{}", pass.expose_secret()).as_bytes());
-        req.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
+        let _ = write!(req, "Proxy-Authorization: Basic {token}\r\n");
     }
     req.push_str("\r\n");
     stream
@@ -309,8 +310,7 @@ impl ProxyRouter {
     pub fn is_down(&self, idx: usize, now: u64) -> bool {
         self.down
             .read()
-            .map(|d| d.get(&idx).is_some_and(|until| *until > now))
-            .unwrap_or(false)
+            .is_ok_and(|d| d.get(&idx).is_some_and(|until| *until > now))
     }
 
     /// The key's home proxy: first on the ring after the key's hash.

@@ -459,7 +459,7 @@ impl Counts {
                     By::Model => model.clone(),
                     By::Key => key.clone(),
                     By::Token => token.clone(),
-                    By::Hour => format!("{:012}", hour),
+                    By::Hour => format!("{hour:012}"),
                 })
                 .collect();
             out.entry(k).or_default().add(cell);

@@ -33,6 +33,10 @@ impl Tokens {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[allow(
+    clippy::struct_field_names,
+    reason = "the fields are Google's, named as it names them"
+)]
 struct GeminiUsage {
     #[serde(default)]
     prompt_token_count: u64,

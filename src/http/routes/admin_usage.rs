@@ -249,6 +249,10 @@ const COLORS: [&str; 8] = [
 ];
 
 /// A stacked bar chart of one value per hour and model.
+#[allow(
+    clippy::many_single_char_names,
+    reason = "w, h, x, y: the chart's geometry, as SVG names it"
+)]
 fn chart(
     id: &str,
     title: &str,

@@ -137,6 +137,10 @@ fn ephemeral_token(headers: &HeaderMap, edge: &Edge) -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
+#[allow(
+    clippy::unnecessary_wraps,
+    reason = "builds the argument every close call takes"
+)]
 fn close_reason(code: CloseCode, text: &str) -> Option<CloseReason> {
     Some(CloseReason {
         code,
@@ -320,7 +324,7 @@ impl Relay {
                             let _ = session.pong(&p).await;
                             continue;
                         }
-                        Some(Ok(Message::Pong(_))) | Some(Ok(Message::Nop)) => continue,
+                        Some(Ok(Message::Pong(_) | Message::Nop)) => continue,
                         Some(Ok(Message::Close(reason))) => {
                             let _ = upstream.send(UpMessage::Close(reason.clone())).await;
                             closing = Some(reason);
@@ -379,6 +383,10 @@ impl Relay {
 
 /// Passes one upstream frame to the client; `false` when the client is gone.
 /// A close from the upstream sets `closing`.
+#[allow(
+    clippy::option_option,
+    reason = "closing: None while open; Some(reason) once closing, with or without a reason"
+)]
 async fn to_client(
     session: &mut actix_ws::Session,
     frame: Frame,

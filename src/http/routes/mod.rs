@@ -269,7 +269,7 @@ pub async fn dispatch(
         upload_path if store_upload::store_of(upload_path).is_some() => {
             let ver = upload_path
                 .get(1)
-                .map(|v| v.to_string())
+                .map(ToString::to_string)
                 .unwrap_or_default();
             let store = store_upload::store_of(upload_path).unwrap_or_default();
             store_upload::start(&gw, &up, &req, payload, &edge, &ver, &store).await
@@ -304,7 +304,7 @@ pub async fn dispatch(
         }
         [ver, "files", rest @ ..] if VERSIONS.contains(ver) && method != Method::POST => {
             let ver = ver.to_string();
-            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            let rest: Vec<String> = rest.iter().map(ToString::to_string).collect();
             files::handle(&gw, &up, &req, &edge, &ver, &rest).await
         }
         [ver, ..] if VERSIONS.contains(ver) => native(&gw, &up, &req, payload, &edge).await,

@@ -151,10 +151,10 @@ async fn record(gw: &Gateway, name: &str, key: &ApiKey, token_id: &str, answer: 
     let rec = OwnerRecord::new(&key.id, token_id);
     match resources::remember(gw.store(), name, &rec, ttl).await {
         Ok(()) => {
-            tracing::info!(resource = name, key_id = %key.id, ttl_s = ttl.as_secs(), "resource owner recorded")
+            tracing::info!(resource = name, key_id = %key.id, ttl_s = ttl.as_secs(), "resource owner recorded");
         }
         Err(e) => {
-            tracing::warn!(resource = name, error = %e, "resource created but its owner could not be recorded")
+            tracing::warn!(resource = name, error = %e, "resource created but its owner could not be recorded");
         }
     }
 }
@@ -223,7 +223,7 @@ async fn mint(
         let rec = OwnerRecord::new(&served.key.id, &token.id);
         match resources::remember(gw.store(), &name, &rec, ttl).await {
             Ok(()) => {
-                tracing::info!(key_id = %served.key.id, ttl_s = ttl.as_secs(), "ephemeral Live token recorded")
+                tracing::info!(key_id = %served.key.id, ttl_s = ttl.as_secs(), "ephemeral Live token recorded");
             }
             Err(e) => tracing::warn!(error = %e, "ephemeral Live token minted but not recorded"),
         }

@@ -198,7 +198,12 @@ pub(super) fn public_base(gw: &Gateway, req: &HttpRequest) -> String {
     let host = forwarded("x-forwarded-host")
         .and_then(safe)
         .or_else(|| header(headers, "host").and_then(safe))
-        .or_else(|| req.uri().authority().map(|a| a.to_string()).and_then(safe))
+        .or_else(|| {
+            req.uri()
+                .authority()
+                .map(ToString::to_string)
+                .and_then(safe)
+        })
         .unwrap_or_else(|| req.app_config().host().to_string());
     let prefix = forwarded("x-forwarded-prefix")
         .filter(|p| {
