@@ -1,3 +1,7 @@
+//! The `gemini-balancer` binary: loads the settings, answers the
+//! `healthcheck` subcommand, or starts logging and serves until stopped.
+//! Everything else lives in the library.
+
 // The actix server future of the whole app is deeply nested; type checking
 // its auto traits needs more than the default query depth.
 #![recursion_limit = "256"]
@@ -93,7 +97,7 @@ async fn main() -> std::process::ExitCode {
             Some(cert) => {
                 gemini_balancer::ops::healthcheck::probe_health_tls(settings.listen, cert)
             }
-            None => gemini_balancer::startup::probe_health(settings.listen),
+            None => gemini_balancer::ops::healthcheck::probe_health(settings.listen),
         };
         return match probed {
             Ok(()) => std::process::ExitCode::SUCCESS,

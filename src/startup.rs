@@ -318,26 +318,3 @@ fn listener_tls(cert: &str, key: &str) -> anyhow::Result<rustls::ServerConfig> {
         .with_single_cert(certs, key)
         .context("GB_TLS_CERT/GB_TLS_KEY: the key does not match the certificate")
 }
-
-/// `GET /healthz` on the local listener, with short timeouts.
-pub fn probe_health(listen: SocketAddr) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
-    let ip = if listen.ip().is_unspecified() {
-        std::net::IpAddr::from([127, 0, 0, 1])
-    } else {
-        listen.ip()
-    };
-    let addr = SocketAddr::new(ip, listen.port());
-    let timeout = std::time::Duration::from_secs(3);
-    let mut conn = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    conn.set_read_timeout(Some(timeout))?;
-    conn.set_write_timeout(Some(timeout))?;
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-    let mut head = [0u8; 16];
-    let n = conn.read(&mut head)?;
-    anyhow::ensure!(
-        head[..n].starts_with(b"HTTP/1.1 200"),
-        "/healthz did not answer 200"
-    );
-    Ok(())
-}

@@ -1,5 +1,7 @@
-//! Replica heartbeats (so operators see who is serving) and the periodic
-//! flush of per-key statistics. Both run in the background of every replica.
+//! Replica heartbeats (so operators see who is serving, with which key and
+//! token sets) and, on the same beat, the flush of the per-key statistics
+//! and usage counted in memory. A stopping replica flushes once more and
+//! takes its heartbeat down ([`sign_off`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
-//! `gemini-balancer healthcheck` against a TLS listener: the probe speaks
-//! TLS to the local port and accepts exactly the certificate the gateway is
+//! `gemini-balancer healthcheck`: `GET /healthz` on the local listener, for
+//! container health checks in images without curl. Against a TLS listener
+//! the probe speaks TLS and accepts exactly the certificate the gateway is
 //! configured with (no CA is needed, the container checks itself).
 
 use std::io::{Read, Write};
@@ -71,6 +72,28 @@ impl ServerCertVerifier for Pinned {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// `GET /healthz` on the local listener, with short timeouts.
+pub fn probe_health(listen: SocketAddr) -> anyhow::Result<()> {
+    let ip = if listen.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        listen.ip()
+    };
+    let addr = SocketAddr::new(ip, listen.port());
+    let timeout = std::time::Duration::from_secs(3);
+    let mut conn = TcpStream::connect_timeout(&addr, timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 16];
+    let n = conn.read(&mut head)?;
+    anyhow::ensure!(
+        head[..n].starts_with(b"HTTP/1.1 200"),
+        "/healthz did not answer 200"
+    );
+    Ok(())
 }
 
 /// `GET /healthz` over TLS on the local listener, with short timeouts.

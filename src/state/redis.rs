@@ -4,8 +4,7 @@
 //! Every multi-key command, pipeline and script stays in one Redis Cluster
 //! slot (see [`Keyspace`]); reads over unrelated keys are sent as concurrent
 //! single-key commands on a cluster instead of one pipeline. The key layout,
-//! with each key's slot tag, is written down once in
-//! `migrations/0001_initial.md`.
+//! with each key's slot tag, is written down once, in `ARCHITECTURE.md`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -295,11 +294,6 @@ impl RedisStore {
     /// The full name of a key under this store's prefix (for migrations).
     pub fn key(&self, parts: &[&str]) -> String {
         self.keys.key(parts)
-    }
-
-    /// The store's key names.
-    pub fn layout(&self) -> &Keyspace {
-        &self.keys
     }
 
     /// One raw command, bounded like every other (for migrations).

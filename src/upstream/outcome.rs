@@ -1,6 +1,10 @@
 //! What an upstream answer says about the key that got it: rate-limited
 //! (and until when), rejected (invalid, expired, leaked, suspended), a server
 //! error, or the request's own fault.
+//!
+//! This is the verdict on one answer. Key health, the state every replica
+//! shares (cooling, disabled), is kept by [`crate::domain::keys`], which
+//! turns an [`Outcome`] into a state change in the store.
 
 use actix_web::http::StatusCode;
 

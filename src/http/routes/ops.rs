@@ -1,4 +1,6 @@
-//! Liveness and readiness.
+//! The operational routes: `/healthz` (liveness), `/readyz` (readiness: the
+//! store answers, the key layout is checked, the replica is not draining)
+//! and `/metrics` (Prometheus).
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
