@@ -245,6 +245,68 @@ mod tests {
         assert_ne!(slot("a{}b"), slot(""));
     }
 
+    /// The rows of the key table in `ARCHITECTURE.md`: key and slot tag.
+    fn written_layout() -> Vec<(String, String)> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/ARCHITECTURE.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        assert!(
+            doc.contains("| key | type | TTL | slot tag | written by | holds |"),
+            "the key table's header changed; this test reads its columns by position"
+        );
+        doc.lines()
+            .filter(|l| l.starts_with("| `<prefix>:"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                (
+                    cells[1].trim_matches('`').to_string(),
+                    cells[4].trim_matches('`').to_string(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_written_layout_is_the_registrys() {
+        let written = written_layout();
+        let built: Vec<(String, String)> = families("<prefix>")
+            .into_iter()
+            .map(|k| {
+                let tag = hash_tag(&k).unwrap_or("none").to_string();
+                (k, tag)
+            })
+            .collect();
+        for family in &built {
+            assert!(
+                written.contains(family),
+                "ARCHITECTURE.md lacks the key {} with slot tag {}",
+                family.0,
+                family.1
+            );
+        }
+        for row in &written {
+            assert!(
+                built.contains(row),
+                "ARCHITECTURE.md names {} (slot tag {}), which state::keyspace does not build",
+                row.0,
+                row.1
+            );
+        }
+        assert_eq!(written.len(), built.len(), "a key is written twice");
+    }
+
+    #[test]
+    fn every_family_is_distinct_and_placed_as_intended() {
+        let built = families("gb");
+        let unique: std::collections::HashSet<&String> = built.iter().collect();
+        assert_eq!(unique.len(), built.len());
+        for k in &built {
+            match hash_tag(k) {
+                Some(tag) => assert!(tag.starts_with("ring:"), "{k}: only rings carry a tag"),
+                None => assert!(!k.contains(['{', '}']), "{k}"),
+            }
+        }
+    }
+
     #[test]
     fn a_rings_keys_share_a_slot_and_bindings_spread() {
         let l = Keyspace::new("gb");
