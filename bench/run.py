@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""Gateway vs direct-to-upstream, same machine, same run.
+"""Gateway vs direct-to-upstream and vs nginx `proxy_pass`, same machine,
+same run.
 
-Starts the fake upstream (release build), then measures with `oha`:
-direct to the fake; the gateway on the embedded store; the gateway on Redis
-(unpinned and session-pinned); three replicas behind nginx (scripts/local-stack);
-SSE time to first event; a 1 GiB upload's peak RSS. Writes bench/RESULTS.md
-and bench/results.json. Usage: bench/run [--seconds N] [--rate R] [--conns C] [--rounds N]
+Starts the fake upstream (release build), then measures: direct to the fake;
+nginx `proxy_pass` in front of it (one worker, pooled keep-alive upstream
+connections: the cost of a bare proxy hop); the gateway on the embedded
+store; the gateway on Redis (unpinned and session-pinned); on a Redis Cluster;
+three replicas behind nginx (scripts/local-stack). Saturation with `wrk -t1`
+(else `oha`), latency at one connection with `oha`; SSE time to first event;
+many concurrent SSE streams (bench/streams.py); a large upload's peak RSS.
+Writes bench/RESULTS.md and bench/results.json.
+Usage: bench/run [--seconds N] [--conns C] [--rounds N] [--delays-ms D,D] [--streams N]
 """
 
 import argparse
@@ -25,46 +30,11 @@ import time
 import urllib.parse
 import urllib.request
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-BIN = ROOT / "target" / "release"
-KEYS = [f"AIzaBenchKey{i:02d}-abcdefghijklmnop" for i in range(5)]
-TOKEN = "bench-token-0123456789"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import BIN, KEYS, ROOT, TOKEN, free_port, have_nginx, proc_stat, start, start_nginx  # noqa: E402
+
 GENERATE = "/v1beta/models/gemini-2.0-flash:generateContent"
 BODY = json.dumps({"contents": [{"parts": [{"text": "hello"}]}]})
-CLK = os.sysconf("SC_CLK_TCK")
-# Enough connections for the fixed rate to be reached when the fake waits.
-FIXED_CONNS = 16
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args, env, stream):
-    proc = subprocess.Popen(args, env=env, text=True,
-                            stdout=subprocess.PIPE if stream == "stdout" else subprocess.DEVNULL,
-                            stderr=subprocess.PIPE if stream == "stderr" else subprocess.DEVNULL)
-    pipe = proc.stdout if stream == "stdout" else proc.stderr
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = pipe.readline()
-        if "listening on " in line:
-            url = line.split("listening on ", 1)[1].split()[0].split('"')[0]
-            # Keep draining so the child never blocks on a full pipe.
-            threading.Thread(target=lambda: [None for _ in pipe], daemon=True).start()
-            return proc, url
-    proc.kill()
-    raise SystemExit(f"{args[0]} did not start")
-
-
-def proc_stat(pid):
-    status = pathlib.Path(f"/proc/{pid}/status").read_text()
-    kib = {l.split(":")[0]: int(l.split()[1]) for l in status.splitlines() if l.startswith(("VmRSS", "VmHWM"))}
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLK
-    return kib, cpu
 
 
 def redis_calls(port):
@@ -98,6 +68,26 @@ def oha(url, seconds, conns, rate=None, headers=(), credential=TOKEN):
     }
 
 
+def wrk(url, seconds, conns, headers=(), credential=TOKEN):
+    """A saturation run with one wrk thread (light on the shared cores)."""
+    cmd = [WRK, "-t1", "-c", str(conns), "-d", f"{seconds}s", "-s", str(ROOT / "bench" / "wrk.lua"),
+           "-H", f"x-goog-api-key: {credential}"]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, WRK_BODY=BODY)).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    total = r["requests"]
+    return {
+        "rps": round(total / (r["duration_us"] / 1e6), 1),
+        "p50_ms": round(r["p50_us"] / 1000, 3),
+        "p99_ms": round(r["p99_us"] / 1000, 3),
+        "p99_9_ms": round(r["p999_us"] / 1000, 3),
+        "requests": total,
+        "ok_ratio": round(1 - (r["status_errors"] + r["socket_errors"]) / max(1, total), 4),
+    }
+
+
 def store_calls(urls):
     """Round trips to the state store, from each replica's own metrics."""
     total = 0.0
@@ -112,26 +102,32 @@ def store_calls(urls):
 class Config:
     """One configuration under test: where to send load and what to count."""
 
-    def __init__(self, name, url, pids, redis=None, headers=(), credential=TOKEN, metrics_urls=()):
+    def __init__(self, name, url, pids, redis=None, headers=(), credential=TOKEN, metrics_urls=(),
+                 upstream_pids=()):
         self.name, self.url, self.pids = name, url, pids
+        # The fake's pid when it is not the process under test itself.
+        self.upstream_pids = list(upstream_pids)
         # (port, pid) of each Redis server this configuration uses (one, or a
         # cluster's nodes).
         self.redis = [redis] if isinstance(redis, tuple) else list(redis or [])
         self.headers, self.credential, self.metrics_urls = headers, credential, metrics_urls
         self.rounds = []
-        self.cpu = self.redis_cpu = 0.0
+        self.cpu = self.redis_cpu = self.upstream_cpu = 0.0
         self.redis_cmds = self.trips = 0
-        self.fixed_rounds = []
+        self.one_conn_rounds = []
 
 
 def saturate(c, args):
     """One saturation round of `c`, adding its costs to the totals."""
     before = [proc_stat(p)[1] for p in c.pids]
+    ucpu0 = sum(proc_stat(p)[1] for p in c.upstream_pids)
     rcpu0 = sum(proc_stat(pid)[1] for _, pid in c.redis)
     calls0 = sum(redis_calls(port) for port, _ in c.redis)
     trips0 = store_calls(c.metrics_urls) if c.metrics_urls else 0
-    sat = oha(c.url + GENERATE, args.seconds, args.conns, headers=c.headers, credential=c.credential)
+    load = wrk if WRK else oha
+    sat = load(c.url + GENERATE, args.seconds, args.conns, headers=c.headers, credential=c.credential)
     c.cpu += sum(proc_stat(p)[1] for p in c.pids) - sum(before)
+    c.upstream_cpu += sum(proc_stat(p)[1] for p in c.upstream_pids) - ucpu0
     if c.redis:
         c.redis_cpu += sum(proc_stat(pid)[1] for _, pid in c.redis) - rcpu0
         c.redis_cmds += sum(redis_calls(port) for port, _ in c.redis) - calls0
@@ -144,20 +140,22 @@ def saturate(c, args):
 def summary(c, args):
     """The median round of `c`, with costs over every round."""
     rounds = sorted(c.rounds, key=lambda r: r["rps"])
-    fixed = {k: round(statistics.median(r[k] for r in c.fixed_rounds), 3)
-             for k in ("rps", "p50_ms", "p99_ms", "p99_9_ms")}
-    fixed["requests"] = sum(r["requests"] for r in c.fixed_rounds)
+    one = {k: round(statistics.median(r[k] for r in c.one_conn_rounds), 3)
+           for k in ("rps", "p50_ms", "p99_ms", "p99_9_ms")}
+    one["requests"] = sum(r["requests"] for r in c.one_conn_rounds)
     row = {"config": c.name, "saturation": rounds[len(rounds) // 2],
-           "saturation_rps_rounds": [r["rps"] for r in c.rounds], "fixed_rate": fixed,
-           "fixed_rate_p99_rounds": [r["p99_ms"] for r in c.fixed_rounds]}
+           "saturation_rps_rounds": [r["rps"] for r in c.rounds], "one_connection": one,
+           "one_connection_p50_rounds": [r["p50_ms"] for r in c.one_conn_rounds]}
     total = sum(r["requests"] for r in c.rounds)
     if c.pids:
-        row["cpu_s_per_1000"] = round(c.cpu / max(1, total) * 1000, 3)
+        row["cpu_us_per_request"] = round(c.cpu / max(1, total) * 1e6, 1)
         row["peak_rss_mib"] = round(max(proc_stat(p)[0]["VmHWM"] for p in c.pids) / 1024, 1)
+    if c.upstream_pids:
+        row["upstream_cpu_us_per_request"] = round(c.upstream_cpu / max(1, total) * 1e6, 1)
     if c.redis:
         # Commands run inside a Lua script count here too.
         row["redis_commands_per_request"] = round(c.redis_cmds / max(1, total), 3)
-        row["redis_cpu_s_per_1000"] = round(c.redis_cpu / max(1, total) * 1000, 3)
+        row["redis_cpu_us_per_request"] = round(c.redis_cpu / max(1, total) * 1e6, 1)
     if c.metrics_urls:
         row["store_round_trips_per_request"] = round(c.trips / max(1, total), 3)
     print(f"{c.name}: {json.dumps(row)}", flush=True)
@@ -267,17 +265,24 @@ def run_pass(args, delay_ms):
         cenv["GB_REDIS_URL"] = ",".join(f"redis://127.0.0.1:{p}" for p, _ in cluster[:3])
         gwc, gwc_url = start([str(BIN / "gemini-balancer")], cenv, "stderr")
         procs.append(gwc)
-        # The direct run authenticates with a real key of the fake.
-        configs = [
-            Config("direct to the fake", fake_url, [fake.pid], credential=KEYS[0]),
-            Config("gateway, embedded store", gw_url, [gw.pid], metrics_urls=[gw_url]),
-            Config("gateway, Redis", gwr_url, [gwr.pid], (redis_port, redis.pid), metrics_urls=[gwr_url]),
+        # The direct and nginx runs authenticate with a real key of the fake.
+        up = [fake.pid]
+        configs = [Config("direct to the fake", fake_url, [fake.pid], credential=KEYS[0])]
+        if have_nginx():
+            nginx_dir = tempfile.mkdtemp(prefix="gb-bench-nginx-")
+            nginx, nginx_url, nginx_pids = start_nginx(nginx_dir, fake_url.split("//", 1)[1])
+            procs.append(nginx)
+            configs.append(Config("nginx proxy_pass", nginx_url, nginx_pids, credential=KEYS[0], upstream_pids=up))
+        configs += [
+            Config("gateway, embedded store", gw_url, [gw.pid], metrics_urls=[gw_url], upstream_pids=up),
+            Config("gateway, Redis", gwr_url, [gwr.pid], (redis_port, redis.pid), metrics_urls=[gwr_url],
+                   upstream_pids=up),
             Config("gateway, Redis, session-pinned", gwr_url, [gwr.pid], (redis_port, redis.pid),
-                   headers=("x-session-id: bench-session",), metrics_urls=[gwr_url]),
+                   headers=("x-session-id: bench-session",), metrics_urls=[gwr_url], upstream_pids=up),
             Config("gateway, Redis Cluster (3 masters)", gwc_url, [gwc.pid],
-                   [(port, proc.pid) for port, proc in cluster], metrics_urls=[gwc_url]),
+                   [(port, proc.pid) for port, proc in cluster], metrics_urls=[gwc_url], upstream_pids=up),
         ]
-        if shutil.which("nginx") or pathlib.Path("/usr/sbin/nginx").exists():
+        if have_nginx():
             stack_dir = tempfile.mkdtemp(prefix="gb-bench-stack-")
             env = dict(os.environ, GB_BIN_DIR=str(BIN), STACK_KEYS=",".join(KEYS), STACK_TOKEN=TOKEN,
                        FAKE_RECORD="0", FAKE_DELAY_MS=str(delay_ms), RUST_LOG="warn,gemini_balancer::startup=info")
@@ -290,15 +295,18 @@ def run_pass(args, delay_ms):
                 log = pathlib.Path(stack_dir, f"gateway-{i}.log").read_text()
                 urls.append(log.split("listening on ", 1)[1].split()[0].split('"')[0])
             redis_pid = int(pathlib.Path(stack_dir, "redis.pid").read_text())
+            stack_fake = int(pathlib.Path(stack_dir, "fake.pid").read_text()) \
+                if pathlib.Path(stack_dir, "fake.pid").exists() else None
             configs.append(Config("3 replicas + nginx, Redis", info["LB_URL"], pids,
-                                  (int(info["REDIS_PORT"]), redis_pid), metrics_urls=urls))
+                                  (int(info["REDIS_PORT"]), redis_pid), metrics_urls=urls,
+                                  upstream_pids=[stack_fake] if stack_fake else []))
         for r in range(args.rounds):
             print(f"{delay_ms} ms upstream, round {r + 1} of {args.rounds}", flush=True)
             for c in configs:
                 saturate(c, args)
             for c in configs:
-                c.fixed_rounds.append(oha(c.url + GENERATE, args.seconds, FIXED_CONNS, rate=args.rate,
-                                          headers=c.headers, credential=c.credential))
+                c.one_conn_rounds.append(oha(c.url + GENERATE, args.latency_seconds, 1,
+                                             headers=c.headers, credential=c.credential))
         rows = [summary(c, args) for c in configs]
         extra["streaming_first_event"] = {"direct": ttfb(fake_url, credential=KEYS[0]), "gateway_redis": ttfb(gwr_url)}
     finally:
@@ -307,31 +315,40 @@ def run_pass(args, delay_ms):
         for p in procs:
             p.kill()
     direct = rows[0]
+    nginx = next((r for r in rows if r["config"] == "nginx proxy_pass"), None)
     for r in rows:
         r["throughput_vs_direct"] = round(r["saturation"]["rps"] / direct["saturation"]["rps"], 3)
-        r["added_p50_ms"] = round(r["fixed_rate"]["p50_ms"] - direct["fixed_rate"]["p50_ms"], 3)
-        r["added_p99_ms"] = round(r["fixed_rate"]["p99_ms"] - direct["fixed_rate"]["p99_ms"], 3)
+        if nginx:
+            r["throughput_vs_nginx"] = round(r["saturation"]["rps"] / nginx["saturation"]["rps"], 3)
+        r["added_p50_ms"] = round(r["one_connection"]["p50_ms"] - direct["one_connection"]["p50_ms"], 3)
+        r["added_p99_ms"] = round(r["one_connection"]["p99_ms"] - direct["one_connection"]["p99_ms"], 3)
     return {"upstream_delay_ms": delay_ms, "configs": rows, **extra}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--rate", type=int, default=300)
-    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--latency-seconds", type=int, default=5, help="length of each one-connection latency run")
     ap.add_argument("--rounds", type=int, default=3, help="saturation runs per configuration (median reported)")
-    ap.add_argument("--delays-ms", default="0,20",
+    ap.add_argument("--delays-ms", default="0",
                     help="the fake's added latency per model call, one pass each")
     ap.add_argument("--upload-mib", type=int, default=1024)
+    ap.add_argument("--streams", type=int, default=10_000, help="concurrent SSE streams (0: skip that section)")
     args = ap.parse_args()
     passes = [run_pass(args, int(d)) for d in args.delays_ms.split(",")]
+    streams = None
+    if args.streams:
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / "streams.py"), "--streams", str(args.streams)],
+                             capture_output=True, text=True, check=True)
+        streams = json.loads(out.stdout)
     upload = subprocess.run([sys.executable, str(ROOT / "bench" / "upload_rss.py"), str(args.upload_mib)],
                             capture_output=True, text=True, check=True)
     upload = json.loads(upload.stdout)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, "
                f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, Linux {platform.release()}")
     results = {"command": "bench/run " + " ".join(sys.argv[1:]), "machine": machine, "settings": vars(args),
-               "passes": passes, "upload": upload}
+               "passes": passes, "streams": streams, "upload": upload}
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results)
     print((ROOT / "bench" / "RESULTS.md").read_text())
@@ -339,38 +356,66 @@ def main():
 
 def write_markdown(r):
     st = r["settings"]
+    tool = "wrk -t1" if WRK else "oha"
     lines = ["# Benchmark results", "",
-             f"Command: `{r['command']}` — machine: {r['machine']}. The load generator (`oha`), the fake "
-             "upstream, Redis and the gateway share the machine's cores, so compare rows of one run, not runs.", "",
-             f"Saturation: {st['conns']} connections for {st['seconds']} s, {st.get('rounds', 1)} rounds taken in "
-             "turn over every configuration; each row is its median round (all rounds' req/s in brackets). "
-             f"Fixed rate: {st['rate']} req/s on {FIXED_CONNS} connections for {st['seconds']} s in each round, "
-             "median of the rounds' p50 and p99; added latency is against the direct run at the same rate. CPU is the processes' user + system time over every "
-             "saturation round (the gateway's or, for the direct run, the fake's; Redis separately). Store round "
-             "trips are counted by each replica (`gb_store_command_latency_seconds_count`); Redis commands "
-             "include those a Lua script runs.", ""]
+             f"Command: `{r['command']}` — machine: {r['machine']}. The load generator, the fake upstream, nginx, "
+             "Redis and the gateway share the machine's cores, so compare rows of one run, not runs.", "",
+             f"Saturation: `{tool}` POSTing a generateContent body on {st['conns']} connections for {st['seconds']} s, "
+             f"{st.get('rounds', 1)} rounds taken in turn over every configuration; each row is its median round "
+             "(all rounds' req/s in brackets). Latency: one connection for "
+             f"{st.get('latency_seconds', 5)} s per round (`oha -c 1`), median of the rounds' p50 and p99; added "
+             "latency is against the direct run. CPU per request is user + system time over every saturation "
+             "round divided by the requests served: the proxy's (gateway replicas, or nginx's master and worker), "
+             "the fake upstream's and Redis's apart. nginx `proxy_pass` is one worker with pooled keep-alive "
+             "connections to the same fake: the cost of a bare proxy hop. Store round trips are counted by each "
+             "replica (`gb_store_command_latency_seconds_count`); Redis commands include those a Lua script runs.",
+             ""]
     for p in r["passes"]:
         lines += [f"## Fake upstream answering after {p['upstream_delay_ms']} ms", "",
-                  "| config | req/s | × direct | p50 ms | p99 ms | p99.9 ms | fixed-rate p50 / p99 ms | added p50 / p99 ms | CPU s / 1000 req | Redis CPU s / 1000 req | peak RSS MiB | store round trips / req | Redis cmds / req |",
+                  "| config | req/s | × direct | × nginx proxy | proxy CPU µs / req | upstream CPU µs / req | Redis CPU µs / req | p50 / p99 ms at saturation | one connection p50 / p99 ms | added p50 / p99 ms | peak RSS MiB | store round trips / req | Redis cmds / req |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in p["configs"]:
-            s, f = c["saturation"], c["fixed_rate"]
+            s, o = c["saturation"], c["one_connection"]
             rounds = "(" + ", ".join(str(round(x)) for x in c.get("saturation_rps_rounds", [])) + ")"
+            proxy_cpu = "—" if c["config"].startswith("direct") else c.get("cpu_us_per_request", "—")
+            upstream_cpu = c.get("cpu_us_per_request") if c["config"].startswith("direct") \
+                else c.get("upstream_cpu_us_per_request", "—")
             lines.append(
-                f"| {c['config']} | {s['rps']} {rounds} | {c['throughput_vs_direct']} | {s['p50_ms']} | {s['p99_ms']} | "
-                f"{s['p99_9_ms']} | {f['p50_ms']} / {f['p99_ms']} | {c['added_p50_ms']} / {c['added_p99_ms']} | "
-                f"{c.get('cpu_s_per_1000', '—')} | {c.get('redis_cpu_s_per_1000', '—')} | {c.get('peak_rss_mib', '—')} | "
-                f"{c.get('store_round_trips_per_request', '—')} | {c.get('redis_commands_per_request', '—')} |")
+                f"| {c['config']} | {s['rps']} {rounds} | {c['throughput_vs_direct']} | "
+                f"{c.get('throughput_vs_nginx', '—')} | {proxy_cpu} | {upstream_cpu} | "
+                f"{c.get('redis_cpu_us_per_request', '—')} | {s['p50_ms']} / {s['p99_ms']} | "
+                f"{o['p50_ms']} / {o['p99_ms']} | {c['added_p50_ms']} / {c['added_p99_ms']} | "
+                f"{c.get('peak_rss_mib', '—')} | {c.get('store_round_trips_per_request', '—')} | "
+                f"{c.get('redis_commands_per_request', '—')} |")
         sfe = p["streaming_first_event"]
         lines += ["", f"Idle RSS of a replica: {p['idle_rss_mib']} MiB. SSE time to first event (200 sequential "
                   f"requests): direct p50 {sfe['direct']['p50_ms']} ms / p99 {sfe['direct']['p99_ms']} ms; through "
                   f"the gateway (Redis) p50 {sfe['gateway_redis']['p50_ms']} ms / p99 {sfe['gateway_redis']['p99_ms']} ms.", ""]
+    sm = r.get("streams")
+    if sm:
+        ss = sm["settings"]
+        lines += [f"## {ss['streams']:,} concurrent SSE streams", "",
+                  f"Each stream gets {ss['events']} events, one every {ss['interval_ms']} ms; the client "
+                  f"(bench/streams.py) opens all {ss['streams']:,} within {ss['ramp']} s and holds them. The gateway "
+                  "reaches the fake over TLS with HTTP/2, as it reaches Google; nginx (two workers, so that neither "
+                  "exceeds the per-process open-file limit of "
+                  f"{sm['nofile_limit']:,}) and the direct run reach its plain-HTTP port. First-event time runs "
+                  "from the start of the TCP connect. RSS and file descriptors are the serving processes' peak.", "",
+                  "| target | errors | streams with every event | first event p50 / p99 ms | p99 above direct ms | peak RSS MiB | RSS per stream KiB | CPU s | peak fds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for x in sm["rows"]:
+            lines.append(
+                f"| {x['target']} | {x['errors']} | {x['complete']:,} | {x['first_event_p50_ms']} / "
+                f"{x['first_event_p99_ms']} | {x.get('first_event_p99_above_direct_ms', '—')} | {x['peak_rss_mib']} | "
+                f"{x['rss_per_stream_kib']} | {x['cpu_s']} | {x['peak_fds']:,} |")
+        lines.append("")
     up = r["upload"]
-    lines += [f"## Upload", "", f"{up['upload_mib']} MiB through one replica as one resumable chunk: peak RSS "
+    lines += ["## Upload", "", f"{up['upload_mib']} MiB through one replica as one resumable chunk: peak RSS "
               f"{up['peak_rss_mib']} MiB (idle {up['idle_rss_mib']} MiB), {up['throughput_mib_s']} MiB/s.", ""]
     (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines))
 
 
+WRK = os.environ.get("WRK", shutil.which("wrk"))
 OHA = os.environ.get("OHA", shutil.which("oha") or str(ROOT / "bench" / ".tools" / "bin" / "oha"))
 
 if __name__ == "__main__":

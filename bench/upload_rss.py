@@ -13,10 +13,8 @@ import time
 import urllib.parse
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from run import start  # noqa: E402
+from common import BIN, ROOT, start  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-BIN = ROOT / "target" / "release"
 TOKEN = "bench-token"
 KEY = "AIzaBenchKey-abcdefghijklmnop"
 

@@ -32,16 +32,16 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(settings: Settings, store: Arc<dyn StateStore>, metrics: Arc<Metrics>) -> Self {
-        let settings_proxies = settings.proxies.clone();
-        let proxy_cooldown = settings.proxy_cooldown;
-        let settings_usage = (settings.usage_retention_days, settings.usage_max_series);
+        let settings_proxies = settings.proxies.list.clone();
+        let proxy_cooldown = settings.proxies.cooldown;
+        let settings_usage = (settings.usage.retention_days, settings.usage.max_series);
         let metrics_usage = metrics.clone();
         Self {
-            keys: KeyPool::new(&settings.api_keys),
+            keys: KeyPool::new(&settings.keys.list),
             auth: Auth::new(
-                &settings.auth_tokens,
-                settings.token_labels.clone(),
-                settings.admin_token.as_ref(),
+                &settings.clients.tokens,
+                settings.clients.labels.clone(),
+                settings.admin.token.as_ref(),
             ),
             settings,
             store,

@@ -83,21 +83,27 @@ unsafe impl GlobalAlloc for LeanMiMalloc {
     reason = "configuration errors and the healthcheck verdict are reported before logging exists"
 )]
 async fn main() -> std::process::ExitCode {
+    // Names only: a misspelt variable's value may be a secret.
+    let unknown = settings::unknown_in_environment();
     let settings = match settings::load() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("gemini-balancer: configuration error: {e}");
+            // A misspelt variable is the likely cause of a missing one.
+            for u in &unknown {
+                eprintln!("gemini-balancer: {u}");
+            }
             return std::process::ExitCode::from(2);
         }
     };
     // `gemini-balancer healthcheck`: for container HEALTHCHECKs in images
     // without curl.
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        let probed = match &settings.tls_cert {
-            Some(cert) => {
-                gemini_balancer::ops::healthcheck::probe_health_tls(settings.listen, cert)
+        let probed = match &settings.tls {
+            Some(tls) => {
+                gemini_balancer::ops::healthcheck::probe_health_tls(settings.listen.addr, &tls.cert)
             }
-            None => gemini_balancer::ops::healthcheck::probe_health(settings.listen),
+            None => gemini_balancer::ops::healthcheck::probe_health(settings.listen.addr),
         };
         return match probed {
             Ok(()) => std::process::ExitCode::SUCCESS,
@@ -107,7 +113,10 @@ async fn main() -> std::process::ExitCode {
             }
         };
     }
-    telemetry::init(settings.log_format);
+    telemetry::init(settings.logging.format);
+    for u in &unknown {
+        tracing::warn!(variable = %u.name, did_you_mean = u.nearest, "{u}");
+    }
     let result = async {
         Application::build(settings)
             .await?

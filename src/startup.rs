@@ -62,18 +62,18 @@ pub async fn open_store(
     metrics: &Arc<Metrics>,
     background: &mut Background,
 ) -> anyhow::Result<Arc<dyn StateStore>> {
-    let Some(url) = &settings.redis_url else {
+    let Some(url) = &settings.redis.url else {
         tracing::info!("no GB_REDIS_URL: using the embedded in-memory store (single replica only)");
         return Ok(Arc::new(MemoryStore::new()));
     };
     let store = RedisStore::open(&RedisConfig {
-        mode: settings.redis_mode,
+        mode: settings.redis.mode,
         url,
-        sentinel_master: &settings.redis_sentinel_master,
-        prefix: &settings.redis_prefix,
-        timeout: settings.redis_timeout,
-        pool_size: settings.redis_pool_size,
-        threads: settings.workers,
+        sentinel_master: &settings.redis.sentinel_master,
+        prefix: &settings.redis.prefix,
+        timeout: settings.redis.timeout,
+        pool_size: settings.redis.pool_size,
+        threads: settings.listen.workers,
     })?
     .with_observer({
         let metrics = metrics.clone();
@@ -100,7 +100,7 @@ pub async fn open_store(
     };
     let gate = match checked {
         Ok(version) => {
-            tracing::info!(layout = version, prefix = %settings.redis_prefix, mode = settings.redis_mode.as_str(), "Redis store ready");
+            tracing::info!(layout = version, prefix = %settings.redis.prefix, mode = settings.redis.mode.as_str(), "Redis store ready");
             Arc::new(LayoutGate::new(LayoutStatus::Compatible { version }))
         }
         Err(crate::state::StoreError::Layout(msg)) => anyhow::bail!(msg),
@@ -118,16 +118,33 @@ pub async fn open_store(
 /// starts serving and leaves the check to the background.
 const START_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Raises the open-files soft limit to the hard one: a replica holds one
+/// socket per client connection (and per upstream connection over
+/// HTTP/1.1), so thousands of open streams need more than the usual soft
+/// limit of 1,024. The hard limit is the operator's (compose `ulimits`, the
+/// container runtime's default in Kubernetes).
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < 16_384 => tracing::warn!(
+            limit,
+            "open-files limit is low: each client connection takes one; raise the hard limit (ulimit -n, compose ulimits)"
+        ),
+        Ok(limit) => tracing::info!(limit, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-files limit"),
+    }
+}
+
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        raise_open_files_limit();
         let metrics = Arc::new(Metrics::new());
         let mut background = Background::new();
         let store = open_store(&settings, &metrics, &mut background).await?;
-        let tls = tls_config(settings.upstream_ca_file.as_deref())?;
-        let listener = TcpListener::bind(settings.listen)
-            .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen))?;
+        let tls = tls_config(settings.upstream.ca_file.as_deref())?;
+        let listener = TcpListener::bind(settings.listen.addr)
+            .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen.addr))?;
         let addr = listener.local_addr()?;
-        let admin_listener = match settings.admin_listen {
+        let admin_listener = match settings.admin.listen {
             Some(a) => Some(
                 TcpListener::bind(a)
                     .with_context(|| format!("GB_ADMIN_LISTEN: cannot bind {a}"))?,
@@ -139,11 +156,11 @@ impl Application {
             None => None,
         };
         let split = ListenerSplit { admin: admin_addr };
-        let grace = settings.shutdown_grace;
-        let workers = settings.workers;
-        let tls_listener = match (&settings.tls_cert, &settings.tls_key) {
-            (Some(cert), Some(key)) => Some(listener_tls(cert, key)?),
-            _ => None,
+        let grace = settings.listen.shutdown_grace;
+        let workers = settings.listen.workers;
+        let tls_listener = match &settings.tls {
+            Some(tls) => Some(listener_tls(&tls.cert, &tls.key)?),
+            None => None,
         };
         let gateway = Arc::new(Gateway::new(settings, store, metrics));
         let data = web::Data::from(gateway.clone());
@@ -151,9 +168,9 @@ impl Application {
         let server = HttpServer::new(move || {
             let tls = worker_tls.clone();
             let upstream = Upstream::new(
-                &data.settings.upstream_url,
+                &data.settings.upstream.url,
                 tls.clone(),
-                data.settings.upstream_timeout,
+                data.settings.upstream.timeout,
                 data.proxies.clone(),
             );
             App::new()
@@ -225,9 +242,9 @@ impl Application {
         {
             let gw = gateway.clone();
             let upstream = Upstream::new(
-                &gw.settings.upstream_url,
+                &gw.settings.upstream.url,
                 tls.clone(),
-                gw.settings.upstream_timeout,
+                gw.settings.upstream.timeout,
                 gw.proxies.clone(),
             );
             background.start(&gw, upstream, addr);

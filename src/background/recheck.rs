@@ -18,7 +18,7 @@ const LOCK: &str = crate::state::keyspace::lock::RECHECK;
 
 /// Runs forever on the current (actix) runtime.
 pub async fn run(gw: Arc<Gateway>, upstream: Upstream, replica: String) {
-    let interval = gw.settings.recheck_interval;
+    let interval = gw.settings.keys.recheck_interval;
     loop {
         tokio::time::sleep(interval).await;
         if gw.draining() {

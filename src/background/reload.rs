@@ -177,9 +177,9 @@ impl Reloader {
     pub fn new(gw: &Gateway) -> Self {
         let s = &gw.settings;
         Self {
-            keys: Watched::new("GB_API_KEYS_FILE", s.api_keys_file.as_ref()),
-            tokens: Watched::new("GB_AUTH_TOKENS_FILE", s.auth_tokens_file.as_ref()),
-            admin: Watched::new("GB_ADMIN_TOKEN_FILE", s.admin_token_file.as_ref()),
+            keys: Watched::new("GB_API_KEYS_FILE", s.keys.file.as_ref()),
+            tokens: Watched::new("GB_AUTH_TOKENS_FILE", s.clients.file.as_ref()),
+            admin: Watched::new("GB_ADMIN_TOKEN_FILE", s.admin.token_file.as_ref()),
         }
     }
 
@@ -253,7 +253,7 @@ pub async fn run(gw: Arc<Gateway>) {
             None
         }
     };
-    let interval = gw.settings.reload_interval;
+    let interval = gw.settings.keys.reload_interval;
     loop {
         let hup = async {
             match &mut hangup {

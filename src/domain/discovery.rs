@@ -78,7 +78,7 @@ impl DiscoveryError {
 /// Lookups one token may make per minute, across every replica: a few
 /// requests' worth of `GB_DISCOVERY_BUDGET`.
 fn per_minute(gw: &Gateway) -> u64 {
-    gw.settings.discovery_budget as u64 * 5
+    gw.settings.sessions.discovery_budget as u64 * 5
 }
 
 fn rate_bucket(token_id: &str, now_ms: u64) -> String {
@@ -114,7 +114,7 @@ pub async fn discover_many(
         let retry_after_secs = (60_000 - now % 60_000).div_ceil(1000);
         return Err(DiscoveryError::RateLimited { retry_after_secs });
     }
-    let budget = gw.settings.discovery_budget;
+    let budget = gw.settings.sessions.discovery_budget;
     let mut spent = 0usize;
     let mut unresolved = 0usize;
     for i in todo {

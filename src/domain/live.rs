@@ -48,7 +48,7 @@ pub async fn open_on(store: &dyn StateStore, key_id: &str) -> Result<usize, Stor
 /// room, skipping `tried`; when every healthy key is at the cap, the first
 /// of them (Google, not the gateway, has the last word on the limit).
 pub async fn choose(gw: &Gateway, tried: &[String]) -> Result<std::sync::Arc<ApiKey>, NoKey> {
-    let cap = gw.settings.live_sessions_per_key;
+    let cap = gw.settings.live.sessions_per_key;
     let mut exclude = tried.to_vec();
     let mut full: Option<std::sync::Arc<ApiKey>> = None;
     for _ in 0..gw.keys.keys().len() {

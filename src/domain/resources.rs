@@ -104,7 +104,7 @@ impl Kind {
     /// How long an owner record lives when the resource itself does not say.
     pub fn ttl(self, settings: &Settings) -> Duration {
         match self {
-            Kind::File => settings.file_ttl,
+            Kind::File => settings.sessions.file_ttl,
             Kind::CachedContent => CACHE_DEFAULT_TTL,
             Kind::Batch => BATCH_TTL,
             Kind::Operation => OPERATION_TTL,

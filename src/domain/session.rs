@@ -122,6 +122,9 @@ pub fn pick(path: Option<&str>, header: Option<&str>, query: Option<&str>) -> Op
     })
 }
 
+/// Every key's health as one store read saw it.
+pub type KeyStates = std::collections::HashMap<String, MemberState>;
+
 #[derive(Debug)]
 pub enum BindError {
     Store(StoreError),
@@ -140,9 +143,9 @@ pub async fn resolve(
     session: &Session,
     ttl: Duration,
     pin_wait: Duration,
-) -> Result<(std::sync::Arc<ApiKey>, bool), BindError> {
+) -> Result<(std::sync::Arc<ApiKey>, bool, KeyStates), BindError> {
     let sid = session.id.as_str();
-    let (bound, unusable) = {
+    let (bound, unusable, states) = {
         let bound = store.touch(NS, sid, ttl);
         let states = store.member_states(crate::domain::keys::RING);
         let (bound, states) = futures_util::future::join(bound, states).await;
@@ -159,14 +162,14 @@ pub async fn resolve(
                 None => false,
             }
         });
-        (bound, unusable)
+        (bound, unusable, states)
     };
 
     if let Some(id) = &bound {
         if !unusable {
             if let Some(key) = pool.by_id(id) {
                 tracing::info!(session = sid, key_id = %key.id, source = session.source.as_str(), "reusing the key bound to the session");
-                return Ok((key, false));
+                return Ok((key, false, states));
             }
         }
     }
@@ -183,7 +186,7 @@ pub async fn resolve(
                 .map_err(BindError::Store)?;
             let key = pool.by_id(&now).unwrap_or(candidate);
             tracing::info!(session = sid, old_key_id = %old, key_id = %key.id, source = session.source.as_str(), "session re-bound: its key is disabled, cooling or gone");
-            Ok((key, true))
+            Ok((key, true, states))
         }
         None => {
             let (now, created) = store
@@ -193,11 +196,11 @@ pub async fn resolve(
             match pool.by_id(&now) {
                 Some(key) if created => {
                     tracing::info!(session = sid, key_id = %key.id, source = session.source.as_str(), "session bound to a key");
-                    Ok((key, true))
+                    Ok((key, true, states))
                 }
                 Some(key) => {
                     tracing::info!(session = sid, key_id = %key.id, source = session.source.as_str(), "reusing the key bound to the session");
-                    Ok((key, false))
+                    Ok((key, false, states))
                 }
                 None => {
                     // Bound concurrently by a replica that knows a key this one
@@ -206,7 +209,7 @@ pub async fn resolve(
                         .replace(NS, sid, &now, &candidate.id, ttl)
                         .await
                         .map_err(BindError::Store)?;
-                    Ok((pool.by_id(&now).unwrap_or(candidate), true))
+                    Ok((pool.by_id(&now).unwrap_or(candidate), true, states))
                 }
             }
         }

@@ -65,6 +65,21 @@ impl Call {
     }
 }
 
+/// A key a request must use, with every key's health when pinning it
+/// already read that (so the send step need not read it again).
+pub struct Pinned {
+    pub key: Arc<ApiKey>,
+    states: Option<session::KeyStates>,
+}
+
+impl Pinned {
+    /// A key known from elsewhere (a resource's owner): its health is read
+    /// when the request is sent.
+    pub fn to(key: Arc<ApiKey>) -> Self {
+        Self { key, states: None }
+    }
+}
+
 /// Step 1: the key a request must use, if any.
 pub async fn pin(
     gw: &Gateway,
@@ -73,31 +88,34 @@ pub async fn pin(
     session: Option<&Session>,
     token_id: &str,
     flavor: Flavor,
-) -> Result<Option<Arc<ApiKey>>, ApiError> {
+) -> Result<Option<Pinned>, ApiError> {
     match crate::domain::resources::body_owner(gw, up, body, token_id).await {
-        Ok(Some(key)) => return Ok(Some(key)),
+        Ok(Some(key)) => return Ok(Some(Pinned::to(key))),
         Ok(None) => {}
         Err(RefError::Store(e)) => return Err(store_down(e, flavor)),
         Err(RefError::Refused(e)) => return Err(e.flavor(flavor)),
         Err(RefError::Mixed(names)) => {
             gw.metrics.mixed_owner_conflicts.inc();
-            let advice = split_advice(gw.settings.upload_affinity);
+            let advice = split_advice(gw.settings.sessions.upload_affinity);
             return Err(
                 ApiError::new(StatusCode::CONFLICT, mixed_message(&names, advice)).flavor(flavor),
             );
         }
     }
     if let Some(s) = session {
-        let (ttl, wait) = (gw.settings.session_ttl, gw.settings.pin_wait);
+        let (ttl, wait) = (gw.settings.sessions.ttl, gw.settings.sessions.pin_wait);
         return match session::resolve(gw.store(), &gw.keys, s, ttl, wait).await {
-            Ok((key, bound_now)) => {
+            Ok((key, bound_now, states)) => {
                 if bound_now {
                     gw.metrics.sessions_bound.inc();
                     if s.source == session::Source::Token {
                         gw.metrics.uploads_bound_by_token.inc();
                     }
                 }
-                Ok(Some(key))
+                Ok(Some(Pinned {
+                    key,
+                    states: Some(states),
+                }))
             }
             Err(BindError::Store(e)) => Err(store_down(e, flavor)),
             Err(BindError::NoKey(no)) => Err(no.into_error().flavor(flavor)),
@@ -128,7 +146,7 @@ pub fn split_advice(affinity: crate::settings::UploadAffinity) -> &'static str {
 /// The session an upload is bound through: the one the client named, else
 /// (with `GB_UPLOAD_AFFINITY=token`) the implicit session of its token.
 pub fn upload_session(gw: &Gateway, named: Option<&Session>, token_id: &str) -> Option<Session> {
-    match (named, gw.settings.upload_affinity) {
+    match (named, gw.settings.sessions.upload_affinity) {
         (Some(s), _) => Some(s.clone()),
         (None, crate::settings::UploadAffinity::Token) => Some(Session::for_token(token_id)),
         (None, crate::settings::UploadAffinity::None) => None,
@@ -152,16 +170,20 @@ pub async fn send(
     gw: &Gateway,
     up: &Upstream,
     call: &Call,
-    pinned: Option<Arc<ApiKey>>,
+    pinned: Option<Pinned>,
 ) -> Result<Result<Served, HttpResponse>, ApiError> {
     let attempts = if pinned.is_some() {
         1
     } else {
-        gw.settings.max_retries + 1
+        gw.settings.keys.max_retries + 1
     };
-    if let Some(key) = &pinned {
-        wait_for_pinned(gw, key, call).await?;
-    }
+    let pinned = match pinned {
+        Some(Pinned { key, states }) => {
+            wait_for_pinned(gw, &key, states, call).await?;
+            Some(key)
+        }
+        None => None,
+    };
     let target = call.path_and_query();
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<HttpResponse> = None;
@@ -286,7 +308,7 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
             let meter = crate::domain::usage::meter(&gw.usage, &call, &served.key.id, hide_usage);
             stream_back_metered(
                 served.response,
-                gw.settings.upstream_idle_timeout,
+                gw.settings.upstream.idle_timeout,
                 Some(meter),
             )
         }
@@ -299,10 +321,19 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
 /// request waits out a rest of at most `GB_PIN_WAIT`; a longer one is
 /// answered at once with 429 and `RetryInfo`, without an upstream call. A
 /// disabled key is not sent to: the answer would be sure to fail.
-async fn wait_for_pinned(gw: &Gateway, key: &ApiKey, call: &Call) -> Result<(), ApiError> {
-    let Ok(states) = gw.store().member_states(crate::domain::keys::RING).await else {
-        // No shared view of the key's health: send, as an unpinned request would.
-        return Ok(());
+async fn wait_for_pinned(
+    gw: &Gateway,
+    key: &ApiKey,
+    states: Option<session::KeyStates>,
+    call: &Call,
+) -> Result<(), ApiError> {
+    let states = match states {
+        Some(states) => states,
+        None => match gw.store().member_states(crate::domain::keys::RING).await {
+            Ok(states) => states,
+            // No shared view of the key's health: send, as an unpinned request would.
+            Err(_) => return Ok(()),
+        },
     };
     let model = call.model.as_deref();
     match effective_state(&states, &key.id, model, now_ms()) {
@@ -319,7 +350,7 @@ async fn wait_for_pinned(gw: &Gateway, key: &ApiKey, call: &Call) -> Result<(), 
         .flavor(call.flavor)),
         Some(MemberState::Cooling { until_ms, .. }) => {
             let rest = until_ms.saturating_sub(now_ms());
-            if rest <= gw.settings.pin_wait.as_millis() as u64 {
+            if rest <= gw.settings.sessions.pin_wait.as_millis() as u64 {
                 tracing::info!(key_id = %key.id, wait_ms = rest, "pinned key is cooling; waiting for it");
                 tokio::time::sleep(std::time::Duration::from_millis(rest)).await;
                 return Ok(());

@@ -113,7 +113,7 @@ pub async fn attempt(
     let Some(body) = read_small(
         &mut resp,
         ERROR_BODY_LIMIT,
-        gw.settings.upstream_idle_timeout,
+        gw.settings.upstream.idle_timeout,
     )
     .await
     else {

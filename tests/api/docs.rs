@@ -146,6 +146,105 @@ fn every_test_security_md_names_exists() {
     assert!(!tests.is_empty());
 }
 
+/// The names the gateway reads, from the list its settings loader uses.
+fn gateway_variables() -> Vec<&'static str> {
+    gemini_balancer::settings::VARIABLES
+        .iter()
+        .filter(|g| g.read_by_gateway)
+        .flat_map(|g| g.vars.iter().copied())
+        .collect()
+}
+
+#[test]
+fn the_readme_table_lists_exactly_the_variables_the_gateway_reads() {
+    let readme = read(&root().join("README.md"));
+    let table: String = readme
+        .lines()
+        .filter(|l| l.starts_with("| `GB_"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let in_table = names(&table, "GB_");
+    let read = gateway_variables();
+    for var in &read {
+        // The file layered under the environment is described above the
+        // table, not in it.
+        let documented = if *var == "GB_CONFIG" {
+            readme.contains("`GB_CONFIG`")
+        } else {
+            in_table.iter().any(|v| v == var)
+        };
+        assert!(
+            documented,
+            "{var} is read by the gateway but not in the README's table"
+        );
+    }
+    for var in &in_table {
+        assert!(
+            read.contains(&var.as_str()),
+            "{var} is in the README's table but the gateway does not read it"
+        );
+    }
+}
+
+/// Text files outside the gateway's code: scripts, compose files,
+/// manifests, the e2e and container tests, the benches, the docs.
+fn tool_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack: Vec<PathBuf> = ["scripts", "bench", "k8s", "deploy", "config", ".ci"]
+        .iter()
+        .chain(&["tests/e2e", "tests/container"])
+        .map(|d| root().join(d))
+        .collect();
+    for entry in std::fs::read_dir(root()).unwrap().flatten() {
+        if entry.path().is_file() {
+            files.push(entry.path());
+        }
+    }
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.retain(|p| p.extension().is_none_or(|e| e != "rs" && e != "lock"));
+    files
+}
+
+/// A shell that exports a `GB_*` name for a script or compose file also
+/// hands it to the gateways the script starts: every such name must be
+/// known to the gateway, or it warns about it. And every name listed for
+/// the tools is still used by one.
+#[test]
+fn every_gb_name_the_tools_use_is_known_to_the_gateway() {
+    use gemini_balancer::settings::{known_variables, VARIABLES};
+    let known: Vec<&str> = known_variables().collect();
+    let mut used = Vec::new();
+    for file in tool_files() {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue; // not text
+        };
+        for name in names(&text, "GB_") {
+            assert!(
+                known.contains(&name.as_str()),
+                "{name} in {} is not known to the gateway (settings::VARIABLES)",
+                file.display()
+            );
+            used.push(name);
+        }
+    }
+    let tools = VARIABLES.iter().filter(|g| !g.read_by_gateway);
+    for var in tools.flat_map(|g| g.vars.iter()) {
+        assert!(
+            used.iter().any(|u| u == var),
+            "{var} is listed for the tools but none uses it"
+        );
+    }
+}
+
 /// Where a path `ARCHITECTURE.md` names may start: the repository's folders,
 /// and (for the diagram) the folders of `src/`. Fixed here, so a folder that
 /// disappears makes its mentions fail instead of no longer looking like paths.

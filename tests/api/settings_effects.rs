@@ -258,3 +258,69 @@ async fn proxy_mode_none_ignores_the_proxy_list() {
         .iter()
         .all(|r| r["peer"] == "127.0.0.1"));
 }
+
+/// A misspelt variable leaves its setting at the default; the gateway says
+/// so at start, one line per variable, with the name it most likely meant,
+/// and never the value (it may be a password).
+#[actix_rt::test]
+async fn a_misspelt_variable_is_named_with_a_suggestion_and_its_value_never_logged() {
+    let fake = FakeUpstream::start(&keys(1));
+    let typo = [
+        ("GB_REDIS_ULR", "redis://:typo-s3cret-9f2e@127.0.0.1:1"),
+        ("GB_NOTHING_LIKE_ANY_SETTING", "far-s3cret-71c0"),
+        ("GB_BIN_DIR", "/opt/tools"),
+    ];
+    let gw = Gateway::start(&fake, None, &typo);
+    let log = gw.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("GB_REDIS_ULR"))
+        .unwrap_or_else(|| panic!("no line names GB_REDIS_ULR:\n{log}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("did you mean GB_REDIS_URL?"), "{line}");
+    let far: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("GB_NOTHING_LIKE_ANY_SETTING"))
+        .collect();
+    assert_eq!(far.len(), 1, "{log}");
+    assert!(!far[0].contains("did you mean"), "{}", far[0]);
+    assert!(
+        !log.contains("GB_BIN_DIR"),
+        "a tools variable was reported:\n{log}"
+    );
+    assert!(!log.contains("s3cret"), "a value was logged:\n{log}");
+    assert!(log.contains("embedded in-memory store"), "{log}");
+    drop(gw);
+
+    // The same as fields of a JSON line.
+    let gw = Gateway::start(&fake, None, &[typo[0], ("GB_LOG_FORMAT", "json")]);
+    let log = gw.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("GB_REDIS_ULR"))
+        .unwrap_or_else(|| panic!("no line names GB_REDIS_ULR:\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["level"], "WARN", "{v}");
+    assert_eq!(v["variable"], "GB_REDIS_ULR", "{v}");
+    assert_eq!(v["did_you_mean"], "GB_REDIS_URL", "{v}");
+    assert!(!log.contains("s3cret"), "a value was logged:\n{log}");
+}
+
+/// When the misspelling leaves a required variable unset, the error line
+/// comes with the name that was given instead.
+#[test]
+fn a_configuration_error_names_the_misspelt_variable_too() {
+    let (code, err) = run_gateway_expecting_exit(&[
+        ("GB_API_KEY", "AIzaTypoKey-s3cret-5b1d"),
+        ("GB_AUTH_TOKENS", "t"),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    let lines: Vec<&str> = err.trim().lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(lines[0].contains("GB_API_KEYS: at least one"), "{err}");
+    assert!(
+        lines[1].contains("GB_API_KEY is not") && lines[1].contains("did you mean GB_API_KEYS?"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "a value was printed: {err}");
+}

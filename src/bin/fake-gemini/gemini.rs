@@ -275,8 +275,23 @@ pub fn generate(files: usize) -> HttpResponse {
     )))
 }
 
-/// `streamGenerateContent?alt=sse`: three events. With `x-fake-hold: NAME`
-/// the fake sends the first event, then waits for `/_fake/release/NAME`.
+/// The stream shape set by `FAKE_SSE_EVENTS` and `FAKE_SSE_INTERVAL_MS`
+/// (read once): how many events, and the pause before each one after the
+/// first. Unset: three events, no pause.
+fn stream_shape() -> (usize, Duration) {
+    static SHAPE: std::sync::OnceLock<(usize, Duration)> = std::sync::OnceLock::new();
+    *SHAPE.get_or_init(|| {
+        let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        (
+            num("FAKE_SSE_EVENTS").map_or(3, |n| n.clamp(1, 10_000) as usize),
+            Duration::from_millis(num("FAKE_SSE_INTERVAL_MS").unwrap_or(0)),
+        )
+    })
+}
+
+/// `streamGenerateContent?alt=sse`: three events (or the shape above). With
+/// `x-fake-hold: NAME` the fake sends the first event, then waits for
+/// `/_fake/release/NAME`.
 pub fn stream(fake: &Fake, req: &HttpRequest, key: &str, sse: bool) -> HttpResponse {
     let breaks = matches!(fake.lock().modes.get(key), Some(Mode::BreakStream));
     let hold = req
@@ -284,12 +299,19 @@ pub fn stream(fake: &Fake, req: &HttpRequest, key: &str, sse: bool) -> HttpRespo
         .get("x-fake-hold")
         .and_then(|v| v.to_str().ok())
         .map(|name| fake.hold(name));
-    let events: Vec<Value> = [2, 4, USAGE[1]]
-        .iter()
-        .enumerate()
-        .map(|(i, out)| candidate_with(&format!("chunk {i} "), *out))
+    let (count, pause) = stream_shape();
+    let events: Vec<Value> = (0..count)
+        .map(|i| {
+            // The last event carries the final output count.
+            let out = if i + 1 == count {
+                USAGE[1]
+            } else {
+                2 * (i as u64 + 1)
+            };
+            candidate_with(&format!("chunk {i} "), out)
+        })
         .collect();
-    let stream = async_stream(events, hold, sse, breaks);
+    let stream = async_stream(events, hold, sse, breaks, pause);
     let content_type = if sse {
         "text/event-stream"
     } else {
@@ -309,6 +331,7 @@ fn async_stream(
     hold: Option<std::sync::Arc<tokio::sync::Notify>>,
     sse: bool,
     breaks: bool,
+    pause: Duration,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
     let n = events.len();
     futures_util::stream::unfold(
@@ -325,6 +348,9 @@ fn async_stream(
                     "stream broken by test switch",
                 );
                 return Some((Err(err), (n, events, hold)));
+            }
+            if i > 0 && !pause.is_zero() {
+                tokio::time::sleep(pause).await;
             }
             if i == 1 {
                 if let Some(h) = &hold {

@@ -8,7 +8,9 @@
 //! Environment: `FAKE_LISTEN` (default `127.0.0.1:0`), `FAKE_KEYS` (the valid
 //! keys, comma-separated), `FAKE_TLS_CERT`/`FAKE_TLS_KEY` (PEM; serve HTTPS),
 //! `FAKE_DELAY_MS` (added to every model call), `FAKE_RECORD` (`0` turns the
-//! request log off, for benchmarks). Prints `listening on URL` on stdout
+//! request log off, for benchmarks), `FAKE_SSE_EVENTS` / `FAKE_SSE_INTERVAL_MS`
+//! (events per stream, default 3, and the pause before each after the first,
+//! default 0). Prints `listening on URL` on stdout
 //! (over TLS, first `control on URL`: the same endpoints in plain HTTP).
 //!
 //! Control endpoints for tests, under `/_fake/`: `GET requests`, `POST reset`,

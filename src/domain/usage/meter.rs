@@ -16,7 +16,7 @@ pub struct Meter {
     route: &'static str,
     /// `None`: the answer carries no tokens to count (countTokens).
     format: Option<Format>,
-    tail: Tail,
+    tail: Option<Tail>,
     hide: Option<HideUsage>,
     done: bool,
 }
@@ -34,7 +34,7 @@ impl Meter {
             series,
             route,
             format,
-            tail: Tail::default(),
+            tail: format.map(Tail::new),
             hide: hide_usage.then(HideUsage::default),
             done: false,
         }
@@ -47,8 +47,8 @@ impl Meter {
 
     /// One chunk on its way to the client: what the client gets of it.
     pub fn chunk(&mut self, chunk: Bytes) -> Bytes {
-        if self.format.is_some() {
-            self.tail.push(&chunk);
+        if let Some(tail) = &mut self.tail {
+            tail.push(&chunk);
         }
         match &mut self.hide {
             Some(h) => h.chunk(&chunk),
@@ -71,9 +71,10 @@ impl Meter {
     /// Records a served answer with the tokens its tail reports.
     fn served(&mut self) {
         self.done = true;
-        let tokens = self
-            .format
-            .and_then(|f| scan::tokens(f, &self.tail.bytes()));
+        let tokens = match (self.format, &self.tail) {
+            (Some(f), Some(tail)) => scan::tokens(f, tail.bytes()),
+            _ => None,
+        };
         self.usage.success(&self.series, tokens.as_ref(), now_ms());
     }
 

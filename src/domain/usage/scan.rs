@@ -84,7 +84,7 @@ pub enum Format {
 pub fn tokens(format: Format, tail: &[u8]) -> Option<Tokens> {
     match format {
         Format::Gemini => {
-            let obj = last_object(tail, b"\"usageMetadata\"")?;
+            let obj = last_object(tail, marker(format))?;
             let u: GeminiUsage = serde_json::from_slice(obj).ok()?;
             Some(Tokens {
                 prompt: u.prompt_token_count,
@@ -95,7 +95,7 @@ pub fn tokens(format: Format, tail: &[u8]) -> Option<Tokens> {
             })
         }
         Format::OpenAi => {
-            let obj = last_object(tail, b"\"usage\"")?;
+            let obj = last_object(tail, marker(format))?;
             let u: OpenAiUsage = serde_json::from_slice(obj).ok()?;
             let reasoning = u
                 .completion_tokens_details
@@ -171,44 +171,86 @@ fn object_len(s: &[u8]) -> Option<usize> {
     None
 }
 
-/// The last bytes of a body, kept as the chunks that hold them (no copy).
-#[derive(Default)]
+/// The end of a body, as much as finding its last usage object needs:
+/// copied out of the chunks (a chunk is often a slice of a larger read
+/// buffer shared with other streams, which holding it would keep alive),
+/// and cut down to the last whole usage object as soon as one has arrived,
+/// so a long stream keeps about one event, not its whole tail.
 pub struct Tail {
-    chunks: std::collections::VecDeque<Bytes>,
-    len: usize,
+    marker: &'static [u8],
+    buf: Vec<u8>,
+    /// Where the next search starts: the last usage object still arriving,
+    /// else the end (bytes before it hold no whole object newer than the one
+    /// the buffer starts with).
+    settled: usize,
 }
 
-/// How much of an answer's end is kept: a usage object with per-modality
-/// details is a few hundred bytes.
+/// Most of an answer's end kept while no whole usage object is in it: a
+/// usage object with per-modality details is a few hundred bytes.
 pub const TAIL_BYTES: usize = 16 * 1024;
 
 impl Tail {
-    pub fn push(&mut self, chunk: &Bytes) {
-        if chunk.is_empty() {
-            return;
-        }
-        self.len += chunk.len();
-        self.chunks.push_back(chunk.clone());
-        while self
-            .chunks
-            .front()
-            .is_some_and(|f| self.len - f.len() >= TAIL_BYTES)
-        {
-            if let Some(f) = self.chunks.pop_front() {
-                self.len -= f.len();
-            }
+    pub fn new(format: Format) -> Self {
+        Self {
+            marker: marker(format),
+            buf: Vec::new(),
+            settled: 0,
         }
     }
 
-    pub fn bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.len.min(TAIL_BYTES * 2));
-        for c in &self.chunks {
-            out.extend_from_slice(c);
+    pub fn push(&mut self, chunk: &[u8]) {
+        if chunk.is_empty() {
+            return;
         }
-        let cut = out.len().saturating_sub(TAIL_BYTES * 2);
-        out.drain(..cut);
-        out
+        self.buf.extend_from_slice(chunk);
+        // A marker may straddle the old end: look again from just before it.
+        let from = self.settled.saturating_sub(self.marker.len());
+        if let Some(at) = last_whole_from(&self.buf, from, self.marker) {
+            self.buf.drain(..at);
+            self.settled = 0;
+        } else {
+            // An object still arriving is looked at again with the next chunk.
+            self.settled =
+                rfind(&self.buf[from..], self.marker).map_or(self.buf.len(), |i| i + from);
+        }
+        if self.buf.len() > 2 * TAIL_BYTES {
+            let cut = self.buf.len() - TAIL_BYTES;
+            self.buf.drain(..cut);
+            self.settled = self.settled.saturating_sub(cut);
+        }
+        if self.buf.capacity() > 4 * self.buf.len().max(1024) {
+            self.buf.shrink_to(self.buf.len().max(1024));
+        }
     }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+fn marker(format: Format) -> &'static [u8] {
+    match format {
+        Format::Gemini => b"\"usageMetadata\"",
+        Format::OpenAi => b"\"usage\"",
+    }
+}
+
+/// Where the last `"name":` whose object is whole starts, searching only
+/// markers at or after `from` (earlier ones were looked at before).
+fn last_whole_from(hay: &[u8], from: usize, name: &[u8]) -> Option<usize> {
+    let mut end = hay.len();
+    while let Some(at) = rfind(&hay[from.min(end)..end], name).map(|i| i + from.min(end)) {
+        end = at;
+        let rest = skip_ws(&hay[at + name.len()..]);
+        let Some(rest) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let rest = skip_ws(rest);
+        if rest.first() == Some(&b'{') && object_len(rest).is_some() {
+            return Some(at);
+        }
+    }
+    None
 }
 
 /// Whether an OpenAI-compatible chat request streams without asking for
@@ -368,14 +410,73 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a } \\\" {\"}]}}],\"
     }
 
     #[test]
-    fn the_tail_keeps_the_end_without_copying_every_chunk() {
-        let mut t = Tail::default();
+    fn without_a_usage_object_the_tail_keeps_a_bounded_end() {
+        let mut t = Tail::new(Format::Gemini);
         for i in 0..100u8 {
-            t.push(&Bytes::from(vec![i; 1000]));
+            t.push(&[i; 1000]);
         }
         let b = t.bytes();
         assert!(b.len() >= TAIL_BYTES && b.len() <= 2 * TAIL_BYTES);
         assert_eq!(*b.last().unwrap(), 99);
+    }
+
+    #[test]
+    #[allow(
+        clippy::many_single_char_names,
+        reason = "a, b, c: the pieces of one split event"
+    )]
+    fn the_tail_keeps_little_more_than_the_last_whole_usage_object() {
+        let event = |n: u64| {
+            format!(
+                "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"{}\"}}]}}}}],\
+                 \"usageMetadata\":{{\"promptTokenCount\":5,\"candidatesTokenCount\":{n},\
+                 \"totalTokenCount\":{}}}}}\r\n\r\n",
+                "x".repeat(2000),
+                5 + n
+            )
+        };
+        let mut t = Tail::new(Format::Gemini);
+        for n in 1..=50 {
+            // Split each event at awkward places, the marker included.
+            let e = event(n);
+            let (a, b) = e.as_bytes().split_at(2010);
+            let (b, c) = b.split_at(7);
+            t.push(a);
+            t.push(b);
+            t.push(c);
+        }
+        assert!(t.bytes().len() < 200, "kept {} bytes", t.bytes().len());
+        assert_eq!(
+            tokens(Format::Gemini, t.bytes()).map(|u| u.output),
+            Some(50)
+        );
+    }
+
+    #[test]
+    fn a_cut_last_event_leaves_the_previous_whole_usage_readable() {
+        let mut t = Tail::new(Format::Gemini);
+        t.push(br#"data: {"usageMetadata":{"candidatesTokenCount":3}}"#);
+        t.push(b"\r\n\r\ndata: {\"x\":1,\"usageMetadata\":{\"candidatesTokenCount\":");
+        assert_eq!(tokens(Format::Gemini, t.bytes()).map(|u| u.output), Some(3));
+        t.push(b"9}}");
+        assert_eq!(tokens(Format::Gemini, t.bytes()).map(|u| u.output), Some(9));
+        // The object that arrived in pieces was found whole: the older one is gone.
+        assert!(t
+            .bytes()
+            .starts_with(b"\"usageMetadata\":{\"candidatesTokenCount\":9"));
+    }
+
+    #[test]
+    fn the_openai_tail_finds_usage_split_across_chunks() {
+        let mut t = Tail::new(Format::OpenAi);
+        for part in [
+            &b"data: {\"choices\":[],\"us"[..],
+            b"age\":{\"prompt_tokens\":4,",
+            b"\"completion_tokens\":6,\"total_tokens\":10}}\n\n",
+        ] {
+            t.push(part);
+        }
+        assert_eq!(tokens(Format::OpenAi, t.bytes()).map(|u| u.total), Some(10));
     }
 
     #[test]

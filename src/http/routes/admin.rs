@@ -55,11 +55,12 @@ fn generation(gw: &Gateway) -> Option<String> {
 /// public URL is HTTPS, the listener serves TLS, or a trusted proxy says so.
 fn https(gw: &Gateway, req: &HttpRequest) -> bool {
     gw.settings
+        .listen
         .public_url
         .as_deref()
         .is_some_and(|u| u.starts_with("https://"))
         || req.app_config().secure()
-        || (gw.settings.trust_forwarded
+        || (gw.settings.listen.trust_forwarded
             && req
                 .headers()
                 .get("x-forwarded-proto")
@@ -367,7 +368,7 @@ async fn login(
     }
     let down = |e| crate::http::pipeline::store_down(e, crate::http::error::Flavor::Gemini);
     let id = admin_session::new_id().map_err(down)?;
-    let ttl = gw.settings.admin_session_ttl;
+    let ttl = gw.settings.admin.session_ttl;
     admin_session::open(gw.store(), &id, &generation(&gw).unwrap_or_default(), ttl)
         .await
         .map_err(down)?;

@@ -202,7 +202,7 @@ pub async fn api_usage(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpR
         "rows": rows,
         "totals": totals,
         "overflow_series": counts.overflow,
-        "retention_days": gw.settings.usage_retention_days,
+        "retention_days": gw.settings.usage.retention_days,
     })))
 }
 

@@ -88,7 +88,7 @@ pub async fn handle(
                     tracing::warn!(file = %name, error = %e, "deleted upstream but the binding stays until it expires");
                 }
             }
-            Ok(stream_back(resp, gw.settings.upstream_idle_timeout))
+            Ok(stream_back(resp, gw.settings.upstream.idle_timeout))
         }
         _ => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -137,7 +137,7 @@ async fn list(
             attempt::Sent::Unreachable(_) => return None,
         };
         let body =
-            pipeline::read_small(&mut resp, 1 << 20, gw.settings.upstream_idle_timeout).await?;
+            pipeline::read_small(&mut resp, 1 << 20, gw.settings.upstream.idle_timeout).await?;
         serde_json::from_slice::<Value>(&body).ok()
     });
     let found: Vec<Value> = join_all(fetches).await.into_iter().flatten().collect();

@@ -78,7 +78,7 @@ pub async fn handle(
             let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
             let pinned = pipeline::pin(&gw, &up, b"", edge.session.as_ref(), &token.id, FLAVOR)
                 .await?
-                .map(|k| k.id.clone());
+                .map(|p| p.key.id.clone());
             (pinned, None)
         }
     };
@@ -177,7 +177,7 @@ impl Relay {
         let attempts = if self.pinned.is_some() {
             1
         } else {
-            gw.settings.max_retries + 1
+            gw.settings.keys.max_retries + 1
         };
         let mut tried: Vec<String> = Vec::new();
         let mut last = String::from("No key could open the Live session.");
@@ -312,7 +312,7 @@ impl Relay {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut last_beat = Instant::now();
         let mut drain_started: Option<Instant> = None;
-        let grace = gw.settings.shutdown_grace;
+        let grace = gw.settings.listen.shutdown_grace;
         while closing.is_none() {
             tokio::select! {
                 msg = stream.recv() => {

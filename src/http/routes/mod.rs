@@ -341,7 +341,13 @@ async fn native(
         }
     }
     let token = authorize(&gw.auth, req.headers(), edge, flavor)?;
-    let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, flavor).await?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        flavor,
+    )
+    .await?;
     check_json(&body, req.headers(), action.is_some(), flavor)?;
     pipeline::forward(
         gw,

@@ -30,7 +30,13 @@ pub async fn handle(
 ) -> Result<HttpResponse, ApiError> {
     let flavor = Flavor::OpenAi;
     let token = authorize(&gw.auth, req.headers(), edge, flavor)?;
-    let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, flavor).await?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        flavor,
+    )
+    .await?;
     check_json(
         &body,
         req.headers(),

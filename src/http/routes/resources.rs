@@ -170,7 +170,13 @@ async fn create(
     edge: &Edge,
 ) -> Result<HttpResponse, ApiError> {
     let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
-    let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, FLAVOR).await?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        FLAVOR,
+    )
+    .await?;
     check_json(&body, req.headers(), true, FLAVOR)?;
     let c = call(req, edge, &token.id, body);
     let pinned = pipeline::pin(gw, up, &c.body, c.session.as_ref(), &token.id, FLAVOR).await?;
@@ -199,7 +205,13 @@ async fn mint(
     edge: &Edge,
 ) -> Result<HttpResponse, ApiError> {
     let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
-    let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, FLAVOR).await?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        FLAVOR,
+    )
+    .await?;
     check_json(&body, req.headers(), true, FLAVOR)?;
     let asked: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let ttl = asked
@@ -234,7 +246,7 @@ async fn mint(
 /// A successful answer the gateway must read (to record what it created),
 /// whole and within the upstream deadlines, like every small body.
 async fn read_answer(gw: &Gateway, resp: &mut awc::ClientResponse) -> Result<Bytes, ApiError> {
-    pipeline::read_small(resp, ANSWER_LIMIT, gw.settings.upstream_idle_timeout)
+    pipeline::read_small(resp, ANSWER_LIMIT, gw.settings.upstream.idle_timeout)
         .await
         .ok_or_else(|| {
             ApiError::new(
@@ -289,7 +301,13 @@ async fn owned(
     name: &str,
 ) -> Result<HttpResponse, ApiError> {
     let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
-    let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, FLAVOR).await?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        FLAVOR,
+    )
+    .await?;
     check_json(&body, req.headers(), false, FLAVOR)?;
     let owner = owner_for(gw, up, name, &token.id).await?;
     let key = gw.keys.by_id(&owner.key).ok_or_else(|| not_found(name))?;
@@ -303,7 +321,7 @@ async fn owned(
                 StatusCode::CONFLICT,
                 resources::mixed_message(
                     &names,
-                    crate::http::pipeline::split_advice(gw.settings.upload_affinity),
+                    crate::http::pipeline::split_advice(gw.settings.sessions.upload_affinity),
                 ),
             ));
         }
@@ -315,16 +333,17 @@ async fn owned(
                 StatusCode::CONFLICT,
                 resources::mixed_message(
                     &names,
-                    crate::http::pipeline::split_advice(gw.settings.upload_affinity),
+                    crate::http::pipeline::split_advice(gw.settings.sessions.upload_affinity),
                 ),
             ))
         }
     }
     let c = call(req, edge, &token.id, body);
-    let mut served = match pipeline::send(gw, up, &c, Some(key.clone())).await? {
-        Ok(served) => served,
-        Err(response) => return Ok(response),
-    };
+    let mut served =
+        match pipeline::send(gw, up, &c, Some(pipeline::Pinned::to(key.clone()))).await? {
+            Ok(served) => served,
+            Err(response) => return Ok(response),
+        };
     let method = req.method();
     // `cachedContents/x`, not `fileSearchStores/x/documents/y`.
     let whole = edge.path.ends_with(name) || edge.path.ends_with(&format!("{name}:cancel"));
@@ -335,7 +354,7 @@ async fn owned(
         }
         return Ok(stream_back(
             served.response,
-            gw.settings.upstream_idle_timeout,
+            gw.settings.upstream.idle_timeout,
         ));
     }
     let reads_answer = whole
@@ -344,7 +363,7 @@ async fn owned(
     if !reads_answer {
         return Ok(stream_back(
             served.response,
-            gw.settings.upstream_idle_timeout,
+            gw.settings.upstream.idle_timeout,
         ));
     }
     let status = served.response.status();
@@ -423,7 +442,7 @@ async fn list(
             }
             crate::upstream::attempt::Sent::Unreachable(_) => return None,
         };
-        let body = pipeline::read_small(&mut resp, ANSWER_LIMIT, gw.settings.upstream_idle_timeout)
+        let body = pipeline::read_small(&mut resp, ANSWER_LIMIT, gw.settings.upstream.idle_timeout)
             .await?;
         serde_json::from_slice::<Value>(&body).ok()
     });

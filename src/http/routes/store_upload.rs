@@ -61,7 +61,13 @@ pub async fn start(
         .keys
         .by_id(&owner.key)
         .ok_or_else(|| upload_error(StatusCode::NOT_FOUND, format!("{store} was not found.")))?;
-    let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, FLAVOR).await?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        FLAVOR,
+    )
+    .await?;
     let call = Call {
         flavor: FLAVOR,
         method: Method::POST,
@@ -74,16 +80,17 @@ pub async fn start(
         key_style: KeyStyle::GoogHeader,
         model: None,
     };
-    let mut served = match pipeline::send(gw, up, &call, Some(key.clone())).await? {
-        Ok(served) => served,
-        Err(response) => return Ok(response),
-    };
+    let mut served =
+        match pipeline::send(gw, up, &call, Some(pipeline::Pinned::to(key.clone()))).await? {
+            Ok(served) => served,
+            Err(response) => return Ok(response),
+        };
     let status = served.response.status();
     let headers = served.response.headers().clone();
     let answer = pipeline::read_small(
         &mut served.response,
         ANSWER_LIMIT,
-        gw.settings.upstream_idle_timeout,
+        gw.settings.upstream.idle_timeout,
     )
     .await
     .unwrap_or_default();
@@ -106,7 +113,7 @@ pub async fn start(
         session: edge.session.as_ref().map(|s| s.id.to_string()),
         owner: token.id.clone(),
     };
-    upload::save(gw.store(), &id, &record, gw.settings.upload_ttl)
+    upload::save(gw.store(), &id, &record, gw.settings.sessions.upload_ttl)
         .await
         .map_err(|e| pipeline::store_down(e, FLAVOR))?;
     let ours = format!(

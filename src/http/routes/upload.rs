@@ -88,7 +88,13 @@ async fn start(
     ver: &str,
     owner: String,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload, req.headers(), gw.settings.max_body_bytes, FLAVOR).await?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        FLAVOR,
+    )
+    .await?;
     let call = Call {
         flavor: FLAVOR,
         method: Method::POST,
@@ -110,7 +116,7 @@ async fn start(
     let Some(upstream_url) = header(served.response.headers(), "x-goog-upload-url") else {
         return Ok(stream_back(
             served.response,
-            gw.settings.upstream_idle_timeout,
+            gw.settings.upstream.idle_timeout,
         ));
     };
     let id = upload::new_upload_id().map_err(|_| {
@@ -125,7 +131,7 @@ async fn start(
         session: edge.session.as_ref().map(|s| s.id.to_string()),
         owner,
     };
-    upload::save(gw.store(), &id, &record, gw.settings.upload_ttl)
+    upload::save(gw.store(), &id, &record, gw.settings.sessions.upload_ttl)
         .await
         .map_err(|e| pipeline::store_down(e, FLAVOR))?;
     let ours = format!(
@@ -140,7 +146,7 @@ async fn start(
     let body = pipeline::read_small(
         &mut served.response,
         FINAL_BODY_LIMIT,
-        gw.settings.upstream_idle_timeout,
+        gw.settings.upstream.idle_timeout,
     )
     .await
     .ok_or_else(|| {
@@ -169,7 +175,7 @@ async fn start(
 /// request's scheme and `Host` (or, behind a trusted proxy,
 /// `X-Forwarded-Proto`/`-Host`/`-Prefix`).
 pub(super) fn public_base(gw: &Gateway, req: &HttpRequest) -> String {
-    if let Some(url) = &gw.settings.public_url {
+    if let Some(url) = &gw.settings.listen.public_url {
         return url.clone();
     }
     let headers = req.headers();
@@ -181,6 +187,7 @@ pub(super) fn public_base(gw: &Gateway, req: &HttpRequest) -> String {
     };
     let forwarded = |name: &str| {
         gw.settings
+            .listen
             .trust_forwarded
             .then(|| header(headers, name))
             .flatten()
@@ -284,7 +291,7 @@ async fn chunk(
     };
     let finished = header(resp.headers(), "x-goog-upload-status").as_deref() == Some("final");
     if !finished && !commands.finalize {
-        return Ok(stream_back(resp, gw.settings.upstream_idle_timeout));
+        return Ok(stream_back(resp, gw.settings.upstream.idle_timeout));
     }
     // The upload is (or may already be) finished: the client gets its file
     // only once the gateway knows who owns it.
@@ -293,7 +300,7 @@ async fn chunk(
     let read = pipeline::read_small(
         &mut resp,
         FINAL_BODY_LIMIT,
-        gw.settings.upstream_idle_timeout,
+        gw.settings.upstream.idle_timeout,
     )
     .await;
     let (status, headers, body) = match (finished, read) {
@@ -376,7 +383,7 @@ async fn query_final(
     let body = pipeline::read_small(
         &mut resp,
         FINAL_BODY_LIMIT,
-        gw.settings.upstream_idle_timeout,
+        gw.settings.upstream.idle_timeout,
     )
     .await?;
     tracing::info!(key_id = %record.key, "upload's final answer recovered by a status query");
@@ -427,7 +434,7 @@ async fn record_file(gw: &Gateway, body: &Bytes, key_id: &str, owner: &str) -> R
     let mut failure = None;
     for pause_ms in [0, 100, 400] {
         tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
-        match files::remember(gw.store(), &name, &record, gw.settings.file_ttl).await {
+        match files::remember(gw.store(), &name, &record, gw.settings.sessions.file_ttl).await {
             Ok(()) => {
                 gw.metrics.files_recorded.inc();
                 tracing::info!(file = %name, key_id, "file uploaded; owner recorded");
@@ -455,7 +462,7 @@ async fn single_shot(
 ) -> Result<HttpResponse, ApiError> {
     let session = pipeline::upload_session(gw, edge.session.as_ref(), &owner);
     let key = match pipeline::pin(gw, up, &[], session.as_ref(), &owner, FLAVOR).await? {
-        Some(key) => key,
+        Some(pinned) => pinned.key,
         None => gw
             .keys
             .next(gw.store(), &[], None)
@@ -484,7 +491,7 @@ async fn single_shot(
     let body = pipeline::read_small(
         &mut resp,
         FINAL_BODY_LIMIT,
-        gw.settings.upstream_idle_timeout,
+        gw.settings.upstream.idle_timeout,
     )
     .await
     .unwrap_or_default();
