@@ -67,6 +67,26 @@ pub fn state_field(member: &str, model: Option<&str>) -> String {
     }
 }
 
+/// Calls `f` with the per-model field name of `member` and `model`, built
+/// in a buffer each thread reuses (this runs for every key a rotation looks
+/// at, on every request).
+fn with_field<R>(member: &str, model: &str, f: impl FnOnce(&str) -> R) -> R {
+    thread_local! {
+        static FIELD: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    FIELD.with(|buf| match buf.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            buf.push_str(member);
+            buf.push(MODEL_SEP);
+            buf.push_str(model);
+            f(&buf)
+        }
+        // Re-entered from `f` itself: build a fresh one.
+        Err(_) => f(&state_field(member, Some(model))),
+    })
+}
+
 impl MemberState {
     /// A cooldown; an empty reason is the default one, [`PER_MINUTE`].
     pub fn cooling(until_ms: u64, reason: &str) -> Self {
@@ -145,7 +165,13 @@ pub fn effective_state(
     if let Some(d @ MemberState::Disabled { .. }) = key_wide {
         return Some(d.clone());
     }
-    let per_model = model.and_then(|m| states.get(&state_field(member, Some(m))));
+    // Most rings have no per-model entry at all: no field name to build then.
+    let per_model = match model {
+        Some(m) if states.len() > usize::from(key_wide.is_some()) => {
+            with_field(member, m, |f| states.get(f))
+        }
+        _ => None,
+    };
     let key_until = key_wide.and_then(|s| s.active_until(now_ms));
     let model_until = per_model.and_then(|s| s.active_until(now_ms));
     match (key_until, model_until) {

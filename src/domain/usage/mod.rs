@@ -12,6 +12,7 @@
 //! after `GB_USAGE_RETENTION_DAYS`, and reads never reach further back.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -125,6 +126,8 @@ struct Inner {
     seen_hour: u64,
     seen: HashSet<String>,
     errors: Vec<ErrorEntry>,
+    /// The buffer field names are built in.
+    scratch: String,
 }
 
 pub struct Usage {
@@ -221,29 +224,45 @@ impl Usage {
             inner.seen_hour = hour;
             inner.seen.clear();
         }
-        let mut prefix = format!(
+        // Field names are built in one reused buffer; a String is allocated
+        // only for a field not seen yet this hour.
+        let mut field = std::mem::take(&mut inner.scratch);
+        field.clear();
+        let _ = write!(
+            field,
             "{}{SEP}{}{SEP}{}",
             series.token_id,
             series.key_id,
             clean_model(series.model.as_deref())
         );
         let mut overflow = 0;
-        if !inner.seen.contains(&prefix) {
+        if !inner.seen.contains(field.as_str()) {
             if inner.seen.len() >= self.max_series {
-                prefix = format!("{}{SEP}{}{SEP}other", series.token_id, series.key_id);
+                field.clear();
+                let _ = write!(field, "{}{SEP}{}{SEP}other", series.token_id, series.key_id);
                 overflow = 1;
                 self.metrics.usage_series_overflow.inc();
             } else {
-                inner.seen.insert(prefix.clone());
+                inner.seen.insert(field.clone());
             }
         }
+        let prefix_len = field.len();
         let counts = inner.pending.entry(hour).or_default();
         if overflow > 0 {
             *counts.entry(OVERFLOW.to_string()).or_insert(0) += overflow;
         }
         f(&mut |name, n| {
-            *counts.entry(format!("{prefix}{SEP}{name}")).or_insert(0) += n;
+            field.truncate(prefix_len);
+            field.push(SEP);
+            field.push_str(name);
+            match counts.get_mut(field.as_str()) {
+                Some(count) => *count += n,
+                None => {
+                    counts.insert(field.clone(), n);
+                }
+            }
         });
+        inner.scratch = field;
     }
 
     /// Moves pending counts and errors to the store (what fails stays
