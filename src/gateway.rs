@@ -3,13 +3,13 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::auth::Auth;
-use crate::keys::KeyPool;
-use crate::metrics::Metrics;
-use crate::proxy::ProxyRouter;
+use crate::domain::keys::KeyPool;
+use crate::domain::stats::KeyStats;
+use crate::http::auth::Auth;
+use crate::ops::metrics::Metrics;
 use crate::settings::Settings;
-use crate::stats::KeyStats;
-use crate::store::StateStore;
+use crate::state::StateStore;
+use crate::upstream::proxy::ProxyRouter;
 
 pub struct Gateway {
     pub settings: Settings,
@@ -24,7 +24,7 @@ pub struct Gateway {
     /// Outbound proxies, when configured.
     pub proxies: Option<Arc<ProxyRouter>>,
     /// Usage per hour, token, key and model, and the recent upstream errors.
-    pub usage: Arc<crate::usage::Usage>,
+    pub usage: Arc<crate::domain::usage::Usage>,
     draining: AtomicBool,
     /// When the keys or tokens in force were last loaded (Unix ms).
     loaded_ms: AtomicU64,
@@ -48,24 +48,24 @@ impl Gateway {
             metrics,
             stats: KeyStats::default(),
             replica: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
-            started_ms: crate::store::now_ms(),
+            started_ms: crate::state::now_ms(),
             proxies: (!settings_proxies.is_empty())
                 .then(|| Arc::new(ProxyRouter::new(settings_proxies, proxy_cooldown))),
-            usage: Arc::new(crate::usage::Usage::new(
+            usage: Arc::new(crate::domain::usage::Usage::new(
                 settings_usage.0,
                 settings_usage.1,
                 metrics_usage,
                 uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
             )),
             draining: AtomicBool::new(false),
-            loaded_ms: AtomicU64::new(crate::store::now_ms()),
+            loaded_ms: AtomicU64::new(crate::state::now_ms()),
         }
     }
 
     /// Notes that keys or tokens were (re)loaded now.
     pub fn mark_loaded(&self) {
         self.loaded_ms
-            .store(crate::store::now_ms(), Ordering::Relaxed);
+            .store(crate::state::now_ms(), Ordering::Relaxed);
     }
 
     /// When the keys or tokens in force were last loaded (Unix ms).

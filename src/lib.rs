@@ -1,34 +1,42 @@
 //! gemini-balancer: a Gemini API gateway that rotates many real keys behind
 //! one client token, steers around rate-limited and dead keys, and routes
 //! every request that uses an uploaded file to the key that owns it.
+//!
+//! The folders are layers; dependencies point down this list (see
+//! `ARCHITECTURE.md`):
+//! - [`http`]: the edge: routes, the checks every request passes, and the
+//!   request pipeline.
+//! - [`domain`]: what the gateway knows: keys and their health, sessions,
+//!   resource owners, uploads, usage.
+//! - [`upstream`]: calling Google: the client, outbound proxies, the one
+//!   attempt function and what an answer says about a key.
+//! - [`state`]: the shared store (Redis or in memory), its key names and
+//!   its layout versions.
+//! - [`background`]: the periodic tasks of a replica, started and stopped in
+//!   one place.
+//! - [`ops`]: metrics, logs and the container health check.
+//!
+//! Beside them: [`settings`] (the only reader of the environment),
+//! [`gateway`] (the state every worker shares) and [`startup`] (the wiring).
 
-pub mod admin_session;
-pub mod attempt;
-pub mod auth;
-pub mod discovery;
-pub mod error;
-pub mod files;
+// Detached tasks start only in `background` (see clippy.toml).
+#![deny(clippy::disallowed_methods)]
+// Allowed in Cargo.toml only for the dev tools under src/bin.
+#![warn(
+    clippy::doc_markdown,
+    clippy::redundant_closure_for_method_calls,
+    clippy::unreadable_literal,
+    clippy::items_after_statements,
+    clippy::unused_async,
+    clippy::map_unwrap_or
+)]
+
+pub mod background;
+pub mod domain;
 pub mod gateway;
-pub mod health;
-pub mod identity;
-pub mod keys;
-pub mod live;
-pub mod metrics;
-pub mod migrations;
-pub mod pipeline;
-pub mod probe;
-pub mod proxy;
-pub mod recheck;
-pub mod reload;
-pub mod replicas;
-pub mod resources;
-pub mod routes;
-pub mod session;
+pub mod http;
+pub mod ops;
 pub mod settings;
 pub mod startup;
-pub mod stats;
-pub mod store;
-pub mod telemetry;
-pub mod upload;
+pub mod state;
 pub mod upstream;
-pub mod usage;

@@ -1,11 +1,26 @@
+//! The `gemini-balancer` binary: loads the settings, answers the
+//! `healthcheck` subcommand, or starts logging and serves until stopped.
+//! Everything else lives in the library.
+
 // The actix server future of the whole app is deeply nested; type checking
 // its auto traits needs more than the default query depth.
 #![recursion_limit = "256"]
+// Detached tasks start only in the library's `background` (see clippy.toml).
+#![deny(clippy::disallowed_methods)]
+// Allowed in Cargo.toml only for the dev tools under src/bin.
+#![warn(
+    clippy::doc_markdown,
+    clippy::redundant_closure_for_method_calls,
+    clippy::unreadable_literal,
+    clippy::items_after_statements,
+    clippy::unused_async,
+    clippy::map_unwrap_or
+)]
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use gemini_balancer::{settings, startup::Application, telemetry};
+use gemini_balancer::{ops::telemetry, settings, startup::Application};
 
 /// mimalloc: per-thread free lists suit a server that allocates and frees
 /// small buffers on every request on the thread that served it; glibc's
@@ -63,6 +78,10 @@ unsafe impl GlobalAlloc for LeanMiMalloc {
 }
 
 #[actix_web::main]
+#[allow(
+    clippy::print_stderr,
+    reason = "configuration errors and the healthcheck verdict are reported before logging exists"
+)]
 async fn main() -> std::process::ExitCode {
     // Names only: a misspelt variable's value may be a secret.
     let unknown = settings::unknown_in_environment();
@@ -81,8 +100,10 @@ async fn main() -> std::process::ExitCode {
     // without curl.
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
         let probed = match &settings.tls {
-            Some(tls) => gemini_balancer::probe::probe_health_tls(settings.listen.addr, &tls.cert),
-            None => gemini_balancer::startup::probe_health(settings.listen.addr),
+            Some(tls) => {
+                gemini_balancer::ops::healthcheck::probe_health_tls(settings.listen.addr, &tls.cert)
+            }
+            None => gemini_balancer::ops::healthcheck::probe_health(settings.listen.addr),
         };
         return match probed {
             Ok(()) => std::process::ExitCode::SUCCESS,

@@ -18,8 +18,8 @@ use std::time::Duration;
 use config::{Config, Environment, File, FileFormat};
 use secrecy::SecretString;
 
-use crate::reload::{dedup as dedup_secrets, split_labels};
-use crate::store::RedisMode;
+use crate::background::reload::{dedup as dedup_secrets, split_labels};
+use crate::state::RedisMode;
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
@@ -181,10 +181,10 @@ impl Listen {
     }
 }
 
-/// Worker threads when GB_WORKERS is unset: one per CPU the process may use
+/// Worker threads when `GB_WORKERS` is unset: one per CPU the process may use
 /// (cgroup CPU limits included), as actix does.
 fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
 /// PEM certificate chain and key: the listener serves HTTPS and WSS.
@@ -294,8 +294,8 @@ impl Keys {
         let (file, mut list) = match raw.file_of("GB_API_KEYS", "GB_API_KEYS_FILE")? {
             Some(path) => {
                 let (file, text) = SecretFile::read("GB_API_KEYS_FILE", &path)?;
-                let keys =
-                    crate::reload::parse_keys(&text).map_err(|p| err("GB_API_KEYS_FILE", p))?;
+                let keys = crate::background::reload::parse_keys(&text)
+                    .map_err(|p| err("GB_API_KEYS_FILE", p))?;
                 (Some(file), keys)
             }
             None => (None, raw.list("GB_API_KEYS")),
@@ -338,7 +338,7 @@ impl Clients {
             match raw.file_of("GB_AUTH_TOKENS", "GB_AUTH_TOKENS_FILE")? {
                 Some(path) => {
                     let (file, text) = SecretFile::read("GB_AUTH_TOKENS_FILE", &path)?;
-                    let parsed = crate::reload::parse_tokens(&text)
+                    let parsed = crate::background::reload::parse_tokens(&text)
                         .map_err(|p| err("GB_AUTH_TOKENS_FILE", p))?;
                     (Some(file), parsed)
                 }
@@ -391,8 +391,8 @@ impl Admin {
         let (token_file, token) = match raw.file_of("GB_ADMIN_TOKEN", "GB_ADMIN_TOKEN_FILE")? {
             Some(path) => {
                 let (file, text) = SecretFile::read("GB_ADMIN_TOKEN_FILE", &path)?;
-                let token =
-                    crate::reload::parse_admin(&text).map_err(|p| err("GB_ADMIN_TOKEN_FILE", p))?;
+                let token = crate::background::reload::parse_admin(&text)
+                    .map_err(|p| err("GB_ADMIN_TOKEN_FILE", p))?;
                 (Some(file), Some(token))
             }
             None => (None, raw.opt("GB_ADMIN_TOKEN").map(SecretString::from)),
@@ -631,7 +631,7 @@ impl Sessions {
 #[derive(Debug, Clone)]
 pub struct Proxies {
     /// `GB_PROXIES`, parsed; empty with `GB_PROXY_MODE=none`.
-    pub list: Vec<crate::proxy::ProxySpec>,
+    pub list: Vec<crate::upstream::proxy::ProxySpec>,
     /// How long a failed proxy stays out of use (`GB_PROXY_COOLDOWN`).
     pub cooldown: Duration,
 }
@@ -649,7 +649,7 @@ impl Proxies {
                 .filter(|p| !p.is_empty())
                 .enumerate()
                 .map(|(i, url)| {
-                    crate::proxy::parse(url)
+                    crate::upstream::proxy::parse(url)
                         .map_err(|problem| err("GB_PROXIES", format!("entry {} {problem}", i + 1)))
                 })
                 .collect::<Result<_, _>>()?
@@ -695,9 +695,8 @@ impl Usage {
     pub const VARS: &'static [&'static str] = &["GB_USAGE_RETENTION_DAYS", "GB_USAGE_MAX_SERIES"];
 
     fn load(raw: &Raw) -> Result<Self, SettingsError> {
-        let retention_days = match raw.num::<u64>("GB_USAGE_RETENTION_DAYS")? {
-            n @ 1..=90 => n,
-            _ => return Err(err("GB_USAGE_RETENTION_DAYS", "must be between 1 and 90")),
+        let retention_days @ 1..=90 = raw.num::<u64>("GB_USAGE_RETENTION_DAYS")? else {
+            return Err(err("GB_USAGE_RETENTION_DAYS", "must be between 1 and 90"));
         };
         Ok(Usage {
             retention_days,
@@ -1065,7 +1064,7 @@ mod tests {
         let s = load_from(env(&[("GB_API_KEYS", "k1,k2"), ("GB_AUTH_TOKENS", "t")])).unwrap();
         assert_eq!(s.keys.list.len(), 2);
         assert_eq!(s.sessions.ttl, Duration::from_secs(3600));
-        assert_eq!(s.sessions.file_ttl, Duration::from_secs(172800));
+        assert_eq!(s.sessions.file_ttl, Duration::from_secs(172_800));
         assert_eq!(s.keys.max_retries, 3);
         assert_eq!(s.listen.addr.port(), 8000);
         assert!(s.redis.url.is_none());
@@ -1095,12 +1094,17 @@ mod tests {
             ),
         ]))
         .unwrap();
-        let tokens: Vec<&str> = s.clients.tokens.iter().map(|t| t.expose_secret()).collect();
+        let tokens: Vec<&str> = s
+            .clients
+            .tokens
+            .iter()
+            .map(ExposeSecret::expose_secret)
+            .collect();
         assert_eq!(tokens, ["tok-a", "tok-b", "padded==", "bad label=tok-c"]);
         assert_eq!(
             s.clients.labels,
             vec![(
-                crate::identity::short_id(&SecretString::from("tok-a")),
+                crate::domain::identity::short_id(&SecretString::from("tok-a")),
                 "alice".to_string()
             )]
         );

@@ -10,21 +10,23 @@ use actix_web::{web, App, HttpMessage, HttpServer};
 use anyhow::Context;
 use tracing_actix_web::TracingLogger;
 
+use crate::background::Background;
 use crate::gateway::Gateway;
-use crate::metrics::Metrics;
-use crate::routes;
+use crate::http::routes;
+use crate::ops::metrics::Metrics;
+use crate::ops::telemetry::{GatewaySpan, RequestId};
 use crate::settings::Settings;
-use crate::store::{
+use crate::state::{
     GatedStore, LayoutGate, LayoutStatus, MemoryStore, RedisConfig, RedisStore, StateStore,
 };
-use crate::telemetry::{GatewaySpan, RequestId};
-use crate::upstream::{tls_config, Upstream};
+use crate::upstream::client::{tls_config, Upstream};
 
 pub struct Application {
     server: Server,
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     gateway: Arc<Gateway>,
+    background: Background,
 }
 
 /// With `GB_ADMIN_LISTEN` set, which listener serves which paths: the
@@ -58,6 +60,7 @@ impl ListenerSplit {
 pub async fn open_store(
     settings: &Settings,
     metrics: &Arc<Metrics>,
+    background: &mut Background,
 ) -> anyhow::Result<Arc<dyn StateStore>> {
     let Some(url) = &settings.redis.url else {
         tracing::info!("no GB_REDIS_URL: using the embedded in-memory store (single replica only)");
@@ -79,14 +82,19 @@ pub async fn open_store(
     // A server that answers but cannot serve the gateway (a cluster node in
     // standalone mode) is a configuration error, not an outage.
     let reachable = match store.ping().await {
-        Err(crate::store::StoreError::Misconfigured(msg)) => anyhow::bail!(msg),
+        Err(crate::state::StoreError::Misconfigured(msg)) => anyhow::bail!(msg),
         other => other.is_ok(),
     };
     let store = Arc::new(store);
     let checked = if reachable {
-        crate::migrations::apply_within(&store, crate::migrations::MIGRATIONS, START_PATIENCE).await
+        crate::state::migrations::apply_within(
+            &store,
+            crate::state::migrations::MIGRATIONS,
+            START_PATIENCE,
+        )
+        .await
     } else {
-        Err(crate::store::StoreError::Unavailable(
+        Err(crate::state::StoreError::Unavailable(
             "Redis did not answer a ping".into(),
         ))
     };
@@ -95,14 +103,11 @@ pub async fn open_store(
             tracing::info!(layout = version, prefix = %settings.redis.prefix, mode = settings.redis.mode.as_str(), "Redis store ready");
             Arc::new(LayoutGate::new(LayoutStatus::Compatible { version }))
         }
-        Err(crate::store::StoreError::Layout(msg)) => anyhow::bail!(msg),
+        Err(crate::state::StoreError::Layout(msg)) => anyhow::bail!(msg),
         Err(e) => {
             tracing::warn!(error = %e, "Redis key layout unchecked at start; serving unpinned traffic and retrying the check in the background");
             let gate = Arc::new(LayoutGate::new(LayoutStatus::Unchecked));
-            actix_rt::spawn(crate::migrations::keep_checking(
-                store.clone(),
-                gate.clone(),
-            ));
+            background.check_layout(store.clone(), gate.clone());
             gate
         }
     };
@@ -133,7 +138,8 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         raise_open_files_limit();
         let metrics = Arc::new(Metrics::new());
-        let store = open_store(&settings, &metrics).await?;
+        let mut background = Background::new();
+        let store = open_store(&settings, &metrics, &mut background).await?;
         let tls = tls_config(settings.upstream.ca_file.as_deref())?;
         let listener = TcpListener::bind(settings.listen.addr)
             .with_context(|| format!("GB_LISTEN: cannot bind {}", settings.listen.addr))?;
@@ -173,18 +179,20 @@ impl Application {
                 .wrap_fn(move |req, srv| {
                     use futures_util::future::{ready, Either, FutureExt};
                     if split.refuses(req.app_config().local_addr(), req.match_info().as_str()) {
-                        let res = req.error_response(crate::error::ApiError::not_found(
+                        let res = req.error_response(crate::http::error::ApiError::not_found(
                             "No route for this path.",
                         ));
                         Either::Left(ready(Ok(res.map_into_right_body())))
                     } else {
                         let fut = actix_web::dev::Service::call(srv, req);
-                        Either::Right(fut.map(|r| r.map(|res| res.map_into_left_body())))
+                        Either::Right(
+                            fut.map(|r| r.map(actix_web::dev::ServiceResponse::map_into_left_body)),
+                        )
                     }
                 })
                 .wrap_fn(|req, srv| {
                     let id = req.extensions().get::<RequestId>().cloned();
-                    let route = crate::metrics::route_class(req.method().as_str(), req.path());
+                    let route = crate::ops::metrics::route_class(req.method().as_str(), req.path());
                     let metrics = req
                         .app_data::<web::Data<Gateway>>()
                         .map(|gw| gw.metrics.clone());
@@ -208,9 +216,9 @@ impl Application {
                     }
                 })
                 .wrap(TracingLogger::<GatewaySpan>::new())
-                .route("/healthz", web::get().to(routes::health::healthz))
-                .route("/readyz", web::get().to(routes::health::readyz))
-                .route("/metrics", web::get().to(routes::health::metrics))
+                .route("/healthz", web::get().to(routes::ops::healthz))
+                .route("/readyz", web::get().to(routes::ops::readyz))
+                .route("/metrics", web::get().to(routes::ops::metrics))
                 .configure(routes::admin::configure)
                 .default_service(web::to(routes::dispatch))
         })
@@ -233,31 +241,20 @@ impl Application {
         }
         {
             let gw = gateway.clone();
-            let replica = gw.replica.clone();
             let upstream = Upstream::new(
                 &gw.settings.upstream.url,
                 tls.clone(),
                 gw.settings.upstream.timeout,
                 gw.proxies.clone(),
             );
-            actix_rt::spawn(crate::recheck::run(gw.clone(), upstream, replica));
-            if let Some(router) = gw.proxies.clone() {
-                let gw = gw.clone();
-                actix_rt::spawn(async move {
-                    loop {
-                        router.refresh(gw.store()).await;
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                });
-            }
-            actix_rt::spawn(crate::reload::run(gw.clone()));
-            actix_rt::spawn(crate::replicas::run(gw, addr));
+            background.start(&gw, upstream, addr);
         }
         Ok(Self {
             server,
             addr,
             admin_addr,
             gateway,
+            background,
         })
     }
 
@@ -275,15 +272,25 @@ impl Application {
     /// in-flight requests and streams finish within `GB_SHUTDOWN_GRACE`
     /// seconds.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let handle = self.server.handle();
-        let gateway = self.gateway.clone();
-        actix_rt::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutdown signal: draining in-flight requests");
-            gateway.start_draining();
-            handle.stop(true).await;
-        });
-        self.server.await?;
+        let Self {
+            mut server,
+            gateway,
+            background,
+            ..
+        } = self;
+        let handle = server.handle();
+        let served = tokio::select! {
+            served = &mut server => served,
+            () = wait_for_signal() => {
+                tracing::info!("shutdown signal: draining in-flight requests");
+                gateway.start_draining();
+                // Awaiting the server is what drives its graceful stop.
+                let (served, ()) = futures_util::future::join(&mut server, handle.stop(true)).await;
+                served
+            }
+        };
+        background.stop(&gateway).await;
+        served?;
         tracing::info!("stopped");
         Ok(())
     }
@@ -314,7 +321,7 @@ fn listener_tls(cert: &str, key: &str) -> anyhow::Result<rustls::ServerConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .and_then(Iterator::collect::<Result<_, _>>)
         .map_err(|e| anyhow::anyhow!("GB_TLS_CERT: cannot read a PEM certificate chain: {e}"))?;
     if certs.is_empty() {
         anyhow::bail!("GB_TLS_CERT: the file holds no certificate");
@@ -327,27 +334,4 @@ fn listener_tls(cert: &str, key: &str) -> anyhow::Result<rustls::ServerConfig> {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("GB_TLS_CERT/GB_TLS_KEY: the key does not match the certificate")
-}
-
-/// `GET /healthz` on the local listener, with short timeouts.
-pub fn probe_health(listen: SocketAddr) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
-    let ip = if listen.ip().is_unspecified() {
-        std::net::IpAddr::from([127, 0, 0, 1])
-    } else {
-        listen.ip()
-    };
-    let addr = SocketAddr::new(ip, listen.port());
-    let timeout = std::time::Duration::from_secs(3);
-    let mut conn = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    conn.set_read_timeout(Some(timeout))?;
-    conn.set_write_timeout(Some(timeout))?;
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-    let mut head = [0u8; 16];
-    let n = conn.read(&mut head)?;
-    anyhow::ensure!(
-        head[..n].starts_with(b"HTTP/1.1 200"),
-        "/healthz did not answer 200"
-    );
-    Ok(())
 }

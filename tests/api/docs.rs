@@ -1,7 +1,8 @@
-//! The README and SECURITY.md are promises; these checks keep them tied to
-//! the suite: every configuration variable in the README's table is set by
-//! some test, every metric the README names is observed by some test, and
-//! every test SECURITY.md names exists.
+//! The README, SECURITY.md and ARCHITECTURE.md are promises; these checks
+//! keep them tied to the suite and the tree: every configuration variable in
+//! the README's table is set by some test, every metric the README names is
+//! observed by some test, every test SECURITY.md names exists, and every
+//! path ARCHITECTURE.md names is in the tree.
 
 use std::path::{Path, PathBuf};
 
@@ -242,4 +243,111 @@ fn every_gb_name_the_tools_use_is_known_to_the_gateway() {
             "{var} is listed for the tools but none uses it"
         );
     }
+}
+
+/// Where a path `ARCHITECTURE.md` names may start: the repository's folders,
+/// and (for the diagram) the folders of `src/`. Fixed here, so a folder that
+/// disappears makes its mentions fail instead of no longer looking like paths.
+const ROOT_DIRS: [&str; 9] = [
+    "src",
+    "tests",
+    "bench",
+    "migrations",
+    "scripts",
+    "deploy",
+    "k8s",
+    "config",
+    ".ci",
+];
+const SRC_DIRS: [&str; 6] = ["background", "domain", "http", "ops", "state", "upstream"];
+const EXTENSIONS: [&str; 8] = ["rs", "md", "toml", "lua", "py", "yml", "yaml", "json"];
+
+/// The paths `text` names, as written: words that start with one of
+/// [`ROOT_DIRS`] or [`SRC_DIRS`] and a `/`, or that end in one of
+/// [`EXTENSIONS`]. `file::item` names an item of a Rust file.
+fn named_paths(text: &str) -> Vec<String> {
+    let mut found: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || "_./:-".contains(c)))
+        .map(|w| w.trim_end_matches(['.', ',', ':']))
+        .filter(|w| {
+            let (path, _) = w.split_once("::").unwrap_or((w, ""));
+            let first = path.split('/').next().unwrap_or("");
+            let dir =
+                path.contains('/') && (ROOT_DIRS.contains(&first) || SRC_DIRS.contains(&first));
+            let file = path
+                .rsplit_once('.')
+                .is_some_and(|(stem, ext)| !stem.is_empty() && EXTENSIONS.contains(&ext));
+            dir || file
+        })
+        .map(str::to_string)
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// The names of [`named_paths`] that do not exist: no such file or folder
+/// (at the root, or under `src/`), or no such item in the file.
+fn missing_paths(text: &str) -> Vec<String> {
+    let exists = |path: &str| {
+        let path = path.trim_end_matches('/');
+        [root().join(path), root().join("src").join(path)]
+            .into_iter()
+            .find(|p| p.exists())
+    };
+    named_paths(text)
+        .into_iter()
+        .filter(|name| {
+            let (path, item) = name.split_once("::").unwrap_or((name, ""));
+            match exists(path) {
+                None => true,
+                Some(_) if item.is_empty() => false,
+                Some(file) => {
+                    let source = std::fs::read_to_string(file).unwrap_or_default();
+                    !["fn", "struct", "enum", "trait", "const", "mod", "type"]
+                        .iter()
+                        .any(|kind| {
+                            source.contains(&format!("{kind} {item}(")) // fn
+                                || source.contains(&format!("{kind} {item} "))
+                                || source.contains(&format!("{kind} {item}<"))
+                                || source.contains(&format!("{kind} {item}:"))
+                                || source.contains(&format!("{kind} {item};"))
+                        })
+                }
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn every_path_architecture_md_names_exists() {
+    let doc = read(&root().join("ARCHITECTURE.md"));
+    let named = named_paths(&doc);
+    assert!(named.len() >= 40, "the paths were found: {named:?}");
+    let missing = missing_paths(&doc);
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md names paths that do not exist: {missing:?}"
+    );
+}
+
+#[test]
+fn the_path_check_notices_what_is_gone() {
+    assert_eq!(
+        missing_paths("`src/lib.rs`, `src/nowhere.rs`, `tests/api` and `bench/`."),
+        ["src/nowhere.rs"]
+    );
+    assert_eq!(
+        missing_paths("in the diagram: http/pipeline.rs, domain/gone.rs"),
+        ["domain/gone.rs"]
+    );
+    assert_eq!(
+        missing_paths("`src/http/routes/mod.rs::dispatch`, `src/http/routes/mod.rs::nothing`"),
+        ["src/http/routes/mod.rs::nothing"]
+    );
+    assert_eq!(
+        missing_paths("`NOWHERE.md` and `README.md`"),
+        ["NOWHERE.md"]
+    );
+    assert!(missing_paths("/v1beta/models, HTTP/1.1, e.g. and/or").is_empty());
 }

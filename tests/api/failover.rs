@@ -326,7 +326,7 @@ async fn live_resharding_under_traffic_fails_no_request() {
         .find(|n| n.master && n.port != ring_master)
         .expect("another master")
         .clone();
-    let ring_slot = gemini_balancer::store::layout::slot("gb:{ring:keys}:n");
+    let ring_slot = gemini_balancer::state::keyspace::slot("gb:{ring:keys}:n");
     let mut ranges = from.slots.clone();
     ranges.sort_unstable();
     let owned: u32 = ranges.iter().map(|(a, b)| u32::from(b - a) + 1).sum();

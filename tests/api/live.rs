@@ -241,7 +241,7 @@ async fn with_a_certificate_the_gateway_serves_https_and_wss() {
         ],
     );
     assert!(gw.url.starts_with("https://"), "{}", gw.url);
-    let tls = gemini_balancer::upstream::tls_config(Some(&ca)).unwrap();
+    let tls = gemini_balancer::upstream::client::tls_config(Some(&ca)).unwrap();
     let mut h1 = (*tls).clone();
     h1.alpn_protocols = vec![b"http/1.1".to_vec()];
     let client = awc::Client::builder()

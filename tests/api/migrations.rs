@@ -4,8 +4,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use gemini_balancer::migrations::{apply_with, Migration, MIGRATIONS};
-use gemini_balancer::store::{RedisStore, StoreError};
+use gemini_balancer::state::migrations::{apply_with, Migration, MIGRATIONS};
+use gemini_balancer::state::{RedisStore, StoreError};
 use secrecy::SecretString;
 use serde_json::json;
 

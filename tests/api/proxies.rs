@@ -130,9 +130,9 @@ async fn every_key_leaves_through_one_proxy_on_every_replica() {
     let specs = s
         .list
         .split(',')
-        .map(|u| gemini_balancer::proxy::parse(u).unwrap())
+        .map(|u| gemini_balancer::upstream::proxy::parse(u).unwrap())
         .collect();
-    let ring = gemini_balancer::proxy::ProxyRouter::new(specs, Duration::from_secs(30));
+    let ring = gemini_balancer::upstream::proxy::ProxyRouter::new(specs, Duration::from_secs(30));
     for (key, ips) in &routes {
         let home = IPS[ring.home(&key_id(key)).unwrap()];
         assert_eq!(
@@ -348,10 +348,10 @@ async fn only_429s_from_every_key_behind_a_proxy_within_10_s_are_a_throttle_and_
     let specs: Vec<_> = s
         .list
         .split(',')
-        .map(|u| gemini_balancer::proxy::parse(u).unwrap())
+        .map(|u| gemini_balancer::upstream::proxy::parse(u).unwrap())
         .collect();
     let ids: Vec<String> = specs.iter().map(|p| p.id.clone()).collect();
-    let ring = gemini_balancer::proxy::ProxyRouter::new(specs, Duration::from_secs(30));
+    let ring = gemini_balancer::upstream::proxy::ProxyRouter::new(specs, Duration::from_secs(30));
     // The proxy with the most keys: at least two of the six.
     let p = (0..3)
         .max_by_key(|i| {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gemini_balancer::store::{
+use gemini_balancer::state::{
     apply, IndexEntry, MemberState, MemoryStore, Pick, RedisConfig, RedisMode, RedisStore,
     StateStore, Transition, ADMIN,
 };

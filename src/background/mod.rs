@@ -1,0 +1,103 @@
+//! The work a replica does beside the requests it serves, started and
+//! stopped here and nowhere else:
+//!
+//! - the layout check ([`crate::state::migrations::keep_checking`]), when
+//!   Redis could not be checked at start;
+//! - the re-check of disabled keys ([`recheck`]);
+//! - the refresh of outbound proxy health, when proxies are configured;
+//! - the reload of mounted key and token files ([`reload`]);
+//! - the heartbeat, which also flushes statistics and usage ([`heartbeat`]).
+//!
+//! Every detached task of the library starts through this module (clippy's
+//! `disallowed-methods` refuses a spawn anywhere else), so a reader finds
+//! here everything that runs without a request.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::gateway::Gateway;
+use crate::state::{LayoutGate, RedisStore};
+use crate::upstream::client::Upstream;
+
+pub mod heartbeat;
+pub mod recheck;
+pub mod reload;
+
+/// How often a replica reads the shared health of the outbound proxies.
+const PROXY_REFRESH: Duration = Duration::from_secs(1);
+
+/// The running background tasks of one replica.
+#[derive(Default)]
+pub struct Background {
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+impl Background {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Retries the key layout check until it is done, when Redis could not
+    /// be checked at start; until then the gate refuses bindings.
+    pub fn check_layout(&mut self, store: Arc<RedisStore>, gate: Arc<LayoutGate>) {
+        self.spawn(
+            "layout check",
+            crate::state::migrations::keep_checking(store, gate),
+        );
+    }
+
+    /// Starts the periodic tasks of a serving replica. `upstream` is the
+    /// re-check's own client (awc clients belong to one thread); `addr` is
+    /// what the heartbeat tells operators.
+    pub fn start(&mut self, gw: &Arc<Gateway>, upstream: Upstream, addr: SocketAddr) {
+        let replica = gw.replica.clone();
+        self.spawn("re-check", recheck::run(gw.clone(), upstream, replica));
+        if let Some(router) = gw.proxies.clone() {
+            let gw = gw.clone();
+            self.spawn("proxy refresh", async move {
+                loop {
+                    router.refresh(gw.store()).await;
+                    tokio::time::sleep(PROXY_REFRESH).await;
+                }
+            });
+        }
+        self.spawn("reload", reload::run(gw.clone()));
+        self.spawn("heartbeat", heartbeat::run(gw.clone(), addr));
+    }
+
+    /// Stops every task, once the server has stopped serving: then the
+    /// replica flushes what it counted and takes down its heartbeat, so
+    /// operators stop seeing it at once.
+    pub async fn stop(self, gw: &Gateway) {
+        for (name, task) in self.tasks {
+            task.abort();
+            tracing::debug!(task = name, "background task stopped");
+        }
+        heartbeat::sign_off(gw).await;
+    }
+
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + 'static) {
+        self.tasks.push((name, spawn_local(task)));
+    }
+}
+
+/// Runs the task of one upgraded connection (a Live relay) until its
+/// connection ends. Such a task outlives the handler that upgraded the
+/// connection; the server's graceful shutdown does not wait for it.
+pub fn for_connection(task: impl Future<Output = ()> + 'static) {
+    drop(spawn_local(task));
+}
+
+/// The one place the library detaches a task: on the current actix (single
+/// thread) runtime, where awc clients and the request's state live.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the one sanctioned spawn of the library"
+)]
+fn spawn_local(task: impl Future<Output = ()> + 'static) -> JoinHandle<()> {
+    actix_rt::spawn(task)
+}

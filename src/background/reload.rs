@@ -1,0 +1,297 @@
+//! Keys and tokens that change while the gateway runs. `GB_API_KEYS_FILE`,
+//! `GB_AUTH_TOKENS_FILE` and `GB_ADMIN_TOKEN_FILE` (mounted secrets) are read
+//! again on SIGHUP and every `GB_RELOAD_INTERVAL` seconds. A file is compared
+//! by content (Kubernetes swaps a symlink; editors rewrite in place), and a
+//! reload is all or nothing: an unreadable, empty or malformed file keeps the
+//! last good set, with one error line per distinct problem (naming the file,
+//! never its contents). Lists given in environment variables never change.
+
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+use crate::gateway::Gateway;
+
+/// Entries of a secrets file: one a line, `#` starts a comment.
+fn entries(text: &str) -> Vec<(usize, &str)> {
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.split('#').next().unwrap_or("").trim()))
+        .filter(|(_, l)| !l.is_empty())
+        .collect()
+}
+
+/// A keys file: Gemini keys are letters, digits, `-` and `_`.
+pub fn parse_keys(text: &str) -> Result<Vec<SecretString>, String> {
+    let mut keys = Vec::new();
+    for (n, entry) in entries(text) {
+        if !entry
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        {
+            return Err(format!("line {n} is not a key"));
+        }
+        keys.push(SecretString::from(entry.to_string()));
+    }
+    dedup(&mut keys);
+    if keys.is_empty() {
+        return Err("it holds no key".into());
+    }
+    Ok(keys)
+}
+
+/// (token id, label) pairs of labelled client tokens.
+pub type Labels = Vec<(String, String)>;
+
+/// A tokens file: one token a line, optionally written `label=token`.
+/// Returns the tokens and (token id, label) pairs.
+pub fn parse_tokens(text: &str) -> Result<(Vec<SecretString>, Labels), String> {
+    let mut tokens = Vec::new();
+    for (n, entry) in entries(text) {
+        if entry
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(format!("line {n} is not a token"));
+        }
+        tokens.push(SecretString::from(entry.to_string()));
+    }
+    let labels = split_labels(&mut tokens);
+    dedup(&mut tokens);
+    if tokens.is_empty() {
+        return Err("it holds no token".into());
+    }
+    Ok((tokens, labels))
+}
+
+/// An admin token file: exactly one token.
+pub fn parse_admin(text: &str) -> Result<SecretString, String> {
+    match entries(text).as_slice() {
+        [(_, token)] if !token.bytes().any(|b| b.is_ascii_whitespace()) => {
+            Ok(SecretString::from(token.to_string()))
+        }
+        [] => Err("it holds no token".into()),
+        _ => Err("it must hold exactly one token".into()),
+    }
+}
+
+/// Splits `label=token` entries: a label is 1–40 of `[A-Za-z0-9_.@-]`, and a
+/// token whose part after the first `=` starts with `=` (base64 padding)
+/// stays whole. Returns (token id, label) for the labelled ones.
+pub fn split_labels(list: &mut [SecretString]) -> Vec<(String, String)> {
+    let mut labels = Vec::new();
+    for entry in list.iter_mut() {
+        let parsed = entry
+            .expose_secret()
+            .split_once('=')
+            .and_then(|(label, token)| {
+                let ok = (1..=40).contains(&label.len())
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_.@-".contains(c))
+                    && !token.is_empty()
+                    && !token.starts_with('=');
+                ok.then(|| (label.to_string(), SecretString::from(token.to_string())))
+            });
+        if let Some((label, token)) = parsed {
+            labels.push((crate::domain::identity::short_id(&token), label));
+            *entry = token;
+        }
+    }
+    labels
+}
+
+pub fn dedup(list: &mut Vec<SecretString>) {
+    let mut seen = std::collections::HashSet::new();
+    list.retain(|s| seen.insert(s.expose_secret().to_string()));
+}
+
+/// One watched file: what was last applied, and the last problem reported.
+struct Watched {
+    var: &'static str,
+    path: String,
+    applied: Option<[u8; 32]>,
+    reported: Option<String>,
+}
+
+impl Watched {
+    fn new(var: &'static str, file: Option<&crate::settings::SecretFile>) -> Option<Self> {
+        let file = file?;
+        Some(Self {
+            var,
+            path: file.path.clone(),
+            applied: Some(file.digest),
+            reported: None,
+        })
+    }
+
+    /// The file's text when it changed since the last good reload.
+    fn changed(&mut self, gw: &Gateway) -> Option<String> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => {
+                let digest: [u8; 32] = Sha256::digest(&bytes).into();
+                if self.applied == Some(digest) {
+                    self.reported = None;
+                    return None;
+                }
+                match String::from_utf8(bytes) {
+                    Ok(text) => Some(text),
+                    Err(_) => {
+                        self.fail(gw, "it is not UTF-8 text".into());
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                self.fail(gw, format!("cannot be read: {}", e.kind()));
+                None
+            }
+        }
+    }
+
+    fn applied(&mut self, text: &str) {
+        self.applied = Some(Sha256::digest(text.as_bytes()).into());
+        self.reported = None;
+    }
+
+    /// Logs a problem once (not once per poll) and counts it; the last
+    /// good set stays.
+    fn fail(&mut self, gw: &Gateway, problem: String) {
+        if self.reported.as_deref() != Some(problem.as_str()) {
+            tracing::error!(variable = self.var, file = %self.path, problem = %problem, "reload refused; the last good set stays in force");
+            gw.metrics.config_reload_errors.inc();
+            self.reported = Some(problem);
+        }
+    }
+}
+
+/// The files of one gateway, watched.
+pub struct Reloader {
+    keys: Option<Watched>,
+    tokens: Option<Watched>,
+    admin: Option<Watched>,
+}
+
+impl Reloader {
+    pub fn new(gw: &Gateway) -> Self {
+        let s = &gw.settings;
+        Self {
+            keys: Watched::new("GB_API_KEYS_FILE", s.keys.file.as_ref()),
+            tokens: Watched::new("GB_AUTH_TOKENS_FILE", s.clients.file.as_ref()),
+            admin: Watched::new("GB_ADMIN_TOKEN_FILE", s.admin.token_file.as_ref()),
+        }
+    }
+
+    pub fn watches_anything(&self) -> bool {
+        self.keys.is_some() || self.tokens.is_some() || self.admin.is_some()
+    }
+
+    /// Applies every file that changed.
+    pub fn check(&mut self, gw: &Gateway) {
+        if let Some(w) = &mut self.keys {
+            if let Some(text) = w.changed(gw) {
+                match parse_keys(&text) {
+                    Ok(keys) => {
+                        let changes = gw.keys.replace(&keys);
+                        w.applied(&text);
+                        gw.mark_loaded();
+                        gw.metrics.config_reloads.inc();
+                        tracing::info!(keys = keys.len(), added = ?changes.added, removed = ?changes.removed, "keys reloaded");
+                    }
+                    Err(problem) => w.fail(gw, problem),
+                }
+            }
+        }
+        if let Some(w) = &mut self.tokens {
+            if let Some(text) = w.changed(gw) {
+                match parse_tokens(&text) {
+                    Ok((tokens, labels)) => {
+                        let (before, after) = gw.auth.replace_tokens(&tokens, labels);
+                        w.applied(&text);
+                        gw.mark_loaded();
+                        gw.metrics.config_reloads.inc();
+                        tracing::info!(before, after, "client tokens reloaded");
+                    }
+                    Err(problem) => w.fail(gw, problem),
+                }
+            }
+        }
+        if let Some(w) = &mut self.admin {
+            if let Some(text) = w.changed(gw) {
+                match parse_admin(&text) {
+                    Ok(token) if gw.auth.verify(Some(token.expose_secret())).is_ok() => {
+                        w.fail(gw, "the admin token is also a client token".into());
+                    }
+                    Ok(token) => {
+                        gw.auth.replace_admin(Some(&token));
+                        w.applied(&text);
+                        gw.mark_loaded();
+                        gw.metrics.config_reloads.inc();
+                        tracing::info!(
+                            "admin token reloaded; admin page sessions of the old one end"
+                        );
+                    }
+                    Err(problem) => w.fail(gw, problem),
+                }
+            }
+        }
+    }
+}
+
+/// Re-reads the files every `GB_RELOAD_INTERVAL` and on SIGHUP, until the
+/// gateway drains.
+pub async fn run(gw: Arc<Gateway>) {
+    let mut reloader = Reloader::new(&gw);
+    if !reloader.watches_anything() {
+        return;
+    }
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP cannot be watched; files are polled only");
+            None
+        }
+    };
+    let interval = gw.settings.keys.reload_interval;
+    loop {
+        let hup = async {
+            match &mut hangup {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = hup => tracing::info!("SIGHUP: reloading keys and tokens"),
+        }
+        if gw.draining() {
+            return;
+        }
+        reloader.check(&gw);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_parse_with_comments_and_refuse_bad_lines() {
+        let keys = parse_keys("# team\nAIza-one_1  # first\n\nAIza-two\nAIza-two\n").unwrap();
+        assert_eq!(keys.len(), 2);
+        assert!(parse_keys("AIza-one\nnot a key\n")
+            .unwrap_err()
+            .contains("line 2"));
+        assert!(parse_keys("# only comments\n\n").is_err());
+        let (tokens, labels) = parse_tokens("alice=tok-a\ntok-b\n").unwrap();
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(labels.len(), 1);
+        assert!(parse_tokens("tok a\n").is_err());
+        assert!(parse_admin("adm\n").is_ok());
+        assert!(parse_admin("a\nb\n").is_err());
+        assert!(parse_admin("").is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! What the gateway knows and decides, apart from HTTP: which key serves a
+//! request and how healthy each key is, sessions and the keys they are bound
+//! to, who owns each uploaded file or other resource, uploads in progress,
+//! Live sessions, and the counts operators read.
+
+pub mod discovery;
+pub mod files;
+pub mod identity;
+pub mod keys;
+pub mod live;
+pub mod resources;
+pub mod session;
+pub mod stats;
+pub mod upload;
+pub mod usage;

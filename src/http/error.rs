@@ -1,0 +1,186 @@
+//! Errors the gateway itself answers with, in the error JSON of the API the
+//! client is speaking: Gemini (`{"error":{"code","message","status"}}`),
+//! OpenAI (`{"error":{"message","type","code"}}`) or the upload path (Gemini
+//! JSON plus `x-goog-upload-status: final`, without which the SDKs retry).
+
+use actix_web::http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+/// Which API's error shape the client expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Flavor {
+    #[default]
+    Gemini,
+    OpenAi,
+    Upload,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub retry_after: Option<u64>,
+    pub flavor: Flavor,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+            flavor: Flavor::Gemini,
+        }
+    }
+
+    #[must_use]
+    pub fn flavor(mut self, flavor: Flavor) -> Self {
+        self.flavor = flavor;
+        self
+    }
+
+    #[must_use]
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn unauthenticated() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "Missing gateway token. Send it as the x-goog-api-key header, the key query \
+             parameter, or Authorization: Bearer.",
+        )
+    }
+
+    pub fn forbidden_token() -> Self {
+        Self::new(StatusCode::FORBIDDEN, "The gateway token is not valid.")
+    }
+
+    pub fn store_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The session store is unavailable; requests that need a session or file binding \
+             cannot be routed right now. Retry shortly.",
+        )
+        .retry_after(1)
+    }
+
+    /// Google's canonical status name for an HTTP status.
+    pub fn gemini_status(status: StatusCode) -> &'static str {
+        match status.as_u16() {
+            400 | 411 | 413 | 414 | 431 => "INVALID_ARGUMENT",
+            401 => "UNAUTHENTICATED",
+            403 => "PERMISSION_DENIED",
+            404 | 405 => "NOT_FOUND",
+            409 => "ABORTED",
+            429 => "RESOURCE_EXHAUSTED",
+            499 => "CANCELLED",
+            501 => "UNIMPLEMENTED",
+            503 => "UNAVAILABLE",
+            504 => "DEADLINE_EXCEEDED",
+            _ if status.is_server_error() => "INTERNAL",
+            _ => "FAILED_PRECONDITION",
+        }
+    }
+
+    fn openai_type(status: StatusCode) -> &'static str {
+        match status.as_u16() {
+            401 | 403 => "authentication_error",
+            404 => "not_found_error",
+            409 => "conflict_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        match self.flavor {
+            Flavor::OpenAi => json!({
+                "error": {
+                    "message": self.message,
+                    "type": Self::openai_type(self.status),
+                    "code": self.status.as_u16(),
+                }
+            }),
+            Flavor::Gemini | Flavor::Upload => {
+                let mut body = json!({
+                    "error": {
+                        "code": self.status.as_u16(),
+                        "message": self.message,
+                        "status": Self::gemini_status(self.status),
+                    }
+                });
+                // A 429 carries Google's RetryInfo, which the SDKs read.
+                if let (Some(secs), 429) = (self.retry_after, self.status.as_u16()) {
+                    body["error"]["details"] = json!([{
+                        "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                        "retryDelay": format!("{secs}s"),
+                    }]);
+                }
+                body
+            }
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut builder = HttpResponse::build(self.status);
+        builder.insert_header((CONTENT_TYPE, HeaderValue::from_static("application/json")));
+        if let Some(secs) = self.retry_after {
+            builder.insert_header((RETRY_AFTER, secs.to_string()));
+        }
+        if self.flavor == Flavor::Upload {
+            builder.insert_header(("x-goog-upload-status", "final"));
+        }
+        builder.body(self.body().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemini_shape() {
+        let e = ApiError::not_found("nope");
+        assert_eq!(
+            e.body(),
+            json!({"error": {"code": 404, "message": "nope", "status": "NOT_FOUND"}})
+        );
+    }
+
+    #[test]
+    fn openai_shape() {
+        let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "slow down").flavor(Flavor::OpenAi);
+        assert_eq!(
+            e.body(),
+            json!({"error": {"message": "slow down", "type": "rate_limit_error", "code": 429}})
+        );
+    }
+
+    #[test]
+    fn upload_errors_say_final() {
+        let r = ApiError::not_found("x")
+            .flavor(Flavor::Upload)
+            .error_response();
+        assert_eq!(r.headers().get("x-goog-upload-status").unwrap(), "final");
+    }
+}

@@ -1,0 +1,549 @@
+//! How one request travels, in order:
+//!
+//! 1. **pin** — a request that references files or other per-project
+//!    resources (caches, file search stores) goes to the key owning them
+//!    (409 when they have different owners); else a request with a session
+//!    goes to the session's key; else it is unpinned.
+//! 2. **choose key** — the pin, or the next healthy key by shared rotation.
+//! 3. **build** — the client's forwardable headers and query, the real key.
+//! 4. **send** — the buffered body (small JSON, so it can be re-sent).
+//! 5. **classify** — a success streams straight back to the client; an error
+//!    body is read (bounded) to learn what it says about the key.
+//! 6. **record** — cooldowns and disabled keys go to the shared store; an
+//!    unpinned request moves to another key on 429, 5xx or a transport error,
+//!    up to `GB_MAX_RETRIES` times.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::body::SizedStream;
+use actix_web::http::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use actix_web::http::{Method, StatusCode};
+use actix_web::HttpResponse;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::domain::keys::{ApiKey, NoKey};
+use crate::domain::resources::{mixed_message, RefError};
+use crate::domain::session::{self, BindError, Session};
+use crate::gateway::Gateway;
+use crate::http::error::{ApiError, Flavor};
+use crate::state::{effective_state, now_ms, MemberState};
+use crate::upstream::attempt;
+use crate::upstream::client::{response_forwardable, KeyStyle, Upstream};
+use crate::upstream::outcome::Outcome;
+
+/// Longest an error body may take to arrive whole (error bodies are small).
+const ERROR_BODY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// One client request, parsed at the edge.
+pub struct Call {
+    pub flavor: Flavor,
+    pub method: Method,
+    /// Upstream path, without any `/session/{sid}` prefix.
+    pub path: String,
+    /// Query string without the client's token and session id.
+    pub query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub session: Option<Session>,
+    /// Id of the client token the request authenticated with.
+    pub token_id: String,
+    pub key_style: KeyStyle,
+    /// The model the request is for (normalised), when it names one: keys
+    /// cooling for that model are skipped.
+    pub model: Option<String>,
+}
+
+impl Call {
+    pub fn path_and_query(&self) -> String {
+        if self.query.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{}?{}", self.path, self.query)
+        }
+    }
+}
+
+/// A key a request must use, with every key's health when pinning it
+/// already read that (so the send step need not read it again).
+pub struct Pinned {
+    pub key: Arc<ApiKey>,
+    states: Option<session::KeyStates>,
+}
+
+impl Pinned {
+    /// A key known from elsewhere (a resource's owner): its health is read
+    /// when the request is sent.
+    pub fn to(key: Arc<ApiKey>) -> Self {
+        Self { key, states: None }
+    }
+}
+
+/// Step 1: the key a request must use, if any.
+pub async fn pin(
+    gw: &Gateway,
+    up: &Upstream,
+    body: &[u8],
+    session: Option<&Session>,
+    token_id: &str,
+    flavor: Flavor,
+) -> Result<Option<Pinned>, ApiError> {
+    match crate::domain::resources::body_owner(gw, up, body, token_id).await {
+        Ok(Some(key)) => return Ok(Some(Pinned::to(key))),
+        Ok(None) => {}
+        Err(RefError::Store(e)) => return Err(store_down(e, flavor)),
+        Err(RefError::Refused(e)) => return Err(e.flavor(flavor)),
+        Err(RefError::Mixed(names)) => {
+            gw.metrics.mixed_owner_conflicts.inc();
+            let advice = split_advice(gw.settings.sessions.upload_affinity);
+            return Err(
+                ApiError::new(StatusCode::CONFLICT, mixed_message(&names, advice)).flavor(flavor),
+            );
+        }
+    }
+    if let Some(s) = session {
+        let (ttl, wait) = (gw.settings.sessions.ttl, gw.settings.sessions.pin_wait);
+        return match session::resolve(gw.store(), &gw.keys, s, ttl, wait).await {
+            Ok((key, bound_now, states)) => {
+                if bound_now {
+                    gw.metrics.sessions_bound.inc();
+                    if s.source == session::Source::Token {
+                        gw.metrics.uploads_bound_by_token.inc();
+                    }
+                }
+                Ok(Some(Pinned {
+                    key,
+                    states: Some(states),
+                }))
+            }
+            Err(BindError::Store(e)) => Err(store_down(e, flavor)),
+            Err(BindError::NoKey(no)) => Err(no.into_error().flavor(flavor)),
+        };
+    }
+    Ok(None)
+}
+
+/// Why files that belong together can still land on different keys, and how
+/// to avoid it, for the affinity mode in force.
+pub fn split_advice(affinity: crate::settings::UploadAffinity) -> &'static str {
+    match affinity {
+        crate::settings::UploadAffinity::Token => {
+            "With GB_UPLOAD_AFFINITY=token the uploads of one client token share a key, \
+             unless that key was rate-limited or disabled when a later file was uploaded: \
+             then new uploads moved to another key. Upload the files again, or wait until \
+             the key's cooldown ends; to keep each conversation's files together, send one \
+             session id per conversation (X-Session-Id header or the /session/{id} base URL)."
+        }
+        crate::settings::UploadAffinity::None => {
+            "With GB_UPLOAD_AFFINITY=none uploads are spread over the keys by rotation. \
+             Upload files that are used together with one session id (X-Session-Id header \
+             or the /session/{id} base URL)."
+        }
+    }
+}
+
+/// The session an upload is bound through: the one the client named, else
+/// (with `GB_UPLOAD_AFFINITY=token`) the implicit session of its token.
+pub fn upload_session(gw: &Gateway, named: Option<&Session>, token_id: &str) -> Option<Session> {
+    match (named, gw.settings.sessions.upload_affinity) {
+        (Some(s), _) => Some(s.clone()),
+        (None, crate::settings::UploadAffinity::Token) => Some(Session::for_token(token_id)),
+        (None, crate::settings::UploadAffinity::None) => None,
+    }
+}
+
+pub fn store_down(e: crate::state::StoreError, flavor: Flavor) -> ApiError {
+    tracing::warn!(error = %e, "state store unavailable for a request that needs a binding");
+    ApiError::store_unavailable().flavor(flavor)
+}
+
+/// The upstream answer of a request that succeeded on some key.
+pub struct Served {
+    pub key: Arc<ApiKey>,
+    pub response: awc::ClientResponse,
+}
+
+/// Steps 2–6 for a request with a buffered body. `Ok(Err(response))` is an
+/// upstream error answer, passed on as Google gave it.
+pub async fn send(
+    gw: &Gateway,
+    up: &Upstream,
+    call: &Call,
+    pinned: Option<Pinned>,
+) -> Result<Result<Served, HttpResponse>, ApiError> {
+    let attempts = if pinned.is_some() {
+        1
+    } else {
+        gw.settings.keys.max_retries + 1
+    };
+    let pinned = match pinned {
+        Some(Pinned { key, states }) => {
+            wait_for_pinned(gw, &key, states, call).await?;
+            Some(key)
+        }
+        None => None,
+    };
+    let target = call.path_and_query();
+    let mut tried: Vec<String> = Vec::new();
+    let mut last: Option<HttpResponse> = None;
+    for attempt in 0..attempts {
+        let key = match &pinned {
+            Some(key) => key.clone(),
+            None => {
+                match gw
+                    .keys
+                    .next(gw.store(), &tried, call.model.as_deref())
+                    .await
+                {
+                    Ok(key) => key,
+                    Err(NoKey::Exhausted) if last.is_some() => break,
+                    Err(no) => {
+                        if matches!(no, NoKey::AllCooling { .. }) && !tried.is_empty() {
+                            tracing::warn!(tried = tried.len(), "every key is rate-limited: likely an IP-level throttle; answering 429");
+                        }
+                        return Err(no.into_error().flavor(call.flavor));
+                    }
+                }
+            }
+        };
+        let request = attempt::Request {
+            method: call.method.clone(),
+            target: attempt::Target::Path(&target),
+            headers: &call.headers,
+            style: call.key_style,
+            api: api_label(call.flavor),
+            timeout: None,
+        };
+        let (status, headers, body, outcome) = match attempt::attempt(
+            gw,
+            up,
+            &key,
+            request,
+            attempt::Body::Bytes(call.body.clone()),
+        )
+        .await
+        {
+            attempt::Sent::Answer(response) => return Ok(Ok(Served { key, response })),
+            attempt::Sent::Unreachable(err) => {
+                let err = err.flavor(call.flavor);
+                crate::domain::usage::record_error(
+                    &gw.usage,
+                    call,
+                    &key.id,
+                    err.status.as_u16(),
+                    b"",
+                    "transport",
+                );
+                if pinned.is_some() {
+                    return Err(err);
+                }
+                tracing::info!(key_id = %key.id, attempt, "moving to another key");
+                gw.metrics.retry("transport");
+                tried.push(key.id.clone());
+                last = Some(actix_web::ResponseError::error_response(&err));
+                continue;
+            }
+            attempt::Sent::Refused {
+                status,
+                headers,
+                body,
+                outcome,
+            } => (status, headers, body, outcome),
+        };
+        crate::domain::usage::record_error(
+            &gw.usage,
+            call,
+            &key.id,
+            status.as_u16(),
+            &body,
+            outcome.name(),
+        );
+        let mut response = buffered_back(status, &headers, body);
+        if let Outcome::RateLimited { until_ms, .. } = outcome {
+            if !response.headers().contains_key(RETRY_AFTER) {
+                let secs = until_ms.saturating_sub(now_ms()).div_ceil(1000).max(1);
+                if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                    response.headers_mut().insert(RETRY_AFTER, v);
+                }
+            }
+        }
+        if pinned.is_none() && outcome.retryable(status) {
+            gw.metrics.retry(outcome.name());
+            tried.push(key.id.clone());
+            last = Some(response);
+            continue;
+        }
+        return Ok(Err(response));
+    }
+    Ok(Err(last.unwrap_or_else(|| {
+        actix_web::ResponseError::error_response(&NoKey::Exhausted.into_error().flavor(call.flavor))
+    })))
+}
+
+/// A whole proxied request: pin, send with retries, stream the answer back.
+pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResponse, ApiError> {
+    // An OpenAI stream always asks for usage upstream, so it can be counted;
+    // the client gets it only if it asked.
+    let (call, hide_usage) = match (call.flavor, &call.model) {
+        (Flavor::OpenAi, Some(_)) => {
+            match crate::domain::usage::scan::inject_include_usage(&call.body) {
+                Some(body) => (Call { body, ..call }, true),
+                None => (call, false),
+            }
+        }
+        _ => (call, false),
+    };
+    let pinned = pin(
+        gw,
+        up,
+        &call.body,
+        call.session.as_ref(),
+        &call.token_id,
+        call.flavor,
+    )
+    .await?;
+    Ok(match send(gw, up, &call, pinned).await? {
+        Ok(served) => {
+            let meter = crate::domain::usage::meter(&gw.usage, &call, &served.key.id, hide_usage);
+            stream_back_metered(
+                served.response,
+                gw.settings.upstream.idle_timeout,
+                Some(meter),
+            )
+        }
+        Err(response) => response,
+    })
+}
+
+/// A request pinned to a key (session or file owner) never moves to another
+/// key. While that key cools (key-wide, or for the request's model), the
+/// request waits out a rest of at most `GB_PIN_WAIT`; a longer one is
+/// answered at once with 429 and `RetryInfo`, without an upstream call. A
+/// disabled key is not sent to: the answer would be sure to fail.
+async fn wait_for_pinned(
+    gw: &Gateway,
+    key: &ApiKey,
+    states: Option<session::KeyStates>,
+    call: &Call,
+) -> Result<(), ApiError> {
+    let states = match states {
+        Some(states) => states,
+        None => match gw.store().member_states(crate::domain::keys::RING).await {
+            Ok(states) => states,
+            // No shared view of the key's health: send, as an unpinned request would.
+            Err(_) => return Ok(()),
+        },
+    };
+    let model = call.model.as_deref();
+    match effective_state(&states, &key.id, model, now_ms()) {
+        None => Ok(()),
+        Some(MemberState::Disabled { reason, .. }) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "This request is pinned to API key {} (by its session or the files it uses), \
+                 and that key is disabled ({reason}). Files uploaded with it cannot be used \
+                 until it is enabled again.",
+                key.id
+            ),
+        )
+        .flavor(call.flavor)),
+        Some(MemberState::Cooling { until_ms, .. }) => {
+            let rest = until_ms.saturating_sub(now_ms());
+            if rest <= gw.settings.sessions.pin_wait.as_millis() as u64 {
+                tracing::info!(key_id = %key.id, wait_ms = rest, "pinned key is cooling; waiting for it");
+                tokio::time::sleep(std::time::Duration::from_millis(rest)).await;
+                return Ok(());
+            }
+            let what = model.map_or_else(String::new, |m| format!(" for model {m}"));
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "This request is pinned to API key {} (by its session or the files it \
+                     uses), which is rate-limited{what}. Retry after the Retry-After delay.",
+                    key.id
+                ),
+            )
+            .retry_after(rest.div_ceil(1000))
+            .flavor(call.flavor))
+        }
+    }
+}
+
+pub fn api_label(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::Gemini => "gemini",
+        Flavor::OpenAi => "openai",
+        Flavor::Upload => "upload",
+    }
+}
+
+pub fn transport_error(e: &awc::error::SendRequestError) -> ApiError {
+    match e {
+        awc::error::SendRequestError::Timeout => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "The upstream did not answer in time.",
+        ),
+        _ => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "The upstream could not be reached.",
+        ),
+    }
+}
+
+fn copy_headers(builder: &mut actix_web::HttpResponseBuilder, headers: &HeaderMap) {
+    for (name, value) in headers {
+        if response_forwardable(name) {
+            builder.append_header((name.clone(), value.clone()));
+        }
+    }
+}
+
+/// A successful upstream answer, streamed to the client chunk by chunk as it
+/// arrives (SSE included), never buffered. A body that stalls for longer
+/// than `idle` (`GB_UPSTREAM_IDLE_TIMEOUT`) between chunks is cut: an SSE
+/// stream ends with an error event, any other body ends with an error (the
+/// client's connection closes short of the promised length), so no client
+/// waits forever on a half-open upstream connection.
+pub fn stream_back<S>(resp: awc::ClientResponse<S>, idle: Duration) -> HttpResponse
+where
+    S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
+{
+    stream_back_metered(resp, idle, None)
+}
+
+/// [`stream_back`], with a usage meter that sees every chunk, learns how the
+/// answer ended, and may hold back what the client did not ask for.
+pub fn stream_back_metered<S>(
+    resp: awc::ClientResponse<S>,
+    idle: Duration,
+    mut meter: Option<crate::domain::usage::meter::Meter>,
+) -> HttpResponse
+where
+    S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
+{
+    let mut builder = HttpResponse::build(resp.status());
+    copy_headers(&mut builder, resp.headers());
+    let length = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let sse = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let status = resp.status().as_u16();
+    if let (Some(m), Some(_)) = (meter.as_mut(), length) {
+        m.keep_length();
+    }
+    let body = futures_util::stream::unfold(
+        (resp, 0u64, false, meter),
+        move |(mut upstream, sent, done, mut meter)| async move {
+            if done {
+                return None;
+            }
+            match tokio::time::timeout(idle, upstream.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    let sent = sent + chunk.len() as u64;
+                    let chunk = match meter.as_mut() {
+                        Some(m) => m.chunk(chunk),
+                        None => chunk,
+                    };
+                    Some((Ok(chunk), (upstream, sent, false, meter)))
+                }
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, sent, "upstream body ended with an error; the client's response is cut short");
+                    if let Some(m) = meter.as_mut() {
+                        m.cut("stream_cut", status);
+                    }
+                    Some((Err(e), (upstream, sent, true, meter)))
+                }
+                Ok(None) => {
+                    if length.is_some_and(|want| sent < want) {
+                        tracing::warn!(sent, expected = length, "upstream body ended with an error: closed early; the client's response is cut short");
+                        if let Some(m) = meter.as_mut() {
+                            m.cut("stream_cut", status);
+                        }
+                        return None;
+                    }
+                    let rest = meter
+                        .as_mut()
+                        .and_then(crate::domain::usage::meter::Meter::finish);
+                    rest.map(|b| (Ok(b), (upstream, sent, true, meter)))
+                }
+                Err(_) => {
+                    if let Some(m) = meter.as_mut() {
+                        m.cut("stream_stalled", status);
+                    }
+                    tracing::warn!(
+                        sent,
+                        idle_s = idle.as_secs(),
+                        sse,
+                        "upstream body stalled; the client's response is cut short"
+                    );
+                    let cut = if sse && length.is_none() {
+                        Ok(Bytes::from_static(STALLED_EVENT))
+                    } else {
+                        Err(awc::error::PayloadError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the upstream body stalled",
+                        )))
+                    };
+                    Some((cut, (upstream, sent, true, meter)))
+                }
+            }
+        },
+    );
+    match length {
+        Some(len) => builder.body(SizedStream::new(len, body)),
+        None => builder.streaming(body),
+    }
+}
+
+/// The last event of an SSE stream whose upstream stalled: a Gemini error,
+/// as Google sends errors inside a stream.
+const STALLED_EVENT: &[u8] = b"data: {\"error\": {\"code\": 504, \"message\": \"The upstream stopped sending in the middle of the answer.\", \"status\": \"DEADLINE_EXCEEDED\"}}\r\n\r\n";
+
+/// Reads a whole small upstream body (an error, a file's metadata, an
+/// upload's final answer), bounded in size and in time: `None` when it is
+/// too large, broken, or stalls past `ERROR_BODY_DEADLINE` (capped by the
+/// idle timeout).
+pub async fn read_small<S>(
+    resp: &mut awc::ClientResponse<S>,
+    limit: usize,
+    idle: Duration,
+) -> Option<Bytes>
+where
+    S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin,
+{
+    let promised = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match tokio::time::timeout(idle.min(ERROR_BODY_DEADLINE), resp.body().limit(limit)).await {
+        // A connection closed early ends the body as if it were complete.
+        Ok(Ok(body)) if promised.is_some_and(|n| n != body.len()) => {
+            tracing::warn!(got = body.len(), promised, "upstream body ended early");
+            None
+        }
+        Ok(Ok(body)) => Some(body),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upstream body could not be read");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("upstream body stalled");
+            None
+        }
+    }
+}
+
+/// An upstream answer that was read to classify it, passed on unchanged.
+pub fn buffered_back(status: StatusCode, headers: &HeaderMap, body: Bytes) -> HttpResponse {
+    let mut builder = HttpResponse::build(status);
+    copy_headers(&mut builder, headers);
+    builder.body(body)
+}

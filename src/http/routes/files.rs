@@ -1,0 +1,154 @@
+//! `/{ver}/files…`: the Files API, routed to the key that owns each file and
+//! visible only to the client token that uploaded it.
+
+use actix_web::http::{Method, StatusCode};
+use actix_web::{HttpRequest, HttpResponse};
+use futures_util::future::join_all;
+use serde_json::{json, Value};
+
+use super::{authorize, Edge};
+use crate::domain::files;
+use crate::domain::resources::{self, Kind};
+use crate::gateway::Gateway;
+use crate::http::error::{ApiError, Flavor};
+use crate::http::pipeline::{self, stream_back};
+use crate::upstream::attempt;
+use crate::upstream::client::{KeyStyle, Upstream};
+
+const FLAVOR: Flavor = Flavor::Gemini;
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("File {name} was not found. It may have expired, or it was not uploaded through this gateway with this token."),
+    )
+}
+
+pub async fn handle(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    edge: &Edge,
+    ver: &str,
+    rest: &[String],
+) -> Result<HttpResponse, ApiError> {
+    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    match rest {
+        [] if req.method() == Method::GET => list(gw, up, req, edge, ver, &token.id).await,
+        [id] => {
+            // `files/{id}` or `files/{id}:download`
+            let bare = id.split(':').next().unwrap_or("");
+            if !files::valid_file_id(bare) {
+                return Err(ApiError::bad_request(
+                    "A file id is 1-40 characters of a-z, 0-9 and -.",
+                ));
+            }
+            let name = format!("files/{bare}");
+            let known = crate::domain::resources::owner(gw.store(), &name)
+                .await
+                .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+            let record = match known {
+                Some(r) => Some(r),
+                None => crate::domain::discovery::discover(gw, up, &name, &token.id)
+                    .await
+                    .map_err(|e| super::resources::discovery_error(e, FLAVOR))?,
+            }
+            .filter(|r| r.owner == token.id)
+            .ok_or_else(|| not_found(&name))?;
+            let key = gw.keys.by_id(&record.key).ok_or_else(|| {
+                crate::domain::resources::gone_key(&[name.as_str()]).flavor(FLAVOR)
+            })?;
+            let query = edge.forward_query();
+            let target = if query.is_empty() {
+                edge.path.clone()
+            } else {
+                format!("{}?{query}", edge.path)
+            };
+            let method = req.method().clone();
+            let request = attempt::Request {
+                method: method.clone(),
+                target: attempt::Target::Path(&target),
+                headers: req.headers(),
+                style: KeyStyle::GoogHeader,
+                api: "files",
+                timeout: None,
+            };
+            let resp = match attempt::attempt(gw, up, &key, request, attempt::Body::Empty).await {
+                attempt::Sent::Answer(resp) => resp,
+                attempt::Sent::Refused {
+                    status,
+                    headers,
+                    body,
+                    ..
+                } => return Ok(pipeline::buffered_back(status, &headers, body)),
+                attempt::Sent::Unreachable(err) => return Err(err),
+            };
+            if method == Method::DELETE {
+                if let Err(e) = files::forget(gw.store(), &name, &token.id).await {
+                    tracing::warn!(file = %name, error = %e, "deleted upstream but the binding stays until it expires");
+                }
+            }
+            Ok(stream_back(resp, gw.settings.upstream.idle_timeout))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} is not supported on {}.", req.method(), req.uri().path()),
+        )),
+    }
+}
+
+/// The calling token's files, newest first, paged with the gateway's own
+/// page tokens (a place in the list: files uploaded meanwhile shift nothing); metadata fetched from each file's owner key concurrently.
+async fn list(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    edge: &Edge,
+    ver: &str,
+    token_id: &str,
+) -> Result<HttpResponse, ApiError> {
+    let (page_size, after) = super::resources::page_request(edge, Kind::File)?;
+    let (page, next) =
+        resources::page_of_token(gw.store(), Kind::File, token_id, after.as_ref(), page_size)
+            .await
+            .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+    let records = files::owners(gw.store(), &page)
+        .await
+        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+    let fetches = page.iter().zip(records).map(|(name, record)| async move {
+        let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
+        let path = format!("/{ver}/{name}");
+        let request = attempt::Request {
+            method: Method::GET,
+            target: attempt::Target::Path(&path),
+            headers: req.headers(),
+            style: KeyStyle::GoogHeader,
+            api: "files",
+            timeout: None,
+        };
+        let mut resp = match attempt::attempt(gw, up, &key, request, attempt::Body::Empty).await {
+            attempt::Sent::Answer(resp) => resp,
+            attempt::Sent::Refused { status, .. } => {
+                if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
+                    let _ = files::forget(gw.store(), name, token_id).await;
+                }
+                return None;
+            }
+            attempt::Sent::Unreachable(_) => return None,
+        };
+        let body =
+            pipeline::read_small(&mut resp, 1 << 20, gw.settings.upstream.idle_timeout).await?;
+        serde_json::from_slice::<Value>(&body).ok()
+    });
+    let found: Vec<Value> = join_all(fetches).await.into_iter().flatten().collect();
+    let mut out = json!({});
+    if !found.is_empty() {
+        out["files"] = Value::Array(found);
+    }
+    if let Some(next) = next {
+        out["nextPageToken"] = Value::String(resources::page_token(&next));
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("application/json; charset=UTF-8")
+        .body(out.to_string()))
+}

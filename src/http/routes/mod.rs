@@ -1,0 +1,399 @@
+//! The HTTP surface. Operational routes are registered with actix; every API
+//! route goes through [`dispatch`], which mirrors Google's URL layout (with an
+//! optional `/session/{sid}` prefix) and hands each request to a thin handler.
+
+use actix_web::http::header::HeaderMap;
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+
+use crate::domain::identity::ClientToken;
+use crate::domain::session::{self, Session};
+use crate::gateway::Gateway;
+use crate::http::auth::Auth;
+use crate::http::error::{ApiError, Flavor};
+use crate::http::pipeline::{self, Call};
+use crate::upstream::client::{filtered_query, query_param, KeyStyle, Upstream};
+
+pub mod admin;
+pub mod admin_usage;
+pub mod files;
+pub mod live;
+pub mod openai;
+pub mod ops;
+pub mod resources;
+pub mod store_upload;
+pub mod upload;
+
+pub const VERSIONS: [&str; 3] = ["v1", "v1beta", "v1alpha"];
+
+/// Methods that generate content must be called with POST.
+const POST_ACTIONS: [&str; 5] = [
+    ":generateContent",
+    ":streamGenerateContent",
+    ":countTokens",
+    ":embedContent",
+    ":batchEmbedContents",
+];
+
+/// What the edge learned from a request before any handler runs.
+pub struct Edge {
+    /// `/session/{sid}` as the client sent it, or empty.
+    pub prefix: String,
+    /// The path after the prefix, as Google would see it.
+    pub path: String,
+    pub query: String,
+    pub session: Option<Session>,
+}
+
+impl Edge {
+    fn parse(req: &HttpRequest) -> Result<Self, ApiError> {
+        check_header_sizes(req.headers())?;
+        let full = req.uri().path();
+        if full.len() > MAX_PATH || req.query_string().len() > MAX_QUERY {
+            return Err(ApiError::new(
+                StatusCode::URI_TOO_LONG,
+                format!("The path may be {MAX_PATH} and the query {MAX_QUERY} bytes at most."),
+            ));
+        }
+        if full
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b'\\' || !b.is_ascii())
+        {
+            return Err(ApiError::bad_request(
+                "The path holds characters a Gemini path never has.",
+            ));
+        }
+        if full
+            .split('/')
+            .any(|seg| seg == ".." || seg == "." || seg.to_ascii_lowercase().contains("%2e%2e"))
+        {
+            return Err(ApiError::bad_request(
+                "Path segments '.' and '..' are not allowed.",
+            ));
+        }
+        let (prefix, path_sid, path) = match full.strip_prefix("/session/") {
+            Some(rest) => {
+                let (sid, tail) = rest.split_once('/').unwrap_or((rest, ""));
+                let prefix_len = "/session/".len() + sid.len();
+                (
+                    full[..prefix_len].to_string(),
+                    Some(sid.to_string()),
+                    format!("/{tail}"),
+                )
+            }
+            None => (String::new(), None, full.to_string()),
+        };
+        let query = req.query_string().to_string();
+        let header_sid = req
+            .headers()
+            .get("x-session-id")
+            .and_then(|v| v.to_str().ok());
+        let query_sid = query_param(&query, "session_id");
+        let session = session::pick(path_sid.as_deref(), header_sid, query_sid.as_deref());
+        Ok(Edge {
+            prefix,
+            path,
+            query,
+            session,
+        })
+    }
+
+    pub fn segments(&self) -> Vec<&str> {
+        self.path.split('/').filter(|s| !s.is_empty()).collect()
+    }
+
+    pub fn query_key(&self) -> Option<String> {
+        query_param(&self.query, "key")
+    }
+
+    pub fn forward_query(&self) -> String {
+        filtered_query(&self.query)
+    }
+}
+
+const MAX_PATH: usize = 2048;
+const MAX_QUERY: usize = 8192;
+
+/// Longest single header value and all headers together that the gateway
+/// accepts; larger ones are refused with 431 before any work is done.
+const MAX_HEADER_VALUE: usize = 8 * 1024;
+const MAX_HEADERS_TOTAL: usize = 32 * 1024;
+
+fn check_header_sizes(headers: &HeaderMap) -> Result<(), ApiError> {
+    let mut total = 0;
+    for (name, value) in headers {
+        let len = name.as_str().len() + value.len();
+        total += len;
+        if value.len() > MAX_HEADER_VALUE || total > MAX_HEADERS_TOTAL {
+            return Err(ApiError::new(
+                StatusCode::from_u16(431).unwrap_or(StatusCode::BAD_REQUEST),
+                format!(
+                    "Request headers too large: at most {MAX_HEADER_VALUE} bytes a header and \
+                     {MAX_HEADERS_TOTAL} bytes in all."
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Authenticates the client; the token's id is all the rest of the request sees.
+pub fn authorize(
+    auth: &Auth,
+    headers: &HeaderMap,
+    edge: &Edge,
+    flavor: Flavor,
+) -> Result<std::sync::Arc<ClientToken>, ApiError> {
+    let query_key = edge.query_key();
+    auth.verify(Auth::presented(headers, query_key.as_deref()))
+        .map_err(|e| e.flavor(flavor))
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes.
+pub async fn read_body(
+    mut payload: web::Payload,
+    headers: &HeaderMap,
+    limit: usize,
+    flavor: Flavor,
+) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("The request body is larger than the gateway's limit of {limit} bytes."),
+        )
+        .flavor(flavor)
+    };
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request(format!("The request body could not be read: {e}")).flavor(flavor)
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+const MAX_JSON_DEPTH: usize = 100;
+
+/// The deepest nesting of arrays and objects, by one pass over the bytes
+/// (brackets inside strings do not count).
+fn json_depth(body: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Rejects a body that is not JSON where JSON is required (content routes),
+/// or that claims to be JSON but is not, before it costs an upstream call.
+fn check_json(
+    body: &[u8],
+    headers: &HeaderMap,
+    required: bool,
+    flavor: Flavor,
+) -> Result<(), ApiError> {
+    let declared_json = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"));
+    if !(required || declared_json) || body.is_empty() {
+        return Ok(());
+    }
+    if json_depth(body) > MAX_JSON_DEPTH {
+        return Err(ApiError::bad_request(format!(
+            "Invalid JSON payload received: nested deeper than {MAX_JSON_DEPTH} levels."
+        ))
+        .flavor(flavor));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map(|_| ())
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "Invalid JSON payload received: {} at line {} column {}.",
+                match e.classify() {
+                    serde_json::error::Category::Eof => "unexpected end of input",
+                    serde_json::error::Category::Io => "unreadable input",
+                    _ => "malformed JSON",
+                },
+                e.line(),
+                e.column()
+            ))
+            .flavor(flavor)
+        })
+}
+
+/// Every API route.
+pub async fn dispatch(
+    req: HttpRequest,
+    payload: web::Payload,
+    gw: web::Data<Gateway>,
+    up: web::Data<Upstream>,
+) -> Result<HttpResponse, ApiError> {
+    let edge = Edge::parse(&req)?;
+    let segs = edge.segments();
+    let method = req.method().clone();
+    match segs.as_slice() {
+        live_path if live::is_live(live_path) => {
+            live::handle(gw.clone(), up.clone(), &req, payload, &edge).await
+        }
+        upload_path if store_upload::store_of(upload_path).is_some() => {
+            let ver = upload_path
+                .get(1)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let store = store_upload::store_of(upload_path).unwrap_or_default();
+            store_upload::start(&gw, &up, &req, payload, &edge, &ver, &store).await
+        }
+        ["upload", ver, "files"] if VERSIONS.contains(ver) => {
+            let ver = ver.to_string();
+            upload::handle(&gw, &up, &req, payload, &edge, &ver).await
+        }
+        [ver, "openai", ..] if VERSIONS.contains(ver) => {
+            let path = edge.path.clone();
+            openai::handle(&gw, &up, &req, payload, &edge, path).await
+        }
+        ["v1", "chat", "completions"] | ["v1", "embeddings"] => {
+            let path = format!("/v1beta/openai{}", &edge.path["/v1".len()..]);
+            openai::handle(&gw, &up, &req, payload, &edge, path).await
+        }
+        ["v1", "models", ..] if openai::is_openai_client(req.headers()) => {
+            let path = format!("/v1beta/openai{}", &edge.path["/v1".len()..]);
+            openai::handle(&gw, &up, &req, payload, &edge, path).await
+        }
+        ["download", ver, "files", id] if VERSIONS.contains(ver) && method == Method::GET => {
+            let ver = ver.to_string();
+            let rest = [id.to_string()];
+            files::handle(&gw, &up, &req, &edge, &ver, &rest).await
+        }
+        [ver, rest @ ..] if VERSIONS.contains(ver) && resources::route(rest, &method).is_some() => {
+            let ver = ver.to_string();
+            match resources::route(rest, &method) {
+                Some(route) => resources::handle(&gw, &up, &req, payload, &edge, &ver, route).await,
+                None => Err(ApiError::not_found("No such resource route.")),
+            }
+        }
+        [ver, "files", rest @ ..] if VERSIONS.contains(ver) && method != Method::POST => {
+            let ver = ver.to_string();
+            let rest: Vec<String> = rest.iter().map(ToString::to_string).collect();
+            files::handle(&gw, &up, &req, &edge, &ver, &rest).await
+        }
+        [ver, ..] if VERSIONS.contains(ver) => native(&gw, &up, &req, payload, &edge).await,
+        _ => Err(ApiError::not_found(format!(
+            "No route for {} {}. The gateway serves Google's layout: /v1beta/models/..., \
+             /upload/v1beta/files, /v1beta/openai/... (also under /session/{{id}}/).",
+            method,
+            req.uri().path()
+        ))),
+    }
+}
+
+/// Native Gemini routes: models, generate, stream, count, embed, and every
+/// other `/{ver}/…` path, forwarded with rotation and file routing.
+async fn native(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+) -> Result<HttpResponse, ApiError> {
+    let flavor = Flavor::Gemini;
+    let action = POST_ACTIONS.iter().find(|a| edge.path.ends_with(**a));
+    if let Some(action) = action {
+        if req.method() != Method::POST {
+            return Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "{} must be called with POST, not {}.",
+                    &action[1..],
+                    req.method()
+                ),
+            ));
+        }
+    }
+    let token = authorize(&gw.auth, req.headers(), edge, flavor)?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        flavor,
+    )
+    .await?;
+    check_json(&body, req.headers(), action.is_some(), flavor)?;
+    pipeline::forward(
+        gw,
+        up,
+        Call {
+            flavor,
+            method: req.method().clone(),
+            path: edge.path.clone(),
+            query: edge.forward_query(),
+            headers: req.headers().clone(),
+            body,
+            session: edge.session.clone(),
+            token_id: token.id.clone(),
+            key_style: KeyStyle::GoogHeader,
+            model: crate::domain::keys::model_from_path(&edge.path),
+        },
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_depth;
+
+    #[test]
+    fn depth_ignores_brackets_in_strings() {
+        assert_eq!(json_depth(br#"{"a":[1,{"b":"[[[[\"]]"}]}"#), 3);
+        assert_eq!(json_depth(b"[[[]]]"), 3);
+        assert_eq!(json_depth(b"12"), 0);
+    }
+
+    mod props {
+        use super::super::json_depth;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn depth_of_nested_arrays_is_counted(n in 0usize..300) {
+                let body = format!("{}{}", "[".repeat(n), "]".repeat(n));
+                prop_assert_eq!(json_depth(body.as_bytes()), n);
+            }
+
+            #[test]
+            fn depth_never_panics(body in proptest::collection::vec(any::<u8>(), 0..1024)) {
+                let _ = json_depth(&body);
+            }
+        }
+    }
+}

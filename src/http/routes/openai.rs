@@ -1,0 +1,64 @@
+//! Google's OpenAI-compatible API (`/{ver}/openai/…`, and the `/v1/…`
+//! aliases): same pool, rotation, sessions and file routing as the native
+//! routes; the real key goes upstream as `Authorization: Bearer`.
+
+use actix_web::http::header::{HeaderMap, AUTHORIZATION};
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::{authorize, check_json, read_body, Edge};
+use crate::gateway::Gateway;
+use crate::http::error::{ApiError, Flavor};
+use crate::http::pipeline::{self, Call};
+use crate::upstream::client::{KeyStyle, Upstream};
+
+/// A request from an OpenAI client: Bearer auth and no Gemini key header.
+pub fn is_openai_client(headers: &HeaderMap) -> bool {
+    !headers.contains_key("x-goog-api-key")
+        && headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "))
+}
+
+pub async fn handle(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+    upstream_path: String,
+) -> Result<HttpResponse, ApiError> {
+    let flavor = Flavor::OpenAi;
+    let token = authorize(&gw.auth, req.headers(), edge, flavor)?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        flavor,
+    )
+    .await?;
+    check_json(
+        &body,
+        req.headers(),
+        req.method() == actix_web::http::Method::POST,
+        flavor,
+    )?;
+    let model = crate::domain::keys::model_from_openai_body(&body);
+    pipeline::forward(
+        gw,
+        up,
+        Call {
+            flavor,
+            method: req.method().clone(),
+            path: upstream_path,
+            query: edge.forward_query(),
+            headers: req.headers().clone(),
+            body,
+            session: edge.session.clone(),
+            token_id: token.id.clone(),
+            key_style: KeyStyle::Bearer,
+            model,
+        },
+    )
+    .await
+}

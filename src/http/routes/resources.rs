@@ -1,0 +1,520 @@
+//! Per-project resources other than files: context caches, batches,
+//! long-running operations and file search stores (with their documents and
+//! operations). Each is created on some key, recorded against that key and
+//! the creating client token, and from then on read, changed and deleted on
+//! that key only; another token gets 404, as if it did not exist. Lists are
+//! the calling token's resources, fetched from their owner keys.
+
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use futures_util::future::join_all;
+use serde_json::{json, Value};
+
+use super::{authorize, check_json, read_body, Edge};
+use crate::domain::keys::ApiKey;
+use crate::domain::resources::{self, Kind, OwnerRecord, RefError};
+use crate::gateway::Gateway;
+use crate::http::error::{ApiError, Flavor};
+use crate::http::pipeline::{self, buffered_back, stream_back, Call};
+use crate::state::{now_ms, IndexEntry};
+use crate::upstream::client::{query_param, KeyStyle, Upstream};
+
+const FLAVOR: Flavor = Flavor::Gemini;
+const DEFAULT_PAGE: usize = 10;
+const MAX_PAGE: usize = 100;
+/// Largest answer read to learn what it created or produced.
+const ANSWER_LIMIT: usize = 8 << 20;
+
+/// Model methods whose answer names a new resource on the key that served it.
+const CREATING_ACTIONS: [&str; 3] = [
+    ":batchGenerateContent",
+    ":asyncBatchEmbedContent",
+    ":predictLongRunning",
+];
+
+/// What a `/{ver}/…` path (segments after the version) asks of a resource.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Creates a resource; the answer names it.
+    Create,
+    /// The calling token's resources of one type.
+    List(Kind),
+    /// Anything on an existing resource (its sub-resources included), by the
+    /// name of the resource that decides the key.
+    Owned(String),
+    /// Mints an ephemeral Live API token on some key.
+    MintToken,
+    /// A resource path with an id that cannot be one.
+    BadId,
+}
+
+/// The resource route of a path, if it is one.
+pub fn route(segs: &[&str], method: &Method) -> Option<Route> {
+    let owned = |coll: &str, id: &str| {
+        let bare = id.split(':').next().unwrap_or("");
+        if resources::valid_id(bare) {
+            Route::Owned(format!("{coll}/{bare}"))
+        } else {
+            Route::BadId
+        }
+    };
+    match segs {
+        ["auth_tokens"] if method == Method::POST => Some(Route::MintToken),
+        [coll @ ("cachedContents" | "fileSearchStores")] if method == Method::POST => {
+            let _ = coll;
+            Some(Route::Create)
+        }
+        [coll @ ("cachedContents" | "fileSearchStores" | "batches")] if method == Method::GET => {
+            Kind::of(&format!("{coll}/x")).map(Route::List)
+        }
+        [coll @ ("cachedContents" | "fileSearchStores" | "batches" | "operations"), id, ..] => {
+            Some(owned(coll, id))
+        }
+        ["models", model, "operations", id] => {
+            let bare = id.split(':').next().unwrap_or("");
+            if resources::valid_id(bare) && !model.is_empty() {
+                Some(Route::Owned(format!("models/{model}/operations/{bare}")))
+            } else {
+                Some(Route::BadId)
+            }
+        }
+        ["models", action]
+            if method == Method::POST && CREATING_ACTIONS.iter().any(|a| action.ends_with(a)) =>
+        {
+            Some(Route::Create)
+        }
+        _ => None,
+    }
+}
+
+pub async fn handle(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+    ver: &str,
+    route: Route,
+) -> Result<HttpResponse, ApiError> {
+    match route {
+        Route::Create => create(gw, up, req, payload, edge).await,
+        Route::MintToken => mint(gw, up, req, payload, edge).await,
+        Route::List(kind) => list(gw, up, req, edge, ver, kind).await,
+        Route::Owned(name) => owned(gw, up, req, payload, edge, &name).await,
+        Route::BadId => Err(ApiError::bad_request(
+            "A resource id is 1-128 characters of A-Z, a-z, 0-9, - and _.",
+        )),
+    }
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "{name} was not found. It may have expired or been deleted, or it was not created \
+         through this gateway with this token."
+    ))
+}
+
+fn call(req: &HttpRequest, edge: &Edge, token_id: &str, body: Bytes) -> Call {
+    Call {
+        flavor: FLAVOR,
+        method: req.method().clone(),
+        path: edge.path.clone(),
+        query: edge.forward_query(),
+        headers: req.headers().clone(),
+        body,
+        session: edge.session.clone(),
+        token_id: token_id.to_string(),
+        key_style: KeyStyle::GoogHeader,
+        model: crate::domain::keys::model_from_path(&edge.path),
+    }
+}
+
+/// How long the owner of a freshly created or updated resource is kept: a
+/// cache's own `expireTime`, else the type's TTL.
+fn ttl_of(gw: &Gateway, kind: Kind, answer: &Value) -> std::time::Duration {
+    let expiry = answer
+        .get("expireTime")
+        .and_then(Value::as_str)
+        .and_then(|t| resources::ttl_until(t, now_ms()));
+    match (kind, expiry) {
+        (Kind::CachedContent, Some(ttl)) => ttl,
+        _ => kind.ttl(&gw.settings),
+    }
+}
+
+async fn record(gw: &Gateway, name: &str, key: &ApiKey, token_id: &str, answer: &Value) {
+    let Some(kind) = Kind::of(name) else {
+        return;
+    };
+    let ttl = ttl_of(gw, kind, answer);
+    let rec = OwnerRecord::new(&key.id, token_id);
+    match resources::remember(gw.store(), name, &rec, ttl).await {
+        Ok(()) => {
+            tracing::info!(resource = name, key_id = %key.id, ttl_s = ttl.as_secs(), "resource owner recorded");
+        }
+        Err(e) => {
+            tracing::warn!(resource = name, error = %e, "resource created but its owner could not be recorded");
+        }
+    }
+}
+
+/// A create: routed like any request (to the owner of what the body names,
+/// else the session's key, else rotation); the new resource is recorded
+/// against the key that created it.
+async fn create(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+) -> Result<HttpResponse, ApiError> {
+    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        FLAVOR,
+    )
+    .await?;
+    check_json(&body, req.headers(), true, FLAVOR)?;
+    let c = call(req, edge, &token.id, body);
+    let pinned = pipeline::pin(gw, up, &c.body, c.session.as_ref(), &token.id, FLAVOR).await?;
+    let mut served = match pipeline::send(gw, up, &c, pinned).await? {
+        Ok(served) => served,
+        Err(response) => return Ok(response),
+    };
+    let status = served.response.status();
+    let answer = read_answer(gw, &mut served.response).await?;
+    if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
+        if let Some(name) = v.get("name").and_then(Value::as_str) {
+            record(gw, name, &served.key, &token.id, &v).await;
+        }
+    }
+    Ok(buffered_back(status, served.response.headers(), answer))
+}
+
+/// `POST /v1alpha/auth_tokens`: an ephemeral Live token, minted on the
+/// session's key or the next one, recorded (as a hash) against that key
+/// until the expiry the request asks for, or 30 minutes.
+async fn mint(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+) -> Result<HttpResponse, ApiError> {
+    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        FLAVOR,
+    )
+    .await?;
+    check_json(&body, req.headers(), true, FLAVOR)?;
+    let asked: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let ttl = asked
+        .get("expireTime")
+        .and_then(Value::as_str)
+        .and_then(|t| resources::ttl_until(t, now_ms()))
+        .unwrap_or_else(|| Kind::LiveToken.ttl(&gw.settings));
+    let c = call(req, edge, &token.id, body);
+    let pinned = pipeline::pin(gw, up, &c.body, c.session.as_ref(), &token.id, FLAVOR).await?;
+    let mut served = match pipeline::send(gw, up, &c, pinned).await? {
+        Ok(served) => served,
+        Err(response) => return Ok(response),
+    };
+    let status = served.response.status();
+    let answer = read_answer(gw, &mut served.response).await?;
+    let minted = serde_json::from_slice::<Value>(&answer)
+        .ok()
+        .and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string));
+    if let Some(minted) = minted {
+        let name = resources::live_token_name(&minted);
+        let rec = OwnerRecord::new(&served.key.id, &token.id);
+        match resources::remember(gw.store(), &name, &rec, ttl).await {
+            Ok(()) => {
+                tracing::info!(key_id = %served.key.id, ttl_s = ttl.as_secs(), "ephemeral Live token recorded");
+            }
+            Err(e) => tracing::warn!(error = %e, "ephemeral Live token minted but not recorded"),
+        }
+    }
+    Ok(buffered_back(status, served.response.headers(), answer))
+}
+
+/// A successful answer the gateway must read (to record what it created),
+/// whole and within the upstream deadlines, like every small body.
+async fn read_answer(gw: &Gateway, resp: &mut awc::ClientResponse) -> Result<Bytes, ApiError> {
+    pipeline::read_small(resp, ANSWER_LIMIT, gw.settings.upstream.idle_timeout)
+        .await
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "The upstream's answer could not be read whole.",
+            )
+        })
+}
+
+/// A discovery failure as the client's error.
+pub(super) fn discovery_error(
+    e: crate::domain::discovery::DiscoveryError,
+    flavor: crate::http::error::Flavor,
+) -> ApiError {
+    match e.refusal() {
+        Some(refusal) => refusal.flavor(flavor),
+        None => match e {
+            crate::domain::discovery::DiscoveryError::Store(s) => pipeline::store_down(s, flavor),
+            _ => ApiError::store_unavailable().flavor(flavor),
+        },
+    }
+}
+
+/// The owner record of `name` for this token: known, or discovered.
+pub(super) async fn owner_for(
+    gw: &Gateway,
+    up: &Upstream,
+    name: &str,
+    token_id: &str,
+) -> Result<OwnerRecord, ApiError> {
+    let known = resources::owner(gw.store(), name)
+        .await
+        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+    let record = match known {
+        Some(r) => Some(r),
+        None => crate::domain::discovery::discover(gw, up, name, token_id)
+            .await
+            .map_err(|e| discovery_error(e, FLAVOR))?,
+    };
+    record
+        .filter(|r| r.owner == token_id)
+        .ok_or_else(|| not_found(name))
+}
+
+/// A read, change, delete or action on an existing resource, on its owner.
+async fn owned(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+    name: &str,
+) -> Result<HttpResponse, ApiError> {
+    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        FLAVOR,
+    )
+    .await?;
+    check_json(&body, req.headers(), false, FLAVOR)?;
+    let owner = owner_for(gw, up, name, &token.id).await?;
+    let key = gw.keys.by_id(&owner.key).ok_or_else(|| not_found(name))?;
+    // What the body names (a file imported into a store) must live on the
+    // same key.
+    match resources::body_owner(gw, up, &body, &token.id).await {
+        Ok(Some(other)) if other.id != key.id => {
+            let mut names = resources::scan_refs(&body);
+            names.push(name.to_string());
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                resources::mixed_message(
+                    &names,
+                    crate::http::pipeline::split_advice(gw.settings.sessions.upload_affinity),
+                ),
+            ));
+        }
+        Ok(_) => {}
+        Err(RefError::Store(e)) => return Err(pipeline::store_down(e, FLAVOR)),
+        Err(RefError::Refused(e)) => return Err(e.flavor(FLAVOR)),
+        Err(RefError::Mixed(names)) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                resources::mixed_message(
+                    &names,
+                    crate::http::pipeline::split_advice(gw.settings.sessions.upload_affinity),
+                ),
+            ))
+        }
+    }
+    let c = call(req, edge, &token.id, body);
+    let mut served =
+        match pipeline::send(gw, up, &c, Some(pipeline::Pinned::to(key.clone()))).await? {
+            Ok(served) => served,
+            Err(response) => return Ok(response),
+        };
+    let method = req.method();
+    // `cachedContents/x`, not `fileSearchStores/x/documents/y`.
+    let whole = edge.path.ends_with(name) || edge.path.ends_with(&format!("{name}:cancel"));
+    let kind = Kind::of(name);
+    if method == Method::DELETE && edge.path.ends_with(name) {
+        if let Err(e) = resources::forget(gw.store(), name, &token.id).await {
+            tracing::warn!(resource = name, error = %e, "deleted upstream but the owner record stays until it expires");
+        }
+        return Ok(stream_back(
+            served.response,
+            gw.settings.upstream.idle_timeout,
+        ));
+    }
+    let reads_answer = whole
+        && ((method == Method::PATCH && kind == Some(Kind::CachedContent))
+            || (method == Method::GET && matches!(kind, Some(Kind::Batch | Kind::Operation))));
+    if !reads_answer {
+        return Ok(stream_back(
+            served.response,
+            gw.settings.upstream.idle_timeout,
+        ));
+    }
+    let status = served.response.status();
+    let answer = read_answer(gw, &mut served.response).await?;
+    if method == Method::PATCH {
+        if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
+            record(gw, name, &key, &token.id, &v).await;
+        }
+    } else {
+        // The files a batch or operation produced belong to its key.
+        let produced = resources::produced_files(&answer);
+        if !produced.is_empty() {
+            let known = resources::owners(gw.store(), &produced)
+                .await
+                .unwrap_or_default();
+            for (file, rec) in produced
+                .iter()
+                .zip(known.iter().chain(std::iter::repeat(&None)))
+            {
+                if rec.is_none() {
+                    record(gw, file, &key, &token.id, &Value::Null).await;
+                }
+            }
+        }
+    }
+    Ok(buffered_back(status, served.response.headers(), answer))
+}
+
+/// The calling token's resources of one type, newest first, paged with the
+/// gateway's own page tokens (a place in the list, not an offset, so
+/// resources created meanwhile shift nothing); each fetched from its owner key concurrently.
+async fn list(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    edge: &Edge,
+    ver: &str,
+    kind: Kind,
+) -> Result<HttpResponse, ApiError> {
+    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    let (page_size, after) = page_request(edge, kind)?;
+    let (page, next) =
+        resources::page_of_token(gw.store(), kind, &token.id, after.as_ref(), page_size)
+            .await
+            .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+    let records = resources::owners(gw.store(), &page)
+        .await
+        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+    let token_id = token.id.as_str();
+    let fetches = page.iter().zip(records).map(|(name, record)| async move {
+        let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
+        let path = format!("/{ver}/{name}");
+        let request = crate::upstream::attempt::Request {
+            method: Method::GET,
+            target: crate::upstream::attempt::Target::Path(&path),
+            headers: req.headers(),
+            style: KeyStyle::GoogHeader,
+            api: "gemini",
+            timeout: None,
+        };
+        let mut resp = match crate::upstream::attempt::attempt(
+            gw,
+            up,
+            &key,
+            request,
+            crate::upstream::attempt::Body::Empty,
+        )
+        .await
+        {
+            crate::upstream::attempt::Sent::Answer(resp) => resp,
+            crate::upstream::attempt::Sent::Refused { status, .. } => {
+                if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
+                    let _ = resources::forget(gw.store(), name, token_id).await;
+                }
+                return None;
+            }
+            crate::upstream::attempt::Sent::Unreachable(_) => return None,
+        };
+        let body = pipeline::read_small(&mut resp, ANSWER_LIMIT, gw.settings.upstream.idle_timeout)
+            .await?;
+        serde_json::from_slice::<Value>(&body).ok()
+    });
+    let found: Vec<Value> = join_all(fetches).await.into_iter().flatten().collect();
+    let mut out = json!({});
+    if !found.is_empty() {
+        // Batches are listed as operations.
+        let field = if kind == Kind::Batch {
+            "operations"
+        } else {
+            kind.collection()
+        };
+        out[field] = Value::Array(found);
+    }
+    if let Some(next) = next {
+        out["nextPageToken"] = Value::String(resources::page_token(&next));
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("application/json; charset=UTF-8")
+        .body(out.to_string()))
+}
+
+/// A list request's `pageSize` (default 10, at most 100) and the place its
+/// `pageToken` resumes after; 400 for a token this gateway did not write.
+pub fn page_request(edge: &Edge, kind: Kind) -> Result<(usize, Option<IndexEntry>), ApiError> {
+    let page_size = query_param(&edge.query, "pageSize")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_PAGE)
+        .min(MAX_PAGE);
+    let after = match query_param(&edge.query, "pageToken").filter(|t| !t.is_empty()) {
+        Some(t) => Some(resources::parse_page_token(&t, kind).ok_or_else(|| {
+            ApiError::bad_request(
+                "Invalid pageToken: pass the nextPageToken of the previous page of this list unchanged.",
+            )
+        })?),
+        None => None,
+    };
+    Ok((page_size, after))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_paths_route_to_their_owner() {
+        let get = Method::GET;
+        let post = Method::POST;
+        assert_eq!(route(&["cachedContents"], &post), Some(Route::Create));
+        assert_eq!(
+            route(&["cachedContents"], &get),
+            Some(Route::List(Kind::CachedContent))
+        );
+        assert_eq!(
+            route(&["batches", "b1:cancel"], &post),
+            Some(Route::Owned("batches/b1".into()))
+        );
+        assert_eq!(
+            route(&["fileSearchStores", "s1", "documents", "d1"], &get),
+            Some(Route::Owned("fileSearchStores/s1".into()))
+        );
+        assert_eq!(
+            route(&["models", "veo-2", "operations", "op1"], &get),
+            Some(Route::Owned("models/veo-2/operations/op1".into()))
+        );
+        assert_eq!(
+            route(&["models", "gemini-2.0-flash:batchGenerateContent"], &post),
+            Some(Route::Create)
+        );
+        assert_eq!(route(&["models", "m:generateContent"], &post), None);
+        assert_eq!(route(&["cachedContents", "a.b"], &get), Some(Route::BadId));
+        assert_eq!(route(&["models"], &get), None);
+    }
+}

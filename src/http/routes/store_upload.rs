@@ -1,0 +1,131 @@
+//! `POST /upload/{ver}/fileSearchStores/{id}:uploadToFileSearchStore`: a
+//! resumable upload into a file search store, started on the store's key.
+//!
+//! Only the start differs from a file upload: it goes to the store's owner
+//! (and only for the token that created the store). The client gets the
+//! gateway's own upload URL, so its chunks travel like any upload's, on any
+//! replica; the operation the upload ends with lives under the store and is
+//! polled on its key.
+
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::{authorize, read_body, Edge};
+use crate::domain::resources;
+use crate::domain::upload::{self, UploadRecord};
+use crate::gateway::Gateway;
+use crate::http::error::{ApiError, Flavor};
+use crate::http::pipeline::{self, buffered_back, Call};
+use crate::upstream::client::{KeyStyle, Upstream};
+
+const FLAVOR: Flavor = Flavor::Upload;
+const ANSWER_LIMIT: usize = 1 << 20;
+
+/// The store a `/upload/{ver}/fileSearchStores/{id}:uploadToFileSearchStore`
+/// path uploads into, if it is one.
+pub fn store_of(segs: &[&str]) -> Option<String> {
+    match segs {
+        ["upload", ver, "fileSearchStores", id] if super::VERSIONS.contains(ver) => {
+            let bare = id.strip_suffix(":uploadToFileSearchStore")?;
+            resources::valid_id(bare).then(|| format!("fileSearchStores/{bare}"))
+        }
+        _ => None,
+    }
+}
+
+fn upload_error(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError::new(status, message).flavor(FLAVOR)
+}
+
+pub async fn start(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+    ver: &str,
+    store: &str,
+) -> Result<HttpResponse, ApiError> {
+    if req.method() != Method::POST {
+        return Err(upload_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Uploads start with POST; chunks go to the upload URL the start returned.",
+        ));
+    }
+    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    let owner = super::resources::owner_for(gw, up, store, &token.id)
+        .await
+        .map_err(|e| e.flavor(FLAVOR))?;
+    let key = gw
+        .keys
+        .by_id(&owner.key)
+        .ok_or_else(|| upload_error(StatusCode::NOT_FOUND, format!("{store} was not found.")))?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        FLAVOR,
+    )
+    .await?;
+    let call = Call {
+        flavor: FLAVOR,
+        method: Method::POST,
+        path: edge.path.clone(),
+        query: edge.forward_query(),
+        headers: req.headers().clone(),
+        body,
+        session: edge.session.clone(),
+        token_id: token.id.clone(),
+        key_style: KeyStyle::GoogHeader,
+        model: None,
+    };
+    let mut served =
+        match pipeline::send(gw, up, &call, Some(pipeline::Pinned::to(key.clone()))).await? {
+            Ok(served) => served,
+            Err(response) => return Ok(response),
+        };
+    let status = served.response.status();
+    let headers = served.response.headers().clone();
+    let answer = pipeline::read_small(
+        &mut served.response,
+        ANSWER_LIMIT,
+        gw.settings.upstream.idle_timeout,
+    )
+    .await
+    .unwrap_or_default();
+    let mut response = buffered_back(status, &headers, answer);
+    let Some(upstream_url) = headers
+        .get("x-goog-upload-url")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Ok(response);
+    };
+    let id = upload::new_upload_id().map_err(|_| {
+        upload_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "No randomness available for an upload id.",
+        )
+    })?;
+    let record = UploadRecord {
+        key: key.id.clone(),
+        url: upload::strip_key_param(upstream_url),
+        session: edge.session.as_ref().map(|s| s.id.to_string()),
+        owner: token.id.clone(),
+    };
+    upload::save(gw.store(), &id, &record, gw.settings.sessions.upload_ttl)
+        .await
+        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+    let ours = format!(
+        "{}{}/upload/{ver}/files?upload_id={id}&upload_protocol=resumable",
+        super::upload::public_base(gw, req),
+        edge.prefix
+    );
+    tracing::info!(key_id = %key.id, store, "upload into a file search store started");
+    if let Ok(v) = HeaderValue::from_str(&ours) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-goog-upload-url"), v);
+    }
+    Ok(response)
+}

@@ -1,0 +1,687 @@
+//! The Redis store: what lets any replica serve any request.
+//!
+//! The same commands in every `GB_REDIS_MODE` (see [`super::connect`]).
+//! Every multi-key command, pipeline and script stays in one Redis Cluster
+//! slot (see [`Keyspace`]); reads over unrelated keys are sent as concurrent
+//! single-key commands on a cluster instead of one pipeline. The key layout,
+//! with each key's slot tag, is written down once, in `ARCHITECTURE.md`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_redis::redis::{self, Script};
+use secrecy::SecretString;
+
+use super::connect::{check, redis_error, Conn, Source};
+use super::keyspace::Keyspace;
+use super::{
+    effective_state, state_field, Applied, IndexEntry, MemberState, Pick, RedisConfig, RedisMode,
+    StateStore, StoreError, Transition,
+};
+
+const CLAIM: &str = include_str!("lua/claim.lua");
+
+const REPLACE: &str = include_str!("lua/replace.lua");
+
+const UNLOCK: &str = include_str!("lua/unlock.lua");
+
+const INDEX_ADD: &str = include_str!("lua/index_add.lua");
+
+const INDEX_PAGE: &str = include_str!("lua/index_page.lua");
+
+const TRANSITION: &str = include_str!("lua/transition.lua");
+
+/// Called after every Redis exchange with its latency and whether it worked.
+pub type Observer = Arc<dyn Fn(Duration, bool) + Send + Sync>;
+
+/// Consecutive failures that open the circuit, and how long it stays open:
+/// while open, calls fail at once instead of each waiting for a timeout on a
+/// Redis that is down. The first call after the pause probes Redis again.
+const TRIP_AFTER: u32 = 3;
+/// Connections beyond one per worker thread: for the main thread and
+/// background tasks.
+const SPARE_CONNECTIONS: usize = 2;
+const OPEN_FOR_MS: u64 = 1_000;
+
+/// Numbers threads in the order they first touch Redis.
+static THREADS_SEEN: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static THREAD_SLOT: usize = THREADS_SEEN.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The circuit breaker's state. Its times are on the monotonic clock
+/// ([`monotonic_ms`]): a wall clock stepped back would keep it open for the
+/// size of the step.
+#[derive(Default)]
+struct Breaker {
+    failures: AtomicU32,
+    open_until_ms: AtomicU64,
+}
+
+/// Milliseconds on the monotonic clock since this process first asked
+/// (never 0, so a zeroed breaker is closed).
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+pub struct RedisStore {
+    source: Source,
+    mode: RedisMode,
+    slots: Vec<std::sync::RwLock<Option<Conn>>>,
+    breaker: Breaker,
+    observer: Option<Observer>,
+    keys: Keyspace,
+    timeout: Duration,
+    claim: Script,
+    replace: Script,
+    unlock: Script,
+    index_add: Script,
+    index_page: Script,
+    transition: Script,
+}
+
+impl RedisStore {
+    /// A standalone store on one URL (see [`RedisStore::open`]).
+    pub fn new(
+        url: &SecretString,
+        prefix: &str,
+        timeout: Duration,
+        pool_size: usize,
+        threads: usize,
+    ) -> Result<Self, StoreError> {
+        Self::open(&RedisConfig {
+            mode: RedisMode::Standalone,
+            url,
+            sentinel_master: "mymaster",
+            prefix,
+            timeout,
+            pool_size,
+            threads,
+        })
+    }
+
+    /// Builds the store; connects lazily, so a Redis that is down at start
+    /// does not keep the gateway from starting.
+    pub fn open(cfg: &RedisConfig<'_>) -> Result<Self, StoreError> {
+        let source = Source::open(cfg)?;
+        Ok(Self {
+            source,
+            mode: cfg.mode,
+            slots: (0..cfg
+                .pool_size
+                .clamp(1, cfg.threads.max(1) + SPARE_CONNECTIONS))
+                .map(|_| std::sync::RwLock::new(None))
+                .collect(),
+            breaker: Breaker::default(),
+            observer: None,
+            keys: Keyspace::new(cfg.prefix),
+            timeout: cfg.timeout,
+            claim: Script::new(CLAIM),
+            replace: Script::new(REPLACE),
+            unlock: Script::new(UNLOCK),
+            index_add: Script::new(INDEX_ADD),
+            index_page: Script::new(INDEX_PAGE),
+            transition: Script::new(TRANSITION),
+        })
+    }
+
+    #[must_use]
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    pub fn redis_mode(&self) -> RedisMode {
+        self.mode
+    }
+
+    /// Runs one Redis exchange on a pooled connection, bounded by the timeout.
+    async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let slot = THREAD_SLOT.with(|s| *s) % self.slots.len();
+        let work = async {
+            let conn = self.connection(slot).await?;
+            f(conn).await.map_err(redis_error)
+        };
+        let now = monotonic_ms();
+        if self.breaker.open_until_ms.load(Ordering::Relaxed) > now {
+            return Err(StoreError::Unavailable(
+                "circuit open after repeated failures; retrying shortly".into(),
+            ));
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Timeout)
+            .and_then(|r| r);
+        if let Some(observe) = &self.observer {
+            observe(started.elapsed(), result.is_ok());
+        }
+        match &result {
+            Ok(_) => self.breaker.failures.store(0, Ordering::Relaxed),
+            Err(StoreError::Timeout | StoreError::Unavailable(_)) => {
+                let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                // The connection may be dead, or (sentinel) point at a
+                // demoted master: the next call on this slot takes a fresh
+                // one. A cluster connection heals itself (it refreshes its
+                // slot map and reconnects to nodes) and opening one costs a
+                // round trip per node, so it is replaced only once the
+                // circuit opens.
+                if self.mode != RedisMode::Cluster || failures >= TRIP_AFTER {
+                    if let Ok(mut s) = self.slots[slot].write() {
+                        *s = None;
+                    }
+                }
+                if failures >= TRIP_AFTER {
+                    self.breaker
+                        .open_until_ms
+                        .store(monotonic_ms() + OPEN_FOR_MS, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// A multiplexed connection for one slot, taken from the pool once and
+    /// then shared by every call on that slot (it pipelines concurrent
+    /// requests). Checking a connection out of the pool per call would cost
+    /// its recycle check, an extra round trip per call.
+    ///
+    /// Each thread has its own slot: a connection's driver task runs on the
+    /// thread that opened it, so a call from that thread is written, read and
+    /// answered without waking another thread (a shared connection costs two
+    /// cross-thread wake-ups per call).
+    async fn connection(&self, slot: usize) -> Result<Conn, StoreError> {
+        if let Some(conn) = self.slots[slot].read().ok().and_then(|s| s.clone()) {
+            return Ok(conn);
+        }
+        let conn = self.source.connect().await?;
+        if let Ok(mut s) = self.slots[slot].write() {
+            *s = Some(conn.clone());
+        }
+        Ok(conn)
+    }
+
+    /// Runs one of the store's scripts on the key it touches. `EVALSHA`
+    /// first; a server that does not know the script yet (a new or newly
+    /// promoted node) gets its body with `EVAL`, on that key's node only.
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        body: &'static str,
+        key: String,
+        args: Vec<String>,
+    ) -> Result<T, StoreError> {
+        self.run(|mut c| async move {
+            let mut by_hash = redis::cmd("EVALSHA");
+            by_hash.arg(script.get_hash()).arg(1).arg(&key).arg(&args);
+            match by_hash.query_async(&mut c).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    let mut by_body = redis::cmd("EVAL");
+                    by_body.arg(body).arg(1).arg(&key).arg(&args);
+                    by_body.query_async(&mut c).await
+                }
+                other => other,
+            }
+        })
+        .await
+    }
+
+    /// Several single-key commands over keys that may live in different
+    /// slots: one pipeline on one server, concurrent commands on a cluster
+    /// (each goes to its key's master, all in flight at once).
+    async fn fan_out<T: redis::FromRedisValue + Send>(
+        &self,
+        cmds: Vec<redis::Cmd>,
+    ) -> Result<Vec<T>, StoreError> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(|c| async move {
+            match c {
+                Conn::Single(mut c) => {
+                    let mut pipe = redis::pipe();
+                    for cmd in cmds {
+                        pipe.add_command(cmd);
+                    }
+                    pipe.query_async(&mut c).await
+                }
+                Conn::Cluster(c) => {
+                    futures_util::future::try_join_all(cmds.into_iter().map(|cmd| {
+                        let mut c = c.clone();
+                        async move { cmd.query_async::<T>(&mut c).await }
+                    }))
+                    .await
+                }
+            }
+        })
+        .await
+    }
+
+    /// The layout version recorded in Redis (0 for an empty Redis).
+    pub async fn layout_version(&self) -> Result<u64, StoreError> {
+        let key = self.keys.layout();
+        let v: Option<u64> = self
+            .run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    pub async fn set_layout_version(&self, version: u64) -> Result<(), StoreError> {
+        let key = self.keys.layout();
+        self.run(|mut c| async move {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(version)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// The full name of a key under this store's prefix (for migrations).
+    pub fn key(&self, parts: &[&str]) -> String {
+        self.keys.key(parts)
+    }
+
+    /// One raw command, bounded like every other (for migrations).
+    pub async fn command<T: redis::FromRedisValue>(
+        &self,
+        cmd: redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.run(|mut c| async move { cmd.query_async(&mut c).await })
+            .await
+    }
+}
+
+fn decode_states(raw: HashMap<String, String>) -> HashMap<String, MemberState> {
+    raw.into_iter()
+        .filter_map(|(k, v)| MemberState::decode(&v).map(|s| (k, s)))
+        .collect()
+}
+
+/// A sorted-set score the store wrote (whole milliseconds).
+fn parse_score(raw: &str) -> Result<u64, StoreError> {
+    raw.parse::<u64>()
+        .ok()
+        .or_else(|| {
+            raw.parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        })
+        .ok_or_else(|| StoreError::Corrupt("an index score is not a number".into()))
+}
+
+fn secs(ttl: Duration) -> u64 {
+    ttl.as_secs().max(1)
+}
+
+#[async_trait]
+impl StateStore for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn mode(&self) -> &'static str {
+        self.mode.as_str()
+    }
+
+    /// Not a bare PING: the store is up when the gateway's commands would
+    /// work. A standalone or sentinel server must be a master and not a
+    /// cluster node; a cluster must have every master answering and every
+    /// slot served (the gateway's keys spread over all of them).
+    async fn ping(&self) -> Result<Duration, StoreError> {
+        let start = Instant::now();
+        let mode = self.mode;
+        self.run(|c| check(mode, c)).await??;
+        Ok(start.elapsed())
+    }
+
+    async fn rotate(
+        &self,
+        ring: &str,
+        members: &[String],
+        exclude: &[String],
+        model: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Pick, StoreError> {
+        if members.is_empty() {
+            return Ok(Pick::AllDisabled);
+        }
+        // One round trip: the counter's next value and the ring's states
+        // (only keys and (key, model) pairs that are cooling or disabled have
+        // an entry), pipelined. Plain commands cost Redis less than a script
+        // doing the same; the pick itself is the rule the embedded store
+        // applies too. Both keys carry the ring's hash tag: on a cluster the
+        // pipeline goes to one master.
+        let (counter, states) = (self.keys.ring_counter(ring), self.keys.ring_states(ring));
+        let (next, raw): (u64, HashMap<String, String>) = self
+            .run(|mut c| async move {
+                redis::pipe()
+                    .cmd("INCR")
+                    .arg(&counter)
+                    .cmd("HGETALL")
+                    .arg(&states)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let decoded = decode_states(raw);
+        let states: Vec<Option<MemberState>> = members
+            .iter()
+            .map(|m| effective_state(&decoded, m, model, now_ms))
+            .collect();
+        Ok(super::choose(members, &states, exclude, now_ms, || next))
+    }
+
+    async fn member_states(&self, ring: &str) -> Result<HashMap<String, MemberState>, StoreError> {
+        let states = self.keys.ring_states(ring);
+        let raw: HashMap<String, String> = self
+            .run(
+                |mut c| async move { redis::cmd("HGETALL").arg(&states).query_async(&mut c).await },
+            )
+            .await?;
+        Ok(decode_states(raw))
+    }
+
+    async fn transition(
+        &self,
+        ring: &str,
+        member: &str,
+        model: Option<&str>,
+        event: &Transition,
+        now_ms: u64,
+    ) -> Result<Applied, StoreError> {
+        let states = self.keys.ring_states(ring);
+        let field = state_field(member, model);
+        let (kind, num, reason) = event.wire();
+        let (key_before, before, after): (String, String, String) = self
+            .script(
+                &self.transition,
+                TRANSITION,
+                states,
+                vec![
+                    now_ms.to_string(),
+                    member.to_string(),
+                    field,
+                    kind.to_string(),
+                    num.to_string(),
+                    reason.to_string(),
+                ],
+            )
+            .await?;
+        Ok(Applied {
+            key_before: MemberState::decode(&key_before),
+            before: MemberState::decode(&before),
+            after: MemberState::decode(&after),
+        })
+    }
+
+    async fn touch(&self, ns: &str, id: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+        let key = self.keys.binding(ns, id);
+        self.run(|mut c| async move {
+            redis::cmd("GETEX")
+                .arg(&key)
+                .arg("EX")
+                .arg(secs(ttl))
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        ns: &str,
+        id: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<(String, bool), StoreError> {
+        let key = self.keys.binding(ns, id);
+        let (bound, created): (String, i64) = self
+            .script(
+                &self.claim,
+                CLAIM,
+                key,
+                vec![value.to_string(), secs(ttl).to_string()],
+            )
+            .await?;
+        Ok((bound, created == 1))
+    }
+
+    async fn replace(
+        &self,
+        ns: &str,
+        id: &str,
+        expected: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<String, StoreError> {
+        let key = self.keys.binding(ns, id);
+        self.script(
+            &self.replace,
+            REPLACE,
+            key,
+            vec![
+                expected.to_string(),
+                value.to_string(),
+                secs(ttl).to_string(),
+            ],
+        )
+        .await
+    }
+
+    async fn put(&self, ns: &str, id: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        let key = self.keys.binding(ns, id);
+        let _: String = self
+            .run(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(value)
+                    .arg("EX")
+                    .arg(secs(ttl))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn get_many(&self, ns: &str, ids: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Single-key GETs rather than MGET: the keys are unrelated entities
+        // and may live in different Cluster slots.
+        let mut cmds = Vec::with_capacity(ids.len());
+        for id in ids {
+            let mut cmd = redis::cmd("GET");
+            cmd.arg(self.keys.binding(ns, id));
+            cmds.push(cmd);
+        }
+        self.fan_out(cmds).await
+    }
+
+    async fn delete(&self, ns: &str, id: &str) -> Result<(), StoreError> {
+        let key = self.keys.binding(ns, id);
+        let _: i64 = self
+            .run(|mut c| async move { redis::cmd("DEL").arg(&key).query_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    async fn index_add(
+        &self,
+        name: &str,
+        member: &str,
+        ttl: Duration,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let key = self.keys.index(name);
+        let _: i64 = self
+            .script(
+                &self.index_add,
+                INDEX_ADD,
+                key,
+                vec![
+                    now_ms.to_string(),
+                    (now_ms + ttl.as_millis() as u64).to_string(),
+                    member.to_string(),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        let key = self.keys.index(name);
+        self.run(|mut c| async move {
+            redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg("+inf")
+                .arg(format!("({now_ms}"))
+                .arg("BYSCORE")
+                .arg("REV")
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn index_page(
+        &self,
+        name: &str,
+        now_ms: u64,
+        after: Option<&IndexEntry>,
+        count: usize,
+    ) -> Result<Vec<IndexEntry>, StoreError> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.keys.index(name);
+        let (same, below): (Vec<String>, Vec<String>) = self
+            .script(
+                &self.index_page,
+                INDEX_PAGE,
+                key,
+                vec![
+                    now_ms.to_string(),
+                    count.to_string(),
+                    after.map_or_else(String::new, |a| a.expires_ms.to_string()),
+                ],
+            )
+            .await?;
+        let mut page: Vec<IndexEntry> = match after {
+            Some(a) if a.expires_ms > now_ms => same
+                .into_iter()
+                .filter(|m| m.as_bytes() < a.member.as_bytes())
+                .map(|member| IndexEntry {
+                    member,
+                    expires_ms: a.expires_ms,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        for pair in below.chunks_exact(2) {
+            let expires_ms = parse_score(&pair[1])?;
+            page.push(IndexEntry {
+                member: pair[0].clone(),
+                expires_ms,
+            });
+        }
+        page.truncate(count);
+        Ok(page)
+    }
+
+    async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {
+        let key = self.keys.index(name);
+        let _: i64 = self
+            .run(|mut c| async move {
+                redis::cmd("ZREM")
+                    .arg(&key)
+                    .arg(member)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn try_lock(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let key = self.keys.lock(name);
+        let got: Option<String> = self
+            .run(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(holder)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(got.is_some())
+    }
+
+    async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let key = self.keys.lock(name);
+        let _: i64 = self
+            .script(&self.unlock, UNLOCK, key, vec![holder.to_string()])
+            .await?;
+        Ok(())
+    }
+
+    async fn add_counts(
+        &self,
+        bucket: &str,
+        counts: &[(String, u64)],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let key = self.keys.stats(bucket);
+        let mut pipe = redis::pipe();
+        for (name, n) in counts {
+            pipe.cmd("HINCRBY").arg(&key).arg(name).arg(*n).ignore();
+        }
+        pipe.cmd("EXPIRE").arg(&key).arg(secs(ttl)).ignore();
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    async fn read_counts(&self, buckets: &[String]) -> Result<HashMap<String, u64>, StoreError> {
+        if buckets.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // One bucket per minute, each in its own slot.
+        let mut cmds = Vec::with_capacity(buckets.len());
+        for b in buckets {
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(self.keys.stats(b));
+            cmds.push(cmd);
+        }
+        let all: Vec<HashMap<String, u64>> = self.fan_out(cmds).await?;
+        let mut sum = HashMap::new();
+        for counts in all {
+            for (name, n) in counts {
+                *sum.entry(name).or_insert(0) += n;
+            }
+        }
+        Ok(sum)
+    }
+}
