@@ -387,6 +387,13 @@ def write_markdown(r):
                 f"{o['p50_ms']} / {o['p99_ms']} | {c['added_p50_ms']} / {c['added_p99_ms']} | "
                 f"{c.get('peak_rss_mib', '—')} | {c.get('store_round_trips_per_request', '—')} | "
                 f"{c.get('redis_commands_per_request', '—')} |")
+        redis_rows = [c for c in p["configs"] if c.get("redis_cpu_us_per_request")]
+        if redis_rows:
+            lines += ["", "Redis cost: " + "; ".join(
+                f"{c['config']}: {c['redis_cpu_us_per_request']} µs of Redis CPU and "
+                f"{c.get('redis_commands_per_request', '—')} commands per request, so one Redis core "
+                f"would saturate at about {round(1e6 / c['redis_cpu_us_per_request'] / 1000)}k req/s (measured below saturation, where Redis batches less: a lower bound)"
+                for c in redis_rows) + "."]
         sfe = p["streaming_first_event"]
         lines += ["", f"Idle RSS of a replica: {p['idle_rss_mib']} MiB. SSE time to first event (200 sequential "
                   f"requests): direct p50 {sfe['direct']['p50_ms']} ms / p99 {sfe['direct']['p99_ms']} ms; through "
