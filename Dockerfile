@@ -39,14 +39,15 @@ RUN mkdir -p /recipe \
     done </tmp/targets
 
 # The development tools (dev/): the fake Gemini upstream and the test proxy,
-# built on their own, never with the gateway. The sources may be older than
-# the dependency layer's build: touch them so cargo rebuilds the crates
-# rather than keeping the empty targets.
+# built on their own, never with the gateway.
 FROM ${BUILDER_IMAGE} AS build-dev
 WORKDIR /src
+# Dependency layer: rebuilt only when the recipe changes.
 COPY --from=recipe /recipe ./
 RUN cargo build --release --locked -p fake-gemini -p test-proxy --bins
 COPY dev ./dev
+# The sources may be older than the dependency layer's build: touch them so
+# cargo rebuilds the crates rather than keeping the empty targets.
 RUN find dev -type f -exec touch {} + \
  && cargo build --release --locked -p fake-gemini -p test-proxy --bins \
  && mkdir -p /out \
