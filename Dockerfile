@@ -11,43 +11,67 @@
 ARG BUILDER_IMAGE=rust:1.89-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
-# Recipe: the manifests plus an empty `fn main() {}` at every target path
-# that `cargo metadata` reports. Generated from Cargo.toml on every build,
-# so it cannot drift from it; its content changes only when the manifests or
-# the list of targets do, and the dependency layer below is cached on it.
+# Recipe: every manifest of the workspace (the gateway at the root, the
+# development tools under dev/) plus an empty `fn main() {}` at every target
+# path, both as `cargo metadata` reports them. Generated on every build, so it
+# cannot drift from the manifests; its content changes only when they or the
+# list of targets do, and the dependency layers below are cached on it.
 FROM ${BUILDER_IMAGE} AS recipe
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY dev ./dev
 RUN mkdir -p /recipe \
- && cp Cargo.toml Cargo.lock /recipe/ \
+ && cp Cargo.lock /recipe/ \
  && cargo metadata --offline --no-deps --format-version 1 >/tmp/metadata.json \
+ && grep -o '"manifest_path":"[^"]*"' /tmp/metadata.json | cut -d'"' -f4 | sort -u >/tmp/manifests \
  && grep -o '"src_path":"[^"]*"' /tmp/metadata.json | cut -d'"' -f4 | sort -u >/tmp/targets \
- && test -s /tmp/targets \
+ && test -s /tmp/manifests && test -s /tmp/targets \
+ && while read -r path; do \
+      rel="${path#/src/}"; \
+      mkdir -p "/recipe/$(dirname "$rel")"; \
+      cp "$path" "/recipe/$rel"; \
+    done </tmp/manifests \
  && while read -r path; do \
       rel="${path#/src/}"; \
       mkdir -p "/recipe/$(dirname "$rel")"; \
       echo 'fn main() {}' >"/recipe/$rel"; \
     done </tmp/targets
 
+# The gateway, alone (`-p gemini-balancer`).
 FROM ${BUILDER_IMAGE} AS build
 WORKDIR /src
 # Dependency layer: rebuilt only when the recipe changes.
 COPY --from=recipe /recipe ./
-RUN cargo build --release --locked --bins
+RUN cargo build --release --locked -p gemini-balancer --bins
 COPY config ./config
 COPY src ./src
-# The sources may be older than the recipe's build: touch them so cargo
-# rebuilds this crate rather than keeping the empty targets.
+# As above: touch the sources so cargo rebuilds the crate.
 RUN find src -type f -exec touch {} + \
- && cargo build --release --locked --bins \
+ && cargo build --release --locked -p gemini-balancer --bins \
  && mkdir -p /out \
- && cp target/release/gemini-balancer target/release/fake-gemini target/release/test-proxy /out/
+ && cp target/release/gemini-balancer /out/
 
-# The fake Gemini upstream and the test proxy, for the compose demo profile
-# and the tests. Not part of the release image.
+# The development tools (dev/): the fake Gemini upstream and the test proxy,
+# built after the gateway, on its target directory (most of their
+# dependencies are the gateway's, so few are compiled again), never into the
+# gateway's image. BuildKit builds only the stages a target needs; the
+# classic builder builds every stage before the target, so there the default
+# target also compiles these, in a stage nothing copies into the release
+# image.
+FROM build AS build-dev
+COPY dev ./dev
+# The sources may be older than the build above: touch them so cargo
+# rebuilds the crates rather than keeping the recipe's empty targets.
+RUN find dev -type f -exec touch {} + \
+ && cargo build --release --locked -p fake-gemini -p test-proxy --bins \
+ && mkdir -p /out \
+ && cp target/release/fake-gemini target/release/test-proxy /out/
+
+# Their image, for the compose demo profile and the tests. Not part of the
+# release image.
 FROM ${RUNTIME_IMAGE} AS fake
-COPY --from=build /out/fake-gemini /out/test-proxy /usr/local/bin/
+COPY --from=build-dev /out/fake-gemini /out/test-proxy /usr/local/bin/
 USER 10001:10001
 ENV FAKE_LISTEN=0.0.0.0:8000
 EXPOSE 8000

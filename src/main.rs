@@ -7,15 +7,6 @@
 #![recursion_limit = "256"]
 // Detached tasks start only in the library's `background` (see clippy.toml).
 #![deny(clippy::disallowed_methods)]
-// Allowed in Cargo.toml only for the dev tools under src/bin.
-#![warn(
-    clippy::doc_markdown,
-    clippy::redundant_closure_for_method_calls,
-    clippy::unreadable_literal,
-    clippy::items_after_statements,
-    clippy::unused_async,
-    clippy::map_unwrap_or
-)]
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -248,8 +248,9 @@ fn every_gb_name_the_tools_use_is_known_to_the_gateway() {
 /// Where a path `ARCHITECTURE.md` names may start: the repository's folders,
 /// and (for the diagram) the folders of `src/`. Fixed here, so a folder that
 /// disappears makes its mentions fail instead of no longer looking like paths.
-const ROOT_DIRS: [&str; 9] = [
+const ROOT_DIRS: [&str; 10] = [
     "src",
+    "dev",
     "tests",
     "bench",
     "migrations",

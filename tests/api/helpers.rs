@@ -868,6 +868,51 @@ pub fn redis_cmd_auth(port: u16, password: Option<&str>, args: &[&str]) -> Optio
     send(&mut s, args)
 }
 
+/// A tool of the workspace's `dev/` crates (`fake-gemini`, `test-proxy`).
+/// Cargo hands integration tests only their own package's binaries, so the
+/// tool is looked up next to the gateway's, in the same target directory;
+/// plain `cargo build` or `cargo test` at the root builds it there.
+/// `cargo test --test api` alone does not, hence the checks that it exists
+/// and is not older than its sources.
+fn dev_tool(name: &str) -> std::path::PathBuf {
+    let gateway = std::path::Path::new(env!("CARGO_BIN_EXE_gemini-balancer"));
+    let path = gateway.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let build = match gateway.parent().and_then(|d| d.file_name()) {
+        Some(dir) if dir != "debug" => format!(
+            "run `cargo build --profile {}` at the workspace root",
+            dir.to_string_lossy()
+        ),
+        _ => "run `cargo build` at the workspace root".to_string(),
+    };
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing: {build}", path.display()));
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("dev")
+        .join(name)
+        .join("src");
+    let mut dirs = vec![src];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let file = entry.path();
+            if file.is_dir() {
+                dirs.push(file);
+            } else if entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m > built)
+            {
+                panic!(
+                    "{} is older than {}: {build}",
+                    path.display(),
+                    file.display()
+                );
+            }
+        }
+    }
+    path
+}
+
 fn read_url_line(reader: &mut impl BufRead, what: &str) -> (String, Vec<String>) {
     let mut seen = Vec::new();
     let mut line = String::new();
@@ -903,7 +948,7 @@ impl FakeUpstream {
     }
 
     pub fn start_with(keys: &[String], env: &[(&str, String)]) -> FakeUpstream {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fake-gemini"));
+        let mut cmd = Command::new(dev_tool("fake-gemini"));
         cmd.env("FAKE_KEYS", keys.join(","))
             .env("FAKE_LISTEN", "127.0.0.1:0")
             .stdout(Stdio::piped())
@@ -1284,7 +1329,7 @@ pub struct TestProxy {
 
 impl TestProxy {
     pub fn start(kind: &str, bind_ip: &str, auth: Option<&str>, port: u16) -> TestProxy {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_test-proxy"));
+        let mut cmd = Command::new(dev_tool("test-proxy"));
         cmd.env("PROXY_KIND", kind)
             .env("PROXY_LISTEN", format!("127.0.0.1:{port}"))
             .env("PROXY_BIND_IP", bind_ip)

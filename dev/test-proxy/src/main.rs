@@ -1,6 +1,10 @@
-//! A small outbound proxy for tests: HTTP CONNECT or SOCKS5 (CONNECT by
-//! domain name, optional username/password). Prints `listening on URL`, then
-//! `tunnel N HOST:PORT` for every tunnel it opens, on stdout.
+//! A small outbound proxy for the gateway's outbound-proxy tests. A
+//! development tool, not part of the product: its own crate so that the
+//! release build and image leave it out.
+//!
+//! HTTP CONNECT or SOCKS5 (CONNECT by domain name, optional
+//! username/password). Prints `listening on URL`, then `tunnel N HOST:PORT`
+//! for every tunnel it opens, on stdout.
 //!
 //! Environment: `PROXY_KIND` (`http` or `socks5`), `PROXY_LISTEN` (default
 //! `127.0.0.1:0`), `PROXY_AUTH` (`user:pass`, required when set),

@@ -1,9 +1,14 @@
-//! A fake Gemini API for tests, demos and benchmarks. It behaves like Google
-//! where the gateway depends on it: per-key file ownership with Google's 403,
-//! the resumable upload protocol with offset checks, 429 with RetryInfo,
-//! invalid keys, SSE streams, the OpenAI-compatible endpoints; context caches,
-//! batches, long-running operations and file search stores, each visible only
-//! to the key that created it.
+//! A fake Gemini API for the gateway's tests, demos and benchmarks. A
+//! development tool, not part of the product: its own crate so that the
+//! release build and image leave it out, and without the gateway's library
+//! so that it copies Google's behaviour rather than the gateway's idea of it.
+//!
+//! It behaves like Google where the gateway depends on it: per-key file
+//! ownership with Google's 403, the resumable upload protocol with offset
+//! checks, 429 with RetryInfo, invalid keys, SSE streams, the
+//! OpenAI-compatible endpoints; context caches, batches, long-running
+//! operations and file search stores, each visible only to the key that
+//! created it.
 //!
 //! Environment: `FAKE_LISTEN` (default `127.0.0.1:0`), `FAKE_KEYS` (the valid
 //! keys, comma-separated), `FAKE_TLS_CERT`/`FAKE_TLS_KEY` (PEM; serve HTTPS),
