@@ -3,6 +3,7 @@ a process that prints `listening on URL`, and reading a process's costs."""
 
 import os
 import shutil
+import signal
 import pathlib
 import socket
 import subprocess
@@ -107,8 +108,25 @@ def start_nginx(workdir, upstream, workers=1):
             proc.kill()
             raise SystemExit("nginx did not start: " + (prefix / "error.log").read_text()[-500:])
         time.sleep(0.05)
-    workers_pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    return proc, f"http://127.0.0.1:{port}", [proc.pid] + [int(p) for p in workers_pids]
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    return Nginx(proc, workers), f"http://127.0.0.1:{port}", [proc.pid] + workers
+
+
+class Nginx:
+    """nginx's master; `kill` takes its workers down too (killed alone, the
+    master would leave them running)."""
+
+    def __init__(self, proc, workers):
+        self.proc, self.workers, self.pid = proc, workers, proc.pid
+
+    def kill(self):
+        for pid in [self.proc.pid] + self.workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
 
 
 def have_nginx():
