@@ -252,15 +252,13 @@ fn open_files_limits(pid: u32) -> (String, String) {
     )
 }
 
-#[actix_rt::test]
-async fn a_replica_raises_its_open_files_soft_limit_to_the_hard_one() {
+/// Starts a replica under `ulimit` settings (`sh` syntax) and returns its
+/// open-files limits once it listens, and the line it logged about them.
+fn start_with_ulimit(ulimit: &str, fake: &FakeUpstream) -> ((String, String), Option<String>) {
     use std::io::BufRead;
-    let fake = FakeUpstream::start(&keys(1));
-    let (_, hard) = open_files_limits(std::process::id());
-    // Started with a soft limit far below the hard one, as many systems do.
     let mut child = std::process::Command::new("sh")
         .arg("-c")
-        .arg("ulimit -Sn 256 && exec \"$0\"")
+        .arg(format!("{ulimit} && exec \"$0\""))
         .arg(env!("CARGO_BIN_EXE_gemini-balancer"))
         .env_clear()
         .env("GB_LISTEN", "127.0.0.1:0")
@@ -271,9 +269,8 @@ async fn a_replica_raises_its_open_files_soft_limit_to_the_hard_one() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut logged = None;
-    for line in lines.by_ref() {
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
         let line = line.unwrap();
         if line.contains("open-files limit") {
             logged = Some(line.clone());
@@ -282,11 +279,27 @@ async fn a_replica_raises_its_open_files_soft_limit_to_the_hard_one() {
             break;
         }
     }
-    let (soft, now_hard) = open_files_limits(child.id());
+    let limits = open_files_limits(child.id());
     let _ = child.kill();
     let _ = child.wait();
+    (limits, logged)
+}
+
+#[actix_rt::test]
+async fn a_replica_raises_its_open_files_soft_limit_to_the_hard_one() {
+    let fake = FakeUpstream::start(&keys(1));
+    let (_, hard) = open_files_limits(std::process::id());
+    // Started with a soft limit far below the hard one, as many systems do.
+    let ((soft, now_hard), logged) = start_with_ulimit("ulimit -Sn 256", &fake);
     assert_eq!(now_hard, hard, "the hard limit is the operator's");
     assert_eq!(soft, hard, "the soft limit was raised to the hard one");
     let logged = logged.expect("the limit is logged at start");
     assert!(logged.contains(&format!("limit={hard}")), "{logged}");
+    assert!(!logged.contains("is low"), "{logged}");
+
+    // A hard limit too low for many streams is warned about.
+    let ((soft, hard), logged) = start_with_ulimit("ulimit -Sn 256 && ulimit -Hn 4096", &fake);
+    assert_eq!((soft.as_str(), hard.as_str()), ("4096", "4096"));
+    let logged = logged.expect("the limit is logged at start");
+    assert!(logged.contains("WARN") && logged.contains("open-files limit is low"), "{logged}");
 }
