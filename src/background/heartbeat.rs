@@ -35,8 +35,11 @@ pub struct ReplicaInfo {
     pub loaded_ms: u64,
 }
 
-/// Beats and flushes every few seconds, until [`super::Background::stop`].
-pub async fn run(gw: Arc<Gateway>, addr: SocketAddr) {
+/// Beats and flushes every few seconds, until `stop` is notified. It stops
+/// only between beats, never in the middle of a flush: a flush takes the
+/// pending counts out of memory before it writes them, so cutting it there
+/// would lose them.
+pub async fn run(gw: Arc<Gateway>, addr: SocketAddr, stop: Arc<tokio::sync::Notify>) {
     loop {
         beat(&gw, addr).await;
         if let Err(e) = gw.stats.flush(gw.store()).await {
@@ -45,7 +48,10 @@ pub async fn run(gw: Arc<Gateway>, addr: SocketAddr) {
         if let Err(e) = gw.usage.flush(gw.store()).await {
             tracing::debug!(error = %e, "usage flush deferred");
         }
-        tokio::time::sleep(EVERY).await;
+        tokio::select! {
+            () = tokio::time::sleep(EVERY) => {}
+            () = stop.notified() => return,
+        }
     }
 }
 

@@ -34,7 +34,13 @@ const PROXY_REFRESH: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub struct Background {
     tasks: Vec<(&'static str, JoinHandle<()>)>,
+    /// The heartbeat, stopped by a signal between beats rather than
+    /// aborted (see [`heartbeat::run`]).
+    heartbeat: Option<(Arc<tokio::sync::Notify>, JoinHandle<()>)>,
 }
+
+/// Longest a stopping replica waits for a heartbeat flush in progress.
+const HEARTBEAT_STOP: Duration = Duration::from_secs(10);
 
 impl Background {
     pub fn new() -> Self {
@@ -66,7 +72,9 @@ impl Background {
             });
         }
         self.spawn("reload", reload::run(gw.clone()));
-        self.spawn("heartbeat", heartbeat::run(gw.clone(), addr));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = spawn_local(heartbeat::run(gw.clone(), addr, stop.clone()));
+        self.heartbeat = Some((stop, task));
     }
 
     /// Stops every task, once the server has stopped serving: then the
@@ -76,6 +84,16 @@ impl Background {
         for (name, task) in self.tasks {
             task.abort();
             tracing::debug!(task = name, "background task stopped");
+        }
+        if let Some((stop, task)) = self.heartbeat {
+            // A permit is kept when the heartbeat is mid-flush: it stops
+            // right after the flush.
+            stop.notify_one();
+            let abort = task.abort_handle();
+            if tokio::time::timeout(HEARTBEAT_STOP, task).await.is_err() {
+                abort.abort();
+                tracing::warn!("the heartbeat's last flush did not finish in time");
+            }
         }
         heartbeat::sign_off(gw).await;
     }

@@ -75,7 +75,11 @@ async fn one(addr: String, request: std::sync::Arc<Vec<u8>>) -> Outcome {
         out.events += found;
         let keep = carry.len().min(5);
         let tail = carry[carry.len() - keep..].to_vec();
-        carry = if tail.ends_with(b"data: ") { Vec::new() } else { tail };
+        carry = if tail.ends_with(b"data: ") {
+            Vec::new()
+        } else {
+            tail
+        };
     }
     out
 }

@@ -207,7 +207,11 @@ impl Tail {
         let from = self.settled.saturating_sub(self.marker.len());
         if let Some(at) = last_whole_from(&self.buf, from, self.marker) {
             self.buf.drain(..at);
-            self.settled = 0;
+            // The buffer now starts with the last whole object; any later
+            // marker belongs to an object still arriving.
+            let len = self.marker.len();
+            self.settled = rfind(&self.buf[len.min(self.buf.len())..], self.marker)
+                .map_or(self.buf.len(), |i| i + len);
         } else {
             // An object still arriving is looked at again with the next chunk.
             self.settled =
@@ -439,7 +443,8 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a } \\\" {\"}]}}],\"
         for n in 1..=50 {
             // Split each event at awkward places, the marker included.
             let e = event(n);
-            let (a, b) = e.as_bytes().split_at(2010);
+            let at = e.find("usageMetadata").unwrap() + 4;
+            let (a, b) = e.as_bytes().split_at(at);
             let (b, c) = b.split_at(7);
             t.push(a);
             t.push(b);
@@ -477,6 +482,12 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a } \\\" {\"}]}}],\"
             t.push(part);
         }
         assert_eq!(tokens(Format::OpenAi, t.bytes()).map(|u| u.total), Some(10));
+        // The object was found whole although its marker arrived in pieces.
+        assert!(
+            t.bytes().starts_with(b"\"usage\""),
+            "{:?}",
+            String::from_utf8_lossy(t.bytes())
+        );
     }
 
     #[test]
