@@ -185,6 +185,29 @@ pub async fn read_body(
     Ok(body.freeze())
 }
 
+/// The edge steps of a request that carries a JSON body, in order:
+/// authenticate, read the body within `GB_MAX_BODY_BYTES`, check it is JSON
+/// (always when `required`, else only when it says so).
+pub async fn authorized_json(
+    gw: &Gateway,
+    req: &HttpRequest,
+    payload: web::Payload,
+    edge: &Edge,
+    flavor: Flavor,
+    required: bool,
+) -> Result<(std::sync::Arc<ClientToken>, bytes::Bytes), ApiError> {
+    let token = authorize(&gw.auth, req.headers(), edge, flavor)?;
+    let body = read_body(
+        payload,
+        req.headers(),
+        gw.settings.listen.max_body_bytes,
+        flavor,
+    )
+    .await?;
+    check_json(&body, req.headers(), required, flavor)?;
+    Ok((token, body))
+}
+
 const MAX_JSON_DEPTH: usize = 100;
 
 /// The deepest nesting of arrays and objects, by one pass over the bytes
@@ -340,15 +363,7 @@ async fn native(
             ));
         }
     }
-    let token = authorize(&gw.auth, req.headers(), edge, flavor)?;
-    let body = read_body(
-        payload,
-        req.headers(),
-        gw.settings.listen.max_body_bytes,
-        flavor,
-    )
-    .await?;
-    check_json(&body, req.headers(), action.is_some(), flavor)?;
+    let (token, body) = authorized_json(gw, req, payload, edge, flavor, action.is_some()).await?;
     pipeline::forward(
         gw,
         up,

@@ -5,7 +5,7 @@
 use actix_web::http::header::{HeaderMap, AUTHORIZATION};
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::{authorize, check_json, read_body, Edge};
+use super::{authorized_json, Edge};
 use crate::gateway::Gateway;
 use crate::http::error::{ApiError, Flavor};
 use crate::http::pipeline::{self, Call};
@@ -29,20 +29,8 @@ pub async fn handle(
     upstream_path: String,
 ) -> Result<HttpResponse, ApiError> {
     let flavor = Flavor::OpenAi;
-    let token = authorize(&gw.auth, req.headers(), edge, flavor)?;
-    let body = read_body(
-        payload,
-        req.headers(),
-        gw.settings.listen.max_body_bytes,
-        flavor,
-    )
-    .await?;
-    check_json(
-        &body,
-        req.headers(),
-        req.method() == actix_web::http::Method::POST,
-        flavor,
-    )?;
+    let post = req.method() == actix_web::http::Method::POST;
+    let (token, body) = authorized_json(gw, req, payload, edge, flavor, post).await?;
     let model = crate::domain::keys::model_from_openai_body(&body);
     pipeline::forward(
         gw,

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
-use super::{authorize, check_json, read_body, Edge};
+use super::{authorize, authorized_json, Edge};
 use crate::domain::keys::ApiKey;
 use crate::domain::resources::{self, Kind, OwnerRecord, RefError};
 use crate::gateway::Gateway;
@@ -169,15 +169,7 @@ async fn create(
     payload: web::Payload,
     edge: &Edge,
 ) -> Result<HttpResponse, ApiError> {
-    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
-    let body = read_body(
-        payload,
-        req.headers(),
-        gw.settings.listen.max_body_bytes,
-        FLAVOR,
-    )
-    .await?;
-    check_json(&body, req.headers(), true, FLAVOR)?;
+    let (token, body) = authorized_json(gw, req, payload, edge, FLAVOR, true).await?;
     let c = call(req, edge, &token.id, body);
     let pinned = pipeline::pin(gw, up, &c.body, c.session.as_ref(), &token.id, FLAVOR).await?;
     let mut served = match pipeline::send(gw, up, &c, pinned).await? {
@@ -204,15 +196,7 @@ async fn mint(
     payload: web::Payload,
     edge: &Edge,
 ) -> Result<HttpResponse, ApiError> {
-    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
-    let body = read_body(
-        payload,
-        req.headers(),
-        gw.settings.listen.max_body_bytes,
-        FLAVOR,
-    )
-    .await?;
-    check_json(&body, req.headers(), true, FLAVOR)?;
+    let (token, body) = authorized_json(gw, req, payload, edge, FLAVOR, true).await?;
     let asked: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let ttl = asked
         .get("expireTime")
@@ -300,15 +284,7 @@ async fn owned(
     edge: &Edge,
     name: &str,
 ) -> Result<HttpResponse, ApiError> {
-    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
-    let body = read_body(
-        payload,
-        req.headers(),
-        gw.settings.listen.max_body_bytes,
-        FLAVOR,
-    )
-    .await?;
-    check_json(&body, req.headers(), false, FLAVOR)?;
+    let (token, body) = authorized_json(gw, req, payload, edge, FLAVOR, false).await?;
     let owner = owner_for(gw, up, name, &token.id).await?;
     let key = gw.keys.by_id(&owner.key).ok_or_else(|| not_found(name))?;
     // What the body names (a file imported into a store) must live on the
