@@ -2,29 +2,30 @@
 //! one client token, steers around rate-limited and dead keys, and routes
 //! every request that uses an uploaded file to the key that owns it.
 //!
-//! The folders are layers; dependencies point down this list (see
-//! `ARCHITECTURE.md`):
-//! - [`http`]: the edge: routes, the checks every request passes, and the
-//!   request pipeline.
-//! - [`domain`]: what the gateway knows: keys and their health, sessions,
-//!   resource owners, uploads, usage.
-//! - [`upstream`]: calling Google: the client, outbound proxies, the one
-//!   attempt function and what an answer says about a key.
-//! - [`state`]: the shared store (Redis or in memory), its key names and
-//!   its layout versions.
+//! The folders are layers; dependencies point down this list, never up
+//! (see `ARCHITECTURE.md`; `tests/api/layers.rs` fails on an upward import):
+//! - [`http`]: the edge: routes, the checks every request passes, the
+//!   request pipeline, and every word a client reads.
 //! - [`background`]: the periodic tasks of a replica, started and stopped in
 //!   one place.
+//! - [`domain`]: what the gateway knows and decides: the state every worker
+//!   shares ([`domain::gateway`]), keys and their health, client tokens,
+//!   sessions, resource owners, uploads, usage, and the one attempt
+//!   function every upstream call goes through.
+//! - [`upstream`]: calling Google: the client, outbound proxies, and what
+//!   an answer says about a key.
+//! - [`state`]: the shared store (Redis or in memory), its key names and
+//!   its layout versions.
 //! - [`ops`]: metrics, logs and the container health check.
+//! - [`settings`]: the only reader of the environment.
 //!
-//! Beside them: [`settings`] (the only reader of the environment),
-//! [`gateway`] (the state every worker shares) and [`startup`] (the wiring).
+//! Beside them: [`startup`] (the wiring) and the binary's `main`.
 
 // Detached tasks start only in `background` (see clippy.toml).
 #![deny(clippy::disallowed_methods)]
 
 pub mod background;
 pub mod domain;
-pub mod gateway;
 pub mod http;
 pub mod ops;
 pub mod settings;

@@ -11,7 +11,7 @@ use anyhow::Context;
 use tracing_actix_web::TracingLogger;
 
 use crate::background::Background;
-use crate::gateway::Gateway;
+use crate::domain::gateway::Gateway;
 use crate::http::routes;
 use crate::ops::metrics::Metrics;
 use crate::ops::telemetry::{GatewaySpan, RequestId};

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::gateway::Gateway;
+use crate::domain::gateway::Gateway;
 use crate::state::{now_ms, StateStore, StoreError};
 
 const NS: &str = crate::state::keyspace::ns::REPLICA;

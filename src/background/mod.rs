@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use crate::gateway::Gateway;
+use crate::domain::gateway::Gateway;
 use crate::state::{LayoutGate, RedisStore};
 use crate::upstream::client::Upstream;
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 use actix_web::http::header::HeaderMap;
 use actix_web::http::Method;
 
+use crate::domain::gateway::Gateway;
 use crate::domain::keys::{ApiKey, RING};
-use crate::gateway::Gateway;
 use crate::state::{now_ms, MemberState, Transition};
 use crate::upstream::client::{KeyStyle, Upstream};
 
@@ -75,23 +75,23 @@ pub async fn recheck_key(gw: &Gateway, upstream: &Upstream, key: &ApiKey) -> boo
 
 async fn works(gw: &Gateway, upstream: &Upstream, key: &ApiKey) -> bool {
     let headers = HeaderMap::new();
-    let request = crate::upstream::attempt::Request {
+    let request = crate::domain::attempt::Request {
         method: Method::GET,
-        target: crate::upstream::attempt::Target::Path("/v1beta/models?pageSize=1"),
+        target: crate::domain::attempt::Target::Path("/v1beta/models?pageSize=1"),
         headers: &headers,
         style: KeyStyle::GoogHeader,
         api: "recheck",
         timeout: Some(Duration::from_secs(30)),
     };
     matches!(
-        crate::upstream::attempt::attempt(
+        crate::domain::attempt::attempt(
             gw,
             upstream,
             key,
             request,
-            crate::upstream::attempt::Body::Empty
+            crate::domain::attempt::Body::Empty
         )
         .await,
-        crate::upstream::attempt::Sent::Answer(_)
+        crate::domain::attempt::Sent::Answer(_)
     )
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-use crate::gateway::Gateway;
+use crate::domain::gateway::Gateway;
 
 /// Entries of a secrets file: one a line, `#` starts a comment.
 fn entries(text: &str) -> Vec<(usize, &str)> {

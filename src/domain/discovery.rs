@@ -14,12 +14,11 @@ use futures_util::future::join_all;
 
 use actix_web::http::StatusCode;
 
+use crate::domain::attempt;
+use crate::domain::gateway::Gateway;
 use crate::domain::keys::ApiKey;
 use crate::domain::resources::{self, Kind, OwnerRecord};
-use crate::gateway::Gateway;
-use crate::http::error::ApiError;
 use crate::state::StoreError;
-use crate::upstream::attempt;
 use crate::upstream::client::{KeyStyle, Upstream};
 
 const MISS_NS: &str = crate::state::keyspace::ns::DISCOVERY_MISS;
@@ -50,29 +49,28 @@ impl From<StoreError> for DiscoveryError {
 }
 
 impl DiscoveryError {
-    /// The answer for the client (a store failure is the caller's to shape).
-    pub fn refusal(&self) -> Option<ApiError> {
-        match self {
+    /// Why the lookups were refused, when they were (a store failure is an
+    /// outage, not a refusal).
+    pub fn refusal(&self) -> Option<Refusal> {
+        match *self {
             DiscoveryError::Store(_) => None,
-            DiscoveryError::OverBudget { unknown, budget } => Some(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "This request names {unknown} files or resources the gateway does not know, \
-                     and finding their owners would take more than the {budget} lookups one \
-                     request may make (GB_DISCOVERY_BUDGET). Use resources created through the \
-                     gateway, or name fewer unknown ones per request."
-                ),
-            )),
-            DiscoveryError::RateLimited { retry_after_secs } => Some(
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "This token has made too many lookups of unknown files or resources in the \
-                     last minute. Retry after the Retry-After delay.",
-                )
-                .retry_after(*retry_after_secs),
-            ),
+            DiscoveryError::OverBudget { unknown, budget } => {
+                Some(Refusal::OverBudget { unknown, budget })
+            }
+            DiscoveryError::RateLimited { retry_after_secs } => {
+                Some(Refusal::RateLimited { retry_after_secs })
+            }
         }
     }
+}
+
+/// Lookups of unknown owners that were not made, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A request names more unknown resources than its budget can search.
+    OverBudget { unknown: usize, budget: usize },
+    /// The token spent its lookups for this minute.
+    RateLimited { retry_after_secs: u64 },
 }
 
 /// Lookups one token may make per minute, across every replica: a few

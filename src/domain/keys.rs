@@ -4,11 +4,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use actix_web::http::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::domain::identity::{mask, short_id};
-use crate::http::error::ApiError;
 use crate::state::{now_ms, MemberState, Pick, StateStore, Transition, MODEL_SEP};
 use crate::upstream::outcome::Outcome;
 
@@ -34,6 +32,14 @@ impl ApiKey {
 
     pub fn expose(&self) -> &str {
         self.secret.expose_secret()
+    }
+
+    /// What an upstream call needs of this key.
+    pub fn credential(&self) -> crate::upstream::client::Credential<'_> {
+        crate::upstream::client::Credential {
+            id: &self.id,
+            secret: self.secret.expose_secret(),
+        }
     }
 }
 
@@ -102,27 +108,6 @@ pub enum NoKey {
     AllCooling { retry_after_secs: u64 },
     AllDisabled,
     Exhausted,
-}
-
-impl NoKey {
-    pub fn into_error(self) -> ApiError {
-        match self {
-            NoKey::AllCooling { retry_after_secs } => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "Every API key of the gateway is rate-limited right now. Retry after the \
-                 Retry-After delay.",
-            )
-            .retry_after(retry_after_secs),
-            NoKey::AllDisabled => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "No API key of the gateway is usable: every key is disabled.",
-            ),
-            NoKey::Exhausted => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "The upstream failed on every key tried.",
-            ),
-        }
-    }
 }
 
 impl KeyPool {
@@ -258,19 +243,7 @@ impl KeyPool {
     }
 }
 
-/// A model name as Google's quota and the rotation know it: `models/x` and
-/// `x` are the same model. Names that are not plain model ids (too long, or
-/// with characters a model id never has) give `None`.
-pub fn normalize_model(raw: &str) -> Option<String> {
-    let name = raw.trim();
-    let name = name.strip_prefix("models/").unwrap_or(name);
-    let ok = !name.is_empty()
-        && name.len() <= 100
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
-    ok.then(|| name.to_ascii_lowercase())
-}
+pub use crate::upstream::model::normalize_model;
 
 /// The model a native route names: `/{ver}/models/{model}:{method}`.
 pub fn model_from_path(path: &str) -> Option<String> {

@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
+use crate::domain::gateway::Gateway;
 use crate::domain::keys::{ApiKey, NoKey};
-use crate::gateway::Gateway;
 use crate::state::{now_ms, StateStore, StoreError};
 use crate::upstream::outcome::Outcome;
 

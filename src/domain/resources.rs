@@ -19,8 +19,8 @@ use std::time::Duration;
 use memchr::{memchr_iter, memmem};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::gateway::Gateway;
 use crate::domain::keys::ApiKey;
-use crate::gateway::Gateway;
 use crate::settings::Settings;
 use crate::state::keyspace::{index, ns};
 use crate::state::{now_ms, IndexEntry, StateStore, StoreError};
@@ -286,7 +286,10 @@ pub enum RefError {
     Store(StoreError),
     /// Discovery of unknown owners was refused (over budget, or the token's
     /// lookup rate).
-    Refused(crate::http::error::ApiError),
+    Refused(crate::domain::discovery::Refusal),
+    /// The named resources belong to a key no longer configured (their
+    /// names).
+    GoneKey(Vec<String>),
     /// The named resources belong to different keys (their names).
     Mixed(Vec<String>),
 }
@@ -338,28 +341,14 @@ pub async fn body_owner(
         [] => Ok(None),
         [one] => match gw.keys.by_id(one) {
             Some(key) => Ok(Some(key)),
-            None => Err(RefError::Refused(gone_key(
-                &owned.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
-            ))),
+            None => Err(RefError::GoneKey(
+                owned.iter().map(|(n, _)| (*n).to_string()).collect(),
+            )),
         },
         _ => Err(RefError::Mixed(
             owned.iter().map(|(n, _)| n.to_string()).collect(),
         )),
     }
-}
-
-/// The answer for resources whose owner key was removed from the gateway's
-/// configuration: they exist only in that key's project, so no other key
-/// can serve them, and the request is never sent.
-pub fn gone_key(names: &[&str]) -> crate::http::error::ApiError {
-    crate::http::error::ApiError::new(
-        actix_web::http::StatusCode::GONE,
-        format!(
-            "{} belong to an API key that is no longer configured on the gateway: they \
-             exist only in that key's project. Upload or create them again.",
-            names.join(", ")
-        ),
-    )
 }
 
 /// The 409 message for resources on different keys.

@@ -26,9 +26,7 @@ fn digest(label: &str, value: &str) -> String {
 }
 
 /// Which admin token opened a session (a digest, never the token).
-pub fn generation(admin_token: &str) -> String {
-    digest("gb-admin-generation", admin_token)[..24].to_string()
-}
+pub use crate::domain::clients::generation;
 
 /// The form token that proves a POST comes from a page of this session.
 pub fn csrf_token(session_id: &str) -> String {

@@ -1,176 +1,33 @@
-//! Client authentication: which gateway token, if any, a request carries.
+//! Where a request carries its gateway token, and how a refused one is
+//! answered. The tokens in force and the check itself are the domain's
+//! ([`crate::domain::clients`]).
 
 use actix_web::http::header::{HeaderMap, AUTHORIZATION};
-use std::sync::{Arc, RwLock};
 
-use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
-
-use crate::domain::identity::ClientToken;
+use crate::domain::clients::TokenError;
 use crate::http::error::ApiError;
 
-/// The client tokens and the admin token in force. Both can change while
-/// the gateway runs (reloaded token files): a revoked token is refused from
-/// the next request on.
-pub struct Auth {
-    tokens: RwLock<Arc<TokenSet>>,
-    admin: RwLock<Option<Admin>>,
-}
-
-struct TokenSet {
-    tokens: Vec<(Arc<ClientToken>, [u8; 32])>,
-    digest: String,
-    /// Token id → label (`label=token` entries), for operators' pages.
-    labels: Vec<(String, String)>,
-}
-
-impl TokenSet {
-    fn new(tokens: &[SecretString], labels: Vec<(String, String)>) -> Self {
-        let tokens: Vec<(Arc<ClientToken>, [u8; 32])> = tokens
-            .iter()
-            .map(|t| {
-                (
-                    Arc::new(ClientToken::new(t.clone())),
-                    digest(t.expose_secret()),
-                )
-            })
-            .collect();
-        let ids: Vec<String> = tokens.iter().map(|(t, _)| t.id.clone()).collect();
-        Self {
-            digest: crate::domain::keys::set_digest(&ids),
-            tokens,
-            labels,
+/// The token a request presents, in the forms the SDKs send: the
+/// `x-goog-api-key` header, `Authorization: Bearer`, or `?key=`.
+pub fn presented<'a>(headers: &'a HeaderMap, query_key: Option<&'a str>) -> Option<&'a str> {
+    if let Some(v) = headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim());
+    }
+    if let Some(v) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+            return Some(v[7..].trim());
         }
     }
+    query_key
 }
 
-#[derive(Clone)]
-struct Admin {
-    digest: [u8; 32],
-    /// Which admin token is in force, as admin page sessions record it.
-    generation: String,
-}
-
-impl Admin {
-    fn new(token: &SecretString) -> Self {
-        Self {
-            digest: digest(token.expose_secret()),
-            generation: crate::http::admin_session::generation(token.expose_secret()),
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Missing => ApiError::unauthenticated(),
+            TokenError::Unknown => ApiError::forbidden_token(),
         }
-    }
-}
-
-fn digest(s: &str) -> [u8; 32] {
-    Sha256::digest(s.as_bytes()).into()
-}
-
-fn read<T: Clone>(lock: &RwLock<T>) -> T {
-    match lock.read() {
-        Ok(v) => v.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
-    }
-}
-
-fn write<T>(lock: &RwLock<T>, value: T) {
-    match lock.write() {
-        Ok(mut v) => *v = value,
-        Err(poisoned) => *poisoned.into_inner() = value,
-    }
-}
-
-impl Auth {
-    pub fn new(
-        tokens: &[SecretString],
-        labels: Vec<(String, String)>,
-        admin: Option<&SecretString>,
-    ) -> Self {
-        Self {
-            tokens: RwLock::new(Arc::new(TokenSet::new(tokens, labels))),
-            admin: RwLock::new(admin.map(Admin::new)),
-        }
-    }
-
-    /// Puts a new set of client tokens in place; returns (before, after)
-    /// counts.
-    pub fn replace_tokens(
-        &self,
-        tokens: &[SecretString],
-        labels: Vec<(String, String)>,
-    ) -> (usize, usize) {
-        let next = Arc::new(TokenSet::new(tokens, labels));
-        let before = read(&self.tokens).tokens.len();
-        let after = next.tokens.len();
-        write(&self.tokens, next);
-        (before, after)
-    }
-
-    /// Puts a new admin token in place (page sessions of the old one end).
-    pub fn replace_admin(&self, admin: Option<&SecretString>) {
-        write(&self.admin, admin.map(Admin::new));
-    }
-
-    /// The label a client token was given, if any.
-    pub fn label_of(&self, token_id: &str) -> Option<String> {
-        read(&self.tokens)
-            .labels
-            .iter()
-            .find(|(id, _)| id == token_id)
-            .map(|(_, label)| label.clone())
-    }
-
-    /// A digest of the client token ids in force.
-    pub fn tokens_digest(&self) -> String {
-        read(&self.tokens).digest.clone()
-    }
-
-    /// Which admin token is in force (a digest), while one is.
-    pub fn admin_generation(&self) -> Option<String> {
-        read(&self.admin).map(|a| a.generation)
-    }
-
-    /// The token a request presents, in the forms the SDKs send: the
-    /// `x-goog-api-key` header, `Authorization: Bearer`, or `?key=`.
-    pub fn presented<'a>(headers: &'a HeaderMap, query_key: Option<&'a str>) -> Option<&'a str> {
-        if let Some(v) = headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()) {
-            return Some(v.trim());
-        }
-        if let Some(v) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-            let v = v.trim();
-            if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
-                return Some(v[7..].trim());
-            }
-        }
-        query_key
-    }
-
-    /// Checks a presented token in constant time against every client token
-    /// (digests have one length, so not even the length leaks).
-    pub fn verify(&self, presented: Option<&str>) -> Result<Arc<ClientToken>, ApiError> {
-        let presented = presented
-            .filter(|p| !p.is_empty())
-            .ok_or_else(ApiError::unauthenticated)?;
-        let d = digest(presented);
-        let set = read(&self.tokens);
-        let mut found = None;
-        for (token, td) in &set.tokens {
-            if bool::from(td.ct_eq(&d)) {
-                found = Some(token.clone());
-            }
-        }
-        found.ok_or_else(ApiError::forbidden_token)
-    }
-
-    /// Whether the presented token is the admin token (never a client token).
-    pub fn is_admin(&self, presented: Option<&str>) -> bool {
-        match (read(&self.admin), presented) {
-            (Some(admin), Some(p)) => bool::from(admin.digest.ct_eq(&digest(p))),
-            _ => false,
-        }
-    }
-
-    pub fn admin_enabled(&self) -> bool {
-        read(&self.admin).is_some()
     }
 }
 
@@ -179,39 +36,30 @@ mod tests {
     use super::*;
     use actix_web::http::header::HeaderValue;
     use actix_web::http::StatusCode;
-    use secrecy::SecretString;
-
-    fn auth() -> Auth {
-        Auth::new(
-            &[SecretString::from("tok-a"), SecretString::from("tok-b")],
-            Vec::new(),
-            Some(&SecretString::from("adm")),
-        )
-    }
 
     #[test]
-    fn accepts_each_form() {
-        let a = auth();
+    fn each_form_the_sdks_send_is_read() {
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer tok-b"));
-        assert!(a.verify(Auth::presented(&h, None)).is_ok());
-        let h = HeaderMap::new();
-        assert!(a.verify(Auth::presented(&h, Some("tok-a"))).is_ok());
+        assert_eq!(presented(&h, Some("q")), Some("tok-b"));
+        h.insert(
+            actix_web::http::header::HeaderName::from_static("x-goog-api-key"),
+            HeaderValue::from_static(" tok-a "),
+        );
+        assert_eq!(presented(&h, Some("q")), Some("tok-a"));
+        assert_eq!(presented(&HeaderMap::new(), Some("q")), Some("q"));
+        assert_eq!(presented(&HeaderMap::new(), None), None);
     }
 
     #[test]
-    fn missing_is_401_and_wrong_is_403() {
-        let a = auth();
-        assert_eq!(a.verify(None).unwrap_err().status, StatusCode::UNAUTHORIZED);
+    fn missing_is_401_and_unknown_is_403() {
         assert_eq!(
-            a.verify(Some("nope")).unwrap_err().status,
-            StatusCode::FORBIDDEN
+            ApiError::from(TokenError::Missing).status,
+            StatusCode::UNAUTHORIZED
         );
         assert_eq!(
-            a.verify(Some("adm")).unwrap_err().status,
+            ApiError::from(TokenError::Unknown).status,
             StatusCode::FORBIDDEN
         );
-        assert!(a.is_admin(Some("adm")));
-        assert!(!a.is_admin(Some("tok-a")));
     }
 }

@@ -154,6 +154,90 @@ impl ResponseError for ApiError {
     }
 }
 
+// What the layers below report, as a client reads it. Their errors carry
+// facts (ids, counts, delays); the words are written here, once, in the
+// dialect of the route that answers (`flavor`).
+
+impl From<crate::domain::attempt::Unreachable> for ApiError {
+    fn from(e: crate::domain::attempt::Unreachable) -> Self {
+        use crate::domain::attempt::Unreachable;
+        match e {
+            Unreachable::Timeout => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "The upstream did not answer in time.",
+            ),
+            Unreachable::Failed => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "The upstream could not be reached.",
+            ),
+            Unreachable::Stalled => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "The upstream stopped sending in the middle of its answer.",
+            ),
+        }
+    }
+}
+
+impl From<crate::domain::keys::NoKey> for ApiError {
+    fn from(e: crate::domain::keys::NoKey) -> Self {
+        use crate::domain::keys::NoKey;
+        match e {
+            NoKey::AllCooling { retry_after_secs } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Every API key of the gateway is rate-limited right now. Retry after the \
+                 Retry-After delay.",
+            )
+            .retry_after(retry_after_secs),
+            NoKey::AllDisabled => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "No API key of the gateway is usable: every key is disabled.",
+            ),
+            NoKey::Exhausted => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "The upstream failed on every key tried.",
+            ),
+        }
+    }
+}
+
+impl From<crate::domain::discovery::Refusal> for ApiError {
+    fn from(e: crate::domain::discovery::Refusal) -> Self {
+        use crate::domain::discovery::Refusal;
+        match e {
+            Refusal::OverBudget { unknown, budget } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "This request names {unknown} files or resources the gateway does not know, \
+                     and finding their owners would take more than the {budget} lookups one \
+                     request may make (GB_DISCOVERY_BUDGET). Use resources created through the \
+                     gateway, or name fewer unknown ones per request."
+                ),
+            ),
+            Refusal::RateLimited { retry_after_secs } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "This token has made too many lookups of unknown files or resources in the \
+                 last minute. Retry after the Retry-After delay.",
+            )
+            .retry_after(retry_after_secs),
+        }
+    }
+}
+
+/// Resources whose owner key was removed from the gateway's configuration:
+/// they exist only in that key's project, so no other key can serve them,
+/// and the request is never sent.
+pub fn gone_key<S: AsRef<str>>(names: &[S]) -> ApiError {
+    let names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
+    ApiError::new(
+        StatusCode::GONE,
+        format!(
+            "{} belong to an API key that is no longer configured on the gateway: they \
+             exist only in that key's project. Upload or create them again.",
+            names.join(", ")
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

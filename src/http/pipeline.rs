@@ -23,18 +23,19 @@ use actix_web::HttpResponse;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use crate::domain::attempt;
+use crate::domain::gateway::Gateway;
 use crate::domain::keys::{ApiKey, NoKey};
 use crate::domain::resources::{mixed_message, RefError};
 use crate::domain::session::{self, BindError, Session};
-use crate::gateway::Gateway;
+use crate::domain::usage::meter::Meter;
+use crate::domain::usage::scan::{self, Format};
+use crate::domain::usage::Series;
 use crate::http::error::{ApiError, Flavor};
 use crate::state::{effective_state, now_ms, MemberState};
-use crate::upstream::attempt;
+pub use crate::upstream::client::read_small;
 use crate::upstream::client::{response_forwardable, KeyStyle, Upstream};
 use crate::upstream::outcome::Outcome;
-
-/// Longest an error body may take to arrive whole (error bodies are small).
-const ERROR_BODY_DEADLINE: Duration = Duration::from_secs(10);
 
 /// One client request, parsed at the edge.
 pub struct Call {
@@ -56,6 +57,30 @@ pub struct Call {
 }
 
 impl Call {
+    /// Who this call's upstream calls are counted against.
+    pub fn bill(&self) -> Bill {
+        Bill {
+            token_id: self.token_id.clone(),
+            model: self.model.clone(),
+            route: crate::ops::metrics::route_class(self.method.as_str(), &self.path),
+        }
+    }
+
+    /// How the tokens of a successful answer are read, on the routes whose
+    /// answers report token use: content generation and embeddings
+    /// (Google's `usageMetadata`, OpenAI's `usage` on the OpenAI routes) and
+    /// a cache's creation. Elsewhere none: `countTokens` is a request, not
+    /// token use, and reading a cache again reports its size again.
+    fn format(&self, route: &str) -> Option<Format> {
+        let creates_cache = self.method == Method::POST && self.path.ends_with("/cachedContents");
+        match (route, self.flavor) {
+            ("generate" | "stream" | "embed", _) => Some(Format::Gemini),
+            (_, Flavor::OpenAi) if route.starts_with("openai_") => Some(Format::OpenAi),
+            _ if creates_cache => Some(Format::Gemini),
+            _ => None,
+        }
+    }
+
     pub fn path_and_query(&self) -> String {
         if self.query.is_empty() {
             self.path.clone()
@@ -63,6 +88,92 @@ impl Call {
             format!("{}?{}", self.path, self.query)
         }
     }
+}
+
+/// Who a request's upstream calls are counted against in the usage view:
+/// every upstream call a client causes counts as one request of its token,
+/// the key that served it and its model, with the tokens Google reported
+/// (the gateway's own calls, discovery and the re-check, are not counted).
+#[derive(Debug, Clone)]
+pub struct Bill {
+    pub token_id: String,
+    pub model: Option<String>,
+    /// The route class, for the recent-errors list.
+    pub route: &'static str,
+}
+
+impl Bill {
+    /// A request of `token_id` that names no model.
+    pub fn to(token_id: &str, route: &'static str) -> Self {
+        Self {
+            token_id: token_id.to_string(),
+            model: None,
+            route,
+        }
+    }
+
+    pub fn series(&self, key_id: &str) -> Series {
+        Series {
+            token_id: self.token_id.clone(),
+            key_id: key_id.to_string(),
+            model: self.model.clone(),
+        }
+    }
+
+    /// A successful answer, with the tokens Google reported in it.
+    pub fn served(&self, gw: &Gateway, key_id: &str, tokens: Option<&scan::Tokens>) {
+        gw.usage.success(&self.series(key_id), tokens, now_ms());
+    }
+
+    /// An upstream error answer (or no answer), as the usage view lists it.
+    pub fn refused(
+        &self,
+        gw: &Gateway,
+        key_id: &str,
+        status: u16,
+        body: &[u8],
+        outcome: &'static str,
+    ) {
+        crate::domain::usage::record_error(
+            &gw.usage,
+            &self.series(key_id),
+            self.route,
+            status,
+            body,
+            outcome,
+        );
+    }
+}
+
+/// One upstream call of a client's request ([`attempt::attempt`]), counted
+/// in the usage view against `bill`: an error answer or no answer at once;
+/// an answer as a request without tokens when `count_answer` (answers whose
+/// tokens are read as they stream past are counted by their meter instead).
+pub async fn attempt_billed(
+    gw: &Gateway,
+    up: &Upstream,
+    key: &ApiKey,
+    request: attempt::Request<'_>,
+    body: attempt::Body,
+    bill: &Bill,
+    count_answer: bool,
+) -> attempt::Sent {
+    let sent = attempt::attempt(gw, up, key, request, body).await;
+    match &sent {
+        attempt::Sent::Answer(_) if count_answer => bill.served(gw, &key.id, None),
+        attempt::Sent::Answer(_) => {}
+        attempt::Sent::Refused {
+            status,
+            body,
+            outcome,
+            ..
+        } => bill.refused(gw, &key.id, status.as_u16(), body, outcome.name()),
+        attempt::Sent::Unreachable(err) => {
+            let status = ApiError::from(*err).status.as_u16();
+            bill.refused(gw, &key.id, status, b"", "transport");
+        }
+    }
+    sent
 }
 
 /// A key a request must use, with every key's health when pinning it
@@ -93,7 +204,10 @@ pub async fn pin(
         Ok(Some(key)) => return Ok(Some(Pinned::to(key))),
         Ok(None) => {}
         Err(RefError::Store(e)) => return Err(store_down(e, flavor)),
-        Err(RefError::Refused(e)) => return Err(e.flavor(flavor)),
+        Err(RefError::Refused(e)) => return Err(ApiError::from(e).flavor(flavor)),
+        Err(RefError::GoneKey(names)) => {
+            return Err(crate::http::error::gone_key(&names).flavor(flavor))
+        }
         Err(RefError::Mixed(names)) => {
             gw.metrics.mixed_owner_conflicts.inc();
             let advice = split_advice(gw.settings.sessions.upload_affinity);
@@ -118,7 +232,7 @@ pub async fn pin(
                 }))
             }
             Err(BindError::Store(e)) => Err(store_down(e, flavor)),
-            Err(BindError::NoKey(no)) => Err(no.into_error().flavor(flavor)),
+            Err(BindError::NoKey(no)) => Err(ApiError::from(no).flavor(flavor)),
         };
     }
     Ok(None)
@@ -158,10 +272,51 @@ pub fn store_down(e: crate::state::StoreError, flavor: Flavor) -> ApiError {
     ApiError::store_unavailable().flavor(flavor)
 }
 
-/// The upstream answer of a request that succeeded on some key.
+/// The upstream answer of a request that succeeded on some key. It is
+/// counted in the usage view when it is answered: streamed back through a
+/// meter ([`Served::respond`]) or read whole ([`Served::read`]).
 pub struct Served {
     pub key: Arc<ApiKey>,
     pub response: awc::ClientResponse,
+}
+
+impl Served {
+    /// The answer streamed back to the client, its tokens read by a meter
+    /// as it passes; `hide_usage`: an OpenAI stream's usage chunk the
+    /// gateway asked for and the client did not.
+    pub fn respond(self, gw: &Gateway, call: &Call, hide_usage: bool) -> HttpResponse {
+        let bill = call.bill();
+        let meter = Meter::new(
+            gw.usage.clone(),
+            bill.series(&self.key.id),
+            bill.route,
+            call.format(bill.route),
+            hide_usage,
+        );
+        stream_back_metered(
+            self.response,
+            gw.settings.upstream.idle_timeout,
+            Some(meter),
+        )
+    }
+
+    /// The answer read whole (at most `limit` bytes, within the upstream
+    /// deadlines), counted with the tokens it reports; `None`, counted as a
+    /// cut answer, when it could not be read.
+    pub async fn read(&mut self, gw: &Gateway, call: &Call, limit: usize) -> Option<Bytes> {
+        let bill = call.bill();
+        let read = read_small(&mut self.response, limit, gw.settings.upstream.idle_timeout).await;
+        match &read {
+            Some(answer) => {
+                let tokens = call
+                    .format(bill.route)
+                    .and_then(|f| scan::tokens(f, answer));
+                bill.served(gw, &self.key.id, tokens.as_ref());
+            }
+            None => bill.refused(gw, &self.key.id, 502, b"", "stream_cut"),
+        }
+        read
+    }
 }
 
 /// Steps 2–6 for a request with a buffered body. `Ok(Err(response))` is an
@@ -185,6 +340,7 @@ pub async fn send(
         None => None,
     };
     let target = call.path_and_query();
+    let bill = call.bill();
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<HttpResponse> = None;
     for attempt in 0..attempts {
@@ -202,7 +358,7 @@ pub async fn send(
                         if matches!(no, NoKey::AllCooling { .. }) && !tried.is_empty() {
                             tracing::warn!(tried = tried.len(), "every key is rate-limited: likely an IP-level throttle; answering 429");
                         }
-                        return Err(no.into_error().flavor(call.flavor));
+                        return Err(ApiError::from(no).flavor(call.flavor));
                     }
                 }
             }
@@ -215,26 +371,20 @@ pub async fn send(
             api: api_label(call.flavor),
             timeout: None,
         };
-        let (status, headers, body, outcome) = match attempt::attempt(
+        let (status, headers, body, outcome) = match attempt_billed(
             gw,
             up,
             &key,
             request,
             attempt::Body::Bytes(call.body.clone()),
+            &bill,
+            false,
         )
         .await
         {
             attempt::Sent::Answer(response) => return Ok(Ok(Served { key, response })),
             attempt::Sent::Unreachable(err) => {
-                let err = err.flavor(call.flavor);
-                crate::domain::usage::record_error(
-                    &gw.usage,
-                    call,
-                    &key.id,
-                    err.status.as_u16(),
-                    b"",
-                    "transport",
-                );
+                let err = ApiError::from(err).flavor(call.flavor);
                 if pinned.is_some() {
                     return Err(err);
                 }
@@ -251,14 +401,6 @@ pub async fn send(
                 outcome,
             } => (status, headers, body, outcome),
         };
-        crate::domain::usage::record_error(
-            &gw.usage,
-            call,
-            &key.id,
-            status.as_u16(),
-            &body,
-            outcome.name(),
-        );
         let mut response = buffered_back(status, &headers, body);
         if let Outcome::RateLimited { until_ms, .. } = outcome {
             if !response.headers().contains_key(RETRY_AFTER) {
@@ -277,7 +419,9 @@ pub async fn send(
         return Ok(Err(response));
     }
     Ok(Err(last.unwrap_or_else(|| {
-        actix_web::ResponseError::error_response(&NoKey::Exhausted.into_error().flavor(call.flavor))
+        actix_web::ResponseError::error_response(
+            &ApiError::from(NoKey::Exhausted).flavor(call.flavor),
+        )
     })))
 }
 
@@ -304,14 +448,7 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
     )
     .await?;
     Ok(match send(gw, up, &call, pinned).await? {
-        Ok(served) => {
-            let meter = crate::domain::usage::meter(&gw.usage, &call, &served.key.id, hide_usage);
-            stream_back_metered(
-                served.response,
-                gw.settings.upstream.idle_timeout,
-                Some(meter),
-            )
-        }
+        Ok(served) => served.respond(gw, &call, hide_usage),
         Err(response) => response,
     })
 }
@@ -417,7 +554,7 @@ where
 pub fn stream_back_metered<S>(
     resp: awc::ClientResponse<S>,
     idle: Duration,
-    mut meter: Option<crate::domain::usage::meter::Meter>,
+    mut meter: Option<Meter>,
 ) -> HttpResponse
 where
     S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
@@ -468,9 +605,7 @@ where
                         }
                         return None;
                     }
-                    let rest = meter
-                        .as_mut()
-                        .and_then(crate::domain::usage::meter::Meter::finish);
+                    let rest = meter.as_mut().and_then(Meter::finish);
                     rest.map(|b| (Ok(b), (upstream, sent, true, meter)))
                 }
                 Err(_) => {
@@ -505,41 +640,6 @@ where
 /// The last event of an SSE stream whose upstream stalled: a Gemini error,
 /// as Google sends errors inside a stream.
 const STALLED_EVENT: &[u8] = b"data: {\"error\": {\"code\": 504, \"message\": \"The upstream stopped sending in the middle of the answer.\", \"status\": \"DEADLINE_EXCEEDED\"}}\r\n\r\n";
-
-/// Reads a whole small upstream body (an error, a file's metadata, an
-/// upload's final answer), bounded in size and in time: `None` when it is
-/// too large, broken, or stalls past `ERROR_BODY_DEADLINE` (capped by the
-/// idle timeout).
-pub async fn read_small<S>(
-    resp: &mut awc::ClientResponse<S>,
-    limit: usize,
-    idle: Duration,
-) -> Option<Bytes>
-where
-    S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin,
-{
-    let promised = resp
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    match tokio::time::timeout(idle.min(ERROR_BODY_DEADLINE), resp.body().limit(limit)).await {
-        // A connection closed early ends the body as if it were complete.
-        Ok(Ok(body)) if promised.is_some_and(|n| n != body.len()) => {
-            tracing::warn!(got = body.len(), promised, "upstream body ended early");
-            None
-        }
-        Ok(Ok(body)) => Some(body),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "upstream body could not be read");
-            None
-        }
-        Err(_) => {
-            tracing::warn!("upstream body stalled");
-            None
-        }
-    }
-}
 
 /// An upstream answer that was read to classify it, passed on unchanged.
 pub fn buffered_back(status: StatusCode, headers: &HeaderMap, body: Bytes) -> HttpResponse {

@@ -9,8 +9,8 @@ use actix_web::http::header::{HeaderMap, HeaderName};
 use actix_web::http::Method;
 use anyhow::Context;
 use awc::{Client, ClientRequest, Connector};
+use bytes::Bytes;
 
-use crate::domain::keys::ApiKey;
 use crate::upstream::proxy::{ProxyConnector, ProxyRouter};
 
 /// How the real key travels upstream.
@@ -136,13 +136,14 @@ impl Upstream {
         }
     }
 
-    /// The proxy (index) a key's requests leave through now, if any.
-    pub fn proxy_of(&self, key: &ApiKey) -> Option<usize> {
-        self.router.as_ref().and_then(|r| r.route(&key.id))
+    /// The proxy (index) the requests of the key `key_id` leave through
+    /// now, if any.
+    pub fn proxy_of(&self, key_id: &str) -> Option<usize> {
+        self.router.as_ref().and_then(|r| r.route(key_id))
     }
 
-    fn client_for(&self, key: Option<&ApiKey>) -> &Client {
-        key.and_then(|k| self.proxy_of(k))
+    fn client_for(&self, key: Option<Credential<'_>>) -> &Client {
+        key.and_then(|k| self.proxy_of(k.id))
             .and_then(|i| self.via.get(i))
             .unwrap_or(&self.direct)
     }
@@ -154,7 +155,7 @@ impl Upstream {
         method: Method,
         path_and_query: &str,
         client_headers: &HeaderMap,
-        key: Option<&ApiKey>,
+        key: Option<Credential<'_>>,
         style: KeyStyle,
     ) -> ClientRequest {
         self.request_to(
@@ -172,7 +173,7 @@ impl Upstream {
         method: Method,
         url: &str,
         client_headers: &HeaderMap,
-        key: Option<&ApiKey>,
+        key: Option<Credential<'_>>,
         style: KeyStyle,
     ) -> ClientRequest {
         let mut req = self.client_for(key).request(method, url);
@@ -183,9 +184,9 @@ impl Upstream {
         }
         if let Some(key) = key {
             req = match style {
-                KeyStyle::GoogHeader => req.insert_header(("x-goog-api-key", key.expose())),
+                KeyStyle::GoogHeader => req.insert_header(("x-goog-api-key", key.secret)),
                 KeyStyle::Bearer => {
-                    req.insert_header(("authorization", format!("Bearer {}", key.expose())))
+                    req.insert_header(("authorization", format!("Bearer {}", key.secret)))
                 }
             };
         }
@@ -201,12 +202,12 @@ impl Upstream {
         &self,
         path_and_query: &str,
         client_headers: &HeaderMap,
-        key: Option<&ApiKey>,
+        key: Option<Credential<'_>>,
         ephemeral: Option<&str>,
         max_frame: usize,
     ) -> awc::ws::WebsocketsRequest {
         let ws_client = key
-            .and_then(|k| self.proxy_of(k))
+            .and_then(|k| self.proxy_of(k.id))
             .and_then(|i| self.ws_via.get(i))
             .unwrap_or(&self.ws_direct);
         let mut req = ws_client
@@ -219,10 +220,57 @@ impl Upstream {
         }
         match (ephemeral, key) {
             (Some(token), _) => req = req.set_header("authorization", format!("Token {token}")),
-            (None, Some(key)) => req = req.set_header("x-goog-api-key", key.expose()),
+            (None, Some(key)) => req = req.set_header("x-goog-api-key", key.secret),
             (None, None) => {}
         }
         req
+    }
+}
+
+/// What the upstream needs of a pool key: its id (which proxy its requests
+/// leave through) and its secret, written into the request at the last
+/// moment.
+#[derive(Clone, Copy)]
+pub struct Credential<'a> {
+    pub id: &'a str,
+    pub secret: &'a str,
+}
+
+/// Longest a small body (an error answer, a resource's metadata) may take to
+/// arrive whole.
+const SMALL_BODY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A small upstream body read whole, within `limit` bytes and the lesser of
+/// `idle` and 10 s; `None` when it is larger, stalls, or ends short of the
+/// length it promised.
+pub async fn read_small<S>(
+    resp: &mut awc::ClientResponse<S>,
+    limit: usize,
+    idle: Duration,
+) -> Option<Bytes>
+where
+    S: futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin,
+{
+    let promised = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match tokio::time::timeout(idle.min(SMALL_BODY_DEADLINE), resp.body().limit(limit)).await {
+        // A connection closed early ends the body as if it were complete.
+        Ok(Ok(body)) if promised.is_some_and(|n| n != body.len()) => {
+            tracing::warn!(got = body.len(), promised, "upstream body ended early");
+            None
+        }
+        Ok(Ok(body)) => Some(body),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upstream body could not be read");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("upstream body stalled");
+            None
+        }
     }
 }
 

@@ -143,7 +143,7 @@ fn rate_limit(details: &[&serde_json::Value], now: u64) -> Outcome {
             .get("quotaDimensions")
             .and_then(|d| d.get("model"))
             .and_then(|m| m.as_str())
-            .and_then(crate::domain::keys::normalize_model);
+            .and_then(crate::upstream::model::normalize_model);
         if best
             .as_ref()
             .is_none_or(|b| matches!(b, Outcome::RateLimited { until_ms: u, .. } if until_ms > *u))

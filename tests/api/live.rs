@@ -12,10 +12,10 @@ use crate::helpers::*;
 
 const LIVE: &str = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
 
-type Conn = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
+pub(crate) type Conn = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
 
 /// A Live session through a gateway, past `setupComplete`.
-async fn open(gw: &Gateway) -> Conn {
+pub(crate) async fn open(gw: &Gateway) -> Conn {
     open_with(&client(), gw).await
 }
 
@@ -44,7 +44,7 @@ async fn setup(req: awc::ws::WebsocketsRequest) -> Conn {
 }
 
 /// The next text frame; `None` on close.
-async fn next_text(conn: &mut Conn) -> Option<String> {
+pub(crate) async fn next_text(conn: &mut Conn) -> Option<String> {
     loop {
         let frame = tokio::time::timeout(Duration::from_secs(30), conn.next())
             .await
@@ -57,7 +57,7 @@ async fn next_text(conn: &mut Conn) -> Option<String> {
     }
 }
 
-async fn send_turn(conn: &mut Conn, text: &str) {
+pub(crate) async fn send_turn(conn: &mut Conn, text: &str) {
     let turn = json!({"clientContent": {"turns": [{"role": "user", "parts": [{"text": text}]}], "turnComplete": true}});
     conn.send(Message::Text(turn.to_string().into()))
         .await

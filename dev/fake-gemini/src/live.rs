@@ -128,8 +128,19 @@ pub async fn live(
                 continue;
             };
             crate::gemini::served(&fake, &key);
-            let answer = json!({"serverContent": {"modelTurn": {"role": "model", "parts": [{"text": format!("echo from key {id}: {said}")}]}}});
-            let done = json!({"serverContent": {"turnComplete": true}});
+            let echo = format!("echo from key {id}: {said}");
+            // Google reports a turn's tokens with its end, naming the
+            // answer's `responseTokenCount`.
+            let (prompt, response) = (said.len() as u64, echo.len() as u64);
+            let answer = json!({"serverContent": {"modelTurn": {"role": "model", "parts": [{"text": echo}]}}});
+            let done = json!({
+                "serverContent": {"turnComplete": true},
+                "usageMetadata": {
+                    "promptTokenCount": prompt,
+                    "responseTokenCount": response,
+                    "totalTokenCount": prompt + response
+                }
+            });
             if session.text(answer.to_string()).await.is_err()
                 || session.text(done.to_string()).await.is_err()
             {

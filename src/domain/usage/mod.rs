@@ -186,6 +186,27 @@ impl Usage {
         });
     }
 
+    /// Tokens Google reported without a request of their own (the turns of
+    /// a Live session, which counted as one request when it opened).
+    pub fn add_tokens(&self, series: &Series, tokens: &Tokens, now_ms: u64) {
+        let model = model_label(series.model.as_deref());
+        for (kind, n) in tokens.by_kind() {
+            if n > 0 {
+                self.metrics
+                    .tokens
+                    .get_or_create(&ModelKind { model, kind })
+                    .inc_by(n);
+            }
+        }
+        self.add(series, now_ms, |add| {
+            for (kind, n) in tokens.by_kind() {
+                if n > 0 {
+                    add(kind, n);
+                }
+            }
+        });
+    }
+
     /// An upstream error answer (or a stream cut mid-way), with what the
     /// recent-errors list keeps of it.
     pub fn failure(&self, series: &Series, outcome: &'static str, entry: ErrorEntry) {
@@ -495,55 +516,26 @@ impl Counts {
     }
 }
 
-/// The meter for a successful answer to `call` from `key_id`.
-pub fn meter(
-    usage: &Arc<Usage>,
-    call: &crate::http::pipeline::Call,
-    key_id: &str,
-    hide_usage: bool,
-) -> meter::Meter {
-    let route = crate::ops::metrics::route_class(call.method.as_str(), &call.path);
-    let format = match (route, call.flavor) {
-        ("count_tokens", _) => None,
-        (_, crate::http::error::Flavor::OpenAi) => Some(scan::Format::OpenAi),
-        _ => Some(scan::Format::Gemini),
-    };
-    meter::Meter::new(
-        usage.clone(),
-        Series {
-            token_id: call.token_id.clone(),
-            key_id: key_id.to_string(),
-            model: call.model.clone(),
-        },
-        route,
-        format,
-        hide_usage,
-    )
-}
-
-/// Records an upstream error answer to `call` from `key_id` (`body`: the
-/// error body the pipeline read; only Google's enum values are kept).
+/// Records an upstream error answer to a request of `series` on `route`
+/// (`body`: the error body as read, bounded; only Google's enum values are
+/// kept of it).
 pub fn record_error(
     usage: &Usage,
-    call: &crate::http::pipeline::Call,
-    key_id: &str,
+    series: &Series,
+    route: &str,
     status: u16,
     body: &[u8],
     outcome: &'static str,
 ) {
     let (google_status, reason, retry_delay_s) = error_facts(body);
     usage.failure(
-        &Series {
-            token_id: call.token_id.clone(),
-            key_id: key_id.to_string(),
-            model: call.model.clone(),
-        },
+        series,
         outcome,
         ErrorEntry {
             time_ms: now_ms(),
-            key_id: key_id.to_string(),
-            model: clean_model(call.model.as_deref()),
-            route: crate::ops::metrics::route_class(call.method.as_str(), &call.path).to_string(),
+            key_id: series.key_id.clone(),
+            model: clean_model(series.model.as_deref()),
+            route: route.to_string(),
             status,
             google_status,
             reason,

@@ -40,7 +40,8 @@ impl Tokens {
 struct GeminiUsage {
     #[serde(default)]
     prompt_token_count: u64,
-    #[serde(default)]
+    /// The Live API names the answer's tokens `responseTokenCount`.
+    #[serde(default, alias = "responseTokenCount")]
     candidates_token_count: u64,
     #[serde(default)]
     thoughts_token_count: u64,

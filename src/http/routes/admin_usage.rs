@@ -11,9 +11,9 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
-use super::admin::{check, esc};
+use super::admin_access::{check, esc};
+use crate::domain::gateway::Gateway;
 use crate::domain::usage::{hour_ms, By, Cell, Counts, ErrorEntry, HOUR_MS};
-use crate::gateway::Gateway;
 use crate::http::error::ApiError;
 use crate::state::now_ms;
 

@@ -7,12 +7,12 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 use super::{authorize, Edge};
+use crate::domain::attempt;
 use crate::domain::files;
+use crate::domain::gateway::Gateway;
 use crate::domain::resources::{self, Kind};
-use crate::gateway::Gateway;
 use crate::http::error::{ApiError, Flavor};
 use crate::http::pipeline::{self, stream_back};
-use crate::upstream::attempt;
 use crate::upstream::client::{KeyStyle, Upstream};
 
 const FLAVOR: Flavor = Flavor::Gemini;
@@ -55,9 +55,10 @@ pub async fn handle(
             }
             .filter(|r| r.owner == token.id)
             .ok_or_else(|| not_found(&name))?;
-            let key = gw.keys.by_id(&record.key).ok_or_else(|| {
-                crate::domain::resources::gone_key(&[name.as_str()]).flavor(FLAVOR)
-            })?;
+            let key = gw
+                .keys
+                .by_id(&record.key)
+                .ok_or_else(|| crate::http::error::gone_key(&[name.as_str()]).flavor(FLAVOR))?;
             let query = edge.forward_query();
             let target = if query.is_empty() {
                 edge.path.clone()
@@ -65,6 +66,10 @@ pub async fn handle(
                 format!("{}?{query}", edge.path)
             };
             let method = req.method().clone();
+            let bill = pipeline::Bill::to(
+                &token.id,
+                crate::ops::metrics::route_class(method.as_str(), &edge.path),
+            );
             let request = attempt::Request {
                 method: method.clone(),
                 target: attempt::Target::Path(&target),
@@ -73,7 +78,10 @@ pub async fn handle(
                 api: "files",
                 timeout: None,
             };
-            let resp = match attempt::attempt(gw, up, &key, request, attempt::Body::Empty).await {
+            let sent =
+                pipeline::attempt_billed(gw, up, &key, request, attempt::Body::Empty, &bill, true)
+                    .await;
+            let resp = match sent {
                 attempt::Sent::Answer(resp) => resp,
                 attempt::Sent::Refused {
                     status,
@@ -81,7 +89,7 @@ pub async fn handle(
                     body,
                     ..
                 } => return Ok(pipeline::buffered_back(status, &headers, body)),
-                attempt::Sent::Unreachable(err) => return Err(err),
+                attempt::Sent::Unreachable(err) => return Err(err.into()),
             };
             if method == Method::DELETE {
                 if let Err(e) = files::forget(gw.store(), &name, &token.id).await {
@@ -115,6 +123,7 @@ async fn list(
     let records = files::owners(gw.store(), &page)
         .await
         .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+    let bill = &pipeline::Bill::to(token_id, "files");
     let fetches = page.iter().zip(records).map(|(name, record)| async move {
         let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
         let path = format!("/{ver}/{name}");
@@ -126,7 +135,9 @@ async fn list(
             api: "files",
             timeout: None,
         };
-        let mut resp = match attempt::attempt(gw, up, &key, request, attempt::Body::Empty).await {
+        let sent =
+            pipeline::attempt_billed(gw, up, &key, request, attempt::Body::Empty, bill, true).await;
+        let mut resp = match sent {
             attempt::Sent::Answer(resp) => resp,
             attempt::Sent::Refused { status, .. } => {
                 if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {

@@ -24,10 +24,10 @@ use awc::ws::{Frame, Message as UpMessage};
 use futures_util::{SinkExt, StreamExt};
 
 use super::{authorize, Edge};
+use crate::domain::gateway::Gateway;
 use crate::domain::keys::ApiKey;
 use crate::domain::live;
 use crate::domain::resources;
-use crate::gateway::Gateway;
 use crate::http::error::{ApiError, Flavor};
 use crate::http::pipeline;
 use crate::upstream::client::{query_param, Upstream};
@@ -58,7 +58,7 @@ pub async fn handle(
             "This replica is shutting down; connect again.",
         ));
     }
-    let (pinned, ephemeral) = match ephemeral_token(req.headers(), edge) {
+    let (pinned, ephemeral, token_id) = match ephemeral_token(req.headers(), edge) {
         // An ephemeral token minted through the gateway is the client's
         // credential, and goes to the key that minted it.
         Some(t) => {
@@ -72,14 +72,14 @@ pub async fn handle(
                          /v1alpha/auth_tokens through this gateway.",
                     )
                 })?;
-            (Some(record.key), Some(t))
+            (Some(record.key), Some(t), record.owner)
         }
         None => {
             let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
             let pinned = pipeline::pin(&gw, &up, b"", edge.session.as_ref(), &token.id, FLAVOR)
                 .await?
                 .map(|p| p.key.id.clone());
-            (pinned, None)
+            (pinned, None, token.id.clone())
         }
     };
     let (response, session, stream) = actix_ws::handle(req, payload).map_err(|e| {
@@ -98,6 +98,7 @@ pub async fn handle(
         pinned,
         ephemeral,
         id: uuid::Uuid::new_v4().simple().to_string(),
+        bill: pipeline::Bill::to(&token_id, "live"),
     };
     crate::background::for_connection(relay.run(session, stream.max_frame_size(MAX_FRAME)));
     Ok(response)
@@ -113,6 +114,10 @@ struct Relay {
     ephemeral: Option<String>,
     /// This session's member id in the per-key count.
     id: String,
+    /// Who the session is counted against (its model is learnt from
+    /// `setup`): one request when it opens, then the tokens of every
+    /// `usageMetadata` message Google sends.
+    bill: pipeline::Bill,
 }
 
 type Upstreamed = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
@@ -159,7 +164,7 @@ enum Opened {
 }
 
 impl Relay {
-    async fn run(self, session: actix_ws::Session, mut stream: actix_ws::MessageStream) {
+    async fn run(mut self, session: actix_ws::Session, mut stream: actix_ws::MessageStream) {
         let setup = match tokio::time::timeout(SETUP_WAIT, stream.recv()).await {
             Ok(Some(Ok(Message::Text(t)))) => UpMessage::Text(t),
             Ok(Some(Ok(Message::Binary(b)))) => UpMessage::Binary(b),
@@ -173,6 +178,7 @@ impl Relay {
                 return;
             }
         };
+        self.bill.model = setup_model(&setup);
         let gw = self.gw.clone();
         let attempts = if self.pinned.is_some() {
             1
@@ -217,7 +223,7 @@ impl Relay {
             .ws(
                 &self.target,
                 &self.headers,
-                Some(key),
+                Some(key.credential()),
                 self.ephemeral.as_deref(),
                 MAX_FRAME,
             )
@@ -227,6 +233,8 @@ impl Relay {
             Err(awc::error::WsClientError::InvalidResponseStatus(status)) => {
                 tracing::info!(key_id = %key.id, status = status.as_u16(), "Live handshake refused");
                 gw.observe(&key.id, "live_refused");
+                self.bill
+                    .refused(gw, &key.id, status.as_u16(), b"", "live_refused");
                 if status.as_u16() == 429 {
                     let outcome = live::classify_close(1013, "quota");
                     if let Some(o) = outcome {
@@ -240,6 +248,7 @@ impl Relay {
             Err(e) => {
                 tracing::warn!(key_id = %key.id, error = %e, "Live upstream unreachable");
                 gw.observe(&key.id, "transport");
+                self.bill.refused(gw, &key.id, 502, b"", "transport");
                 return Opened::KeyFailed("The upstream could not be reached.".into());
             }
         };
@@ -273,6 +282,7 @@ impl Relay {
                         Some(outcome) => {
                             tracing::info!(key_id = %key.id, code, outcome = ?outcome, "Live session closed before setup completed; trying another key");
                             gw.observe(&key.id, outcome.name());
+                            self.bill.refused(gw, &key.id, 503, b"", outcome.name());
                             gw.keys.record(gw.store(), key, &outcome).await;
                             Opened::KeyFailed(text)
                         }
@@ -304,8 +314,11 @@ impl Relay {
             tracing::warn!(error = %e, "Live session not counted: state store unavailable");
         }
         gw.observe(&key.id, "success");
+        self.bill.served(gw, &key.id, None);
+        let series = self.bill.series(&key.id);
         tracing::info!(key_id = %key.id, "Live session open");
         let mut closing: Option<Option<CloseReason>> = None;
+        count_usage(gw, &series, &first);
         if !to_client(&mut session, first, &mut upstream, &mut closing).await {
             closing.get_or_insert(None);
         }
@@ -344,6 +357,7 @@ impl Relay {
                 frame = upstream.next() => {
                     match frame {
                         Some(Ok(frame)) => {
+                            count_usage(gw, &series, &frame);
                             if !to_client(&mut session, frame, &mut upstream, &mut closing).await {
                                 let _ = upstream.send(UpMessage::Close(None)).await;
                                 closing.get_or_insert(None);
@@ -378,6 +392,40 @@ impl Relay {
         if let Some(reason) = closing {
             let _ = session.close(reason).await;
         }
+    }
+}
+
+/// The model a `setup` message names (`{"setup": {"model": "models/…"}}`).
+fn setup_model(setup: &UpMessage) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Setup {
+        setup: Model,
+    }
+    #[derive(serde::Deserialize)]
+    struct Model {
+        model: String,
+    }
+    let bytes: &[u8] = match setup {
+        UpMessage::Text(t) => t.as_bytes(),
+        UpMessage::Binary(b) => b,
+        _ => return None,
+    };
+    let s: Setup = serde_json::from_slice(bytes).ok()?;
+    crate::domain::keys::normalize_model(&s.setup.model)
+}
+
+/// Adds the tokens of a server message that reports usage (Google sends
+/// `usageMetadata` with a turn's end) to the session's series.
+fn count_usage(gw: &Gateway, series: &crate::domain::usage::Series, frame: &Frame) {
+    let (Frame::Text(b) | Frame::Binary(b)) = frame else {
+        return;
+    };
+    if memchr::memmem::find(b, b"usageMetadata").is_none() {
+        return;
+    }
+    let format = crate::domain::usage::scan::Format::Gemini;
+    if let Some(tokens) = crate::domain::usage::scan::tokens(format, b) {
+        gw.usage.add_tokens(series, &tokens, crate::state::now_ms());
     }
 }
 

@@ -8,15 +8,16 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 
+use crate::domain::clients::Auth;
+use crate::domain::gateway::Gateway;
 use crate::domain::identity::ClientToken;
 use crate::domain::session::{self, Session};
-use crate::gateway::Gateway;
-use crate::http::auth::Auth;
 use crate::http::error::{ApiError, Flavor};
 use crate::http::pipeline::{self, Call};
 use crate::upstream::client::{filtered_query, query_param, KeyStyle, Upstream};
 
 pub mod admin;
+mod admin_access;
 pub mod admin_usage;
 pub mod files;
 pub mod live;
@@ -155,8 +156,8 @@ pub fn authorize(
     flavor: Flavor,
 ) -> Result<std::sync::Arc<ClientToken>, ApiError> {
     let query_key = edge.query_key();
-    auth.verify(Auth::presented(headers, query_key.as_deref()))
-        .map_err(|e| e.flavor(flavor))
+    auth.verify(crate::http::auth::presented(headers, query_key.as_deref()))
+        .map_err(|e| ApiError::from(e).flavor(flavor))
 }
 
 /// Reads a whole request body, refusing more than `limit` bytes.

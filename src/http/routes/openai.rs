@@ -6,7 +6,7 @@ use actix_web::http::header::{HeaderMap, AUTHORIZATION};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::{authorized_json, Edge};
-use crate::gateway::Gateway;
+use crate::domain::gateway::Gateway;
 use crate::http::error::{ApiError, Flavor};
 use crate::http::pipeline::{self, Call};
 use crate::upstream::client::{KeyStyle, Upstream};

@@ -5,7 +5,7 @@
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-use crate::gateway::Gateway;
+use crate::domain::gateway::Gateway;
 use crate::state::LayoutStatus;
 
 /// Alive as long as the process answers.

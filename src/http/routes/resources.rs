@@ -12,11 +12,11 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 use super::{authorize, authorized_json, Edge};
+use crate::domain::gateway::Gateway;
 use crate::domain::keys::ApiKey;
 use crate::domain::resources::{self, Kind, OwnerRecord, RefError};
-use crate::gateway::Gateway;
 use crate::http::error::{ApiError, Flavor};
-use crate::http::pipeline::{self, buffered_back, stream_back, Call};
+use crate::http::pipeline::{self, buffered_back, Call};
 use crate::state::{now_ms, IndexEntry};
 use crate::upstream::client::{query_param, KeyStyle, Upstream};
 
@@ -177,7 +177,7 @@ async fn create(
         Err(response) => return Ok(response),
     };
     let status = served.response.status();
-    let answer = read_answer(gw, &mut served.response).await?;
+    let answer = read_answer(gw, &mut served, &c).await?;
     if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
         if let Some(name) = v.get("name").and_then(Value::as_str) {
             record(gw, name, &served.key, &token.id, &v).await;
@@ -210,7 +210,7 @@ async fn mint(
         Err(response) => return Ok(response),
     };
     let status = served.response.status();
-    let answer = read_answer(gw, &mut served.response).await?;
+    let answer = read_answer(gw, &mut served, &c).await?;
     let minted = serde_json::from_slice::<Value>(&answer)
         .ok()
         .and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string));
@@ -229,15 +229,17 @@ async fn mint(
 
 /// A successful answer the gateway must read (to record what it created),
 /// whole and within the upstream deadlines, like every small body.
-async fn read_answer(gw: &Gateway, resp: &mut awc::ClientResponse) -> Result<Bytes, ApiError> {
-    pipeline::read_small(resp, ANSWER_LIMIT, gw.settings.upstream.idle_timeout)
-        .await
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "The upstream's answer could not be read whole.",
-            )
-        })
+async fn read_answer(
+    gw: &Gateway,
+    served: &mut pipeline::Served,
+    c: &Call,
+) -> Result<Bytes, ApiError> {
+    served.read(gw, c, ANSWER_LIMIT).await.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "The upstream's answer could not be read whole.",
+        )
+    })
 }
 
 /// A discovery failure as the client's error.
@@ -246,7 +248,7 @@ pub(super) fn discovery_error(
     flavor: crate::http::error::Flavor,
 ) -> ApiError {
     match e.refusal() {
-        Some(refusal) => refusal.flavor(flavor),
+        Some(refusal) => ApiError::from(refusal).flavor(flavor),
         None => match e {
             crate::domain::discovery::DiscoveryError::Store(s) => pipeline::store_down(s, flavor),
             _ => ApiError::store_unavailable().flavor(flavor),
@@ -303,7 +305,10 @@ async fn owned(
         }
         Ok(_) => {}
         Err(RefError::Store(e)) => return Err(pipeline::store_down(e, FLAVOR)),
-        Err(RefError::Refused(e)) => return Err(e.flavor(FLAVOR)),
+        Err(RefError::Refused(e)) => return Err(ApiError::from(e).flavor(FLAVOR)),
+        Err(RefError::GoneKey(names)) => {
+            return Err(crate::http::error::gone_key(&names).flavor(FLAVOR))
+        }
         Err(RefError::Mixed(names)) => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -328,22 +333,16 @@ async fn owned(
         if let Err(e) = resources::forget(gw.store(), name, &token.id).await {
             tracing::warn!(resource = name, error = %e, "deleted upstream but the owner record stays until it expires");
         }
-        return Ok(stream_back(
-            served.response,
-            gw.settings.upstream.idle_timeout,
-        ));
+        return Ok(served.respond(gw, &c, false));
     }
     let reads_answer = whole
         && ((method == Method::PATCH && kind == Some(Kind::CachedContent))
             || (method == Method::GET && matches!(kind, Some(Kind::Batch | Kind::Operation))));
     if !reads_answer {
-        return Ok(stream_back(
-            served.response,
-            gw.settings.upstream.idle_timeout,
-        ));
+        return Ok(served.respond(gw, &c, false));
     }
     let status = served.response.status();
-    let answer = read_answer(gw, &mut served.response).await?;
+    let answer = read_answer(gw, &mut served, &c).await?;
     if method == Method::PATCH {
         if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
             record(gw, name, &key, &token.id, &v).await;
@@ -389,34 +388,37 @@ async fn list(
         .await
         .map_err(|e| pipeline::store_down(e, FLAVOR))?;
     let token_id = token.id.as_str();
+    let bill = &pipeline::Bill::to(token_id, "other");
     let fetches = page.iter().zip(records).map(|(name, record)| async move {
         let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
         let path = format!("/{ver}/{name}");
-        let request = crate::upstream::attempt::Request {
+        let request = crate::domain::attempt::Request {
             method: Method::GET,
-            target: crate::upstream::attempt::Target::Path(&path),
+            target: crate::domain::attempt::Target::Path(&path),
             headers: req.headers(),
             style: KeyStyle::GoogHeader,
             api: "gemini",
             timeout: None,
         };
-        let mut resp = match crate::upstream::attempt::attempt(
+        let mut resp = match pipeline::attempt_billed(
             gw,
             up,
             &key,
             request,
-            crate::upstream::attempt::Body::Empty,
+            crate::domain::attempt::Body::Empty,
+            bill,
+            true,
         )
         .await
         {
-            crate::upstream::attempt::Sent::Answer(resp) => resp,
-            crate::upstream::attempt::Sent::Refused { status, .. } => {
+            crate::domain::attempt::Sent::Answer(resp) => resp,
+            crate::domain::attempt::Sent::Refused { status, .. } => {
                 if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
                     let _ = resources::forget(gw.store(), name, token_id).await;
                 }
                 return None;
             }
-            crate::upstream::attempt::Sent::Unreachable(_) => return None,
+            crate::domain::attempt::Sent::Unreachable(_) => return None,
         };
         let body = pipeline::read_small(&mut resp, ANSWER_LIMIT, gw.settings.upstream.idle_timeout)
             .await?;

@@ -12,9 +12,9 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::{authorize, read_body, Edge};
+use crate::domain::gateway::Gateway;
 use crate::domain::resources;
 use crate::domain::upload::{self, UploadRecord};
-use crate::gateway::Gateway;
 use crate::http::error::{ApiError, Flavor};
 use crate::http::pipeline::{self, buffered_back, Call};
 use crate::upstream::client::{KeyStyle, Upstream};
@@ -87,13 +87,10 @@ pub async fn start(
         };
     let status = served.response.status();
     let headers = served.response.headers().clone();
-    let answer = pipeline::read_small(
-        &mut served.response,
-        ANSWER_LIMIT,
-        gw.settings.upstream.idle_timeout,
-    )
-    .await
-    .unwrap_or_default();
+    let answer = served
+        .read(gw, &call, ANSWER_LIMIT)
+        .await
+        .unwrap_or_default();
     let mut response = buffered_back(status, &headers, answer);
     let Some(upstream_url) = headers
         .get("x-goog-upload-url")

@@ -13,12 +13,12 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 
 use super::{authorize, read_body, Edge};
+use crate::domain::attempt;
 use crate::domain::files::{self, FileRecord};
+use crate::domain::gateway::Gateway;
 use crate::domain::upload::{self, Commands, UploadRecord};
-use crate::gateway::Gateway;
 use crate::http::error::{ApiError, Flavor};
 use crate::http::pipeline::{self, buffered_back, stream_back, Call};
-use crate::upstream::attempt;
 use crate::upstream::client::{query_param, KeyStyle, Upstream};
 
 const FLAVOR: Flavor = Flavor::Upload;
@@ -114,10 +114,7 @@ async fn start(
         Err(response) => return Ok(ensure_final(response)),
     };
     let Some(upstream_url) = header(served.response.headers(), "x-goog-upload-url") else {
-        return Ok(stream_back(
-            served.response,
-            gw.settings.upstream.idle_timeout,
-        ));
+        return Ok(served.respond(gw, &call, false));
     };
     let id = upload::new_upload_id().map_err(|_| {
         upload_error(
@@ -143,18 +140,15 @@ async fn start(
     gw.metrics.uploads_started.inc();
     let status = served.response.status();
     let headers = served.response.headers().clone();
-    let body = pipeline::read_small(
-        &mut served.response,
-        FINAL_BODY_LIMIT,
-        gw.settings.upstream.idle_timeout,
-    )
-    .await
-    .ok_or_else(|| {
-        upload_error(
-            StatusCode::BAD_GATEWAY,
-            "The upstream's answer to the upload start could not be read.",
-        )
-    })?;
+    let body = served
+        .read(gw, &call, FINAL_BODY_LIMIT)
+        .await
+        .ok_or_else(|| {
+            upload_error(
+                StatusCode::BAD_GATEWAY,
+                "The upstream's answer to the upload start could not be read.",
+            )
+        })?;
     // Fail closed: Google's upload URL never reaches the client, even when
     // ours cannot be written as a header.
     let ours = HeaderValue::from_str(&ours).map_err(|_| {
@@ -261,7 +255,19 @@ async fn chunk(
         ));
     };
     let target = attempt::Target::Url(&record.url);
-    let mut resp = match stream_up(gw, up, &key, req.method().clone(), target, req, payload).await {
+    let bill = pipeline::Bill::to(&record.owner, "upload");
+    let sent = stream_up(
+        gw,
+        up,
+        &key,
+        req.method().clone(),
+        target,
+        req,
+        payload,
+        &bill,
+    )
+    .await;
+    let mut resp = match sent {
         attempt::Sent::Answer(resp) => resp,
         // A refused or unanswered finalize may still have made the file (a
         // repeated finalize is refused; an answer can be lost): ask the
@@ -286,7 +292,7 @@ async fn chunk(
                     return finish(gw, &record, status, &headers, body).await;
                 }
             }
-            return Err(err.flavor(FLAVOR));
+            return Err(ApiError::from(err).flavor(FLAVOR));
         }
     };
     let finished = header(resp.headers(), "x-goog-upload-status").as_deref() == Some("final");
@@ -369,8 +375,9 @@ async fn query_final(
         api: "upload",
         timeout: None,
     };
+    let bill = pipeline::Bill::to(&record.owner, "upload");
     let attempt::Sent::Answer(mut resp) =
-        attempt::attempt(gw, up, key, request, attempt::Body::Empty).await
+        pipeline::attempt_billed(gw, up, key, request, attempt::Body::Empty, &bill, true).await
     else {
         return None;
     };
@@ -467,7 +474,7 @@ async fn single_shot(
             .keys
             .next(gw.store(), &[], None)
             .await
-            .map_err(|no| no.into_error().flavor(FLAVOR))?,
+            .map_err(|no| ApiError::from(no).flavor(FLAVOR))?,
     };
     let query = edge.forward_query();
     let target = if query.is_empty() {
@@ -476,7 +483,8 @@ async fn single_shot(
         format!("/upload/{ver}/files?{query}")
     };
     let target = attempt::Target::Path(&target);
-    let mut resp = match stream_up(gw, up, &key, Method::POST, target, req, payload).await {
+    let bill = pipeline::Bill::to(&owner, "upload");
+    let mut resp = match stream_up(gw, up, &key, Method::POST, target, req, payload, &bill).await {
         attempt::Sent::Answer(resp) => resp,
         attempt::Sent::Refused {
             status,
@@ -484,7 +492,7 @@ async fn single_shot(
             body,
             ..
         } => return Ok(ensure_final(buffered_back(status, &headers, body))),
-        attempt::Sent::Unreachable(err) => return Err(err.flavor(FLAVOR)),
+        attempt::Sent::Unreachable(err) => return Err(ApiError::from(err).flavor(FLAVOR)),
     };
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -507,6 +515,10 @@ async fn single_shot(
 }
 
 /// Streams an upload's bytes upstream with its key, as they arrive.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the parts of one upstream call, each used once"
+)]
 async fn stream_up(
     gw: &Gateway,
     up: &Upstream,
@@ -515,6 +527,7 @@ async fn stream_up(
     target: attempt::Target<'_>,
     req: &HttpRequest,
     payload: web::Payload,
+    bill: &pipeline::Bill,
 ) -> attempt::Sent {
     let length = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
     let request = attempt::Request {
@@ -525,7 +538,8 @@ async fn stream_up(
         api: "upload",
         timeout: None,
     };
-    attempt::attempt(gw, up, key, request, attempt::Body::Stream(payload, length)).await
+    let body = attempt::Body::Stream(payload, length);
+    pipeline::attempt_billed(gw, up, key, request, body, bill, true).await
 }
 
 /// Every error on the upload path says `x-goog-upload-status: final`, or the

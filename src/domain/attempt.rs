@@ -14,12 +14,10 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::web;
 use bytes::Bytes;
 
+use crate::domain::gateway::Gateway;
 use crate::domain::keys::ApiKey;
-use crate::gateway::Gateway;
-use crate::http::error::ApiError;
-use crate::http::pipeline::{read_small, transport_error};
 use crate::state::{now_ms, Transition};
-use crate::upstream::client::{KeyStyle, Upstream};
+use crate::upstream::client::{read_small, KeyStyle, Upstream};
 use crate::upstream::outcome::{classify, Outcome};
 
 /// Largest upstream error body read to classify an answer.
@@ -64,9 +62,28 @@ pub enum Sent {
         body: Bytes,
         outcome: Outcome,
     },
-    /// No usable answer (the connection failed, or the error body stalled):
-    /// recorded as a transport failure; the error says which.
-    Unreachable(ApiError),
+    /// No usable answer: recorded as a transport failure.
+    Unreachable(Unreachable),
+}
+
+/// Why an attempt got no usable answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// The upstream did not answer in time.
+    Timeout,
+    /// The connection could not be made, or broke before an answer.
+    Failed,
+    /// An error answer stopped arriving half-way.
+    Stalled,
+}
+
+impl Unreachable {
+    fn of(e: &awc::error::SendRequestError) -> Self {
+        match e {
+            awc::error::SendRequestError::Timeout => Unreachable::Timeout,
+            _ => Unreachable::Failed,
+        }
+    }
 }
 
 /// See the module docs.
@@ -77,11 +94,12 @@ pub async fn attempt(
     req: Request<'_>,
     body: Body,
 ) -> Sent {
-    let via = up.proxy_of(key);
+    let via = up.proxy_of(&key.id);
     count_proxy(gw, up, key);
+    let credential = Some(key.credential());
     let builder = match req.target {
-        Target::Path(p) => up.request(req.method, p, req.headers, Some(key), req.style),
-        Target::Url(u) => up.request_to(req.method, u, req.headers, Some(key), req.style),
+        Target::Path(p) => up.request(req.method, p, req.headers, credential, req.style),
+        Target::Url(u) => up.request_to(req.method, u, req.headers, credential, req.style),
     };
     let builder = match req.timeout {
         Some(t) => builder.timeout(t),
@@ -100,7 +118,7 @@ pub async fn attempt(
             tracing::warn!(key_id = %key.id, error = %e, "upstream unreachable");
             note_transport_failure(gw, up, key, &e).await;
             gw.observe(&key.id, "transport");
-            return Sent::Unreachable(transport_error(&e));
+            return Sent::Unreachable(Unreachable::of(&e));
         }
     };
     gw.metrics.upstream(req.api, started.elapsed());
@@ -121,10 +139,7 @@ pub async fn attempt(
         // failure, retried like one.
         tracing::warn!(key_id = %key.id, status = status.as_u16(), "upstream error body unreadable");
         gw.observe(&key.id, "transport");
-        return Sent::Unreachable(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "The upstream stopped sending in the middle of its answer.",
-        ));
+        return Sent::Unreachable(Unreachable::Stalled);
     };
     let outcome = classify(status, &body, now_ms());
     gw.observe(&key.id, outcome.name());
@@ -143,7 +158,7 @@ pub async fn attempt(
 
 /// Counts a request leaving through a key's proxy, if it uses one.
 fn count_proxy(gw: &Gateway, up: &Upstream, key: &ApiKey) {
-    if let (Some(router), Some(i)) = (&gw.proxies, up.proxy_of(key)) {
+    if let (Some(router), Some(i)) = (&gw.proxies, up.proxy_of(&key.id)) {
         if let Some(spec) = router.specs.get(i) {
             gw.metrics.proxy_request(&spec.id);
         }
@@ -159,7 +174,7 @@ async fn note_transport_failure(
     e: &awc::error::SendRequestError,
 ) {
     if let (awc::error::SendRequestError::Connect(_), Some(router), Some(i)) =
-        (e, &gw.proxies, up.proxy_of(key))
+        (e, &gw.proxies, up.proxy_of(&key.id))
     {
         router.mark_down(gw.store(), i).await;
     }

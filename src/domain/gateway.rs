@@ -3,9 +3,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::domain::clients::Auth;
 use crate::domain::keys::KeyPool;
 use crate::domain::stats::KeyStats;
-use crate::http::auth::Auth;
 use crate::ops::metrics::Metrics;
 use crate::settings::Settings;
 use crate::state::StateStore;

@@ -1,0 +1,120 @@
+//! Dependencies point down: http → background → domain → upstream → state,
+//! with ops and settings below them all. A module names (`crate::…`) only
+//! its own layer and the layers under it; a name pointing up fails here.
+
+use std::path::{Path, PathBuf};
+
+/// The layers, top first, with the source paths (under `src/`) each holds.
+const LAYERS: [(&str, &[&str]); 7] = [
+    ("http", &["http"]),
+    ("background", &["background"]),
+    ("domain", &["domain"]),
+    ("upstream", &["upstream"]),
+    ("state", &["state"]),
+    ("ops", &["ops"]),
+    ("settings", &["settings", "settings.rs"]),
+];
+
+fn src() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    if dir.is_file() {
+        out.push(dir.to_path_buf());
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The layers a source text names in code (comments left out):
+/// `crate::<layer>` and `use crate::{<layer>, …}`.
+fn named_layers(text: &str) -> Vec<(usize, &'static str)> {
+    let mut found = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let code = line.split("//").next().unwrap_or("");
+        for (at, _) in code.match_indices("crate::") {
+            let rest = &code[at + "crate::".len()..];
+            for (name, _) in LAYERS {
+                let named = rest.starts_with(name)
+                    && !rest[name.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_');
+                if named {
+                    found.push((n + 1, name));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Every name in `src/` that points from a layer to one above it.
+fn upward_names(root: &Path) -> Vec<String> {
+    let rank = |layer: &str| LAYERS.iter().position(|(n, _)| *n == layer);
+    let mut wrong = Vec::new();
+    for (i, (layer, paths)) in LAYERS.iter().enumerate() {
+        let mut files = Vec::new();
+        for p in *paths {
+            rust_files(&root.join(p), &mut files);
+        }
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (line, named) in named_layers(&text) {
+                if rank(named).is_some_and(|r| r < i) {
+                    wrong.push(format!(
+                        "{}:{line}: {layer} names crate::{named}",
+                        file.strip_prefix(root).unwrap_or(&file).display()
+                    ));
+                }
+            }
+        }
+    }
+    wrong
+}
+
+#[test]
+fn no_module_names_a_layer_above_its_own() {
+    let wrong = upward_names(&src());
+    assert!(
+        wrong.is_empty(),
+        "imports pointing up:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[test]
+fn the_check_sees_an_upward_name() {
+    let dir = std::env::temp_dir().join(format!("gb-layers-{}", std::process::id()));
+    let domain = dir.join("domain");
+    std::fs::create_dir_all(&domain).unwrap();
+    std::fs::write(
+        domain.join("keys.rs"),
+        "// crate::http in a comment is fine\nuse crate::state::StateStore;\nuse crate::http::error::ApiError;\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    std::fs::write(
+        dir.join("state").join("mod.rs"),
+        "fn f() { crate::domain::keys::x(); }\n",
+    )
+    .unwrap();
+    let mut wrong = upward_names(&dir);
+    wrong.sort();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        wrong,
+        [
+            "domain/keys.rs:3: domain names crate::http",
+            "state/mod.rs:1: state names crate::domain"
+        ]
+    );
+}
