@@ -27,6 +27,7 @@ pub mod domain;
 pub mod gateway;
 pub mod http;
 pub mod ops;
+pub mod secrets;
 pub mod settings;
 pub mod startup;
 pub mod state;
