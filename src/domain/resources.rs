@@ -581,48 +581,19 @@ fn string_at(body: &[u8], pos: &mut usize) -> Option<String> {
     None
 }
 
-/// The time left until an RFC 3339 UTC timestamp (`2026-01-02T03:04:05.123Z`),
-/// or `None` when it cannot be read.
+/// The time left until an RFC 3339 timestamp (`2026-01-02T03:04:05.123Z`,
+/// any offset, fractions cut to the millisecond), or `None` when it cannot
+/// be read.
 pub fn ttl_until(expire_time: &str, now_ms: u64) -> Option<Duration> {
     let at = parse_rfc3339_ms(expire_time)?;
     Some(Duration::from_millis(at.saturating_sub(now_ms)))
 }
 
+/// Unix ms of an RFC 3339 timestamp; `None` for one that is malformed or
+/// before 1970.
 fn parse_rfc3339_ms(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<u64> { s.get(r)?.parse().ok() };
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 {
-        return None;
-    }
-    let mut rest = &s[19..];
-    let mut millis = 0u64;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits: String = frac.chars().take_while(char::is_ascii_digit).collect();
-        let three: String = digits.chars().chain("000".chars()).take(3).collect();
-        millis = three.parse().ok()?;
-        rest = &frac[digits.len()..];
-    }
-    if rest != "Z" && rest != "+00:00" {
-        return None;
-    }
-    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
-    let (y, m) = if month <= 2 {
-        (year as i64 - 1, month + 9)
-    } else {
-        (year as i64, month - 3)
-    };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m as i64 + 2) / 5 + day as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86400 + (hour * 3600 + min * 60 + sec) as i64;
-    u64::try_from(secs).ok().map(|s| s * 1000 + millis)
+    let at: jiff::Timestamp = s.parse().ok()?;
+    u64::try_from(at.as_millisecond()).ok()
 }
 
 #[cfg(test)]
@@ -727,11 +698,61 @@ mod tests {
         assert_eq!(ttl_until("2026-13-01T00:00:00Z", now), None);
     }
 
+    #[test]
+    fn expiry_times_with_offsets_and_fractions() {
+        let now = parse_rfc3339_ms("2026-03-01T00:00:00Z").unwrap();
+        for same in [
+            "2026-03-01T01:00:00+01:00",
+            "2026-02-28T16:00:00-08:00",
+            "2026-03-01T05:30:00+05:30",
+            "2026-03-01T00:00:00.000+00:00",
+            "2026-03-01T00:00:00.0009Z",
+        ] {
+            assert_eq!(parse_rfc3339_ms(same), Some(now), "{same}");
+        }
+        assert_eq!(
+            parse_rfc3339_ms("2026-03-01T00:00:00.999999999Z"),
+            Some(now + 999)
+        );
+        assert_eq!(parse_rfc3339_ms("1969-12-31T23:59:59Z"), None);
+    }
+
+    #[test]
+    fn malformed_expiry_times_are_refused() {
+        for bad in [
+            "",
+            "Z",
+            "2026-03-01",
+            "2026-03-01T00:00:00",
+            "2026-02-30T00:00:00Z",
+            "2026-03-01T24:00:01Z",
+            "2026-03-01T00:60:00Z",
+            "2026-03-01T00:00:00+99:00",
+            "2026-03-01T00:00:00.Z",
+            "2026-03-01T00:00:00Zjunk",
+            "\u{e9}2026-03-01T00:00:00Z",
+            "2026-03-01T00:00:00\u{e9}",
+        ] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad:?}");
+        }
+    }
+
     mod props {
         use super::super::*;
         use proptest::prelude::*;
 
         proptest! {
+            #[test]
+            fn reading_arbitrary_expiry_times_never_panics(s in "\\PC{0,40}", now in any::<u64>()) {
+                let _ = ttl_until(&s, now);
+            }
+
+            #[test]
+            fn expiry_times_round_trip(ms in 0i64..253_402_300_799_999) {
+                let text = jiff::Timestamp::from_millisecond(ms).unwrap().to_string();
+                prop_assert_eq!(parse_rfc3339_ms(&text), Some(ms as u64));
+            }
+
             #[test]
             fn scanning_arbitrary_bytes_never_panics(body in proptest::collection::vec(any::<u8>(), 0..2048)) {
                 for name in scan_refs(&body) {
