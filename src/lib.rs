@@ -28,6 +28,7 @@ pub mod background;
 pub mod domain;
 pub mod http;
 pub mod ops;
+pub mod secrets;
 pub mod settings;
 pub mod startup;
 pub mod state;

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod keys;
 pub mod live;
 pub mod resources;
+pub mod scan;
 pub mod session;
 pub mod stats;
 pub mod upload;

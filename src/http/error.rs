@@ -238,6 +238,28 @@ pub fn gone_key<S: AsRef<str>>(names: &[S]) -> ApiError {
     )
 }
 
+/// The 409 message for resources on different keys.
+/// `file_advice` says how files come to be split in the upload affinity
+/// mode in force, and how to avoid it.
+pub fn mixed_message(names: &[String], file_advice: &str) -> String {
+    let all_files = names.iter().all(|n| n.starts_with("files/"));
+    if all_files {
+        format!(
+            "The files {} were uploaded under different API keys and cannot be used in one \
+             request. {file_advice}",
+            names.join(", ")
+        )
+    } else {
+        format!(
+            "The resources {} were created under different API keys and cannot be used in one \
+             request: each exists only in the project of the key that created it. Create \
+             resources that are used together with one session id (X-Session-Id header or the \
+             /session/{{id}} base URL), or from each other (a cache from the files it holds).",
+            names.join(", ")
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,26 +23,7 @@ use super::StoreError;
 /// Redis Cluster's slot count.
 const SLOTS: u64 = 16_384;
 
-/// How `GB_REDIS_URL` is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RedisMode {
-    /// One server.
-    Standalone,
-    /// Seed nodes of a Redis Cluster.
-    Cluster,
-    /// The sentinels watching the master named by `GB_REDIS_SENTINEL_MASTER`.
-    Sentinel,
-}
-
-impl RedisMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RedisMode::Standalone => "standalone",
-            RedisMode::Cluster => "cluster",
-            RedisMode::Sentinel => "sentinel",
-        }
-    }
-}
+pub use crate::settings::RedisMode;
 
 /// Where Redis is and how the store talks to it.
 pub struct RedisConfig<'a> {

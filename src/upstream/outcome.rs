@@ -193,61 +193,20 @@ pub fn parse_duration_ms(s: &str) -> Option<u64> {
 }
 
 /// The next midnight in `America/Los_Angeles` (Google's daily quota reset),
-/// as Unix ms. US rules: daylight time from the second Sunday of March to the
-/// first Sunday of November, switching at 02:00 local.
+/// as Unix ms, by the time zone database compiled into the binary (the
+/// release image has no system zone files). Should that ever fail (a time
+/// past the year 9999), a day from now.
 pub fn next_pacific_midnight_ms(now_ms: u64) -> u64 {
-    const DAY: i64 = 86_400;
-    let now = (now_ms / 1000) as i64;
-    let local_now = now + pacific_offset_secs(now);
-    let next_local_midnight = (local_now.div_euclid(DAY) + 1) * DAY;
-    // Midnight is never inside a switch hour, so the offset at the target is
-    // the offset at (roughly) that instant.
-    let guess = next_local_midnight - pacific_offset_secs(next_local_midnight + 8 * 3600);
-    let utc = next_local_midnight - pacific_offset_secs(guess);
-    (utc as u64) * 1000
-}
-
-fn pacific_offset_secs(utc: i64) -> i64 {
-    const H: i64 = 3600;
-    let (year, _, _) = civil_from_days(utc.div_euclid(86_400));
-    let dst_start = days_from_civil(year, 3, nth_sunday(year, 3, 2)) * 86_400 + 2 * H + 8 * H;
-    let dst_end = days_from_civil(year, 11, nth_sunday(year, 11, 1)) * 86_400 + 2 * H + 7 * H;
-    if utc >= dst_start && utc < dst_end {
-        -7 * H
-    } else {
-        -8 * H
-    }
-}
-
-fn nth_sunday(year: i64, month: u32, n: u32) -> u32 {
-    let first = days_from_civil(year, month, 1);
-    // 1970-01-01 was a Thursday (weekday 4, Sunday = 0).
-    let weekday = (first + 4).rem_euclid(7) as u32;
-    let first_sunday = 1 + (7 - weekday) % 7;
-    first_sunday + 7 * (n - 1)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    let next = || -> Result<u64, jiff::Error> {
+        let now = jiff::Timestamp::from_millisecond(i64::try_from(now_ms).unwrap_or(i64::MAX))?;
+        let midnight = now
+            .in_tz("America/Los_Angeles")?
+            .tomorrow()?
+            .start_of_day()?;
+        Ok(u64::try_from(midnight.timestamp().as_millisecond()).unwrap_or(now_ms))
+    };
+    next().unwrap_or(now_ms.saturating_add(DAY_MS))
 }
 
 #[cfg(test)]
@@ -404,6 +363,51 @@ mod tests {
             next_pacific_midnight_ms(1_772_913_600_000),
             1_772_956_800_000
         );
+    }
+
+    #[test]
+    fn pacific_midnight_on_the_days_of_the_change() {
+        // 2026-03-08T09:00:00Z is 01:00 PST, before that day's switch; the
+        // next midnight is Mar 9 00:00 PDT = 07:00Z.
+        assert_eq!(
+            next_pacific_midnight_ms(1_772_960_400_000),
+            1_773_039_600_000
+        );
+        // At midnight exactly, the next one is a day later.
+        assert_eq!(
+            next_pacific_midnight_ms(1_773_039_600_000),
+            1_773_126_000_000
+        );
+        // 2026-11-01T08:30:00Z is 01:30 PDT, the first of the two 01:30s;
+        // the next midnight is Nov 2 00:00 PST = 08:00Z.
+        assert_eq!(
+            next_pacific_midnight_ms(1_793_521_800_000),
+            1_793_606_400_000
+        );
+    }
+
+    #[test]
+    fn pacific_midnight_follows_the_rules_of_its_year() {
+        // Before 2007 daylight time ran from the first Sunday of April to the
+        // last Sunday of October. 2006-04-01T20:00:00Z is 12:00 PST; the
+        // next midnight, Apr 2 00:00 PST, is 08:00Z.
+        assert_eq!(
+            next_pacific_midnight_ms(1_143_921_600_000),
+            1_143_964_800_000
+        );
+        // 2006-10-29T12:00:00Z is 04:00 PST, after that year's change; the
+        // next midnight is Oct 30 00:00 PST = 08:00Z.
+        assert_eq!(
+            next_pacific_midnight_ms(1_162_123_200_000),
+            1_162_195_200_000
+        );
+    }
+
+    #[test]
+    fn pacific_midnight_past_the_calendar_is_a_day_away() {
+        assert_eq!(next_pacific_midnight_ms(u64::MAX - 1), u64::MAX);
+        let far = 300_000_000_000_000; // past the year 9999
+        assert_eq!(next_pacific_midnight_ms(far), far + 86_400_000);
     }
 
     #[test]

@@ -23,7 +23,8 @@ use crate::ops::metrics::{model_label, Metrics, ModelKind, ModelOutcome};
 use crate::state::{now_ms, StateStore, StoreError};
 
 pub mod meter;
-pub mod scan;
+// The scanner sits with the other byte scanners, in `domain::scan`.
+pub use crate::domain::scan::usage as scan;
 
 pub use scan::Tokens;
 

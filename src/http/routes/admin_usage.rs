@@ -19,48 +19,21 @@ use crate::state::now_ms;
 
 const DAY_MS: u64 = 24 * HOUR_MS;
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
-/// `days_from_civil`).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (
-        if m <= 2 {
-            yoe + era * 400 + 1
-        } else {
-            yoe + era * 400
-        },
-        m,
-        d,
-    )
+/// The instant of a Unix time in ms; past the calendar's end, its end.
+fn instant(ms: u64) -> jiff::Timestamp {
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .unwrap_or(jiff::Timestamp::MAX)
 }
 
 /// `2026-11-29T06:00Z` for a Unix time in ms (UTC).
 pub fn iso_hour(ms: u64) -> String {
-    let days = (ms / DAY_MS) as i64;
-    let (y, m, d) = civil_from_days(days);
-    let h = (ms % DAY_MS) / HOUR_MS;
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:00Z")
+    instant(ms).strftime("%Y-%m-%dT%H:00Z").to_string()
 }
 
 fn iso_date(ms: u64) -> String {
-    iso_hour(ms)[..10].to_string()
+    instant(ms).strftime("%Y-%m-%d").to_string()
 }
 
 /// A time bound: Unix seconds or ms, `YYYY-MM-DD`, or `YYYY-MM-DDTHH:MM`
@@ -71,15 +44,18 @@ fn parse_time(raw: &str, end: bool) -> Option<u64> {
         return Some(if n < 100_000_000_000 { n * 1000 } else { n });
     }
     let (date, time) = raw.split_once('T').unwrap_or((raw, ""));
-    let mut parts = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let mut parts = date.splitn(3, '-').map(|p| p.parse::<i16>().ok());
     let (Some(Some(y)), Some(Some(m)), Some(Some(d))) = (parts.next(), parts.next(), parts.next())
     else {
         return None;
     };
-    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+    if !(1970..=9999).contains(&y) {
         return None;
     }
-    let day_ms = u64::try_from(days_from_civil(y, m, d)).ok()? * DAY_MS;
+    let day = jiff::civil::Date::new(y, i8::try_from(m).ok()?, i8::try_from(d).ok()?)
+        .and_then(|date| date.to_zoned_datetime(jiff::tz::TimeZone::UTC))
+        .ok()?;
+    let day_ms = u64::try_from(day.timestamp().as_millisecond()).ok()?;
     if time.is_empty() {
         return Some(if end { day_ms + DAY_MS - 1 } else { day_ms });
     }
@@ -235,13 +211,7 @@ pub async fn api_errors(
 }
 
 fn iso_minute(ms: u64) -> String {
-    let hour = iso_hour(ms);
-    format!(
-        "{}:{:02}:{:02}Z",
-        &hour[..13],
-        (ms % HOUR_MS) / 60_000,
-        (ms % 60_000) / 1000
-    )
+    instant(ms).strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 const COLORS: [&str; 8] = [
@@ -499,6 +469,24 @@ mod tests {
         assert_eq!(parse_time("1700000000", false), Some(1_700_000_000_000));
         assert_eq!(parse_time("2026-13-01", false), None);
         assert_eq!(parse_time("yesterday", false), None);
+        for bad in [
+            "2026-02-29",
+            "2026-04-31",
+            "1969-12-31",
+            "2026-11-29T24:00",
+            "2026-11-29Tnoon",
+        ] {
+            assert_eq!(parse_time(bad, false), None, "{bad}");
+        }
+        assert_eq!(
+            iso_minute(parse_time("2024-02-29T13:45", false).unwrap() + 7_000),
+            "2024-02-29T13:45:07Z"
+        );
+        assert_eq!(
+            iso_date(parse_time("2026-12-31", true).unwrap()),
+            "2026-12-31"
+        );
+        assert!(iso_hour(u64::MAX).starts_with("9999-12-"));
     }
 
     #[test]

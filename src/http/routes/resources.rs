@@ -297,7 +297,7 @@ async fn owned(
             names.push(name.to_string());
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
-                resources::mixed_message(
+                crate::http::error::mixed_message(
                     &names,
                     crate::http::pipeline::split_advice(gw.settings.sessions.upload_affinity),
                 ),
@@ -312,7 +312,7 @@ async fn owned(
         Err(RefError::Mixed(names)) => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
-                resources::mixed_message(
+                crate::http::error::mixed_message(
                     &names,
                     crate::http::pipeline::split_advice(gw.settings.sessions.upload_affinity),
                 ),
