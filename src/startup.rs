@@ -86,6 +86,7 @@ pub async fn open_store(
         other => other.is_ok(),
     };
     let store = Arc::new(store);
+    background.probe_store(store.clone());
     let checked = if reachable {
         crate::state::migrations::apply_within(
             &store,

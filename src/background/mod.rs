@@ -6,7 +6,8 @@
 //! - the re-check of disabled keys ([`recheck`]);
 //! - the refresh of outbound proxy health, when proxies are configured;
 //! - the reload of mounted key and token files ([`reload`]);
-//! - the heartbeat, which also flushes statistics and usage ([`heartbeat`]).
+//! - the heartbeat, which also flushes statistics and usage ([`heartbeat`]);
+//! - the probe of Redis while the store's circuit breaker is open.
 //!
 //! Every detached task of the library starts through this module (clippy's
 //! `disallowed-methods` refuses a spawn anywhere else), so a reader finds
@@ -26,6 +27,9 @@ use crate::upstream::client::Upstream;
 pub mod heartbeat;
 pub mod recheck;
 pub mod reload;
+
+/// How often a replica with an open circuit to Redis probes it.
+const STORE_PROBE: Duration = Duration::from_millis(100);
 
 /// How often a replica reads the shared health of the outbound proxies.
 const PROXY_REFRESH: Duration = Duration::from_secs(1);
@@ -54,6 +58,17 @@ impl Background {
             "layout check",
             crate::state::migrations::keep_checking(store, gate),
         );
+    }
+
+    /// Probes Redis while the store's circuit breaker is open, so that it
+    /// closes as soon as Redis answers again, before any request needs it.
+    pub fn probe_store(&mut self, store: Arc<RedisStore>) {
+        self.spawn("store probe", async move {
+            loop {
+                tokio::time::sleep(STORE_PROBE).await;
+                store.probe().await;
+            }
+        });
     }
 
     /// Starts the periodic tasks of a serving replica. `upstream` is the

@@ -201,9 +201,7 @@ impl Source {
             Source::Sentinel(pool) => {
                 let obj = pool.get().await.map_err(|e| {
                     StoreError::Unavailable(match e {
-                        deadpool_redis::sentinel::PoolError::Backend(err) => {
-                            redis_error(err).to_string()
-                        }
+                        deadpool_redis::sentinel::PoolError::Backend(err) => cause(&err),
                         deadpool_redis::sentinel::PoolError::Timeout(_) => {
                             "timed out asking the sentinels for the master".into()
                         }
@@ -357,17 +355,50 @@ fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
 fn pool_error(e: &deadpool_redis::PoolError) -> String {
     match e {
         deadpool_redis::PoolError::Timeout(_) => "timed out waiting for a connection".into(),
-        deadpool_redis::PoolError::Backend(err) => redis_error(err.clone()).to_string(),
+        deadpool_redis::PoolError::Backend(err) => cause(err),
         other => other.to_string(),
     }
 }
 
+/// What a failed exchange says about Redis, as a store error.
 pub(super) fn redis_error(e: redis::RedisError) -> StoreError {
     if e.is_timeout() {
         StoreError::Timeout
     } else {
-        // The message of a RedisError names the failing command kind, never
-        // its arguments, so it is safe to pass on.
-        StoreError::Unavailable(format!("{:?}: {}", e.kind(), e.detail().unwrap_or("")))
+        StoreError::Unavailable(cause(&e))
+    }
+}
+
+/// The cause of a failed exchange in a few words (`connection refused`,
+/// `connection reset by peer`, …), for logs and `/readyz`; the store error
+/// around it says that the store is unavailable. A server's error text names
+/// the command kind, never its arguments, so it is passed on as it is.
+pub(super) fn cause(e: &redis::RedisError) -> String {
+    use std::io::ErrorKind as Io;
+    // The redis crate keeps an I/O error behind an `Arc`.
+    let io = std::error::Error::source(e).and_then(|s| {
+        s.downcast_ref::<std::io::Error>().or_else(|| {
+            s.downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>()
+                .and_then(|inner| inner.downcast_ref::<std::io::Error>())
+        })
+    });
+    let Some(io) = io else {
+        return match e.to_string() {
+            text if text.trim().is_empty() => format!("{:?}", e.kind()),
+            text => text,
+        };
+    };
+    match io.kind() {
+        Io::ConnectionRefused => "connection refused".into(),
+        Io::ConnectionReset => "connection reset by peer".into(),
+        Io::ConnectionAborted => "connection aborted".into(),
+        Io::BrokenPipe | Io::UnexpectedEof | Io::NotConnected => "connection closed".into(),
+        Io::TimedOut | Io::WouldBlock => "timed out".into(),
+        Io::HostUnreachable => "host unreachable".into(),
+        Io::NetworkUnreachable => "network unreachable".into(),
+        Io::AddrNotAvailable => "address not available".into(),
+        Io::PermissionDenied => "permission denied".into(),
+        // Name resolution and TLS failures carry their own words.
+        _ => io.to_string(),
     }
 }

@@ -38,14 +38,17 @@ const TRANSITION: &str = include_str!("lua/transition.lua");
 /// Called after every Redis exchange with its latency and whether it worked.
 pub type Observer = Arc<dyn Fn(Duration, bool) + Send + Sync>;
 
-/// Consecutive failures that open the circuit, and how long it stays open:
-/// while open, calls fail at once instead of each waiting for a timeout on a
-/// Redis that is down. The first call after the pause probes Redis again.
+/// Consecutive failures that open the circuit: while open, calls fail at
+/// once instead of each waiting for a timeout on a Redis that is down.
 const TRIP_AFTER: u32 = 3;
+/// While the circuit is open, one call in this many milliseconds goes
+/// through as a probe; the first probe that succeeds closes the circuit.
+const PROBE_EVERY_MS: u64 = 200;
 /// Connections beyond one per worker thread: for the main thread and
 /// background tasks.
 const SPARE_CONNECTIONS: usize = 2;
-const OPEN_FOR_MS: u64 = 1_000;
+/// What a call refused by the open circuit fails with.
+const CIRCUIT_OPEN: &str = "circuit open after repeated failures; probing again shortly";
 
 /// Numbers threads in the order they first touch Redis.
 static THREADS_SEEN: AtomicUsize = AtomicUsize::new(0);
@@ -60,7 +63,73 @@ thread_local! {
 #[derive(Default)]
 struct Breaker {
     failures: AtomicU32,
-    open_until_ms: AtomicU64,
+    /// 0 while closed; while open, when the next probe may go through.
+    next_probe_ms: AtomicU64,
+}
+
+impl Breaker {
+    /// Whether a call may go to Redis now: always while closed; while open,
+    /// one caller per [`PROBE_EVERY_MS`] (the probe), the rest fail fast.
+    fn admit(&self) -> bool {
+        let next = self.next_probe_ms.load(Ordering::Relaxed);
+        if next == 0 {
+            return true;
+        }
+        let now = monotonic_ms();
+        now >= next
+            && self
+                .next_probe_ms
+                .compare_exchange(
+                    next,
+                    now + PROBE_EVERY_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// A call worked: the circuit closes at once.
+    fn succeeded(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        if self.next_probe_ms.load(Ordering::Relaxed) != 0
+            && self.next_probe_ms.swap(0, Ordering::Relaxed) != 0
+        {
+            tracing::info!("the state store answers again: circuit closed");
+        }
+    }
+
+    /// A call failed; how many in a row have now. The circuit opens (or, after
+    /// a failed probe, stays open) from the [`TRIP_AFTER`]th.
+    fn failed(&self) -> u32 {
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if failures >= TRIP_AFTER {
+            let was = self
+                .next_probe_ms
+                .swap(monotonic_ms() + PROBE_EVERY_MS, Ordering::Relaxed);
+            if was == 0 {
+                tracing::warn!(
+                    failures,
+                    "state store circuit open: calls fail fast until a probe succeeds"
+                );
+            }
+        }
+        failures
+    }
+}
+
+/// Whether a command may be sent again when the connection it went out on
+/// turns out to be dead.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// Running it twice leaves Redis as running it once does (reads, `SET`,
+    /// `DEL`, `ZADD`, the scripts, which check what they find), or costs
+    /// nothing that matters (rotation's `INCR` skips one place in the ring).
+    Safe,
+    /// Counted increments (`HINCRBY`): a second run would count twice.
+    Never,
 }
 
 /// Milliseconds on the monotonic clock since this process first asked
@@ -141,23 +210,71 @@ impl RedisStore {
         self.mode
     }
 
-    /// Runs one Redis exchange on a pooled connection, bounded by the timeout.
+    /// Whether the circuit is open: calls fail fast until a probe succeeds.
+    pub fn circuit_open(&self) -> bool {
+        self.breaker.next_probe_ms.load(Ordering::Relaxed) != 0
+    }
+
+    /// While the circuit is open, one probe of Redis (a `PING` admitted as
+    /// the breaker's probe); a success closes the circuit, so requests find
+    /// it closed as soon as Redis is back, with or without traffic before
+    /// them. Nothing while the circuit is closed.
+    pub async fn probe(&self) {
+        if self.circuit_open() {
+            let _: Result<String, StoreError> = self
+                .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+                .await;
+        }
+    }
+
+    /// Runs one Redis exchange on this thread's connection, bounded by the
+    /// timeout; sent again once on a fresh connection when the kept one turns
+    /// out to be dead (see [`Self::exchange`]).
     async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(Conn) -> Fut,
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.exchange(Resend::Safe, f).await
+    }
+
+    /// [`Self::run`] for a command that must never be sent twice.
+    async fn run_once<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.exchange(Resend::Never, f).await
+    }
+
+    /// One exchange. A connection kept from earlier calls can be dead without
+    /// anyone having noticed: Redis restarted, or something between closed
+    /// it while it was idle. Such a connection fails its next command as
+    /// dropped before sending it, so that command is sent again once on a
+    /// fresh connection (when `resend` allows), on every worker, before any
+    /// caller sees an error. A fresh connection that fails is an outage.
+    async fn exchange<T, F, Fut>(&self, resend: Resend, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let slot = THREAD_SLOT.with(|s| *s) % self.slots.len();
-        let work = async {
-            let conn = self.connection(slot).await?;
-            f(conn).await.map_err(redis_error)
-        };
-        let now = monotonic_ms();
-        if self.breaker.open_until_ms.load(Ordering::Relaxed) > now {
-            return Err(StoreError::Unavailable(
-                "circuit open after repeated failures; retrying shortly".into(),
-            ));
+        if !self.breaker.admit() {
+            return Err(StoreError::Unavailable(CIRCUIT_OPEN.into()));
         }
+        let work = async {
+            let (conn, kept) = self.connection(slot).await?;
+            // A cluster connection reconnects to its nodes by itself.
+            let single = matches!(conn, Conn::Single(_));
+            match f(conn).await {
+                Err(e) if kept && single && resend == Resend::Safe && e.is_connection_dropped() => {
+                    self.forget(slot);
+                    let (conn, _) = self.connection(slot).await?;
+                    f(conn).await.map_err(redis_error)
+                }
+                other => other.map_err(redis_error),
+            }
+        };
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, work)
             .await
@@ -167,9 +284,9 @@ impl RedisStore {
             observe(started.elapsed(), result.is_ok());
         }
         match &result {
-            Ok(_) => self.breaker.failures.store(0, Ordering::Relaxed),
+            Ok(_) => self.breaker.succeeded(),
             Err(StoreError::Timeout | StoreError::Unavailable(_)) => {
-                let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                let failures = self.breaker.failed();
                 // The connection may be dead, or (sentinel) point at a
                 // demoted master: the next call on this slot takes a fresh
                 // one. A cluster connection heals itself (it refreshes its
@@ -177,14 +294,7 @@ impl RedisStore {
                 // round trip per node, so it is replaced only once the
                 // circuit opens.
                 if self.mode != RedisMode::Cluster || failures >= TRIP_AFTER {
-                    if let Ok(mut s) = self.slots[slot].write() {
-                        *s = None;
-                    }
-                }
-                if failures >= TRIP_AFTER {
-                    self.breaker
-                        .open_until_ms
-                        .store(monotonic_ms() + OPEN_FOR_MS, Ordering::Relaxed);
+                    self.forget(slot);
                 }
             }
             Err(_) => {}
@@ -192,24 +302,37 @@ impl RedisStore {
         result
     }
 
+    /// Drops the connection kept for one slot; the next call opens another.
+    fn forget(&self, slot: usize) {
+        if let Some(s) = self.slots.get(slot) {
+            if let Ok(mut s) = s.write() {
+                *s = None;
+            }
+        }
+    }
+
     /// A multiplexed connection for one slot, taken from the pool once and
     /// then shared by every call on that slot (it pipelines concurrent
-    /// requests). Checking a connection out of the pool per call would cost
-    /// its recycle check, an extra round trip per call.
+    /// requests), and whether it was kept from an earlier call. Checking a
+    /// connection out of the pool per call would cost its recycle check, an
+    /// extra round trip per call.
     ///
     /// Each thread has its own slot: a connection's driver task runs on the
     /// thread that opened it, so a call from that thread is written, read and
     /// answered without waking another thread (a shared connection costs two
     /// cross-thread wake-ups per call).
-    async fn connection(&self, slot: usize) -> Result<Conn, StoreError> {
-        if let Some(conn) = self.slots[slot].read().ok().and_then(|s| s.clone()) {
-            return Ok(conn);
+    async fn connection(&self, slot: usize) -> Result<(Conn, bool), StoreError> {
+        let Some(cell) = self.slots.get(slot) else {
+            return Ok((self.source.connect().await?, false));
+        };
+        if let Some(conn) = cell.read().ok().and_then(|s| s.clone()) {
+            return Ok((conn, true));
         }
         let conn = self.source.connect().await?;
-        if let Ok(mut s) = self.slots[slot].write() {
+        if let Ok(mut s) = cell.write() {
             *s = Some(conn.clone());
         }
-        Ok(conn)
+        Ok((conn, false))
     }
 
     /// Runs one of the store's scripts on the key it touches. `EVALSHA`
@@ -222,15 +345,16 @@ impl RedisStore {
         key: String,
         args: Vec<String>,
     ) -> Result<T, StoreError> {
+        let (key, args) = (&key, &args);
         self.run(|mut c| async move {
             let mut by_hash = redis::cmd("EVALSHA");
-            by_hash.arg(script.get_hash()).arg(1).arg(&key).arg(&args);
+            by_hash.arg(script.get_hash()).arg(1).arg(key).arg(args);
             match by_hash.query_async(&mut c).await {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
                     let mut by_body = redis::cmd("EVAL");
-                    by_body.arg(body).arg(1).arg(&key).arg(&args);
+                    by_body.arg(body).arg(1).arg(key).arg(args);
                     by_body.query_async(&mut c).await
                 }
                 other => other,
@@ -249,17 +373,28 @@ impl RedisStore {
         if cmds.is_empty() {
             return Ok(Vec::new());
         }
+        // One pipeline for a single server, built once: a command sent again
+        // on a fresh connection is the same command.
+        let pipe = (self.mode != RedisMode::Cluster).then(|| {
+            let mut pipe = redis::pipe();
+            for cmd in &cmds {
+                pipe.add_command(cmd.clone());
+            }
+            pipe
+        });
+        let (pipe, cmds) = (&pipe, &cmds);
         self.run(|c| async move {
-            match c {
-                Conn::Single(mut c) => {
+            match (c, pipe) {
+                (Conn::Single(mut c), Some(pipe)) => pipe.query_async(&mut c).await,
+                (Conn::Single(mut c), None) => {
                     let mut pipe = redis::pipe();
                     for cmd in cmds {
-                        pipe.add_command(cmd);
+                        pipe.add_command(cmd.clone());
                     }
                     pipe.query_async(&mut c).await
                 }
-                Conn::Cluster(c) => {
-                    futures_util::future::try_join_all(cmds.into_iter().map(|cmd| {
+                (Conn::Cluster(c), _) => {
+                    futures_util::future::try_join_all(cmds.iter().map(|cmd| {
                         let mut c = c.clone();
                         async move { cmd.query_async::<T>(&mut c).await }
                     }))
@@ -272,18 +407,18 @@ impl RedisStore {
 
     /// The layout version recorded in Redis (0 for an empty Redis).
     pub async fn layout_version(&self) -> Result<u64, StoreError> {
-        let key = self.keys.layout();
+        let key = &self.keys.layout();
         let v: Option<u64> = self
-            .run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
+            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
             .await?;
         Ok(v.unwrap_or(0))
     }
 
     pub async fn set_layout_version(&self, version: u64) -> Result<(), StoreError> {
-        let key = self.keys.layout();
+        let key = &self.keys.layout();
         self.run(|mut c| async move {
             redis::cmd("SET")
-                .arg(&key)
+                .arg(key)
                 .arg(version)
                 .query_async::<()>(&mut c)
                 .await
@@ -301,6 +436,7 @@ impl RedisStore {
         &self,
         cmd: redis::Cmd,
     ) -> Result<T, StoreError> {
+        let cmd = &cmd;
         self.run(|mut c| async move { cmd.query_async(&mut c).await })
             .await
     }
@@ -367,14 +503,14 @@ impl StateStore for RedisStore {
         // doing the same; the pick itself is the rule the embedded store
         // applies too. Both keys carry the ring's hash tag: on a cluster the
         // pipeline goes to one master.
-        let (counter, states) = (self.keys.ring_counter(ring), self.keys.ring_states(ring));
+        let (counter, states) = (&self.keys.ring_counter(ring), &self.keys.ring_states(ring));
         let (next, raw): (u64, HashMap<String, String>) = self
             .run(|mut c| async move {
                 redis::pipe()
                     .cmd("INCR")
-                    .arg(&counter)
+                    .arg(counter)
                     .cmd("HGETALL")
-                    .arg(&states)
+                    .arg(states)
                     .query_async(&mut c)
                     .await
             })
@@ -388,11 +524,9 @@ impl StateStore for RedisStore {
     }
 
     async fn member_states(&self, ring: &str) -> Result<HashMap<String, MemberState>, StoreError> {
-        let states = self.keys.ring_states(ring);
+        let states = &self.keys.ring_states(ring);
         let raw: HashMap<String, String> = self
-            .run(
-                |mut c| async move { redis::cmd("HGETALL").arg(&states).query_async(&mut c).await },
-            )
+            .run(|mut c| async move { redis::cmd("HGETALL").arg(states).query_async(&mut c).await })
             .await?;
         Ok(decode_states(raw))
     }
@@ -431,10 +565,10 @@ impl StateStore for RedisStore {
     }
 
     async fn touch(&self, ns: &str, id: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
-        let key = self.keys.binding(ns, id);
+        let key = &self.keys.binding(ns, id);
         self.run(|mut c| async move {
             redis::cmd("GETEX")
-                .arg(&key)
+                .arg(key)
                 .arg("EX")
                 .arg(secs(ttl))
                 .query_async(&mut c)
@@ -485,11 +619,11 @@ impl StateStore for RedisStore {
     }
 
     async fn put(&self, ns: &str, id: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
-        let key = self.keys.binding(ns, id);
+        let key = &self.keys.binding(ns, id);
         let _: String = self
             .run(|mut c| async move {
                 redis::cmd("SET")
-                    .arg(&key)
+                    .arg(key)
                     .arg(value)
                     .arg("EX")
                     .arg(secs(ttl))
@@ -516,9 +650,9 @@ impl StateStore for RedisStore {
     }
 
     async fn delete(&self, ns: &str, id: &str) -> Result<(), StoreError> {
-        let key = self.keys.binding(ns, id);
+        let key = &self.keys.binding(ns, id);
         let _: i64 = self
-            .run(|mut c| async move { redis::cmd("DEL").arg(&key).query_async(&mut c).await })
+            .run(|mut c| async move { redis::cmd("DEL").arg(key).query_async(&mut c).await })
             .await?;
         Ok(())
     }
@@ -547,10 +681,10 @@ impl StateStore for RedisStore {
     }
 
     async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
-        let key = self.keys.index(name);
+        let key = &self.keys.index(name);
         self.run(|mut c| async move {
             redis::cmd("ZRANGE")
-                .arg(&key)
+                .arg(key)
                 .arg("+inf")
                 .arg(format!("({now_ms}"))
                 .arg("BYSCORE")
@@ -607,11 +741,11 @@ impl StateStore for RedisStore {
     }
 
     async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {
-        let key = self.keys.index(name);
+        let key = &self.keys.index(name);
         let _: i64 = self
             .run(|mut c| async move {
                 redis::cmd("ZREM")
-                    .arg(&key)
+                    .arg(key)
                     .arg(member)
                     .query_async(&mut c)
                     .await
@@ -621,20 +755,25 @@ impl StateStore for RedisStore {
     }
 
     async fn try_lock(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let key = self.keys.lock(name);
-        let got: Option<String> = self
-            .run(|mut c| async move {
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg(holder)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ttl.as_millis().max(1) as u64)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
-        Ok(got.is_some())
+        // Held when this holder's value is there: a `SET NX` sent again after
+        // its answer was lost finds its own value, not a rival's.
+        let key = &self.keys.lock(name);
+        self.run(|mut c| async move {
+            let set: Option<String> = redis::cmd("SET")
+                .arg(key)
+                .arg(holder)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64)
+                .query_async(&mut c)
+                .await?;
+            if set.is_some() {
+                return Ok(true);
+            }
+            let now: Option<String> = redis::cmd("GET").arg(key).query_async(&mut c).await?;
+            Ok(now.as_deref() == Some(holder))
+        })
+        .await
     }
 
     async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError> {
@@ -660,7 +799,8 @@ impl StateStore for RedisStore {
             pipe.cmd("HINCRBY").arg(&key).arg(name).arg(*n).ignore();
         }
         pipe.cmd("EXPIRE").arg(&key).arg(secs(ttl)).ignore();
-        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+        let pipe = &pipe;
+        self.run_once(|mut c| async move { pipe.query_async::<()>(&mut c).await })
             .await
     }
 

@@ -266,27 +266,69 @@ pub fn response_forwardable(name: &HeaderName) -> bool {
     )
 }
 
-/// The query string without the client's token and session id.
-pub fn filtered_query(query: &str) -> String {
-    query
-        .split('&')
-        .filter(|pair| {
-            let name = pair.split('=').next().unwrap_or("");
-            !pair.is_empty() && name != "key" && name != "session_id"
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+/// Query parameters only the gateway reads: never forwarded, in whatever
+/// case or percent-encoding the client spelled their names (Google decodes
+/// `k%65y` as `key`).
+const GATEWAY_ONLY: [&str; 2] = ["key", "session_id"];
+
+/// A query parameter name that is not text: it does not decode to UTF-8, or
+/// holds a control character.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a query parameter name is not valid text")]
+pub struct BadParamName;
+
+/// The decoded name of one `name=value` pair.
+fn param_name(pair: &str) -> Result<std::borrow::Cow<'_, str>, BadParamName> {
+    let raw = pair.split_once('=').map_or(pair, |(name, _)| name);
+    let name = if raw.bytes().any(|b| b == b'%' || b == b'+') {
+        std::borrow::Cow::Owned(
+            String::from_utf8(percent_decode_bytes(raw)).map_err(|_| BadParamName)?,
+        )
+    } else {
+        std::borrow::Cow::Borrowed(raw)
+    };
+    if name.chars().any(char::is_control) {
+        return Err(BadParamName);
+    }
+    Ok(name)
 }
 
-/// The value of one query parameter, percent-decoded.
+/// The query string without the parameters only the gateway reads (the
+/// client's token, the session id), matched by their decoded names without
+/// regard to case; the pairs kept are passed on as the client wrote them.
+pub fn filtered_query(query: &str) -> Result<String, BadParamName> {
+    let mut kept = String::with_capacity(query.len());
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let name = param_name(pair)?;
+        if GATEWAY_ONLY.iter().any(|g| name.eq_ignore_ascii_case(g)) {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.push('&');
+        }
+        kept.push_str(pair);
+    }
+    Ok(kept)
+}
+
+/// The value of one query parameter, percent-decoded, found by its decoded
+/// name (the first occurrence).
 pub fn query_param(query: &str, wanted: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (name == wanted).then(|| percent_decode(value))
+        let value = pair.split_once('=').map_or("", |(_, v)| v);
+        param_name(pair)
+            .is_ok_and(|name| name == wanted)
+            .then(|| percent_decode(value))
     })
 }
 
 fn percent_decode(s: &str) -> String {
+    String::from_utf8_lossy(&percent_decode_bytes(s)).into_owned()
+}
+
+/// `%XX` escapes and `+` (a space) decoded; a `%` not followed by two hex
+/// digits stays as it is.
+fn percent_decode_bytes(s: &str) -> Vec<u8> {
     fn hex(b: u8) -> Option<u8> {
         (b as char).to_digit(16).map(|d| d as u8)
     }
@@ -313,7 +355,7 @@ fn percent_decode(s: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 #[cfg(test)]
@@ -323,11 +365,47 @@ mod tests {
     #[test]
     fn query_loses_key_and_session_only() {
         assert_eq!(
-            filtered_query("alt=sse&key=secret&session_id=s1&pageSize=3"),
+            filtered_query("alt=sse&key=secret&session_id=s1&pageSize=3").unwrap(),
             "alt=sse&pageSize=3"
         );
-        assert_eq!(filtered_query("key=x"), "");
-        assert_eq!(filtered_query(""), "");
+        assert_eq!(filtered_query("key=x").unwrap(), "");
+        assert_eq!(filtered_query("").unwrap(), "");
+    }
+
+    #[test]
+    fn gateway_parameters_go_in_every_spelling() {
+        for q in [
+            "k%65y=tok",
+            "%6Bey=AIzaEVIL",
+            "%6b%65%79=x",
+            "KEY=tok",
+            "Key=tok",
+            "session%5Fid=s",
+            "SESSION_ID=s",
+            "%73ession_id=s",
+            "key",
+        ] {
+            assert_eq!(
+                filtered_query(&format!("alt=sse&{q}&a=1")).unwrap(),
+                "alt=sse&a=1",
+                "{q}"
+            );
+        }
+        // Kept pairs stay as the client wrote them.
+        assert_eq!(
+            filtered_query("a%20b=c%2Bd&x=1").unwrap(),
+            "a%20b=c%2Bd&x=1"
+        );
+        assert_eq!(query_param("k%65y=t%2Bx", "key").as_deref(), Some("t+x"));
+    }
+
+    #[test]
+    fn a_name_that_is_not_text_is_refused() {
+        for q in ["key%00=x", "%FF=1", "a=1&k%C3=1", "%0A=1", "ke%7Fy=1"] {
+            assert_eq!(filtered_query(q), Err(BadParamName), "{q}");
+        }
+        // Values are not names: they pass as written.
+        assert_eq!(filtered_query("a=%FF%00").unwrap(), "a=%FF%00");
     }
 
     #[test]
@@ -361,7 +439,7 @@ mod tests {
             #[test]
             fn forwarded_queries_never_carry_credentials_or_sessions(pairs in proptest::collection::vec(("(key|session_id|alt|pageSize|[a-z]{1,6})", "[A-Za-z0-9%+=]{0,10}"), 0..8)) {
                 let query = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
-                let out = filtered_query(&query);
+                let out = filtered_query(&query).unwrap();
                 for p in out.split('&').filter(|p| !p.is_empty()) {
                     let name = p.split('=').next().unwrap_or("");
                     prop_assert!(name != "key" && name != "session_id");
@@ -373,6 +451,20 @@ mod tests {
             #[test]
             fn query_params_decode_without_panicking(query in ".{0,200}", name in "[a-z]{1,5}") {
                 let _ = query_param(&query, &name);
+            }
+
+            #[test]
+            fn no_spelling_of_a_gateway_parameter_is_forwarded(
+                name in "(key|session_id)",
+                upper in proptest::collection::vec(any::<bool>(), 10),
+                encode in proptest::collection::vec(any::<bool>(), 10),
+            ) {
+                let spelled: String = name.chars().enumerate().map(|(i, c)| {
+                    let c = if upper[i % 10] { c.to_ascii_uppercase() } else { c };
+                    if encode[i % 10] { format!("%{:02X}", c as u8) } else { c.to_string() }
+                }).collect();
+                let out = filtered_query(&format!("a=1&{spelled}=secret&b=2")).unwrap();
+                prop_assert_eq!(out, "a=1&b=2");
             }
         }
     }

@@ -76,14 +76,59 @@ fn every_readme_variable_is_set_by_a_test() {
     let vars = names(&table, "GB_");
     assert!(vars.len() >= 20, "the README's table was found: {vars:?}");
     let tests = test_sources();
-    let untested: Vec<&String> = vars
-        .iter()
-        .filter(|v| !tests.contains(v.as_str()))
-        .collect();
+    let untested: Vec<&String> = vars.iter().filter(|v| !assigned(&tests, v)).collect();
     assert!(
         untested.is_empty(),
         "README variables no test sets: {untested:?}"
     );
+}
+
+/// Whether `text` gives the variable `var` a value somewhere, rather than
+/// only naming it: `GB_X=…` (an env file, a shell line), `("GB_X", …)` and
+/// `.env("GB_X", …)` (Rust), `"GB_X": …` and `env["GB_X"] = …` (Python).
+fn assigned(text: &str, var: &str) -> bool {
+    text.match_indices(var).any(|(at, _)| {
+        let head = &text[..at];
+        let after = &text[at + var.len()..];
+        let whole = !head.ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            && !after.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+        // The first thing of a pair, a value after it: `("GB_X", v)`.
+        let pair = (head.ends_with("(\"") || head.ends_with("('"))
+            && ["\",", "',", "\".into(),", "\".to_string(),"]
+                .iter()
+                .filter_map(|sep| after.strip_prefix(sep))
+                .any(|rest| !rest.trim_start().starts_with(')'));
+        let key = (head.ends_with('"') && after.starts_with("\":"))
+            || (head.ends_with('\'') && after.starts_with("':"))
+            || (head.ends_with("[\"") && after.starts_with("\"] ="))
+            || (head.ends_with("['") && after.starts_with("'] ="));
+        whole && (after.starts_with('=') || pair || key)
+    })
+}
+
+#[test]
+fn a_variable_only_named_by_a_test_is_not_counted_as_set() {
+    let var = "GB_SOME_SETTING";
+    for set in [
+        "(\"GB_SOME_SETTING\", \"3\")",
+        ".env(\"GB_SOME_SETTING\", &v)",
+        "(\"GB_SOME_SETTING\".into(), \"x\".into())",
+        "{\"GB_SOME_SETTING\": \"1\"}",
+        "env['GB_SOME_SETTING'] = '1'",
+        "GB_SOME_SETTING=1 cargo run",
+    ] {
+        assert!(assigned(set, var), "{set}");
+    }
+    for named in [
+        "assert_eq!(e.var, \"GB_SOME_SETTING\");",
+        "nearest(\"GB_SOME_SETTING\")",
+        "// GB_SOME_SETTING is read at start",
+        "[\"GB_SOME_SETTING\"]",
+        "(\"GB_SOME_SETTING_MORE\", \"1\")",
+        "\"GB_SOME_SETTING\", ]",
+    ] {
+        assert!(!assigned(named, var), "{named}");
+    }
 }
 
 #[test]

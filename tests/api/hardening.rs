@@ -370,3 +370,86 @@ async fn an_upstream_that_hangs_gets_a_504_not_a_hang() {
         200
     );
 }
+
+/// Every spelling of a parameter only the gateway reads: percent-encoded
+/// names (Google decodes them), other cases, a name with a NUL.
+const SPELLINGS: [&str; 9] = [
+    "k%65y",
+    "%6Bey",
+    "%6b%65%79",
+    "KEY",
+    "Key",
+    "key%00",
+    "session%5Fid",
+    "SESSION_ID",
+    "%73ession_id",
+];
+
+#[actix_rt::test]
+async fn no_spelling_of_the_token_or_session_parameter_reaches_the_upstream() {
+    let fake = FakeUpstream::start(&keys(2));
+    let gw = Gateway::start(&fake, None, &[]);
+    let secret = "AIzaEVILsmuggled";
+    let c = client();
+    let mut forwarded = 0;
+    for name in SPELLINGS {
+        let values = if name.to_ascii_lowercase().contains("ession") {
+            vec!["sess-smuggled"]
+        } else {
+            vec![TOKEN, secret]
+        };
+        for value in values {
+            let query = format!("alt=sse&{name}={value}&x=1");
+            let before = fake.requests().await.len();
+            // A valid token in the header: only the query could leak.
+            let mut post = c
+                .post(format!("{}{GENERATE}?{query}", gw.url))
+                .insert_header(("x-goog-api-key", TOKEN))
+                .send_json(&generate_body())
+                .await
+                .unwrap();
+            let mut get = c
+                .get(format!("{}/v1beta/models?{query}", gw.url))
+                .insert_header(("x-goog-api-key", TOKEN))
+                .send()
+                .await
+                .unwrap();
+            for resp in [&mut post, &mut get] {
+                let status = resp.status().as_u16();
+                let body: Value = serde_json::from_slice(&resp.body().await.unwrap()).unwrap();
+                if name.contains("%00") {
+                    assert_eq!(status, 400, "{name}: {body}");
+                    assert!(
+                        body["error"]["message"].as_str().unwrap().contains("query"),
+                        "{body}"
+                    );
+                } else {
+                    assert_eq!(status, 200, "{name}: {body}");
+                }
+            }
+            let seen = fake.requests().await;
+            for r in &seen[before..] {
+                forwarded += 1;
+                let q = r["query"].as_str().unwrap();
+                assert!(q.contains("alt=sse") && q.contains("x=1"), "{q}");
+                assert!(
+                    !q.contains(value),
+                    "{name}={value} reached the upstream: {q}"
+                );
+                assert!(!q.to_ascii_lowercase().contains("session"), "{q}");
+            }
+        }
+    }
+    // Two requests for each spelling and value but the refused `key%00`:
+    // six key spellings with two values, three session ones with one.
+    assert_eq!(
+        forwarded,
+        2 * (5 * 2 + 3),
+        "every valid request was forwarded"
+    );
+    // Nothing in any upstream request line or header carries the token.
+    for r in fake.requests().await {
+        let text = r.to_string();
+        assert!(!text.contains(TOKEN) && !text.contains(secret), "{text}");
+    }
+}

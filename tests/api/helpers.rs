@@ -45,24 +45,42 @@ impl Drop for Proc {
 pub struct Redis {
     pub port: u16,
     proc: Option<Proc>,
+    /// Extra server arguments, given again on a restart.
+    args: Vec<String>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Self::start_with(&[])
+    }
+
+    /// A server started with `extra` arguments, and restarted with them.
+    pub fn start_with(extra: &[&str]) -> Redis {
         for _ in 0..5 {
             let port = free_port();
-            if let Some(proc) = Self::spawn(port) {
+            if let Some(proc) = Self::spawn_with(port, extra) {
                 return Redis {
                     port,
                     proc: Some(proc),
+                    args: extra.iter().map(|a| a.to_string()).collect(),
                 };
             }
         }
         panic!("redis-server did not start");
     }
 
-    pub fn spawn(port: u16) -> Option<Proc> {
-        Self::spawn_with(port, &[])
+    /// A server that keeps its data across restarts: every write is in its
+    /// append-only file in `dir` before it answers.
+    pub fn start_durable(dir: &TempDir) -> Redis {
+        let dir = dir.0.to_string_lossy();
+        Self::start_with(&[
+            "--dir",
+            &dir,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
     }
 
     /// `redis-server` on `port` with `extra` arguments, once it answers PING.
@@ -115,6 +133,7 @@ impl Redis {
         Redis {
             port,
             proc: Some(proc),
+            args: Vec::new(),
         }
     }
 
@@ -135,10 +154,13 @@ impl Redis {
         self.proc = None;
     }
 
-    /// A new server on the same port.
+    /// A new server on the same port, with the same arguments (a durable
+    /// one finds its data again).
     pub fn restart(&mut self) {
         self.proc = None;
-        self.proc = Some(Self::spawn(self.port).expect("redis-server restarts on its port"));
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.proc =
+            Some(Self::spawn_with(self.port, &args).expect("redis-server restarts on its port"));
     }
 
     /// One command's raw reply. Fails the test when the server does not

@@ -28,6 +28,7 @@ mod live;
 mod migrations;
 mod ops;
 mod proxies;
+mod redis_restart;
 mod reload;
 mod resources;
 mod settings_effects;

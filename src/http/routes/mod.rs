@@ -44,6 +44,8 @@ pub struct Edge {
     /// The path after the prefix, as Google would see it.
     pub path: String,
     pub query: String,
+    /// The query as the upstream gets it (see [`filtered_query`]).
+    forward: String,
     pub session: Option<Session>,
 }
 
@@ -86,6 +88,11 @@ impl Edge {
             None => (String::new(), None, full.to_string()),
         };
         let query = req.query_string().to_string();
+        let forward = filtered_query(&query).map_err(|e| {
+            ApiError::bad_request(format!(
+                "Invalid query string: {e}: names must decode to UTF-8 text without control characters."
+            ))
+        })?;
         let header_sid = req
             .headers()
             .get("x-session-id")
@@ -96,6 +103,7 @@ impl Edge {
             prefix,
             path,
             query,
+            forward,
             session,
         })
     }
@@ -109,7 +117,7 @@ impl Edge {
     }
 
     pub fn forward_query(&self) -> String {
-        filtered_query(&self.query)
+        self.forward.clone()
     }
 }
 
