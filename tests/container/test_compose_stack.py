@@ -10,12 +10,15 @@ and removes everything it made at the end. Where dockerd cannot start it
 skips, loudly.
 """
 
+import collections
 import http.client
 import io
 import json
 import os
 import pathlib
+import queue
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -145,13 +148,15 @@ class Dockerd:
 
 
 class Compose:
-    def __init__(self, docker, workdir, env):
+    def __init__(self, docker, workdir, env, project=PROJECT, files=()):
         self.docker = docker
         self.dir = workdir
         self.env = env
+        self.project = project
+        self.files = [a for f in files for a in ("-f", f)]
 
     def __call__(self, *args, check=True, timeout=600):
-        return self.docker.run("docker-compose", "-p", PROJECT, "--profile", "demo", *args,
+        return self.docker.run("docker-compose", "-p", self.project, *self.files, "--profile", "demo", *args,
                                cwd=self.dir, env=self.env, check=check, timeout=timeout)
 
     def container(self, service):
@@ -198,6 +203,7 @@ def env():
         say(f"images built in {time.monotonic() - t0:.0f} s")
 
         shutil.copy(ROOT / "docker-compose.yml", workdir)
+        shutil.copy(ROOT / "docker-compose.cluster.yml", workdir)
         shutil.copytree(ROOT / "deploy", workdir / "deploy")
         port = free_port()
         (workdir / ".env").write_text(
@@ -309,6 +315,18 @@ def upload(c, data, name):
                           config=types.UploadFileConfig(mime_type="text/plain", display_name=name))
 
 
+def replicas_by_id(ctx, request_ids):
+    """Which gateway service logged each of these request ids (one read of
+    each replica's log)."""
+    found = {}
+    for service in ("gateway-1", "gateway-2", "gateway-3"):
+        text = ctx["compose"].logs(service)
+        for rid in request_ids:
+            if rid not in found and rid in text:
+                found[rid] = service
+    return found
+
+
 def replica_of(ctx, request_id):
     """The gateway service whose log carries this request id."""
     def find():
@@ -331,40 +349,165 @@ def binding_keys(ctx):
     return {k for k in out.split() if not any(s in k for s in skip)}
 
 
-class Traffic:
-    """Background generate calls through nginx from several threads; each
-    request's start, end and outcome are kept."""
+STREAM = f"/v1beta/models/{MODEL}:streamGenerateContent?alt=sse"
+Req = collections.namedtuple("Req", "kind rid start end status retry_after")
+SLOW = 2.0  # the longest a request may take while a fault is handled
 
-    def __init__(self, url, threads=4):
-        self.url = url
-        self.stop_flag = threading.Event()
-        self.done = []  # (start, end, status)
+
+class Load:
+    """A steady load through nginx's published port: `rate` requests a
+    second, started on a fixed schedule whatever the answers do, in turn a
+    generate, an SSE stream (read to its last event) and a generate with a
+    session header naming a file uploaded in that session (a binding
+    request: the session's key and the file's owner come from the store).
+    Each request's kind, request id, start, end, status and Retry-After are
+    kept."""
+
+    def __init__(self, port, sessions, tag, rate=20, workers=16):
+        self.port, self.sessions, self.tag, self.rate = port, sessions, tag, rate
+        self.jobs = queue.Queue()
+        self.done = []
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(threads)]
+        self.stop_flag = threading.Event()
+        self.threads = [threading.Thread(target=self.work, daemon=True) for _ in range(workers)]
+        self.threads.append(threading.Thread(target=self.tick, daemon=True))
         for t in self.threads:
             t.start()
 
-    def loop(self):
+    def tick(self):
+        t0, n = time.monotonic(), 0
         while not self.stop_flag.is_set():
-            start = time.monotonic()
-            try:
-                status, _ = generate(self.url, timeout=120)
-            except Exception as e:  # noqa: BLE001 - a failed request is counted
-                status = repr(e)
+            self.jobs.put(n)
+            n += 1
+            self.stop_flag.wait(max(0.0, t0 + n / self.rate - time.monotonic()))
+        for _ in range(len(self.threads)):
+            self.jobs.put(None)
+
+    def work(self):
+        while (n := self.jobs.get()) is not None:
+            r = self.one(n)
             with self.lock:
-                self.done.append((start, time.monotonic(), status))
+                self.done.append(r)
+
+    def one(self, n):
+        kind = ("generate", "stream", "file")[n % 3]
+        rid = f"{self.tag}-{n}-{uuid.uuid4().hex[:8]}"
+        headers = {"content-type": "application/json", "x-goog-api-key": TOKEN, "x-request-id": rid}
+        parts, path = [{"text": "hello"}], GENERATE
+        if kind == "stream":
+            path = STREAM
+        elif kind == "file":
+            sid, uri = self.sessions[(n // 3) % len(self.sessions)]
+            headers["x-session-id"] = sid
+            parts = [{"fileData": {"fileUri": uri, "mimeType": "text/plain"}}, {"text": "what is it?"}]
+        body = json.dumps({"contents": [{"parts": parts}]})
+        start = time.monotonic()
+        status, retry_after = None, None
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                status, retry_after = resp.status, resp.getheader("retry-after")
+                if status == 200 and kind == "stream" and b"chunk 2" not in data:
+                    status = "stream cut"
+            finally:
+                conn.close()
+        except Exception as e:  # noqa: BLE001 - a failed request is counted
+            status = repr(e)[:160]
+        return Req(kind, rid, start, time.monotonic(), status, retry_after)
 
     def count(self):
         with self.lock:
-            return sum(1 for r in self.done if r[2] == 200)
+            return len(self.done)
 
     def stop(self):
         self.stop_flag.set()
         for t in self.threads:
             t.join(timeout=180)
         with self.lock:
-            ok = sum(1 for r in self.done if r[2] == 200)
-            return ok, [r for r in self.done if r[2] != 200]
+            return sorted(self.done, key=lambda r: r.start)
+
+
+def load_sessions(url, n=3):
+    """n sessions, each with a file uploaded in it: what the load's binding
+    requests name."""
+    out = []
+    for i in range(n):
+        sid = str(uuid.uuid4())
+        f = upload(client(url, {"X-Session-Id": sid}), f"session file {i}".encode(), f"s{i}")
+        out.append((sid, f.uri))
+    return out
+
+
+def report(what, reqs, t0, marks=()):
+    """Prints a fault's figures, times relative to the fault (t0)."""
+    failed = [r for r in reqs if r.status != 200]
+    slowest = max(reqs, key=lambda r: r.end - r.start)
+    affected = [r for r in reqs if r.status != 200 or r.end - r.start > 0.5]
+    kinds = collections.Counter((r.kind, str(r.status)) for r in failed)
+    say(f"{what}: {len(reqs)} requests in {reqs[-1].start - reqs[0].start:.0f} s, {len(failed)} failed "
+        f"{dict(kinds)}; slowest {slowest.end - slowest.start:.3f} s ({slowest.kind}, started "
+        f"{slowest.start - t0:+.2f} s); last failed or > 0.5 s request ended "
+        + (f"{max(r.end for r in affected) - t0:+.2f} s" if affected else "never")
+        + "".join(f"; {k} {v - t0:+.2f} s" for k, v in marks))
+    for r in failed[:10]:
+        say(f"  failed {r.kind} {r.start - t0:+.3f} s .. {r.end - t0:+.3f} s: {r.status} retry-after={r.retry_after}")
+    return failed
+
+
+def assert_fast(reqs):
+    slow = [r for r in reqs if r.end - r.start > SLOW]
+    assert not slow, f"{len(slow)} requests took more than {SLOW} s, e.g. {slow[0]}"
+
+
+def assert_only_in_flight_failed(failed, t_kill, t_killed):
+    # Only what the dying replica was already handling may fail: none that
+    # ended before the kill began, none that started after it was done.
+    for r in failed:
+        assert r.end >= t_kill and r.start <= t_killed, \
+            f"a request not in flight at the kill failed: {r.kind} {r.status} " \
+            f"{r.start - t_kill:+.3f} s .. {r.end - t_kill:+.3f} s"
+
+
+class Pinger:
+    """`redis-cli ping` in a container, over and over: (start, end, ok)."""
+
+    def __init__(self, docker, cid):
+        self.docker, self.cid = docker, cid
+        self.seen = []
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while not self.stop_flag.is_set():
+            start = time.monotonic()
+            out = self.docker.run("docker", "exec", self.cid, "redis-cli", "ping", check=False, timeout=30)
+            self.seen.append((start, time.monotonic(), "PONG" in out.stdout))
+            self.stop_flag.wait(0.05)
+
+    def back_after(self, t):
+        """The start of the first successful ping after one that failed
+        after t: Redis accepted connections again by then (at most one ping
+        earlier)."""
+        down = False
+        for start, _, ok in list(self.seen):
+            if start < t:
+                continue
+            if not ok:
+                down = True
+            elif down:
+                return start
+        return None
+
+    def first_failure_after(self, t):
+        return next((s for s, _, ok in list(self.seen) if s >= t and not ok), None)
+
+    def stop(self):
+        self.stop_flag.set()
+        self.thread.join(timeout=60)
 
 
 STATE = {}
@@ -388,7 +531,9 @@ def test_the_release_image_holds_the_gateway_only(env):
     assert set(fake_bin) == {"fake-gemini", "test-proxy"}
 
 
-def test_seed_flow_two_uploads_of_one_session_on_different_replicas(env):
+def seed_flow(env):
+    """Uploads of one session until two replicas took one, then the files
+    used together."""
     url = env["url"]
     sid = str(uuid.uuid4())
     files, replicas = [], []
@@ -407,7 +552,11 @@ def test_seed_flow_two_uploads_of_one_session_on_different_replicas(env):
     assert owners[first.name] == owners[other.name], "one session, one key"
     r = use_files(client(url), [first, other])
     assert "2 files" in r.text, r.text
-    STATE.update(sid=sid, files=[first, other], owner=owners[first.name])
+    return {"sid": sid, "files": [first, other], "owner": owners[first.name]}
+
+
+def test_seed_flow_two_uploads_of_one_session_on_different_replicas(env):
+    STATE.update(seed_flow(env))
 
 
 def test_one_sse_stream_event_by_event_through_nginx(env):
@@ -480,46 +629,118 @@ def test_metrics_and_admin_are_internal_only(env):
         assert ports.strip() == "", f"{service} publishes {ports}"
 
 
-def test_killing_a_replica_fails_only_in_flight_requests(env):
+def test_fault_docker_kill_of_a_replica_that_stays_dead(env):
+    """`docker kill` of a replica that stays dead under a steady load: nginx
+    stops sending to it within a second, so no request fails (but what the
+    replica was handling when it died) and none waits long."""
     docker, compose = env["docker"], env["compose"]
-    traffic = Traffic(env["url"], threads=4)
+    STATE["sessions"] = load_sessions(env["url"])
+    victim = compose.container("gateway-2")
+    load = Load(env["port"], STATE["sessions"], tag="dkill")
     try:
-        wait_for("traffic flowing", lambda: traffic.count() >= 20, timeout=120)
-        victim = compose.container("gateway-2")
-        kill_started = time.monotonic()
+        time.sleep(5)
+        t_kill = time.monotonic()
         docker.run("docker", "kill", victim)
-        kill_done = time.monotonic()
-        at_kill = traffic.count()
-        say(f"killed gateway-2 after {at_kill} requests")
-        wait_for("traffic flowing past the dead replica", lambda: traffic.count() >= at_kill + 60, timeout=300)
+        t_killed = time.monotonic()
+        time.sleep(35)
+        assert health(docker, victim) != "healthy", "it stayed dead"
     finally:
-        ok, failed = traffic.stop()
-    say(f"replica kill: {ok} requests ok, {len(failed)} failed {[f[2] for f in failed[:8]]}")
-    # Only requests in flight while the replica died may fail: none that
-    # ended before the kill began, none that started after it was dead.
-    for start, end, status in failed:
-        assert end >= kill_started and start <= kill_done, \
-            f"a request not in flight failed ({status}): {start - kill_started:+.3f} s .. {end - kill_started:+.3f} s"
+        reqs = load.stop()
+    failed = report("fault 1, docker kill of gateway-2 (dead for 35 s)", reqs, t_kill)
+    assert_only_in_flight_failed(failed, t_kill, t_killed)
+    assert_fast(reqs)
     docker.run("docker", "start", victim)
     wait_for("gateway-2 healthy again", lambda: health(docker, victim) == "healthy", timeout=180)
 
 
-def test_redis_restart_keeps_bindings_through_aof(env):
+def test_fault_sigkill_of_a_replica_process_from_the_host(env):
+    """A crash: SIGKILL of the replica's process from the host. The restart
+    policy brings it back and nginx sends to it again."""
+    docker, compose = env["docker"], env["compose"]
+    if "sessions" not in STATE:
+        STATE["sessions"] = load_sessions(env["url"])
+    victim = compose.container("gateway-3")
+    inspect = lambda f: docker.run("docker", "inspect", "-f", f, victim).stdout.strip()  # noqa: E731
+    restarts, pid = int(inspect("{{.RestartCount}}")), int(inspect("{{.State.Pid}}"))
+    load = Load(env["port"], STATE["sessions"], tag="sigkill")
+    try:
+        time.sleep(5)
+        t_kill = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        t_killed = time.monotonic()
+        wait_for("the restart policy restarting gateway-3",
+                 lambda: int(inspect("{{.RestartCount}}")) > restarts and inspect("{{.State.Running}}") == "true",
+                 timeout=60, interval=0.05)
+        t_back = time.monotonic()
+        wait_for("gateway-3 healthy again", lambda: health(docker, victim) == "healthy", timeout=120)
+        t_healthy = time.monotonic()
+        time.sleep(10)
+    finally:
+        reqs = load.stop()
+    after = [r for r in reqs if r.start > t_back and r.status == 200]
+    served = {rid: s for rid, s in replicas_by_id(env, [r.rid for r in after]).items() if s == "gateway-3"}
+    first = min((r.end for r in after if r.rid in served), default=None)
+    failed = report("fault 2, SIGKILL of gateway-3's process", reqs, t_kill,
+                    [("running again", t_back), ("healthy", t_healthy)]
+                    + ([("first request served by it ended", first)] if first else []))
+    assert_only_in_flight_failed(failed, t_kill, t_killed)
+    assert_fast(reqs)
+    assert served, "nginx sent nothing to the restarted replica"
+    say(f"  {len(served)} of {len(after)} requests after the restart served by gateway-3")
+
+
+def test_fault_redis_restart(env):
+    """`docker-compose restart redis` under load: binding requests get 503
+    with Retry-After while Redis is away, unpinned ones keep working; from
+    1 s after Redis accepts connections again nothing fails, on any
+    replica. Then the same restart with no traffic during it, and the
+    bindings from before are still there (AOF)."""
     assert STATE, "the seed flow ran first"
-    compose = env["compose"]
+    if "sessions" not in STATE:
+        STATE["sessions"] = load_sessions(env["url"])
+    docker, compose = env["docker"], env["compose"]
     before = binding_keys(env)
     assert len(before) >= 3, before  # a session and its two files at least
-    traffic = Traffic(env["url"], threads=2)
+    pinger = Pinger(docker, compose.container("redis"))
+    load = Load(env["port"], STATE["sessions"], tag="redis")
     try:
-        wait_for("traffic flowing", lambda: traffic.count() >= 10, timeout=120)
+        time.sleep(5)
+        t_restart = time.monotonic()
         compose("restart", "redis")
-        wait_for("redis healthy", lambda: health(env["docker"], compose.container("redis")) == "healthy",
-                 timeout=120)
-        at = traffic.count()
-        wait_for("traffic after the restart", lambda: traffic.count() >= at + 20, timeout=120)
+        t_ready = wait_for("redis answering again", lambda: pinger.back_after(t_restart), timeout=120, interval=0.1)
+        time.sleep(max(0.0, t_ready + 15 - time.monotonic()))
     finally:
-        ok, failed = traffic.stop()
-    say(f"redis restart: {ok} requests ok, {len(failed)} failed {[f[2] for f in failed[:8]]}")
+        reqs = load.stop()
+    t_down = pinger.first_failure_after(t_restart)
+    failed = report("fault 3, docker-compose restart redis, under load", reqs, t_ready,
+                    [("restart began", t_restart), ("first failed ping", t_down or t_ready)])
+    unpinned = [r for r in failed if r.kind != "file"]
+    assert not unpinned, f"unpinned requests failed during the Redis restart: {unpinned[:5]}"
+    for r in failed:
+        assert r.status == 503 and r.retry_after, f"a binding request failed without 503 + Retry-After: {r}"
+    late = [r for r in failed if r.start >= t_ready + 1]
+    assert not late, f"{len(late)} requests failed from 1 s after Redis was back: {late[:5]}"
+    # Every replica served binding requests after the restart.
+    after = [r.rid for r in reqs if r.start >= t_ready + 1 and r.kind == "file"]
+    by_replica = collections.Counter(replicas_by_id(env, after).values())
+    say(f"  binding requests from 1 s after Redis was back, by replica: {dict(by_replica)}")
+    assert set(by_replica) == {"gateway-1", "gateway-2", "gateway-3"}, by_replica
+
+    # No traffic during the restart: the replicas' connections broke
+    # unnoticed; the first requests after it must not fail either.
+    pinger.seen.clear()
+    t_restart = time.monotonic()
+    compose("restart", "redis")
+    t_ready = wait_for("redis answering again", lambda: pinger.back_after(t_restart), timeout=120, interval=0.1)
+    pinger.stop()
+    time.sleep(max(0.0, t_ready + 1 - time.monotonic()))
+    load = Load(env["port"], STATE["sessions"], tag="redis-idle")
+    time.sleep(10)
+    reqs = load.stop()
+    failed = report("fault 3, docker-compose restart redis, no traffic during it", reqs, t_ready,
+                    [("restart began", t_restart)])
+    assert not failed, f"{len(failed)} requests failed from 1 s after Redis was back"
+
     after = binding_keys(env)
     assert before <= after, f"lost: {sorted(before - after)}"
     # The session still binds new uploads to its key, the files still go
@@ -551,6 +772,83 @@ def test_down_and_up_still_routes_earlier_files_to_their_owner(env):
         reqs = [r for r in up.requests() if not r["path"].endswith("/models")]
         assert len(reqs) == 1 and ":generateContent" in reqs[0]["path"], reqs
         assert reqs[0]["headers"]["x-goog-api-key"] == STATE["owner"]
+
+
+def cluster_nodes(compose, service):
+    """`cluster nodes` as seen by one node: {id: (ip, flags, master id, slots)}."""
+    out = compose("exec", "-T", service, "redis-cli", "cluster", "nodes").stdout
+    nodes = {}
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 8:
+            nodes[f[0]] = (f[1].split(":")[0], f[2].split(","), f[3], f[8:])
+    return nodes
+
+
+def test_fault_cluster_override_master_killed(env):
+    """docker-compose.cluster.yml, run: the stack on a six-node Redis
+    Cluster, the seed flow on it, then `docker kill` of the master that holds
+    a session of the load. Binding requests fail at most until the replica
+    is promoted plus 1 s, nothing fails after."""
+    docker, base = env["docker"], env["compose"]
+    base("stop", timeout=300)
+    compose = Compose(docker, base.dir, base.env, project=f"{PROJECT}cl",
+                      files=("docker-compose.yml", "docker-compose.cluster.yml"))
+    ctx = dict(env, compose=compose)
+    try:
+        t0 = time.monotonic()
+        compose("up", "-d", "--no-build", timeout=300)
+        wait_for("the cluster formed", lambda: "cluster_state:ok" in compose(
+            "exec", "-T", "redis", "redis-cli", "cluster", "info", check=False).stdout, timeout=120)
+        wait_until_serving(ctx)
+        say(f"cluster stack serving in {time.monotonic() - t0:.0f} s")
+        seed = seed_flow(ctx)
+        sessions = load_sessions(ctx["url"])
+        nodes = cluster_nodes(compose, "redis")
+        assert sum("master" in n[1] for n in nodes.values()) == 3 and len(nodes) == 6, nodes
+        slot = int(compose("exec", "-T", "redis", "redis-cli", "cluster", "keyslot",
+                           f"gb:session:{sessions[0][0]}").stdout.strip())
+
+        def serves(slots):
+            for s in slots:
+                lo, _, hi = s.partition("-")
+                if not s.startswith("[") and int(lo) <= slot <= int(hi or lo):
+                    return True
+            return False
+        dead_id = next(i for i, n in nodes.items() if "master" in n[1] and serves(n[3]))
+        heir = next(i for i, n in nodes.items() if n[2] == dead_id)
+        ips = {}
+        for service in ("redis", "redis-2", "redis-3", "redis-4", "redis-5", "redis-6"):
+            cid = compose.container(service)
+            ip = docker.run("docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                            cid).stdout.strip()
+            ips[ip] = service
+        victim = ips[nodes[dead_id][0]]
+        survivor = next(ips[n[0]] for i, n in nodes.items() if "master" in n[1] and i != dead_id)
+        say(f"killing {victim} (master of slot {slot}, session {sessions[0][0][:8]}…); its replica is {ips[nodes[heir][0]]}")
+
+        load = Load(ctx["port"], sessions, tag="cluster")
+        try:
+            time.sleep(5)
+            t_kill = time.monotonic()
+            docker.run("docker", "kill", compose.container(victim))
+            t_promoted = wait_for("the replica promoted", lambda: "master" in cluster_nodes(compose, survivor)[heir][1],
+                                  timeout=60, interval=0.1) and time.monotonic()
+            time.sleep(15)
+        finally:
+            reqs = load.stop()
+        failed = report(f"fault 4, cluster: docker kill of master {victim}", reqs, t_kill,
+                        [("replica promoted", t_promoted)])
+        late = [r for r in failed if r.start >= t_promoted + 1]
+        assert not late, f"{len(late)} requests failed from 1 s after the failover: {late[:5]}"
+        for r in failed:
+            assert r.end >= t_kill, r
+        assert not [r for r in failed if r.kind != "file"], "unpinned requests failed"
+        # The seed's files are still used together after the failover.
+        r = use_files(client(ctx["url"]), seed["files"])
+        assert "2 files" in r.text, r.text
+    finally:
+        compose("down", "-v", "--remove-orphans", check=False, timeout=300)
 
 
 def checkout_copy(dest):

@@ -165,6 +165,7 @@ def test_docker_compose_cluster_override_puts_the_stack_on_a_six_node_cluster():
     for n in nodes:
         command = " ".join(services[n]["command"])
         assert "--cluster-enabled yes" in command, n
+        assert "--protected-mode no" in command, f"{n} takes connections from the other containers"
     init = " ".join(services["redis-cluster-init"]["command"])
     assert "--cluster-create" not in init and "--cluster create" in init and "--cluster-replicas 1" in init
     for gw in ("gateway-1", "gateway-2", "gateway-3"):
@@ -187,3 +188,21 @@ def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck():
         assert f"ARG {arg}={value.split(':-', 1)[1].rstrip('}')}" in text, f"compose's {arg} default is the Dockerfile's"
     assert "HEALTHCHECK" in text
     assert "GB_API_KEYS" not in text and "GB_AUTH_TOKENS" not in text, "no secrets baked in"
+
+
+def test_nginx_fails_over_fast_and_never_resends_a_started_request():
+    proxy = (ROOT / "deploy" / "nginx-proxy.conf").read_text()
+    timeout = re.search(r"^proxy_connect_timeout (\d+)ms;", proxy, re.M)
+    assert timeout and int(timeout.group(1)) < 1000, "a dead replica costs a request less than a second"
+    assert re.search(r"^proxy_next_upstream error timeout;", proxy, re.M), \
+        "only a replica that could not be reached is retried (not the gateway's own 502/503)"
+    assert len(re.findall(r"^proxy_next_upstream ", proxy, re.M)) == 1 and "proxy_request_buffering off;" in proxy, \
+        "a POST, a stream or an upload that was sent is never sent again"
+    # The replicas are found at run time (nginx 1.22's upstream blocks resolve
+    # once, at start): one network alias, Docker's DNS, a variable proxy_pass.
+    nginx = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert re.search(r"resolver 127\.0\.0\.11 valid=1s", nginx)
+    assert "set $gateway gateway;" in nginx and "proxy_pass http://$gateway:8000;" in nginx
+    assert not re.search(r"^\s*upstream ", nginx, re.M)
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["x-gateway"]["networks"]["default"]["aliases"] == ["gateway"]
