@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,8 @@ const TRIP_AFTER: u32 = 3;
 /// While the circuit is open, one call in this many milliseconds goes
 /// through as a probe; the first probe that succeeds closes the circuit.
 const PROBE_EVERY_MS: u64 = 200;
+/// Least time between two rebuilds of the cluster connection.
+const REBUILD_EVERY_MS: u64 = 250;
 /// Connections beyond one per worker thread: for the main thread and
 /// background tasks.
 const SPARE_CONNECTIONS: usize = 2;
@@ -144,6 +146,12 @@ pub struct RedisStore {
     mode: RedisMode,
     slots: Vec<std::sync::RwLock<Option<Conn>>>,
     breaker: Breaker,
+    /// Cluster mode: a call failed, so the cluster's slots may have moved
+    /// to a promoted replica while the connections still point at a master
+    /// that no longer answers (see [`RedisStore::probe`]).
+    cluster_suspect: AtomicBool,
+    /// When the cluster connection was last rebuilt (monotonic ms).
+    rebuilt_ms: AtomicU64,
     observer: Option<Observer>,
     keys: Keyspace,
     timeout: Duration,
@@ -188,6 +196,8 @@ impl RedisStore {
                 .map(|_| std::sync::RwLock::new(None))
                 .collect(),
             breaker: Breaker::default(),
+            cluster_suspect: AtomicBool::new(false),
+            rebuilt_ms: AtomicU64::new(0),
             observer: None,
             keys: Keyspace::new(cfg.prefix),
             timeout: cfg.timeout,
@@ -215,11 +225,51 @@ impl RedisStore {
         self.breaker.next_probe_ms.load(Ordering::Relaxed) != 0
     }
 
+    /// Run by a background task every 100 ms; does nothing while every call
+    /// works.
+    ///
     /// While the circuit is open, one probe of Redis (a `PING` admitted as
     /// the breaker's probe); a success closes the circuit, so requests find
     /// it closed as soon as Redis is back, with or without traffic before
-    /// them. Nothing while the circuit is closed.
+    /// them.
+    ///
+    /// In cluster mode, after a failed call, a new cluster connection, put
+    /// in place of every worker's. A master whose host is gone leaves the
+    /// connections pointing at it (its requests time out; nothing refuses
+    /// them), and the cluster client reads the slots again only when a node
+    /// redirects it, which a dead node never does: a new connection reads
+    /// them from a node that answers, so requests follow the promoted
+    /// replica as soon as the cluster has promoted it. It is built here,
+    /// not in a request, because connecting to every node waits out the
+    /// connect timeout of the one that is gone, longer than a request may
+    /// wait.
     pub async fn probe(&self) {
+        if self.mode == RedisMode::Cluster && self.cluster_suspect.load(Ordering::Relaxed) {
+            let now = monotonic_ms();
+            if now >= self.rebuilt_ms.load(Ordering::Relaxed) + REBUILD_EVERY_MS {
+                self.cluster_suspect.store(false, Ordering::Relaxed);
+                self.rebuilt_ms.store(now, Ordering::Relaxed);
+                let wait = (self.timeout * 4).max(Duration::from_secs(2));
+                match tokio::time::timeout(wait, self.source.connect()).await {
+                    Ok(Ok(conn)) => {
+                        for cell in &self.slots {
+                            if let Ok(mut s) = cell.write() {
+                                *s = Some(conn.clone());
+                            }
+                        }
+                        tracing::info!("cluster connection rebuilt after a failed call");
+                    }
+                    Ok(Err(e)) => {
+                        self.cluster_suspect.store(true, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "could not rebuild the cluster connection");
+                    }
+                    Err(_) => {
+                        self.cluster_suspect.store(true, Ordering::Relaxed);
+                        tracing::warn!("rebuilding the cluster connection timed out");
+                    }
+                }
+            }
+        }
         if self.circuit_open() {
             let _: Result<String, StoreError> = self
                 .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
@@ -286,14 +336,16 @@ impl RedisStore {
         match &result {
             Ok(_) => self.breaker.succeeded(),
             Err(StoreError::Timeout | StoreError::Unavailable(_)) => {
-                let failures = self.breaker.failed();
-                // The connection may be dead, or (sentinel) point at a
-                // demoted master: the next call on this slot takes a fresh
-                // one. A cluster connection heals itself (it refreshes its
-                // slot map and reconnects to nodes) and opening one costs a
-                // round trip per node, so it is replaced only once the
-                // circuit opens.
-                if self.mode != RedisMode::Cluster || failures >= TRIP_AFTER {
+                self.breaker.failed();
+                if self.mode == RedisMode::Cluster {
+                    // Rebuilt in the background (see `probe`): opening a
+                    // cluster connection can take longer than a request
+                    // may wait.
+                    self.cluster_suspect.store(true, Ordering::Relaxed);
+                } else {
+                    // The connection may be dead, or (sentinel) point at a
+                    // demoted master: the next call on this slot takes a
+                    // fresh one.
                     self.forget(slot);
                 }
             }

@@ -301,6 +301,48 @@ async fn a_cluster_master_killed_under_traffic_is_replaced_and_sessions_come_bac
     assert_eq!(ready["status"], "ready", "{ready}");
 }
 
+/// A master whose host vanished: connections to it hang rather than being
+/// refused, so the cluster client's view of the slots keeps pointing at it
+/// until the replica is promoted and something reads the slots again.
+#[actix_rt::test]
+async fn a_cluster_master_that_stops_answering_is_replaced_within_a_second_of_the_promotion() {
+    let mut cluster = RedisCluster::start();
+    let fake = FakeUpstream::start(&keys(4));
+    let gws = start_gateways(&cluster, &fake, 2);
+    let files = upload_files(&gws[0], 3).await;
+    let sids = sessions(12);
+    fake.post("/_fake/reset", serde_json::json!({})).await;
+    let traffic = Traffic::start(&gws, &files, &sids, 6);
+    std::thread::sleep(Duration::from_secs(2));
+    let bound_before = session_keys(&gws[0], &sids).await;
+    let victim = cluster.master_of(&format!("gb:session:{}", sids[0]));
+    let frozen_at = traffic.since_start();
+    cluster.freeze(victim);
+    cluster.wait_healthy(30);
+    let promoted_at = traffic.since_start();
+    std::thread::sleep(Duration::from_secs(4));
+    let outcomes = traffic.finish();
+    let late: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.at > promoted_at + Duration::from_secs(1) && o.status != 200)
+        .collect();
+    eprintln!(
+        "cluster master frozen: at {frozen_at:?}, promoted at {promoted_at:?}; binding \
+         requests failed {:?}; {} late; {} requests",
+        binding_outage(&outcomes),
+        late.len(),
+        outcomes.len()
+    );
+    assert!(
+        late.is_empty(),
+        "{} requests failed from 1 s after the promotion, the first: {:?}",
+        late.len(),
+        late.first()
+    );
+    check_common(&outcomes, &fake, "cluster master frozen").await;
+    assert_eq!(session_keys(&gws[1], &sids).await, bound_before);
+}
+
 #[actix_rt::test]
 async fn live_resharding_under_traffic_fails_no_request() {
     let cluster = RedisCluster::start();

@@ -414,6 +414,9 @@ pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 pub struct RedisCluster {
     pub nodes: Vec<Node>,
     dir: TempDir,
+    /// Nodes stopped with SIGSTOP: their ports take connections that are
+    /// never answered, as a host that vanished from the network does.
+    frozen: Vec<Proc>,
 }
 
 impl RedisCluster {
@@ -468,7 +471,11 @@ impl RedisCluster {
         if !created.success() {
             return None;
         }
-        let c = RedisCluster { nodes, dir };
+        let c = RedisCluster {
+            nodes,
+            dir,
+            frozen: Vec::new(),
+        };
         c.wait_healthy(30);
         // A replica can take over only once it has its master's data.
         wait_until(30, "every cluster replica in sync", || {
@@ -603,6 +610,23 @@ impl RedisCluster {
     pub fn kill(&mut self, port: u16) {
         if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
             n.proc = None;
+        }
+    }
+
+    /// Stops one node without closing anything (SIGSTOP): connections to it
+    /// hang instead of being refused, as when its host is gone.
+    pub fn freeze(&mut self, port: u16) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
+            if let Some(proc) = n.proc.take() {
+                let pid = proc.child.id().to_string();
+                let ok = Command::new("kill")
+                    .args(["-STOP", &pid])
+                    .status()
+                    .expect("kill runs")
+                    .success();
+                assert!(ok, "kill -STOP {pid}");
+                self.frozen.push(proc);
+            }
         }
     }
 
