@@ -202,6 +202,14 @@ impl Application {
                         let mut res = fut.await?;
                         if let Some(metrics) = metrics {
                             metrics.request(route, res.status().as_u16());
+                            let kind = res
+                                .response()
+                                .extensions()
+                                .get::<crate::http::error::ErrorKind>()
+                                .copied();
+                            if let Some(crate::http::error::ErrorKind(kind)) = kind {
+                                metrics.gateway_error(kind);
+                            }
                         }
                         if let Some(RequestId(id)) = id {
                             if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&id) {

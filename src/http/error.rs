@@ -24,7 +24,16 @@ pub struct ApiError {
     pub message: String,
     pub retry_after: Option<u64>,
     pub flavor: Flavor,
+    /// What went wrong, in a word metrics count
+    /// (`gb_gateway_errors_total{kind}`): one of a few fixed values, never
+    /// anything from the request.
+    pub kind: &'static str,
 }
+
+/// The kind an answer carries to the metrics step (`crate::startup`), in the
+/// response's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorKind(pub &'static str);
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
@@ -33,6 +42,33 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             flavor: Flavor::Gemini,
+            kind: Self::kind_of(status),
+        }
+    }
+
+    /// A kind more precise than the status says.
+    #[must_use]
+    pub fn kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// The kind of an error with only its status to go by.
+    fn kind_of(status: StatusCode) -> &'static str {
+        match status.as_u16() {
+            400 => "bad_request",
+            401 => "unauthenticated",
+            403 => "forbidden",
+            404 => "not_found",
+            405 => "method_not_allowed",
+            409 => "conflict",
+            410 => "gone",
+            413 | 414 | 431 => "too_large",
+            429 => "rate_limited",
+            502 => "upstream_unreachable",
+            503 => "unavailable",
+            504 => "upstream_timeout",
+            _ => "other",
         }
     }
 
@@ -65,7 +101,7 @@ impl ApiError {
     }
 
     pub fn forbidden_token() -> Self {
-        Self::new(StatusCode::FORBIDDEN, "The gateway token is not valid.")
+        Self::new(StatusCode::FORBIDDEN, "The gateway token is not valid.").kind("token_refused")
     }
 
     pub fn store_unavailable() -> Self {
@@ -75,6 +111,7 @@ impl ApiError {
              cannot be routed right now. Retry shortly.",
         )
         .retry_after(1)
+        .kind("store_unavailable")
     }
 
     /// Google's canonical status name for an HTTP status.
@@ -150,7 +187,9 @@ impl ResponseError for ApiError {
         if self.flavor == Flavor::Upload {
             builder.insert_header(("x-goog-upload-status", "final"));
         }
-        builder.body(self.body().to_string())
+        let mut response = builder.body(self.body().to_string());
+        response.extensions_mut().insert(ErrorKind(self.kind));
+        response
     }
 }
 
@@ -173,7 +212,8 @@ impl From<crate::domain::attempt::Unreachable> for ApiError {
             Unreachable::Stalled => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "The upstream stopped sending in the middle of its answer.",
-            ),
+            )
+            .kind("upstream_stalled"),
         }
     }
 }
@@ -187,15 +227,18 @@ impl From<crate::domain::keys::NoKey> for ApiError {
                 "Every API key of the gateway is rate-limited right now. Retry after the \
                  Retry-After delay.",
             )
-            .retry_after(retry_after_secs),
+            .retry_after(retry_after_secs)
+            .kind("keys_cooling"),
             NoKey::AllDisabled => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "No API key of the gateway is usable: every key is disabled.",
-            ),
+            )
+            .kind("keys_disabled"),
             NoKey::Exhausted => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "The upstream failed on every key tried.",
-            ),
+            )
+            .kind("keys_exhausted"),
         }
     }
 }
@@ -212,13 +255,15 @@ impl From<crate::domain::discovery::Refusal> for ApiError {
                      request may make (GB_DISCOVERY_BUDGET). Use resources created through the \
                      gateway, or name fewer unknown ones per request."
                 ),
-            ),
+            )
+            .kind("discovery_budget"),
             Refusal::RateLimited { retry_after_secs } => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "This token has made too many lookups of unknown files or resources in the \
                  last minute. Retry after the Retry-After delay.",
             )
-            .retry_after(retry_after_secs),
+            .retry_after(retry_after_secs)
+            .kind("discovery_rate"),
         }
     }
 }
@@ -236,6 +281,7 @@ pub fn gone_key<S: AsRef<str>>(names: &[S]) -> ApiError {
             names.join(", ")
         ),
     )
+    .kind("key_gone")
 }
 
 /// The 409 message for resources on different keys.

@@ -213,7 +213,9 @@ pub async fn pin(
             gw.metrics.mixed_owner_conflicts.inc();
             let advice = split_advice(gw.settings.sessions.upload_affinity);
             return Err(
-                ApiError::new(StatusCode::CONFLICT, mixed_message(&names, advice)).flavor(flavor),
+                ApiError::new(StatusCode::CONFLICT, mixed_message(&names, advice))
+                    .kind("mixed_owners")
+                    .flavor(flavor),
             );
         }
     }
@@ -485,6 +487,7 @@ async fn wait_for_pinned(
                 key.id
             ),
         )
+        .kind("pinned_key_disabled")
         .flavor(call.flavor)),
         Some(MemberState::Cooling { until_ms, .. }) => {
             let rest = until_ms.saturating_sub(now_ms());
@@ -503,6 +506,7 @@ async fn wait_for_pinned(
                 ),
             )
             .retry_after(rest.div_ceil(1000))
+            .kind("pinned_key_cooling")
             .flavor(call.flavor))
         }
     }

@@ -97,6 +97,13 @@ pub struct Metrics {
     pub tokens: Family<ModelKind, Counter>,
     pub requests_by_model: Family<ModelOutcome, Counter>,
     pub usage_series_overflow: Counter,
+    /// Answers the gateway made itself (not passed on from Google), by kind.
+    pub gateway_errors: Family<Kind, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: &'static str,
 }
 
 impl Default for Metrics {
@@ -131,6 +138,7 @@ impl Metrics {
             tokens: Family::default(),
             requests_by_model: Family::default(),
             usage_series_overflow: Counter::default(),
+            gateway_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -239,6 +247,11 @@ impl Metrics {
             m.requests_by_model.clone(),
         );
         registry.register(
+            "gateway_errors",
+            "Error answers the gateway made itself (never Google's, passed on), by kind",
+            m.gateway_errors.clone(),
+        );
+        registry.register(
             "usage_series_overflow",
             "Usage counted under model `other` because the hour's series limit was reached",
             m.usage_series_overflow.clone(),
@@ -276,6 +289,10 @@ impl Metrics {
                 proxy_id: proxy_id.to_string(),
             })
             .inc();
+    }
+
+    pub fn gateway_error(&self, kind: &'static str) {
+        self.gateway_errors.get_or_create(&Kind { kind }).inc();
     }
 
     pub fn retry(&self, reason: &'static str) {

@@ -452,4 +452,17 @@ async fn no_spelling_of_the_token_or_session_parameter_reaches_the_upstream() {
         let text = r.to_string();
         assert!(!text.contains(TOKEN) && !text.contains(secret), "{text}");
     }
+    // The refusals are the gateway's own answers, counted by kind.
+    let without_token = c
+        .get(format!("{}/v1beta/models", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without_token.status().as_u16(), 401);
+    let mut scraped = c.get(format!("{}/metrics", gw.url)).send().await.unwrap();
+    let text = String::from_utf8(scraped.body().await.unwrap().to_vec()).unwrap();
+    for (kind, n) in [("bad_query", 4), ("unauthenticated", 1)] {
+        let line = format!("gb_gateway_errors_total{{kind=\"{kind}\"}} {n}");
+        assert!(text.contains(&line), "no {line:?} in:\n{text}");
+    }
 }

@@ -93,6 +93,7 @@ impl Edge {
             ApiError::bad_request(format!(
                 "Invalid query string: {e}: names must decode to UTF-8 text without control characters."
             ))
+            .kind("bad_query")
         })?;
         let header_sid = req
             .headers()
