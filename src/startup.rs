@@ -193,7 +193,6 @@ impl Application {
                 })
                 .wrap_fn(|req, srv| {
                     let id = req.extensions().get::<RequestId>().cloned();
-                    let route = crate::ops::metrics::route_class(req.method().as_str(), req.path());
                     let metrics = req
                         .app_data::<web::Data<Gateway>>()
                         .map(|gw| gw.metrics.clone());
@@ -201,6 +200,19 @@ impl Application {
                     async move {
                         let mut res = fut.await?;
                         if let Some(metrics) = metrics {
+                            // API routes are labelled by the table dispatch
+                            // follows; the rest by the router's scopes.
+                            let label = res
+                                .request()
+                                .extensions()
+                                .get::<crate::http::routes::RouteLabel>()
+                                .copied();
+                            let route = match label {
+                                Some(crate::http::routes::RouteLabel(l)) => l,
+                                None => {
+                                    crate::ops::metrics::operational_route(res.request().path())
+                                }
+                            };
                             metrics.request(route, res.status().as_u16());
                             let kind = res
                                 .response()

@@ -63,7 +63,7 @@ impl Call {
         Bill {
             token_id: self.token_id.clone(),
             model: self.model.clone(),
-            route: crate::ops::metrics::route_class(self.method.as_str(), &self.path),
+            route: crate::http::routes::label_of(&self.method, &self.path),
         }
     }
 

@@ -351,42 +351,15 @@ pub fn model_label(model: Option<&str>) -> &'static str {
         .unwrap_or("other")
 }
 
-/// The route class of a path (after any `/session/{sid}` prefix), for labels.
-pub fn route_class(method: &str, path: &str) -> &'static str {
-    let path = match path.strip_prefix("/session/") {
-        Some(rest) => rest.find('/').map_or("", |i| &rest[i..]),
-        None => path,
-    };
+/// The route class of a path the API dispatcher does not see: the health
+/// checks, metrics, admin, and paths nothing serves. API routes are labelled
+/// by the dispatcher's own table (`crate::http::routes::Target::label`).
+pub fn operational_route(path: &str) -> &'static str {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {
         ["healthz" | "readyz"] => "health",
         ["metrics"] => "metrics",
         ["admin", ..] => "admin",
-        ["upload", _, "files"] => "upload",
-        [_, "openai", ..] | ["v1", "chat" | "embeddings", ..] => {
-            if path.contains("chat/completions") {
-                "openai_chat"
-            } else if path.contains("embeddings") {
-                "openai_embeddings"
-            } else {
-                "openai_other"
-            }
-        }
-        [_, "files", ..] => {
-            if method == "DELETE" {
-                "files_delete"
-            } else {
-                "files"
-            }
-        }
-        [_, "models"] | [_, "models", _] if !path.contains(':') => "models",
-        [_, ..] if path.ends_with(":generateContent") => "generate",
-        [_, ..] if path.ends_with(":streamGenerateContent") => "stream",
-        [_, ..] if path.ends_with(":countTokens") => "count_tokens",
-        [_, ..] if path.ends_with(":embedContent") || path.ends_with(":batchEmbedContents") => {
-            "embed"
-        }
-        [v, ..] if v.starts_with("v1") => "other",
         _ => "unknown",
     }
 }
@@ -396,24 +369,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routes_are_classified() {
-        assert_eq!(
-            route_class("POST", "/v1beta/models/g:generateContent"),
-            "generate"
-        );
-        assert_eq!(
-            route_class("POST", "/session/x/v1/models/g:streamGenerateContent"),
-            "stream"
-        );
-        assert_eq!(route_class("GET", "/v1/models"), "models");
-        assert_eq!(
-            route_class("POST", "/v1beta/openai/chat/completions"),
-            "openai_chat"
-        );
-        assert_eq!(route_class("POST", "/v1/chat/completions"), "openai_chat");
-        assert_eq!(route_class("POST", "/upload/v1beta/files"), "upload");
-        assert_eq!(route_class("DELETE", "/v1beta/files/abc"), "files_delete");
-        assert_eq!(route_class("GET", "/nope"), "unknown");
+    fn operational_routes_are_classified() {
+        assert_eq!(operational_route("/healthz"), "health");
+        assert_eq!(operational_route("/metrics"), "metrics");
+        assert_eq!(operational_route("/admin/api/keys"), "admin");
+        assert_eq!(operational_route("/nope"), "unknown");
     }
 
     #[test]

@@ -66,10 +66,7 @@ pub async fn handle(
                 format!("{}?{query}", edge.path)
             };
             let method = req.method().clone();
-            let bill = pipeline::Bill::to(
-                &token.id,
-                crate::ops::metrics::route_class(method.as_str(), &edge.path),
-            );
+            let bill = pipeline::Bill::to(&token.id, super::label_of(&method, &edge.path));
             let request = attempt::Request {
                 method: method.clone(),
                 target: attempt::Target::Path(&target),

@@ -4,7 +4,7 @@
 
 use actix_web::http::header::HeaderMap;
 use actix_web::http::{Method, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 
@@ -285,7 +285,124 @@ fn check_json(
         })
 }
 
-/// Every API route.
+/// Where an API request goes: the one table [`dispatch`] follows, and the
+/// label metrics and usage count it under ([`Target::label`]).
+#[derive(Debug)]
+pub enum Target {
+    /// The Live API's WebSocket.
+    Live,
+    /// An upload into a file search store.
+    StoreUpload { ver: String, store: String },
+    /// A Files API upload: its start, or a chunk on the URL it handed out.
+    Upload { ver: String },
+    /// The OpenAI-compatible routes, with the upstream path.
+    OpenAi { path: String },
+    /// A file's bytes.
+    Download { ver: String, id: String },
+    /// Caches, batches, operations, file search stores, Live tokens.
+    Resource {
+        ver: String,
+        route: resources::Route,
+    },
+    /// The Files API but uploads.
+    Files { ver: String, rest: Vec<String> },
+    /// Every other `/{ver}/…` path: models, generate, stream, count, embed.
+    Native,
+}
+
+impl Target {
+    /// The route of an API path (`path` without a session prefix); `None`
+    /// for a path the gateway does not serve. `headers` tell an OpenAI
+    /// client's `/v1/models` from Google's.
+    pub fn of(method: &Method, path: &str, headers: &HeaderMap) -> Option<Target> {
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        Some(match segs.as_slice() {
+            live_path if live::is_live(live_path) => Target::Live,
+            upload_path if store_upload::store_of(upload_path).is_some() => Target::StoreUpload {
+                ver: upload_path
+                    .get(1)
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                store: store_upload::store_of(upload_path).unwrap_or_default(),
+            },
+            ["upload", ver, "files"] if VERSIONS.contains(ver) => Target::Upload {
+                ver: (*ver).to_string(),
+            },
+            [ver, "openai", ..] if VERSIONS.contains(ver) => Target::OpenAi {
+                path: path.to_string(),
+            },
+            ["v1", "chat", "completions"] | ["v1", "embeddings"] => Target::OpenAi {
+                path: format!("/v1beta/openai{}", &path["/v1".len()..]),
+            },
+            ["v1", "models", ..] if openai::is_openai_client(headers) => Target::OpenAi {
+                path: format!("/v1beta/openai{}", &path["/v1".len()..]),
+            },
+            ["download", ver, "files", id] if VERSIONS.contains(ver) && method == Method::GET => {
+                Target::Download {
+                    ver: (*ver).to_string(),
+                    id: (*id).to_string(),
+                }
+            }
+            [ver, rest @ ..] if VERSIONS.contains(ver) => match resources::route(rest, method) {
+                Some(route) => Target::Resource {
+                    ver: (*ver).to_string(),
+                    route,
+                },
+                None => match rest {
+                    ["files", rest @ ..] if method != Method::POST => Target::Files {
+                        ver: (*ver).to_string(),
+                        rest: rest.iter().map(ToString::to_string).collect(),
+                    },
+                    _ => Target::Native,
+                },
+            },
+            _ => return None,
+        })
+    }
+
+    /// The route class metrics (`gb_requests_total{route}`) and usage count
+    /// this request under.
+    pub fn label(&self, method: &Method, path: &str) -> &'static str {
+        match self {
+            Target::Live => "live",
+            Target::StoreUpload { .. } | Target::Upload { .. } => "upload",
+            Target::OpenAi { path } if path.contains("/chat/completions") => "openai_chat",
+            Target::OpenAi { path } if path.contains("/embeddings") => "openai_embeddings",
+            Target::OpenAi { .. } => "openai_other",
+            Target::Files { .. } if method == Method::DELETE => "files_delete",
+            Target::Download { .. } | Target::Files { .. } => "files",
+            Target::Resource { .. } => "resources",
+            Target::Native => {
+                let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+                match segs.as_slice() {
+                    [_, "models"] | [_, "models", _] if !path.contains(':') => "models",
+                    _ if path.ends_with(":generateContent") => "generate",
+                    _ if path.ends_with(":streamGenerateContent") => "stream",
+                    _ if path.ends_with(":countTokens") => "count_tokens",
+                    _ if path.ends_with(":embedContent")
+                        || path.ends_with(":batchEmbedContents") =>
+                    {
+                        "embed"
+                    }
+                    _ => "other",
+                }
+            }
+        }
+    }
+}
+
+/// The route class of an upstream path a handler built (the label of its
+/// [`Target`]; `unknown` for none).
+pub fn label_of(method: &Method, path: &str) -> &'static str {
+    Target::of(method, path, &HeaderMap::new()).map_or("unknown", |t| t.label(method, path))
+}
+
+/// The route class a request was counted under, left in its extensions by
+/// [`dispatch`] for the metrics step.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLabel(pub &'static str);
+
+/// Every API route: the edge checks, then the handler [`Target::of`] names.
 pub async fn dispatch(
     req: HttpRequest,
     payload: web::Payload,
@@ -293,60 +410,30 @@ pub async fn dispatch(
     up: web::Data<Upstream>,
 ) -> Result<HttpResponse, ApiError> {
     let edge = Edge::parse(&req)?;
-    let segs = edge.segments();
     let method = req.method().clone();
-    match segs.as_slice() {
-        live_path if live::is_live(live_path) => {
-            live::handle(gw.clone(), up.clone(), &req, payload, &edge).await
-        }
-        upload_path if store_upload::store_of(upload_path).is_some() => {
-            let ver = upload_path
-                .get(1)
-                .map(ToString::to_string)
-                .unwrap_or_default();
-            let store = store_upload::store_of(upload_path).unwrap_or_default();
-            store_upload::start(&gw, &up, &req, payload, &edge, &ver, &store).await
-        }
-        ["upload", ver, "files"] if VERSIONS.contains(ver) => {
-            let ver = ver.to_string();
-            upload::handle(&gw, &up, &req, payload, &edge, &ver).await
-        }
-        [ver, "openai", ..] if VERSIONS.contains(ver) => {
-            let path = edge.path.clone();
-            openai::handle(&gw, &up, &req, payload, &edge, path).await
-        }
-        ["v1", "chat", "completions"] | ["v1", "embeddings"] => {
-            let path = format!("/v1beta/openai{}", &edge.path["/v1".len()..]);
-            openai::handle(&gw, &up, &req, payload, &edge, path).await
-        }
-        ["v1", "models", ..] if openai::is_openai_client(req.headers()) => {
-            let path = format!("/v1beta/openai{}", &edge.path["/v1".len()..]);
-            openai::handle(&gw, &up, &req, payload, &edge, path).await
-        }
-        ["download", ver, "files", id] if VERSIONS.contains(ver) && method == Method::GET => {
-            let ver = ver.to_string();
-            let rest = [id.to_string()];
-            files::handle(&gw, &up, &req, &edge, &ver, &rest).await
-        }
-        [ver, rest @ ..] if VERSIONS.contains(ver) && resources::route(rest, &method).is_some() => {
-            let ver = ver.to_string();
-            match resources::route(rest, &method) {
-                Some(route) => resources::handle(&gw, &up, &req, payload, &edge, &ver, route).await,
-                None => Err(ApiError::not_found("No such resource route.")),
-            }
-        }
-        [ver, "files", rest @ ..] if VERSIONS.contains(ver) && method != Method::POST => {
-            let ver = ver.to_string();
-            let rest: Vec<String> = rest.iter().map(ToString::to_string).collect();
-            files::handle(&gw, &up, &req, &edge, &ver, &rest).await
-        }
-        [ver, ..] if VERSIONS.contains(ver) => native(&gw, &up, &req, payload, &edge).await,
-        _ => Err(ApiError::not_found(format!(
+    let Some(target) = Target::of(&method, &edge.path, req.headers()) else {
+        return Err(ApiError::not_found(format!(
             "No route for {} {}. The gateway serves Google's layout: /v1beta/models/..., \
              /upload/v1beta/files, /v1beta/openai/... (also under /session/{{id}}/).",
             method,
             req.uri().path()
-        ))),
+        )));
+    };
+    req.extensions_mut()
+        .insert(RouteLabel(target.label(&method, &edge.path)));
+    match target {
+        Target::Live => live::handle(gw.clone(), up.clone(), &req, payload, &edge).await,
+        Target::StoreUpload { ver, store } => {
+            store_upload::start(&gw, &up, &req, payload, &edge, &ver, &store).await
+        }
+        Target::Upload { ver } => upload::handle(&gw, &up, &req, payload, &edge, &ver).await,
+        Target::OpenAi { path } => openai::handle(&gw, &up, &req, payload, &edge, path).await,
+        Target::Download { ver, id } => files::handle(&gw, &up, &req, &edge, &ver, &[id]).await,
+        Target::Resource { ver, route } => {
+            resources::handle(&gw, &up, &req, payload, &edge, &ver, route).await
+        }
+        Target::Files { ver, rest } => files::handle(&gw, &up, &req, &edge, &ver, &rest).await,
+        Target::Native => native(&gw, &up, &req, payload, &edge).await,
     }
 }
 
@@ -395,7 +482,61 @@ async fn native(
 
 #[cfg(test)]
 mod tests {
-    use super::json_depth;
+    use super::{json_depth, label_of, Target};
+    use actix_web::http::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+    use actix_web::http::Method;
+
+    #[test]
+    fn every_route_has_its_label() {
+        let post = Method::POST;
+        let cases = [
+            (&post, "/v1beta/models/g:generateContent", "generate"),
+            (&post, "/v1/models/g:streamGenerateContent", "stream"),
+            (&post, "/v1beta/models/g:countTokens", "count_tokens"),
+            (&post, "/v1beta/models/g:batchEmbedContents", "embed"),
+            (&Method::GET, "/v1/models", "models"),
+            (&Method::GET, "/v1beta/models/gemini-2.0-flash", "models"),
+            (&post, "/v1beta/openai/chat/completions", "openai_chat"),
+            (&post, "/v1/chat/completions", "openai_chat"),
+            (&post, "/v1/embeddings", "openai_embeddings"),
+            (&post, "/upload/v1beta/files", "upload"),
+            (
+                &post,
+                "/upload/v1beta/fileSearchStores/s1:uploadToFileSearchStore",
+                "upload",
+            ),
+            (&Method::DELETE, "/v1beta/files/abc", "files_delete"),
+            (&Method::GET, "/v1beta/files", "files"),
+            (&Method::GET, "/download/v1beta/files/abc:download", "files"),
+            (&post, "/v1beta/cachedContents", "resources"),
+            (&post, "/v1beta/models/g:batchGenerateContent", "resources"),
+            (&Method::GET, "/v1beta/batches/b1", "resources"),
+            (
+                &Method::GET,
+                "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent",
+                "live",
+            ),
+            (&Method::GET, "/nope", "unknown"),
+        ];
+        for (method, path, label) in cases {
+            assert_eq!(label_of(method, path), label, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn an_openai_client_listing_models_is_sent_to_the_openai_routes() {
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        let t = Target::of(&Method::GET, "/v1/models", &headers);
+        assert!(
+            matches!(&t, Some(Target::OpenAi { path }) if path == "/v1beta/openai/models"),
+            "{t:?}"
+        );
+        assert!(matches!(
+            Target::of(&Method::GET, "/v1/models", &HeaderMap::new()),
+            Some(Target::Native)
+        ));
+    }
 
     #[test]
     fn depth_ignores_brackets_in_strings() {
