@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-const ADMIN: &str = "admin-secret-token-42";
+pub(crate) const ADMIN: &str = "admin-secret-token-42";
 /// Text only a request body holds: it must never reach the usage data.
 const BODY_MARK: &str = "private-prompt-text-7781";
 
@@ -86,7 +86,7 @@ fn seen_usage(text: &str) -> Option<[u64; 5]> {
     })
 }
 
-async fn admin_get(gw: &Gateway, path: &str) -> Value {
+pub(crate) async fn admin_get(gw: &Gateway, path: &str) -> Value {
     let mut resp = client()
         .get(format!("{}{path}", gw.url))
         .insert_header(("authorization", format!("Bearer {ADMIN}")))
@@ -99,7 +99,7 @@ async fn admin_get(gw: &Gateway, path: &str) -> Value {
 
 /// Polls the usage API until its totals show `requests` (the replicas flush
 /// every few seconds).
-async fn usage_with(gw: &Gateway, query: &str, requests: u64) -> Value {
+pub(crate) async fn usage_with(gw: &Gateway, query: &str, requests: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let v = admin_get(gw, &format!("/admin/api/usage{query}")).await;

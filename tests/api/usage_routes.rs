@@ -5,15 +5,14 @@
 //! upstream saw (requests per key) and reported (tokens).
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
 
 use awc::ws::Message;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 
 use crate::helpers::*;
+use crate::usage::{usage_with, ADMIN};
 
-const ADMIN: &str = "admin-secret-token-42";
 const MODEL: &str = "/v1beta/models/gemini-2.0-flash";
 
 /// `[prompt, output, thoughts, cached, total]`.
@@ -175,34 +174,6 @@ fn usage_of(d: &Value) -> Option<Tokens> {
         n(&u["prompt_tokens_details"]["cached_tokens"]),
         n(&u["total_tokens"]),
     ])
-}
-
-async fn admin_get(gw: &Gateway, path: &str) -> Value {
-    let mut resp = client()
-        .get(format!("{}{path}", gw.url))
-        .insert_header(("authorization", format!("Bearer {ADMIN}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200, "{path}");
-    resp.json().limit(1 << 22).await.unwrap()
-}
-
-/// Polls the usage API until its totals show `requests` (the replicas flush
-/// with their heartbeat).
-async fn usage_with(gw: &Gateway, query: &str, requests: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = admin_get(gw, &format!("/admin/api/usage{query}")).await;
-        if v["totals"]["requests"].as_u64() == Some(requests) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "usage never reached {requests} requests: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn ask() -> Value {

@@ -163,35 +163,20 @@ impl Usage {
 
     /// A successful answer and the tokens Google reported for it.
     pub fn success(&self, series: &Series, tokens: Option<&Tokens>, now_ms: u64) {
-        let model = model_label(series.model.as_deref());
-        self.by_model(model, "success");
-        if let Some(t) = tokens {
-            for (kind, n) in t.by_kind() {
-                if n > 0 {
-                    self.metrics
-                        .tokens
-                        .get_or_create(&ModelKind { model, kind })
-                        .inc_by(n);
-                }
-            }
-        }
-        self.add(series, now_ms, |add| {
-            add("requests", 1);
-            if let Some(t) = tokens {
-                for (kind, n) in t.by_kind() {
-                    if n > 0 {
-                        add(kind, n);
-                    }
-                }
-            }
-        });
+        self.by_model(model_label(series.model.as_deref()), "success");
+        self.count(series, 1, tokens, now_ms);
     }
 
     /// Tokens Google reported without a request of their own (the turns of
     /// a Live session, which counted as one request when it opened).
     pub fn add_tokens(&self, series: &Series, tokens: &Tokens, now_ms: u64) {
+        self.count(series, 0, Some(tokens), now_ms);
+    }
+
+    fn count(&self, series: &Series, requests: u64, tokens: Option<&Tokens>, now_ms: u64) {
         let model = model_label(series.model.as_deref());
-        for (kind, n) in tokens.by_kind() {
+        let by_kind = tokens.map(Tokens::by_kind).unwrap_or_default();
+        for (kind, n) in by_kind {
             if n > 0 {
                 self.metrics
                     .tokens
@@ -200,7 +185,10 @@ impl Usage {
             }
         }
         self.add(series, now_ms, |add| {
-            for (kind, n) in tokens.by_kind() {
+            if requests > 0 {
+                add("requests", requests);
+            }
+            for (kind, n) in by_kind {
                 if n > 0 {
                     add(kind, n);
                 }
