@@ -199,23 +199,19 @@ pub async fn pin(
     body: &[u8],
     session: Option<&Session>,
     token_id: &str,
-    flavor: Flavor,
 ) -> Result<Option<Pinned>, ApiError> {
     match crate::domain::resources::body_owner(gw, up, body, token_id).await {
         Ok(Some(key)) => return Ok(Some(Pinned::to(key))),
         Ok(None) => {}
-        Err(RefError::Store(e)) => return Err(store_down(e, flavor)),
-        Err(RefError::Refused(e)) => return Err(ApiError::from(e).flavor(flavor)),
-        Err(RefError::GoneKey(names)) => {
-            return Err(crate::http::error::gone_key(&names).flavor(flavor))
-        }
+        Err(RefError::Store(e)) => return Err(store_down(e)),
+        Err(RefError::Refused(e)) => return Err(ApiError::from(e)),
+        Err(RefError::GoneKey(names)) => return Err(crate::http::error::gone_key(&names)),
         Err(RefError::Mixed(names)) => {
             gw.metrics.mixed_owner_conflicts.inc();
             let advice = split_advice(gw.settings.sessions.upload_affinity);
             return Err(
                 ApiError::new(StatusCode::CONFLICT, mixed_message(&names, advice))
-                    .kind("mixed_owners")
-                    .flavor(flavor),
+                    .kind("mixed_owners"),
             );
         }
     }
@@ -234,8 +230,8 @@ pub async fn pin(
                     states: Some(states),
                 }))
             }
-            Err(BindError::Store(e)) => Err(store_down(e, flavor)),
-            Err(BindError::NoKey(no)) => Err(ApiError::from(no).flavor(flavor)),
+            Err(BindError::Store(e)) => Err(store_down(e)),
+            Err(BindError::NoKey(no)) => Err(ApiError::from(no)),
         };
     }
     Ok(None)
@@ -270,9 +266,9 @@ pub fn upload_session(gw: &Gateway, named: Option<&Session>, token_id: &str) -> 
     }
 }
 
-pub fn store_down(e: crate::state::StoreError, flavor: Flavor) -> ApiError {
+pub fn store_down(e: crate::state::StoreError) -> ApiError {
     tracing::warn!(error = %e, "state store unavailable for a request that needs a binding");
-    ApiError::store_unavailable().flavor(flavor)
+    ApiError::store_unavailable()
 }
 
 /// The upstream answer of a request that succeeded on some key. It is
@@ -361,7 +357,7 @@ pub async fn send(
                         if matches!(no, NoKey::AllCooling { .. }) && !tried.is_empty() {
                             tracing::warn!(tried = tried.len(), "every key is rate-limited: likely an IP-level throttle; answering 429");
                         }
-                        return Err(ApiError::from(no).flavor(call.flavor));
+                        return Err(ApiError::from(no));
                     }
                 }
             }
@@ -441,15 +437,7 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
         }
         _ => (call, false),
     };
-    let pinned = pin(
-        gw,
-        up,
-        &call.body,
-        call.session.as_ref(),
-        &call.token_id,
-        call.flavor,
-    )
-    .await?;
+    let pinned = pin(gw, up, &call.body, call.session.as_ref(), &call.token_id).await?;
     Ok(match send(gw, up, &call, pinned).await? {
         Ok(served) => served.respond(gw, &call, hide_usage),
         Err(response) => response,
@@ -487,8 +475,7 @@ async fn wait_for_pinned(
                 key.id
             ),
         )
-        .kind("pinned_key_disabled")
-        .flavor(call.flavor)),
+        .kind("pinned_key_disabled")),
         Some(MemberState::Cooling { until_ms, .. }) => {
             let rest = until_ms.saturating_sub(now_ms());
             if rest <= gw.settings.sessions.pin_wait.as_millis() as u64 {
@@ -506,8 +493,7 @@ async fn wait_for_pinned(
                 ),
             )
             .retry_after(rest.div_ceil(1000))
-            .kind("pinned_key_cooling")
-            .flavor(call.flavor))
+            .kind("pinned_key_cooling"))
         }
     }
 }

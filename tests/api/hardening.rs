@@ -466,3 +466,52 @@ async fn no_spelling_of_the_token_or_session_parameter_reaches_the_upstream() {
         assert!(text.contains(&line), "no {line:?} in:\n{text}");
     }
 }
+
+/// Errors are written once, at the edge, in the dialect of the route that
+/// answers: OpenAI's on the OpenAI routes, Google's with
+/// `x-goog-upload-status: final` on uploads, Google's elsewhere.
+#[actix_rt::test]
+async fn each_route_family_answers_errors_in_its_own_dialect() {
+    let fake = FakeUpstream::start(&keys(1));
+    let gw = Gateway::start(&fake, None, &[]);
+    let c = client();
+    // OpenAI: no token, then a body that is not JSON.
+    let mut r = c
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .send_body("{}")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+    let mut r = c
+        .post(format!("{}/v1beta/openai/chat/completions", gw.url))
+        .insert_header(("authorization", format!("Bearer {TOKEN}")))
+        .insert_header(("content-type", "application/json"))
+        .send_body("{not json")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    // Upload: Google's JSON, and the header without which the SDKs retry.
+    let mut r = c
+        .post(format!("{}/upload/v1beta/files", gw.url))
+        .send_body("x")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.headers().get("x-goog-upload-status").unwrap(), "final");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["status"], "UNAUTHENTICATED", "{v}");
+    // Native: Google's JSON, no upload header.
+    let mut r = c
+        .post(format!("{}{GENERATE}", gw.url))
+        .send_body("{}")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers().get("x-goog-upload-status").is_none());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["status"], "UNAUTHENTICATED", "{v}");
+}

@@ -78,7 +78,7 @@ async fn key_rows(gw: &Gateway) -> Result<Vec<KeyRow>, ApiError> {
     let states = store
         .member_states(RING)
         .await
-        .map_err(|e| crate::http::pipeline::store_down(e, crate::http::error::Flavor::Gemini))?;
+        .map_err(crate::http::pipeline::store_down)?;
     let mut hour = KeyStats::last_hour(store).await.unwrap_or_default();
     Ok(gw
         .keys
@@ -119,7 +119,7 @@ async fn act(
         .by_id(id)
         .ok_or_else(|| ApiError::not_found(format!("No key with id {id}.")))?;
     let store = gw.store();
-    let down = |e| crate::http::pipeline::store_down(e, crate::http::error::Flavor::Gemini);
+    let down = crate::http::pipeline::store_down;
     let result = match action {
         "enable" => {
             store
@@ -174,7 +174,7 @@ async fn api_session(
         SessionId::parse_any(&sid).ok_or_else(|| ApiError::bad_request("Invalid session id."))?;
     let key = session::lookup(gw.store(), &sid)
         .await
-        .map_err(|e| crate::http::pipeline::store_down(e, crate::http::error::Flavor::Gemini))?
+        .map_err(crate::http::pipeline::store_down)?
         .ok_or_else(|| ApiError::not_found(format!("Session {sid} is not bound.")))?;
     Ok(HttpResponse::Ok().json(json!({"session": sid.as_str(), "key_id": key})))
 }
@@ -194,7 +194,7 @@ async fn api_file(
     let name = format!("files/{id}");
     let record = files::owner(gw.store(), &name)
         .await
-        .map_err(|e| crate::http::pipeline::store_down(e, crate::http::error::Flavor::Gemini))?
+        .map_err(crate::http::pipeline::store_down)?
         .ok_or_else(|| ApiError::not_found(format!("No owner recorded for {name}.")))?;
     Ok(HttpResponse::Ok()
         .json(json!({"file": name, "key_id": record.key, "owner_token_id": record.owner})))
@@ -204,7 +204,7 @@ async fn api_replicas(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpRe
     check(&gw, &req).await?;
     let list = heartbeat::list(gw.store())
         .await
-        .map_err(|e| crate::http::pipeline::store_down(e, crate::http::error::Flavor::Gemini))?;
+        .map_err(crate::http::pipeline::store_down)?;
     let (keys, tokens) = (gw.keys.digest(), gw.auth.tokens_digest());
     let rows: Vec<serde_json::Value> = list
         .iter()
@@ -263,7 +263,7 @@ async fn login(
             &login_page(Some("That is not the admin token.")),
         ));
     }
-    let down = |e| crate::http::pipeline::store_down(e, crate::http::error::Flavor::Gemini);
+    let down = crate::http::pipeline::store_down;
     let id = admin_session::new_id().map_err(down)?;
     let ttl = gw.settings.admin.session_ttl;
     admin_session::open(gw.store(), &id, &generation(&gw).unwrap_or_default(), ttl)

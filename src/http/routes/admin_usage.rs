@@ -143,7 +143,7 @@ async fn read(gw: &Gateway, from: u64, to: u64) -> Result<Counts, ApiError> {
     gw.usage
         .read(gw.store(), from, to, now_ms())
         .await
-        .map_err(|e| crate::http::pipeline::store_down(e, crate::http::error::Flavor::Gemini))
+        .map_err(crate::http::pipeline::store_down)
 }
 
 pub async fn api_usage(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -187,10 +187,11 @@ pub async fn api_errors(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     check(&gw, &req).await?;
-    let errors =
-        gw.usage.recent_errors(gw.store()).await.map_err(|e| {
-            crate::http::pipeline::store_down(e, crate::http::error::Flavor::Gemini)
-        })?;
+    let errors = gw
+        .usage
+        .recent_errors(gw.store())
+        .await
+        .map_err(crate::http::pipeline::store_down)?;
     let rows: Vec<Value> = errors
         .iter()
         .map(|e| {

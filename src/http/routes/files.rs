@@ -11,11 +11,9 @@ use crate::domain::attempt;
 use crate::domain::files;
 use crate::domain::gateway::Gateway;
 use crate::domain::resources::{self, Kind};
-use crate::http::error::{ApiError, Flavor};
+use crate::http::error::ApiError;
 use crate::http::pipeline::{self, stream_back};
 use crate::upstream::client::{KeyStyle, Upstream};
-
-const FLAVOR: Flavor = Flavor::Gemini;
 
 fn not_found(name: &str) -> ApiError {
     ApiError::new(
@@ -32,7 +30,7 @@ pub async fn handle(
     ver: &str,
     rest: &[String],
 ) -> Result<HttpResponse, ApiError> {
-    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    let token = authorize(&gw.auth, req.headers(), edge)?;
     match rest {
         [] if req.method() == Method::GET => list(gw, up, req, edge, ver, &token.id).await,
         [id] => {
@@ -46,19 +44,19 @@ pub async fn handle(
             let name = format!("files/{bare}");
             let known = crate::domain::resources::owner(gw.store(), &name)
                 .await
-                .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+                .map_err(pipeline::store_down)?;
             let record = match known {
                 Some(r) => Some(r),
                 None => crate::domain::discovery::discover(gw, up, &name, &token.id)
                     .await
-                    .map_err(|e| super::resources::discovery_error(e, FLAVOR))?,
+                    .map_err(super::resources::discovery_error)?,
             }
             .filter(|r| r.owner == token.id)
             .ok_or_else(|| not_found(&name))?;
             let key = gw
                 .keys
                 .by_id(&record.key)
-                .ok_or_else(|| crate::http::error::gone_key(&[name.as_str()]).flavor(FLAVOR))?;
+                .ok_or_else(|| crate::http::error::gone_key(&[name.as_str()]))?;
             let query = edge.forward_query();
             let target = if query.is_empty() {
                 edge.path.clone()
@@ -116,10 +114,10 @@ async fn list(
     let (page, next) =
         resources::page_of_token(gw.store(), Kind::File, token_id, after.as_ref(), page_size)
             .await
-            .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+            .map_err(pipeline::store_down)?;
     let records = files::owners(gw.store(), &page)
         .await
-        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+        .map_err(pipeline::store_down)?;
     let bill = &pipeline::Bill::to(token_id, "files");
     let fetches = page.iter().zip(records).map(|(name, record)| async move {
         let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;

@@ -28,11 +28,10 @@ use crate::domain::gateway::Gateway;
 use crate::domain::keys::ApiKey;
 use crate::domain::live;
 use crate::domain::resources;
-use crate::http::error::{ApiError, Flavor};
+use crate::http::error::ApiError;
 use crate::http::pipeline;
 use crate::upstream::client::{query_param, Upstream};
 
-const FLAVOR: Flavor = Flavor::Gemini;
 /// Largest frame relayed (audio and video chunks are large).
 const MAX_FRAME: usize = 16 << 20;
 /// How long the client has to send `setup`, and the upstream to answer it.
@@ -64,7 +63,7 @@ pub async fn handle(
         Some(t) => {
             let record = resources::owner(gw.store(), &resources::live_token_name(&t))
                 .await
-                .map_err(|e| pipeline::store_down(e, FLAVOR))?
+                .map_err(pipeline::store_down)?
                 .ok_or_else(|| {
                     ApiError::new(
                         StatusCode::UNAUTHORIZED,
@@ -75,8 +74,8 @@ pub async fn handle(
             (Some(record.key), Some(t), record.owner)
         }
         None => {
-            let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
-            let pinned = pipeline::pin(&gw, &up, b"", edge.session.as_ref(), &token.id, FLAVOR)
+            let token = authorize(&gw.auth, req.headers(), edge)?;
+            let pinned = pipeline::pin(&gw, &up, b"", edge.session.as_ref(), &token.id)
                 .await?
                 .map(|p| p.key.id.clone());
             (pinned, None, token.id.clone())

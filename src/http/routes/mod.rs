@@ -154,11 +154,10 @@ pub fn authorize(
     auth: &Auth,
     headers: &HeaderMap,
     edge: &Edge,
-    flavor: Flavor,
 ) -> Result<std::sync::Arc<ClientToken>, ApiError> {
     let query_key = edge.query_key();
     auth.verify(crate::http::auth::presented(headers, query_key.as_deref()))
-        .map_err(|e| ApiError::from(e).flavor(flavor))
+        .map_err(ApiError::from)
 }
 
 /// Reads a whole request body, refusing more than `limit` bytes.
@@ -166,14 +165,12 @@ pub async fn read_body(
     mut payload: web::Payload,
     headers: &HeaderMap,
     limit: usize,
-    flavor: Flavor,
 ) -> Result<bytes::Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("The request body is larger than the gateway's limit of {limit} bytes."),
         )
-        .flavor(flavor)
     };
     let declared = headers
         .get("content-length")
@@ -185,7 +182,7 @@ pub async fn read_body(
     let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| {
-            ApiError::bad_request(format!("The request body could not be read: {e}")).flavor(flavor)
+            ApiError::bad_request(format!("The request body could not be read: {e}"))
         })?;
         if body.len() + chunk.len() > limit {
             return Err(too_large());
@@ -203,18 +200,11 @@ pub async fn authorized_json(
     req: &HttpRequest,
     payload: web::Payload,
     edge: &Edge,
-    flavor: Flavor,
     required: bool,
 ) -> Result<(std::sync::Arc<ClientToken>, bytes::Bytes), ApiError> {
-    let token = authorize(&gw.auth, req.headers(), edge, flavor)?;
-    let body = read_body(
-        payload,
-        req.headers(),
-        gw.settings.listen.max_body_bytes,
-        flavor,
-    )
-    .await?;
-    check_json(&body, req.headers(), required, flavor)?;
+    let token = authorize(&gw.auth, req.headers(), edge)?;
+    let body = read_body(payload, req.headers(), gw.settings.listen.max_body_bytes).await?;
+    check_json(&body, req.headers(), required)?;
     Ok((token, body))
 }
 
@@ -249,12 +239,7 @@ fn json_depth(body: &[u8]) -> usize {
 
 /// Rejects a body that is not JSON where JSON is required (content routes),
 /// or that claims to be JSON but is not, before it costs an upstream call.
-fn check_json(
-    body: &[u8],
-    headers: &HeaderMap,
-    required: bool,
-    flavor: Flavor,
-) -> Result<(), ApiError> {
+fn check_json(body: &[u8], headers: &HeaderMap, required: bool) -> Result<(), ApiError> {
     let declared_json = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -265,8 +250,7 @@ fn check_json(
     if json_depth(body) > MAX_JSON_DEPTH {
         return Err(ApiError::bad_request(format!(
             "Invalid JSON payload received: nested deeper than {MAX_JSON_DEPTH} levels."
-        ))
-        .flavor(flavor));
+        )));
     }
     serde_json::from_slice::<serde::de::IgnoredAny>(body)
         .map(|_| ())
@@ -281,7 +265,6 @@ fn check_json(
                 e.line(),
                 e.column()
             ))
-            .flavor(flavor)
         })
 }
 
@@ -360,6 +343,18 @@ impl Target {
         })
     }
 
+    /// The error JSON the route's clients read: OpenAI's on the OpenAI
+    /// routes, Google's with `x-goog-upload-status: final` on uploads (else
+    /// the SDKs retry), Google's everywhere else. Applied once, to whatever
+    /// error the route's handler returns.
+    pub fn flavor(&self) -> Flavor {
+        match self {
+            Target::OpenAi { .. } => Flavor::OpenAi,
+            Target::StoreUpload { .. } | Target::Upload { .. } => Flavor::Upload,
+            _ => Flavor::Gemini,
+        }
+    }
+
     /// The route class metrics (`gb_requests_total{route}`) and usage count
     /// this request under.
     pub fn label(&self, method: &Method, path: &str) -> &'static str {
@@ -421,7 +416,8 @@ pub async fn dispatch(
     };
     req.extensions_mut()
         .insert(RouteLabel(target.label(&method, &edge.path)));
-    match target {
+    let flavor = target.flavor();
+    let answer = match target {
         Target::Live => live::handle(gw.clone(), up.clone(), &req, payload, &edge).await,
         Target::StoreUpload { ver, store } => {
             store_upload::start(&gw, &up, &req, payload, &edge, &ver, &store).await
@@ -434,7 +430,8 @@ pub async fn dispatch(
         }
         Target::Files { ver, rest } => files::handle(&gw, &up, &req, &edge, &ver, &rest).await,
         Target::Native => native(&gw, &up, &req, payload, &edge).await,
-    }
+    };
+    answer.map_err(|e| e.flavor(flavor))
 }
 
 /// Native Gemini routes: models, generate, stream, count, embed, and every
@@ -460,7 +457,7 @@ async fn native(
             ));
         }
     }
-    let (token, body) = authorized_json(gw, req, payload, edge, flavor, action.is_some()).await?;
+    let (token, body) = authorized_json(gw, req, payload, edge, action.is_some()).await?;
     pipeline::forward(
         gw,
         up,

@@ -30,7 +30,7 @@ pub async fn handle(
 ) -> Result<HttpResponse, ApiError> {
     let flavor = Flavor::OpenAi;
     let post = req.method() == actix_web::http::Method::POST;
-    let (token, body) = authorized_json(gw, req, payload, edge, flavor, post).await?;
+    let (token, body) = authorized_json(gw, req, payload, edge, post).await?;
     let model = crate::domain::keys::model_from_openai_body(&body);
     pipeline::forward(
         gw,

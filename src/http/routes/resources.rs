@@ -169,9 +169,9 @@ async fn create(
     payload: web::Payload,
     edge: &Edge,
 ) -> Result<HttpResponse, ApiError> {
-    let (token, body) = authorized_json(gw, req, payload, edge, FLAVOR, true).await?;
+    let (token, body) = authorized_json(gw, req, payload, edge, true).await?;
     let c = call(req, edge, &token.id, body);
-    let pinned = pipeline::pin(gw, up, &c.body, c.session.as_ref(), &token.id, FLAVOR).await?;
+    let pinned = pipeline::pin(gw, up, &c.body, c.session.as_ref(), &token.id).await?;
     let mut served = match pipeline::send(gw, up, &c, pinned).await? {
         Ok(served) => served,
         Err(response) => return Ok(response),
@@ -196,7 +196,7 @@ async fn mint(
     payload: web::Payload,
     edge: &Edge,
 ) -> Result<HttpResponse, ApiError> {
-    let (token, body) = authorized_json(gw, req, payload, edge, FLAVOR, true).await?;
+    let (token, body) = authorized_json(gw, req, payload, edge, true).await?;
     let asked: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let ttl = asked
         .get("expireTime")
@@ -204,7 +204,7 @@ async fn mint(
         .and_then(|t| resources::ttl_until(t, now_ms()))
         .unwrap_or_else(|| Kind::LiveToken.ttl(&gw.settings));
     let c = call(req, edge, &token.id, body);
-    let pinned = pipeline::pin(gw, up, &c.body, c.session.as_ref(), &token.id, FLAVOR).await?;
+    let pinned = pipeline::pin(gw, up, &c.body, c.session.as_ref(), &token.id).await?;
     let mut served = match pipeline::send(gw, up, &c, pinned).await? {
         Ok(served) => served,
         Err(response) => return Ok(response),
@@ -243,15 +243,12 @@ async fn read_answer(
 }
 
 /// A discovery failure as the client's error.
-pub(super) fn discovery_error(
-    e: crate::domain::discovery::DiscoveryError,
-    flavor: crate::http::error::Flavor,
-) -> ApiError {
+pub(super) fn discovery_error(e: crate::domain::discovery::DiscoveryError) -> ApiError {
     match e.refusal() {
-        Some(refusal) => ApiError::from(refusal).flavor(flavor),
+        Some(refusal) => ApiError::from(refusal),
         None => match e {
-            crate::domain::discovery::DiscoveryError::Store(s) => pipeline::store_down(s, flavor),
-            _ => ApiError::store_unavailable().flavor(flavor),
+            crate::domain::discovery::DiscoveryError::Store(s) => pipeline::store_down(s),
+            _ => ApiError::store_unavailable(),
         },
     }
 }
@@ -265,12 +262,12 @@ pub(super) async fn owner_for(
 ) -> Result<OwnerRecord, ApiError> {
     let known = resources::owner(gw.store(), name)
         .await
-        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+        .map_err(pipeline::store_down)?;
     let record = match known {
         Some(r) => Some(r),
         None => crate::domain::discovery::discover(gw, up, name, token_id)
             .await
-            .map_err(|e| discovery_error(e, FLAVOR))?,
+            .map_err(discovery_error)?,
     };
     record
         .filter(|r| r.owner == token_id)
@@ -286,7 +283,7 @@ async fn owned(
     edge: &Edge,
     name: &str,
 ) -> Result<HttpResponse, ApiError> {
-    let (token, body) = authorized_json(gw, req, payload, edge, FLAVOR, false).await?;
+    let (token, body) = authorized_json(gw, req, payload, edge, false).await?;
     let owner = owner_for(gw, up, name, &token.id).await?;
     let key = gw.keys.by_id(&owner.key).ok_or_else(|| not_found(name))?;
     // What the body names (a file imported into a store) must live on the
@@ -304,11 +301,9 @@ async fn owned(
             ));
         }
         Ok(_) => {}
-        Err(RefError::Store(e)) => return Err(pipeline::store_down(e, FLAVOR)),
-        Err(RefError::Refused(e)) => return Err(ApiError::from(e).flavor(FLAVOR)),
-        Err(RefError::GoneKey(names)) => {
-            return Err(crate::http::error::gone_key(&names).flavor(FLAVOR))
-        }
+        Err(RefError::Store(e)) => return Err(pipeline::store_down(e)),
+        Err(RefError::Refused(e)) => return Err(ApiError::from(e)),
+        Err(RefError::GoneKey(names)) => return Err(crate::http::error::gone_key(&names)),
         Err(RefError::Mixed(names)) => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -378,15 +373,15 @@ async fn list(
     ver: &str,
     kind: Kind,
 ) -> Result<HttpResponse, ApiError> {
-    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    let token = authorize(&gw.auth, req.headers(), edge)?;
     let (page_size, after) = page_request(edge, kind)?;
     let (page, next) =
         resources::page_of_token(gw.store(), kind, &token.id, after.as_ref(), page_size)
             .await
-            .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+            .map_err(pipeline::store_down)?;
     let records = resources::owners(gw.store(), &page)
         .await
-        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+        .map_err(pipeline::store_down)?;
     let token_id = token.id.as_str();
     let bill = &pipeline::Bill::to(token_id, "other");
     let fetches = page.iter().zip(records).map(|(name, record)| async move {

@@ -35,7 +35,7 @@ pub fn store_of(segs: &[&str]) -> Option<String> {
 }
 
 fn upload_error(status: StatusCode, message: impl Into<String>) -> ApiError {
-    ApiError::new(status, message).flavor(FLAVOR)
+    ApiError::new(status, message)
 }
 
 pub async fn start(
@@ -53,21 +53,13 @@ pub async fn start(
             "Uploads start with POST; chunks go to the upload URL the start returned.",
         ));
     }
-    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
-    let owner = super::resources::owner_for(gw, up, store, &token.id)
-        .await
-        .map_err(|e| e.flavor(FLAVOR))?;
+    let token = authorize(&gw.auth, req.headers(), edge)?;
+    let owner = super::resources::owner_for(gw, up, store, &token.id).await?;
     let key = gw
         .keys
         .by_id(&owner.key)
         .ok_or_else(|| upload_error(StatusCode::NOT_FOUND, format!("{store} was not found.")))?;
-    let body = read_body(
-        payload,
-        req.headers(),
-        gw.settings.listen.max_body_bytes,
-        FLAVOR,
-    )
-    .await?;
+    let body = read_body(payload, req.headers(), gw.settings.listen.max_body_bytes).await?;
     let call = Call {
         flavor: FLAVOR,
         method: Method::POST,
@@ -112,7 +104,7 @@ pub async fn start(
     };
     upload::save(gw.store(), &id, &record, gw.settings.sessions.upload_ttl)
         .await
-        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+        .map_err(pipeline::store_down)?;
     let ours = format!(
         "{}{}/upload/{ver}/files?upload_id={id}&upload_protocol=resumable",
         super::upload::public_base(gw, req),

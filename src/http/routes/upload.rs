@@ -25,7 +25,7 @@ const FLAVOR: Flavor = Flavor::Upload;
 const FINAL_BODY_LIMIT: usize = 1 << 20;
 
 fn upload_error(status: StatusCode, message: impl Into<String>) -> ApiError {
-    ApiError::new(status, message).flavor(FLAVOR)
+    ApiError::new(status, message)
 }
 
 pub async fn handle(
@@ -45,7 +45,7 @@ pub async fn handle(
             "Uploads start with POST; chunks go to the upload URL the start returned.",
         ));
     }
-    let token = authorize(&gw.auth, req.headers(), edge, FLAVOR)?;
+    let token = authorize(&gw.auth, req.headers(), edge)?;
     let owner = token.id.clone();
     let protocol = header(req.headers(), "x-goog-upload-protocol")
         .or_else(|| query_param(&edge.query, "uploadType"))
@@ -88,13 +88,7 @@ async fn start(
     ver: &str,
     owner: String,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(
-        payload,
-        req.headers(),
-        gw.settings.listen.max_body_bytes,
-        FLAVOR,
-    )
-    .await?;
+    let body = read_body(payload, req.headers(), gw.settings.listen.max_body_bytes).await?;
     let call = Call {
         flavor: FLAVOR,
         method: Method::POST,
@@ -108,7 +102,7 @@ async fn start(
         model: None,
     };
     let session = pipeline::upload_session(gw, call.session.as_ref(), &call.token_id);
-    let pinned = pipeline::pin(gw, up, &[], session.as_ref(), &call.token_id, FLAVOR).await?;
+    let pinned = pipeline::pin(gw, up, &[], session.as_ref(), &call.token_id).await?;
     let mut served = match pipeline::send(gw, up, &call, pinned).await? {
         Ok(served) => served,
         Err(response) => return Ok(ensure_final(response)),
@@ -130,7 +124,7 @@ async fn start(
     };
     upload::save(gw.store(), &id, &record, gw.settings.sessions.upload_ttl)
         .await
-        .map_err(|e| pipeline::store_down(e, FLAVOR))?;
+        .map_err(pipeline::store_down)?;
     let ours = format!(
         "{}{}/upload/{ver}/files?upload_id={id}&upload_protocol=resumable",
         public_base(gw, req),
@@ -245,7 +239,7 @@ async fn chunk(
     }
     let record = upload::load(gw.store(), id)
         .await
-        .map_err(|e| pipeline::store_down(e, FLAVOR))?
+        .map_err(pipeline::store_down)?
         .ok_or_else(unknown)?;
     let Some(key) = gw.keys.by_id(&record.key) else {
         return Err(upload_error(
@@ -292,7 +286,7 @@ async fn chunk(
                     return finish(gw, &record, status, &headers, body).await;
                 }
             }
-            return Err(ApiError::from(err).flavor(FLAVOR));
+            return Err(ApiError::from(err));
         }
     };
     let finished = header(resp.headers(), "x-goog-upload-status").as_deref() == Some("final");
@@ -468,13 +462,13 @@ async fn single_shot(
     owner: String,
 ) -> Result<HttpResponse, ApiError> {
     let session = pipeline::upload_session(gw, edge.session.as_ref(), &owner);
-    let key = match pipeline::pin(gw, up, &[], session.as_ref(), &owner, FLAVOR).await? {
+    let key = match pipeline::pin(gw, up, &[], session.as_ref(), &owner).await? {
         Some(pinned) => pinned.key,
         None => gw
             .keys
             .next(gw.store(), &[], None)
             .await
-            .map_err(|no| ApiError::from(no).flavor(FLAVOR))?,
+            .map_err(ApiError::from)?,
     };
     let query = edge.forward_query();
     let target = if query.is_empty() {
@@ -492,7 +486,7 @@ async fn single_shot(
             body,
             ..
         } => return Ok(ensure_final(buffered_back(status, &headers, body))),
-        attempt::Sent::Unreachable(err) => return Err(ApiError::from(err).flavor(FLAVOR)),
+        attempt::Sent::Unreachable(err) => return Err(ApiError::from(err)),
     };
     let status = resp.status();
     let headers = resp.headers().clone();
