@@ -304,7 +304,8 @@ impl StateStore for MemoryStore {
         self.with(|inner| {
             let now = Instant::now();
             match inner.locks.get(name) {
-                Some((_, exp)) if *exp > now => false,
+                // Held: by this holder (as the Redis store answers), or not.
+                Some((by, exp)) if *exp > now => by == holder,
                 _ => {
                     inner
                         .locks

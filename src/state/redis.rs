@@ -534,7 +534,16 @@ impl StateStore for RedisStore {
     async fn ping(&self) -> Result<Duration, StoreError> {
         let start = Instant::now();
         let mode = self.mode;
-        self.run(|c| check(mode, c)).await??;
+        // A server that answers but cannot serve (a replica, a cluster with a
+        // master gone) is a failure for the breaker too: the exchange itself
+        // worked and would otherwise close it.
+        if let Err(e) = self.run(|c| check(mode, c)).await? {
+            self.breaker.failed();
+            if mode == RedisMode::Cluster {
+                self.cluster_suspect.store(true, Ordering::Relaxed);
+            }
+            return Err(e);
+        }
         Ok(start.elapsed())
     }
 

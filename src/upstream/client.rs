@@ -275,8 +275,10 @@ where
 }
 
 /// Headers never passed on: hop-by-hop ones, the client's credentials and
-/// session id, and those the client library recomputes.
-const DROPPED: [&str; 15] = [
+/// session id, those the client library recomputes, and method overrides
+/// (Google honours them: a POST the gateway routed as a POST could act as a
+/// DELETE on a key the gateway did not choose for one).
+const DROPPED: [&str; 18] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -292,6 +294,9 @@ const DROPPED: [&str; 15] = [
     "authorization",
     "x-session-id",
     "expect",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 ];
 
 pub fn forwardable(name: &HeaderName) -> bool {
@@ -314,10 +319,13 @@ pub fn response_forwardable(name: &HeaderName) -> bool {
     )
 }
 
-/// Query parameters only the gateway reads: never forwarded, in whatever
-/// case or percent-encoding the client spelled their names (Google decodes
-/// `k%65y` as `key`).
-const GATEWAY_ONLY: [&str; 2] = ["key", "session_id"];
+/// Query parameters never forwarded, in whatever case or percent-encoding
+/// the client spelled their names (Google decodes `k%65y` as `key`): the
+/// gateway's own (`key`, the client token; `session_id`) and every other
+/// form Google reads a credential from (`$key`, `access_token`): a
+/// credential the gateway did not choose could get a pool key blamed for
+/// it. The Live API's ephemeral token goes upstream in a header.
+const GATEWAY_ONLY: [&str; 4] = ["key", "session_id", "$key", "access_token"];
 
 /// A query parameter name that is not text: it does not decode to UTF-8, or
 /// holds a control character.
@@ -431,6 +439,11 @@ mod tests {
             "session%5Fid=s",
             "SESSION_ID=s",
             "%73ession_id=s",
+            "$key=x",
+            "%24key=x",
+            "%24KEY=x",
+            "access_token=x",
+            "access%5Ftoken=x",
             "key",
         ] {
             assert_eq!(
@@ -471,6 +484,7 @@ mod tests {
             "authorization",
             "x-session-id",
             "connection",
+            "x-http-method-override",
         ] {
             assert!(!forwardable(&HeaderName::from_static(h)));
         }

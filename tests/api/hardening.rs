@@ -373,12 +373,14 @@ async fn an_upstream_that_hangs_gets_a_504_not_a_hang() {
 
 /// Every spelling of a parameter only the gateway reads: percent-encoded
 /// names (Google decodes them), other cases, a name with a NUL.
-const SPELLINGS: [&str; 9] = [
+const SPELLINGS: [&str; 11] = [
     "k%65y",
     "%6Bey",
     "%6b%65%79",
     "KEY",
     "Key",
+    "%24key",
+    "$key",
     "key%00",
     "session%5Fid",
     "SESSION_ID",
@@ -441,10 +443,10 @@ async fn no_spelling_of_the_token_or_session_parameter_reaches_the_upstream() {
         }
     }
     // Two requests for each spelling and value but the refused `key%00`:
-    // six key spellings with two values, three session ones with one.
+    // seven key spellings with two values, three session ones with one.
     assert_eq!(
         forwarded,
-        2 * (5 * 2 + 3),
+        2 * (7 * 2 + 3),
         "every valid request was forwarded"
     );
     // Nothing in any upstream request line or header carries the token.

@@ -12,7 +12,7 @@ const LAYERS: [(&str, &[&str]); 7] = [
     ("upstream", &["upstream"]),
     ("state", &["state"]),
     ("ops", &["ops"]),
-    ("settings", &["settings", "settings.rs"]),
+    ("settings", &["settings", "secrets.rs"]),
 ];
 
 fn src() -> PathBuf {
@@ -37,8 +37,8 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The layers a source text names in code (comments left out):
-/// `crate::<layer>` and `use crate::{<layer>, …}`.
+/// The layers a source text names in code (comments left out), as
+/// `crate::<layer>` paths.
 fn named_layers(text: &str) -> Vec<(usize, &'static str)> {
     let mut found = Vec::new();
     for (n, line) in text.lines().enumerate() {

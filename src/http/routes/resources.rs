@@ -292,26 +292,30 @@ async fn owned(
         Ok(Some(other)) if other.id != key.id => {
             let mut names = resources::scan_refs(&body);
             names.push(name.to_string());
+            gw.metrics.mixed_owner_conflicts.inc();
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 crate::http::error::mixed_message(
                     &names,
                     crate::http::pipeline::split_advice(gw.settings.sessions.upload_affinity),
                 ),
-            ));
+            )
+            .kind("mixed_owners"));
         }
         Ok(_) => {}
         Err(RefError::Store(e)) => return Err(pipeline::store_down(e)),
         Err(RefError::Refused(e)) => return Err(ApiError::from(e)),
         Err(RefError::GoneKey(names)) => return Err(crate::http::error::gone_key(&names)),
         Err(RefError::Mixed(names)) => {
+            gw.metrics.mixed_owner_conflicts.inc();
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 crate::http::error::mixed_message(
                     &names,
                     crate::http::pipeline::split_advice(gw.settings.sessions.upload_affinity),
                 ),
-            ))
+            )
+            .kind("mixed_owners"));
         }
     }
     let c = call(req, edge, &token.id, body);
@@ -383,7 +387,7 @@ async fn list(
         .await
         .map_err(pipeline::store_down)?;
     let token_id = token.id.as_str();
-    let bill = &pipeline::Bill::to(token_id, "other");
+    let bill = &pipeline::Bill::to(token_id, "resources");
     let fetches = page.iter().zip(records).map(|(name, record)| async move {
         let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
         let path = format!("/{ver}/{name}");

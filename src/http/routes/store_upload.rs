@@ -111,10 +111,16 @@ pub async fn start(
         edge.prefix
     );
     tracing::info!(key_id = %key.id, store, "upload into a file search store started");
-    if let Ok(v) = HeaderValue::from_str(&ours) {
-        response
-            .headers_mut()
-            .insert(HeaderName::from_static("x-goog-upload-url"), v);
-    }
+    // Fail closed: Google's upload URL never reaches the client, even when
+    // ours cannot be written as a header.
+    let ours = HeaderValue::from_str(&ours).map_err(|_| {
+        upload_error(
+            StatusCode::BAD_GATEWAY,
+            "The gateway could not build its upload URL for this request.",
+        )
+    })?;
+    response
+        .headers_mut()
+        .insert(HeaderName::from_static("x-goog-upload-url"), ours);
     Ok(response)
 }
