@@ -142,8 +142,7 @@ pub async fn attempt(
         return Sent::Unreachable(Unreachable::Stalled);
     };
     let outcome = classify(status, &body, now_ms());
-    gw.observe(&key.id, outcome.name());
-    gw.keys.record(gw.store(), key, &outcome).await;
+    record(gw, key, &outcome).await;
     if let (Outcome::RateLimited { model, .. }, Some(via)) = (&outcome, via) {
         egress_throttle_check(gw, key, model.as_deref(), via).await;
     }
@@ -156,8 +155,16 @@ pub async fn attempt(
     }
 }
 
+/// What an answer said about its key, recorded the same way for every kind
+/// of call (an HTTP attempt, a Live handshake): statistics, metrics, the
+/// key's health in the shared store.
+pub async fn record(gw: &Gateway, key: &ApiKey, outcome: &Outcome) {
+    gw.observe(&key.id, outcome.name());
+    gw.keys.record(gw.store(), key, outcome).await;
+}
+
 /// Counts a request leaving through a key's proxy, if it uses one.
-fn count_proxy(gw: &Gateway, up: &Upstream, key: &ApiKey) {
+pub fn count_proxy(gw: &Gateway, up: &Upstream, key: &ApiKey) {
     if let (Some(router), Some(i)) = (&gw.proxies, up.proxy_of(&key.id)) {
         if let Some(spec) = router.specs.get(i) {
             gw.metrics.proxy_request(&spec.id);
@@ -167,7 +174,7 @@ fn count_proxy(gw: &Gateway, up: &Upstream, key: &ApiKey) {
 
 /// A connection that could not be opened through a key's proxy marks that
 /// proxy down (for every replica), so its keys move to the next proxy.
-async fn note_transport_failure(
+pub async fn note_transport_failure(
     gw: &Gateway,
     up: &Upstream,
     key: &ApiKey,

@@ -362,4 +362,15 @@ async fn a_live_session_is_one_request_with_the_tokens_of_its_turns() {
     }
     conn.send(Message::Close(None)).await.unwrap();
     p.assert_counted().await;
+    // The handshake is an upstream call like any other: timed per API.
+    let mut scraped = client()
+        .get(format!("{}/metrics", p.gws[1].url))
+        .send()
+        .await
+        .unwrap();
+    let text = String::from_utf8(scraped.body().await.unwrap().to_vec()).unwrap();
+    assert!(
+        text.contains("gb_upstream_latency_seconds_count{api=\"live\"} 1"),
+        "{text}"
+    );
 }

@@ -217,6 +217,11 @@ impl Relay {
     /// first answer.
     async fn open(&self, key: &ApiKey, setup: &UpMessage) -> Opened {
         let gw = &self.gw;
+        // Like every upstream call (`domain::attempt`): counted at its proxy,
+        // timed, a failed connect marks the proxy down, and what the answer
+        // says about the key is recorded the same way.
+        crate::domain::attempt::count_proxy(gw, &self.up, key);
+        let started = Instant::now();
         let connect = self
             .up
             .ws(
@@ -227,18 +232,17 @@ impl Relay {
                 MAX_FRAME,
             )
             .connect();
-        let mut upstream = match connect.await {
+        let connected = connect.await;
+        gw.metrics.upstream("live", started.elapsed());
+        let mut upstream = match connected {
             Ok((_, framed)) => framed,
             Err(awc::error::WsClientError::InvalidResponseStatus(status)) => {
                 tracing::info!(key_id = %key.id, status = status.as_u16(), "Live handshake refused");
-                gw.observe(&key.id, "live_refused");
                 self.bill
                     .refused(gw, &key.id, status.as_u16(), b"", "live_refused");
-                if status.as_u16() == 429 {
-                    let outcome = live::classify_close(1013, "quota");
-                    if let Some(o) = outcome {
-                        gw.keys.record(gw.store(), key, &o).await;
-                    }
+                match live::classify_close(1013, "quota").filter(|_| status.as_u16() == 429) {
+                    Some(o) => crate::domain::attempt::record(gw, key, &o).await,
+                    None => gw.observe(&key.id, "live_refused"),
                 }
                 return Opened::KeyFailed(format!(
                     "The upstream refused the Live session ({status})."
@@ -246,6 +250,9 @@ impl Relay {
             }
             Err(e) => {
                 tracing::warn!(key_id = %key.id, error = %e, "Live upstream unreachable");
+                if let awc::error::WsClientError::SendRequest(e) = &e {
+                    crate::domain::attempt::note_transport_failure(gw, &self.up, key, e).await;
+                }
                 gw.observe(&key.id, "transport");
                 self.bill.refused(gw, &key.id, 502, b"", "transport");
                 return Opened::KeyFailed("The upstream could not be reached.".into());
@@ -280,9 +287,8 @@ impl Relay {
                     return match live::classify_close(code, &text) {
                         Some(outcome) => {
                             tracing::info!(key_id = %key.id, code, outcome = ?outcome, "Live session closed before setup completed; trying another key");
-                            gw.observe(&key.id, outcome.name());
                             self.bill.refused(gw, &key.id, 503, b"", outcome.name());
-                            gw.keys.record(gw.store(), key, &outcome).await;
+                            crate::domain::attempt::record(gw, key, &outcome).await;
                             Opened::KeyFailed(text)
                         }
                         None => Opened::Failed(reason),
