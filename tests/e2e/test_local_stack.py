@@ -70,3 +70,34 @@ def test_sdk_flows_through_nginx_land_on_every_replica(local_stack):
         log = (d / f"gateway-{i}.log").read_text()
         api_lines = [l for l in log.splitlines() if "served" in l and "path=/healthz" not in l]
         assert api_lines, f"replica {i} served no API request"
+
+
+def test_a_live_session_through_nginx(local_stack):
+    """The Live API's WebSocket upgrade passes nginx (deploy/nginx-proxy.conf
+    forwards Upgrade and Connection for it), frames flow both ways."""
+    import asyncio
+    import json
+
+    import websockets
+
+    url = local_stack["LB_URL"].replace("http://", "ws://", 1) + \
+        "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+
+    async def session():
+        async with websockets.connect(url, additional_headers={"x-goog-api-key": TOKEN},
+                                      open_timeout=30) as ws:
+            await ws.send(json.dumps({"setup": {"model": "models/gemini-live-2.5-flash"}}))
+            first = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            assert "setupComplete" in first, first
+            answers = []
+            for text in ("first turn", "second turn"):
+                await ws.send(json.dumps({"clientContent": {
+                    "turns": [{"role": "user", "parts": [{"text": text}]}], "turnComplete": True}}))
+                answer = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                done = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                assert done["serverContent"]["turnComplete"] is True, done
+                answers.append(answer["serverContent"]["modelTurn"]["parts"][0]["text"])
+            return answers
+
+    answers = asyncio.run(session())
+    assert answers[0].endswith(": first turn") and answers[1].endswith(": second turn"), answers
