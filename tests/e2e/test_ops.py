@@ -15,7 +15,11 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -61,10 +65,20 @@ def state_of(browser, kid):
 def wait_for(browser, condition):
     """Form posts navigate; wait (bounded) until the new page shows it."""
     # Only "the new page is not there yet" is waited out; any other error
-    # fails the test at once.
+    # fails the test at once. Chromium reports an element read while the
+    # page is being replaced either as stale or, in a race, as a node that
+    # "does not belong to the document": both mean the same.
+    def settled(b):
+        try:
+            return condition(b)
+        except WebDriverException as e:
+            if "does not belong to the document" in str(e):
+                return False
+            raise
+
     return WebDriverWait(
         browser, 15, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
-    ).until(lambda b: condition(b))
+    ).until(settled)
 
 
 def test_log_in_see_the_keys_and_disable_one(admin_stack, browser):

@@ -110,6 +110,19 @@ async fn start(
     let Some(upstream_url) = header(served.response.headers(), "x-goog-upload-url") else {
         return Ok(served.respond(gw, &call, false));
     };
+    // The answer is read (and so counted: Google started an upload session)
+    // before anything else can fail.
+    let status = served.response.status();
+    let headers = served.response.headers().clone();
+    let body = served
+        .read(gw, &call, FINAL_BODY_LIMIT)
+        .await
+        .ok_or_else(|| {
+            upload_error(
+                StatusCode::BAD_GATEWAY,
+                "The upstream's answer to the upload start could not be read.",
+            )
+        })?;
     let id = upload::new_upload_id().map_err(|_| {
         upload_error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -132,17 +145,6 @@ async fn start(
     );
     tracing::info!(key_id = %served.key.id, session = record.session.as_deref().unwrap_or(""), "resumable upload started");
     gw.metrics.uploads_started.inc();
-    let status = served.response.status();
-    let headers = served.response.headers().clone();
-    let body = served
-        .read(gw, &call, FINAL_BODY_LIMIT)
-        .await
-        .ok_or_else(|| {
-            upload_error(
-                StatusCode::BAD_GATEWAY,
-                "The upstream's answer to the upload start could not be read.",
-            )
-        })?;
     // Fail closed: Google's upload URL never reaches the client, even when
     // ours cannot be written as a header.
     let ours = HeaderValue::from_str(&ours).map_err(|_| {
