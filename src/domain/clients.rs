@@ -1,6 +1,6 @@
 //! The client tokens and the admin token in force, and the check of a
 //! presented token against them. Where a request carries its token is the
-//! HTTP layer's to read (`crate::http::auth`).
+//! HTTP layer's to read (its `auth` module).
 
 use std::sync::{Arc, RwLock};
 
