@@ -57,6 +57,7 @@ pub async fn run(gw: Arc<Gateway>, addr: SocketAddr, stop: Arc<tokio::sync::Noti
 
 /// The last flush of a stopping replica, and the end of its heartbeat.
 pub async fn sign_off(gw: &Gateway) {
+    let _ = gw.limits.flush(gw.store(), now_ms()).await;
     let _ = gw.stats.flush(gw.store()).await;
     let _ = gw.usage.flush(gw.store()).await;
     let _ = gw.store().delete(NS, &gw.replica).await;

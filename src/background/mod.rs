@@ -5,7 +5,9 @@
 //!   Redis could not be checked at start;
 //! - the re-check of disabled keys ([`recheck`]);
 //! - the refresh of outbound proxy health, when proxies are configured;
-//! - the reload of mounted key and token files ([`reload`]);
+//! - the reload of mounted key, token and limits files ([`reload`]);
+//! - the writes of client limits: tokens settled, leases released and
+//!   renewed ([`limits`]);
 //! - the heartbeat, which also flushes statistics and usage ([`heartbeat`]);
 //! - the probe of Redis while the store's circuit breaker is open.
 //!
@@ -33,6 +35,32 @@ const STORE_PROBE: Duration = Duration::from_millis(100);
 
 /// How often a replica reads the shared health of the outbound proxies.
 const PROXY_REFRESH: Duration = Duration::from_secs(1);
+
+/// How long settled tokens and released leases gather before they are
+/// written together.
+const LIMITS_BATCH: Duration = Duration::from_millis(20);
+
+/// Writes what the client limits owe the store: tokens answers reported and
+/// leases whose requests ended, a moment after they happen (batched), and
+/// every held lease renewed before it could lapse.
+async fn limits(gw: Arc<Gateway>) {
+    let renew_every = crate::domain::limits::LEASE_LIFE / 4;
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        let _ = tokio::time::timeout(renew_every, gw.limits.wake.notified()).await;
+        tokio::time::sleep(LIMITS_BATCH).await;
+        let now = crate::state::now_ms();
+        if let Err(e) = gw.limits.flush(gw.store(), now).await {
+            tracing::debug!(error = %e, "client limit writes deferred");
+        }
+        if renewed.elapsed() >= renew_every {
+            renewed = tokio::time::Instant::now();
+            if let Err(e) = gw.limits.renew(gw.store(), now).await {
+                tracing::warn!(error = %e, "client limit leases could not be renewed");
+            }
+        }
+    }
+}
 
 /// The running background tasks of one replica.
 #[derive(Default)]
@@ -87,6 +115,7 @@ impl Background {
             });
         }
         self.spawn("reload", reload::run(gw.clone()));
+        self.spawn("client limits", limits(gw.clone()));
         let stop = Arc::new(tokio::sync::Notify::new());
         let task = spawn_local(heartbeat::run(gw.clone(), addr, stop.clone()));
         self.heartbeat = Some((stop, task));

@@ -1,5 +1,6 @@
-//! Keys and tokens that change while the gateway runs. `GB_API_KEYS_FILE`,
-//! `GB_AUTH_TOKENS_FILE` and `GB_ADMIN_TOKEN_FILE` (mounted secrets) are read
+//! Keys, tokens and limits that change while the gateway runs.
+//! `GB_API_KEYS_FILE`, `GB_AUTH_TOKENS_FILE`, `GB_ADMIN_TOKEN_FILE` (mounted
+//! secrets) and `GB_LIMITS_FILE` are read
 //! again on SIGHUP and every `GB_RELOAD_INTERVAL` seconds. A file is compared
 //! by content (Kubernetes swaps a symlink; editors rewrite in place), and a
 //! reload is all or nothing: an unreadable, empty or malformed file keeps the
@@ -13,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::domain::gateway::Gateway;
 use crate::secrets::{parse_admin, parse_keys, parse_tokens};
+use crate::settings::parse_limits;
 
 /// One watched file: what was last applied, and the last problem reported.
 struct Watched {
@@ -78,6 +80,7 @@ pub struct Reloader {
     keys: Option<Watched>,
     tokens: Option<Watched>,
     admin: Option<Watched>,
+    limits: Option<Watched>,
 }
 
 impl Reloader {
@@ -87,11 +90,15 @@ impl Reloader {
             keys: Watched::new("GB_API_KEYS_FILE", s.keys.file.as_ref()),
             tokens: Watched::new("GB_AUTH_TOKENS_FILE", s.clients.file.as_ref()),
             admin: Watched::new("GB_ADMIN_TOKEN_FILE", s.admin.token_file.as_ref()),
+            limits: Watched::new("GB_LIMITS_FILE", s.limits.file.as_ref()),
         }
     }
 
     pub fn watches_anything(&self) -> bool {
-        self.keys.is_some() || self.tokens.is_some() || self.admin.is_some()
+        self.keys.is_some()
+            || self.tokens.is_some()
+            || self.admin.is_some()
+            || self.limits.is_some()
     }
 
     /// Applies every file that changed.
@@ -119,6 +126,20 @@ impl Reloader {
                         gw.mark_loaded();
                         gw.metrics.config_reloads.inc();
                         tracing::info!(before, after, "client tokens reloaded");
+                    }
+                    Err(problem) => w.fail(gw, problem),
+                }
+            }
+        }
+        if let Some(w) = &mut self.limits {
+            if let Some(text) = w.changed(gw) {
+                match parse_limits(&text) {
+                    Ok(set) => {
+                        let clients = set.clients.len() + usize::from(set.default.is_some());
+                        gw.limits.replace(set);
+                        w.applied(&text);
+                        gw.metrics.config_reloads.inc();
+                        tracing::info!(clients, "client limits reloaded");
                     }
                     Err(problem) => w.fail(gw, problem),
                 }

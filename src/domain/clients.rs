@@ -127,6 +127,15 @@ impl Auth {
     }
 
     /// The label a client token was given, if any.
+    /// The ids of the client tokens in force.
+    pub fn token_ids(&self) -> Vec<String> {
+        read(&self.tokens)
+            .tokens
+            .iter()
+            .map(|(t, _)| t.id.clone())
+            .collect()
+    }
+
     pub fn label_of(&self, token_id: &str) -> Option<String> {
         read(&self.tokens)
             .labels

@@ -25,6 +25,8 @@ pub struct Gateway {
     pub proxies: Option<Arc<ProxyRouter>>,
     /// Usage per hour, token, key and model, and the recent upstream errors.
     pub usage: Arc<crate::domain::usage::Usage>,
+    /// Limits per client token.
+    pub limits: Arc<crate::domain::limits::Limiter>,
     draining: AtomicBool,
     /// When the keys or tokens in force were last loaded (Unix ms).
     loaded_ms: AtomicU64,
@@ -36,6 +38,11 @@ impl Gateway {
         let proxy_cooldown = settings.proxies.cooldown;
         let settings_usage = (settings.usage.retention_days, settings.usage.max_series);
         let metrics_usage = metrics.clone();
+        let replica = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let limits = Arc::new(crate::domain::limits::Limiter::new(
+            settings.limits.set.clone(),
+            &replica,
+        ));
         Self {
             keys: KeyPool::new(&settings.keys.list),
             auth: Auth::new(
@@ -47,16 +54,20 @@ impl Gateway {
             store,
             metrics,
             stats: KeyStats::default(),
-            replica: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            replica,
             started_ms: crate::state::now_ms(),
             proxies: (!settings_proxies.is_empty())
                 .then(|| Arc::new(ProxyRouter::new(settings_proxies, proxy_cooldown))),
-            usage: Arc::new(crate::domain::usage::Usage::new(
-                settings_usage.0,
-                settings_usage.1,
-                metrics_usage,
-                uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
-            )),
+            usage: Arc::new(
+                crate::domain::usage::Usage::new(
+                    settings_usage.0,
+                    settings_usage.1,
+                    metrics_usage,
+                    uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+                )
+                .settling(limits.clone()),
+            ),
+            limits,
             draining: AtomicBool::new(false),
             loaded_ms: AtomicU64::new(crate::state::now_ms()),
         }

@@ -12,6 +12,7 @@ pub mod files;
 pub mod gateway;
 pub mod identity;
 pub mod keys;
+pub mod limits;
 pub mod live;
 pub mod resources;
 pub mod scan;

@@ -28,6 +28,23 @@ pub struct ApiError {
     /// (`gb_gateway_errors_total{kind}`): one of a few fixed values, never
     /// anything from the request.
     pub kind: &'static str,
+    /// The quota a 429 or 403 of the gateway's own limits names, as
+    /// Google's `QuotaFailure` does (and OpenAI's error `code`).
+    pub quota: Option<Box<Quota>>,
+}
+
+/// A quota violation, in the words of Google's `QuotaFailure` detail.
+#[derive(Debug, Clone)]
+pub struct Quota {
+    /// `ClientRequestsPerMinute`, …
+    pub id: &'static str,
+    /// The limit's name in the limits file (`rpm`, …).
+    pub limit: &'static str,
+    /// Who it is set for: a label, a token id or `default`.
+    pub client: String,
+    pub value: Option<u64>,
+    /// OpenAI's error type: `requests` or `tokens`.
+    pub openai_type: &'static str,
 }
 
 /// The kind an answer carries to the metrics step (`crate::startup`), in the
@@ -43,7 +60,14 @@ impl ApiError {
             retry_after: None,
             flavor: Flavor::Gemini,
             kind: Self::kind_of(status),
+            quota: None,
         }
+    }
+
+    #[must_use]
+    pub fn quota(mut self, quota: Quota) -> Self {
+        self.quota = Some(Box::new(quota));
+        self
     }
 
     /// A kind more precise than the status says.
@@ -145,13 +169,23 @@ impl ApiError {
 
     pub fn body(&self) -> serde_json::Value {
         match self.flavor {
-            Flavor::OpenAi => json!({
-                "error": {
-                    "message": self.message,
-                    "type": Self::openai_type(self.status),
-                    "code": self.status.as_u16(),
-                }
-            }),
+            Flavor::OpenAi => match &self.quota {
+                Some(q) if self.status == StatusCode::TOO_MANY_REQUESTS => json!({
+                    "error": {
+                        "message": self.message,
+                        "type": q.openai_type,
+                        "param": null,
+                        "code": "rate_limit_exceeded",
+                    }
+                }),
+                _ => json!({
+                    "error": {
+                        "message": self.message,
+                        "type": Self::openai_type(self.status),
+                        "code": self.status.as_u16(),
+                    }
+                }),
+            },
             Flavor::Gemini | Flavor::Upload => {
                 let mut body = json!({
                     "error": {
@@ -160,12 +194,31 @@ impl ApiError {
                         "status": Self::gemini_status(self.status),
                     }
                 });
+                let mut details = Vec::new();
                 // A 429 carries Google's RetryInfo, which the SDKs read.
                 if let (Some(secs), 429) = (self.retry_after, self.status.as_u16()) {
-                    body["error"]["details"] = json!([{
+                    details.push(json!({
                         "@type": "type.googleapis.com/google.rpc.RetryInfo",
                         "retryDelay": format!("{secs}s"),
-                    }]);
+                    }));
+                }
+                if let Some(q) = &self.quota {
+                    let mut violation = json!({
+                        "quotaMetric": format!("gemini-balancer/client_{}", q.limit),
+                        "quotaId": q.id,
+                        "quotaDimensions": {"client": q.client},
+                        "description": self.message,
+                    });
+                    if let Some(v) = q.value {
+                        violation["quotaValue"] = json!(v.to_string());
+                    }
+                    details.push(json!({
+                        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                        "violations": [violation],
+                    }));
+                }
+                if !details.is_empty() {
+                    body["error"]["details"] = json!(details);
                 }
                 body
             }
@@ -264,6 +317,81 @@ impl From<crate::domain::discovery::Refusal> for ApiError {
             )
             .retry_after(retry_after_secs)
             .kind("discovery_rate"),
+        }
+    }
+}
+
+impl From<crate::domain::limits::Refusal> for ApiError {
+    fn from(e: crate::domain::limits::Refusal) -> Self {
+        use crate::domain::limits::Refusal;
+        use crate::state::limits::Limit;
+        match e {
+            Refusal::Model { model } => ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "This client token may not use model {model}: the gateway's limits file \
+                     allows it other models only."
+                ),
+            )
+            .kind("client_model"),
+            Refusal::Reached {
+                limit,
+                retry_ms,
+                used,
+                allowed,
+                client,
+            } => {
+                let (what, id, openai_type) = match limit {
+                    Limit::Rpm => (
+                        format!("{allowed} requests per minute (rpm)"),
+                        "ClientRequestsPerMinute",
+                        "requests",
+                    ),
+                    Limit::Tpm => (
+                        format!("{allowed} tokens per minute (tpm)"),
+                        "ClientTokensPerMinute",
+                        "tokens",
+                    ),
+                    Limit::TokensPerDay => (
+                        format!("{allowed} tokens per day (tokens_per_day, UTC)"),
+                        "ClientTokensPerDay",
+                        "tokens",
+                    ),
+                    Limit::Concurrent => (
+                        format!("{allowed} requests in flight at once (concurrent)"),
+                        "ClientConcurrentRequests",
+                        "requests",
+                    ),
+                    Limit::LiveSessions => (
+                        format!("{allowed} open Live sessions (live_sessions)"),
+                        "ClientLiveSessions",
+                        "requests",
+                    ),
+                };
+                let secs = retry_ms.div_ceil(1000).max(1);
+                let frees = match limit {
+                    Limit::Concurrent | Limit::LiveSessions => {
+                        "It frees up when one of them ends.".to_string()
+                    }
+                    _ => format!("It frees up in {secs} s."),
+                };
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "This client token reached its gateway limit of {what}: {used} used. \
+                         {frees}"
+                    ),
+                )
+                .retry_after(secs)
+                .kind("client_limit")
+                .quota(Quota {
+                    id,
+                    limit: limit.name(),
+                    client,
+                    value: Some(allowed),
+                    openai_type,
+                })
+            }
         }
     }
 }

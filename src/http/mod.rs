@@ -4,6 +4,7 @@
 //! the gateway itself answers in the client's API dialect.
 
 pub mod admin_session;
+pub mod admission;
 pub mod auth;
 pub mod error;
 pub mod pipeline;

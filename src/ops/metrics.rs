@@ -99,6 +99,13 @@ pub struct Metrics {
     pub usage_series_overflow: Counter,
     /// Answers the gateway made itself (not passed on from Google), by kind.
     pub gateway_errors: Family<Kind, Counter>,
+    /// Requests a client limit refused, by limit.
+    pub client_limited: Family<LimitLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    pub limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -139,12 +146,18 @@ impl Metrics {
             requests_by_model: Family::default(),
             usage_series_overflow: Counter::default(),
             gateway_errors: Family::default(),
+            client_limited: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
             "requests",
             "Requests served, by route class and status",
             m.requests.clone(),
+        );
+        registry.register(
+            "client_limited",
+            "Requests refused by a client limit (GB_LIMITS_FILE), by limit",
+            m.client_limited.clone(),
         );
         registry.register(
             "upstream_latency_seconds",

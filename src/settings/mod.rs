@@ -17,6 +17,7 @@
 mod admin;
 mod clients;
 mod keys;
+mod limits;
 mod listen;
 mod live;
 mod logging;
@@ -32,6 +33,7 @@ mod usage;
 pub use admin::Admin;
 pub use clients::Clients;
 pub use keys::Keys;
+pub use limits::{parse as parse_limits, ClientLimits, LimitSet, Limits};
 pub use listen::Listen;
 pub use live::Live;
 pub use logging::{LogFormat, Logging};
@@ -80,6 +82,7 @@ pub struct Settings {
     pub proxies: Proxies,
     pub live: Live,
     pub usage: Usage,
+    pub limits: Limits,
     pub logging: Logging,
 }
 
@@ -110,6 +113,7 @@ pub const VARIABLES: &[Group] = &[
     group("proxies", Proxies::VARS),
     group("live", Live::VARS),
     group("usage", Usage::VARS),
+    group("limits", Limits::VARS),
     group("logging", Logging::VARS),
     Group {
         name: "tools",
@@ -174,6 +178,7 @@ fn assemble(raw: &Raw) -> Result<Settings, SettingsError> {
     let sessions = Sessions::load(raw)?;
     let proxies = Proxies::load(raw)?;
     let usage = Usage::load(raw)?;
+    let limits = Limits::load(raw)?;
     Ok(Settings {
         listen,
         tls,
@@ -186,6 +191,7 @@ fn assemble(raw: &Raw) -> Result<Settings, SettingsError> {
         proxies,
         live,
         usage,
+        limits,
         logging,
     })
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::limits::{Ask, ClientUse, Held, Settle, Verdict};
 use super::{Applied, IndexEntry, MemberState, Pick, StateStore, StoreError, Transition};
 
 /// What a replica knows of the layout its store holds.
@@ -231,5 +232,33 @@ impl StateStore for GatedStore {
 
     async fn read_counts(&self, buckets: &[String]) -> Result<HashMap<String, u64>, StoreError> {
         self.inner.read_counts(buckets).await
+    }
+
+    // Client limits are counters, not bindings: they pass through.
+
+    async fn admit(&self, client: &str, ask: &Ask<'_>) -> Result<Verdict, StoreError> {
+        self.inner.admit(client, ask).await
+    }
+
+    async fn settle(&self, settles: &[Settle], now_ms: u64) -> Result<(), StoreError> {
+        self.inner.settle(settles, now_ms).await
+    }
+
+    async fn leases(
+        &self,
+        release: &[Held],
+        renew: &[Held],
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.inner.leases(release, renew, until_ms).await
+    }
+
+    async fn client_use(
+        &self,
+        client: &str,
+        day: &str,
+        now_ms: u64,
+    ) -> Result<ClientUse, StoreError> {
+        self.inner.client_use(client, day, now_ms).await
     }
 }

@@ -147,6 +147,38 @@ impl Keyspace {
         self.ring_key(ring, "s")
     }
 
+    /// The hash tag every key of one client's limits carries, so one
+    /// admission (a script over all of them) stays in one slot:
+    /// `{client:TOKEN_ID}`.
+    pub fn client_tag(client: &str) -> String {
+        format!("{{client:{client}}}")
+    }
+
+    /// A key of one client's limits: `{prefix}:{client:TOKEN_ID}:part`.
+    pub fn client_key(&self, client: &str, part: &str) -> String {
+        self.key(&[&Self::client_tag(client), part])
+    }
+
+    /// The client's requests of the last minute (sorted set by time).
+    pub fn client_requests(&self, client: &str) -> String {
+        self.client_key(client, "rpm")
+    }
+
+    /// The client's tokens of the last minute, by second (hash).
+    pub fn client_tokens(&self, client: &str) -> String {
+        self.client_key(client, "tpm")
+    }
+
+    /// The client's tokens of one calendar day (UTC).
+    pub fn client_day(&self, client: &str, day: &str) -> String {
+        self.client_key(client, &format!("day:{day}"))
+    }
+
+    /// The client's leases of one kind (sorted set by expiry).
+    pub fn client_leases(&self, client: &str, set: &str) -> String {
+        self.client_key(client, &format!("lease:{set}"))
+    }
+
     /// The layout version.
     pub fn layout(&self) -> String {
         self.key(&["layout"])
@@ -218,6 +250,11 @@ pub fn families(prefix: &str) -> Vec<String> {
         k.stats(&bucket::key_stats("<minute>")),
         k.stats(&bucket::usage("<hour>")),
         k.stats(&bucket::discovery("<token id>", "<minute>")),
+        k.client_requests("<token id>"),
+        k.client_tokens("<token id>"),
+        k.client_day("<token id>", "<date>"),
+        k.client_leases("<token id>", "concurrent"),
+        k.client_leases("<token id>", "live"),
     ]
 }
 
@@ -301,7 +338,10 @@ mod tests {
         assert_eq!(unique.len(), built.len());
         for k in &built {
             match hash_tag(k) {
-                Some(tag) => assert!(tag.starts_with("ring:"), "{k}: only rings carry a tag"),
+                Some(tag) => assert!(
+                    tag.starts_with("ring:") || tag.starts_with("client:"),
+                    "{k}: only rings and client limits carry a tag"
+                ),
                 None => assert!(!k.contains(['{', '}']), "{k}"),
             }
         }

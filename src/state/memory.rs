@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::limits::{Ask, ClientUse, Held, Settle, Verdict, Windows};
+
 use super::{
     apply, choose, effective_state, lapsed, state_field, Applied, IndexEntry, MemberState, Pick,
     StateStore, StoreError, Transition,
@@ -69,6 +71,8 @@ struct Inner {
     indexes: HashMap<String, Index>,
     locks: HashMap<String, (String, Instant)>,
     counts: HashMap<String, (HashMap<String, u64>, Instant)>,
+    /// Client limits by client token id.
+    clients: HashMap<String, Windows>,
     writes_since_sweep: usize,
 }
 
@@ -359,6 +363,67 @@ impl StateStore for MemoryStore {
                 }
             }
             sum
+        })
+    }
+
+    async fn admit(&self, client: &str, ask: &Ask<'_>) -> Result<Verdict, StoreError> {
+        self.with(|inner| {
+            let verdict = inner
+                .clients
+                .entry(client.to_string())
+                .or_default()
+                .admit(ask);
+            if inner.clients.len() > 1024 {
+                inner.clients.retain(|_, w| !w.is_empty());
+            }
+            verdict
+        })
+    }
+
+    async fn settle(&self, settles: &[Settle], now_ms: u64) -> Result<(), StoreError> {
+        self.with(|inner| {
+            for s in settles {
+                inner
+                    .clients
+                    .entry(s.client.clone())
+                    .or_default()
+                    .settle(s.tokens, &s.day, now_ms);
+            }
+        })
+    }
+
+    async fn leases(
+        &self,
+        release: &[Held],
+        renew: &[Held],
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.with(|inner| {
+            for h in release {
+                if let Some(w) = inner.clients.get_mut(&h.client) {
+                    w.release(h.set, &h.id);
+                }
+            }
+            for h in renew {
+                if let Some(w) = inner.clients.get_mut(&h.client) {
+                    w.renew(h.set, &h.id, until_ms);
+                }
+            }
+        })
+    }
+
+    async fn client_use(
+        &self,
+        client: &str,
+        day: &str,
+        now_ms: u64,
+    ) -> Result<ClientUse, StoreError> {
+        self.with(|inner| {
+            inner
+                .clients
+                .get_mut(client)
+                .map(|w| w.usage(day, now_ms))
+                .unwrap_or_default()
         })
     }
 }

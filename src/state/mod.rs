@@ -12,6 +12,7 @@ use async_trait::async_trait;
 pub mod connect;
 pub mod gate;
 pub mod keyspace;
+pub mod limits;
 pub mod memory;
 pub mod migrations;
 pub mod redis;
@@ -467,6 +468,34 @@ pub trait StateStore: Send + Sync {
 
     /// The sums of every counter over the given buckets.
     async fn read_counts(&self, buckets: &[String]) -> Result<HashMap<String, u64>, StoreError>;
+
+    /// Admits one request of `client` against its limits, atomically across
+    /// every replica, one round trip (see [`limits`]).
+    async fn admit(
+        &self,
+        client: &str,
+        ask: &limits::Ask<'_>,
+    ) -> Result<limits::Verdict, StoreError>;
+
+    /// Counts tokens answers reported against their clients.
+    async fn settle(&self, settles: &[limits::Settle], now_ms: u64) -> Result<(), StoreError>;
+
+    /// Releases leases whose requests ended and renews the ones still held
+    /// until `until_ms`.
+    async fn leases(
+        &self,
+        release: &[limits::Held],
+        renew: &[limits::Held],
+        until_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// What `client` has used now, against every limit.
+    async fn client_use(
+        &self,
+        client: &str,
+        day: &str,
+        now_ms: u64,
+    ) -> Result<limits::ClientUse, StoreError>;
 }
 
 pub fn now_ms() -> u64 {

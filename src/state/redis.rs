@@ -18,6 +18,7 @@ use secrecy::SecretString;
 
 use super::connect::{check, redis_error, Conn, Source};
 use super::keyspace::Keyspace;
+use super::limits::{Ask, ClientUse, Held, LeaseSet, Limit, Settle, Verdict, MINUTE_MS};
 use super::{
     effective_state, state_field, Applied, IndexEntry, MemberState, Pick, RedisConfig, RedisMode,
     StateStore, StoreError, Transition,
@@ -34,6 +35,8 @@ const INDEX_ADD: &str = include_str!("lua/index_add.lua");
 const INDEX_PAGE: &str = include_str!("lua/index_page.lua");
 
 const TRANSITION: &str = include_str!("lua/transition.lua");
+
+const ADMIT: &str = include_str!("lua/admit.lua");
 
 /// Called after every Redis exchange with its latency and whether it worked.
 pub type Observer = Arc<dyn Fn(Duration, bool) + Send + Sync>;
@@ -161,6 +164,7 @@ pub struct RedisStore {
     index_add: Script,
     index_page: Script,
     transition: Script,
+    admit: Script,
 }
 
 impl RedisStore {
@@ -207,6 +211,7 @@ impl RedisStore {
             index_add: Script::new(INDEX_ADD),
             index_page: Script::new(INDEX_PAGE),
             transition: Script::new(TRANSITION),
+            admit: Script::new(ADMIT),
         })
     }
 
@@ -397,16 +402,31 @@ impl RedisStore {
         key: String,
         args: Vec<String>,
     ) -> Result<T, StoreError> {
-        let (key, args) = (&key, &args);
+        self.script_on(script, body, vec![key], args).await
+    }
+
+    /// [`Self::script`] over several keys of one slot.
+    async fn script_on<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        body: &'static str,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<T, StoreError> {
+        let (keys, args) = (&keys, &args);
         self.run(|mut c| async move {
             let mut by_hash = redis::cmd("EVALSHA");
-            by_hash.arg(script.get_hash()).arg(1).arg(key).arg(args);
+            by_hash
+                .arg(script.get_hash())
+                .arg(keys.len())
+                .arg(keys)
+                .arg(args);
             match by_hash.query_async(&mut c).await {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
                     let mut by_body = redis::cmd("EVAL");
-                    by_body.arg(body).arg(1).arg(key).arg(args);
+                    by_body.arg(body).arg(keys.len()).arg(keys).arg(args);
                     by_body.query_async(&mut c).await
                 }
                 other => other,
@@ -422,6 +442,16 @@ impl RedisStore {
         &self,
         cmds: Vec<redis::Cmd>,
     ) -> Result<Vec<T>, StoreError> {
+        self.fan_out_as(Resend::Safe, cmds).await
+    }
+
+    /// [`Self::fan_out`], sent again on a fresh connection only if `resend`
+    /// allows it.
+    async fn fan_out_as<T: redis::FromRedisValue + Send>(
+        &self,
+        resend: Resend,
+        cmds: Vec<redis::Cmd>,
+    ) -> Result<Vec<T>, StoreError> {
         if cmds.is_empty() {
             return Ok(Vec::new());
         }
@@ -435,7 +465,7 @@ impl RedisStore {
             pipe
         });
         let (pipe, cmds) = (&pipe, &cmds);
-        self.run(|c| async move {
+        self.exchange(resend, |c| async move {
             match (c, pipe) {
                 (Conn::Single(mut c), Some(pipe)) => pipe.query_async(&mut c).await,
                 (Conn::Single(mut c), None) => {
@@ -884,5 +914,156 @@ impl StateStore for RedisStore {
             }
         }
         Ok(sum)
+    }
+
+    async fn admit(&self, client: &str, ask: &Ask<'_>) -> Result<Verdict, StoreError> {
+        let k = &self.keys;
+        let set = ask.lease.as_ref().map_or(LeaseSet::Concurrent, |l| l.set);
+        let keys = vec![
+            k.client_requests(client),
+            k.client_tokens(client),
+            k.client_day(client, ask.day),
+            k.client_leases(client, set.name()),
+        ];
+        let lease = ask.lease.as_ref();
+        let args = vec![
+            ask.now_ms.to_string(),
+            ask.rpm.unwrap_or(0).to_string(),
+            ask.tpm.unwrap_or(0).to_string(),
+            ask.per_day.unwrap_or(0).to_string(),
+            ask.day_ends_ms.to_string(),
+            lease.map_or(0, |l| l.limit).to_string(),
+            lease.map_or("", |l| l.id).to_string(),
+            lease.map_or(0, |l| l.until_ms).to_string(),
+            ask.request_id.to_string(),
+            set.limit().code().to_string(),
+        ];
+        // Sent again on a fresh connection, it finds its own entries (same
+        // ids), so it can refuse itself at the edge of a limit, never admit
+        // twice.
+        let answer: Vec<u64> = self.script_on(&self.admit, ADMIT, keys, args).await?;
+        match answer.as_slice() {
+            [0] => Ok(Verdict::Admitted),
+            [code, retry_ms, used, allowed] => Ok(Verdict::Refused {
+                limit: Limit::from_code(*code)
+                    .ok_or_else(|| StoreError::Corrupt("the admission script's answer".into()))?,
+                retry_ms: *retry_ms,
+                used: *used,
+                allowed: *allowed,
+            }),
+            _ => Err(StoreError::Corrupt("the admission script's answer".into())),
+        }
+    }
+
+    async fn settle(&self, settles: &[Settle], now_ms: u64) -> Result<(), StoreError> {
+        let second = (now_ms / 1000).to_string();
+        let mut cmds = Vec::with_capacity(settles.len() * 4);
+        for s in settles {
+            let tokens = self.keys.client_tokens(&s.client);
+            let day = self.keys.client_day(&s.client, &s.day);
+            let mut add = redis::cmd("HINCRBY");
+            add.arg(&tokens).arg(&second).arg(s.tokens);
+            let mut keep = redis::cmd("PEXPIRE");
+            keep.arg(&tokens).arg(MINUTE_MS + 1000);
+            let mut add_day = redis::cmd("INCRBY");
+            add_day.arg(&day).arg(s.tokens);
+            let mut keep_day = redis::cmd("EXPIRE");
+            keep_day.arg(&day).arg(2 * 86_400);
+            cmds.extend([add, keep, add_day, keep_day]);
+        }
+        let _: Vec<redis::Value> = self.fan_out_as(Resend::Never, cmds).await?;
+        Ok(())
+    }
+
+    async fn leases(
+        &self,
+        release: &[Held],
+        renew: &[Held],
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut cmds = Vec::with_capacity(release.len() + renew.len());
+        for h in release {
+            let mut cmd = redis::cmd("ZREM");
+            cmd.arg(self.keys.client_leases(&h.client, h.set.name()))
+                .arg(&h.id);
+            cmds.push(cmd);
+        }
+        for h in renew {
+            let key = self.keys.client_leases(&h.client, h.set.name());
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(&key).arg("XX").arg(until_ms).arg(&h.id);
+            cmds.push(cmd);
+            let mut keep = redis::cmd("PEXPIREAT");
+            keep.arg(&key).arg(until_ms);
+            cmds.push(keep);
+        }
+        let _: Vec<redis::Value> = self.fan_out(cmds).await?;
+        Ok(())
+    }
+
+    async fn client_use(
+        &self,
+        client: &str,
+        day: &str,
+        now_ms: u64,
+    ) -> Result<ClientUse, StoreError> {
+        let k = &self.keys;
+        let requests = k.client_requests(client);
+        let after = format!("({}", now_ms.saturating_sub(MINUTE_MS));
+        let live_after = format!("({now_ms}");
+        let mut count = redis::cmd("ZCOUNT");
+        count.arg(&requests).arg(&after).arg("+inf");
+        let mut oldest = redis::cmd("ZRANGEBYSCORE");
+        oldest
+            .arg(&requests)
+            .arg(&after)
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(1);
+        let mut tokens = redis::cmd("HGETALL");
+        tokens.arg(k.client_tokens(client));
+        let mut today = redis::cmd("GET");
+        today.arg(k.client_day(client, day));
+        let mut concurrent = redis::cmd("ZCOUNT");
+        concurrent
+            .arg(k.client_leases(client, LeaseSet::Concurrent.name()))
+            .arg(&live_after)
+            .arg("+inf");
+        let mut live = redis::cmd("ZCOUNT");
+        live.arg(k.client_leases(client, LeaseSet::Live.name()))
+            .arg(&live_after)
+            .arg("+inf");
+        let answers: Vec<redis::Value> = self
+            .fan_out(vec![count, oldest, tokens, today, concurrent, live])
+            .await?;
+        let corrupt = || StoreError::Corrupt("a client's limit counts".into());
+        let [count, oldest, tokens, today, concurrent, live] =
+            <[redis::Value; 6]>::try_from(answers).map_err(|_| corrupt())?;
+        let int = |v: redis::Value| -> Result<u64, StoreError> {
+            Ok(redis::from_redis_value::<Option<u64>>(v)
+                .map_err(|_| corrupt())?
+                .unwrap_or(0))
+        };
+        let oldest: Vec<(String, String)> =
+            redis::from_redis_value(oldest).map_err(|_| corrupt())?;
+        let tokens: HashMap<u64, u64> = redis::from_redis_value(tokens).map_err(|_| corrupt())?;
+        let first_second = (now_ms / 1000).saturating_sub(59);
+        Ok(ClientUse {
+            requests_last_minute: int(count)?,
+            requests_free_at_ms: match oldest.first() {
+                Some((_, score)) => Some(parse_score(score)? + MINUTE_MS),
+                None => None,
+            },
+            tokens_last_minute: tokens
+                .iter()
+                .filter(|(second, _)| **second >= first_second)
+                .map(|(_, n)| n)
+                .sum(),
+            tokens_today: int(today)?,
+            concurrent: int(concurrent)?,
+            live_sessions: int(live)?,
+        })
     }
 }

@@ -10,7 +10,8 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-const LIVE: &str = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
+pub(crate) const LIVE: &str =
+    "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
 
 pub(crate) type Conn = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
 

@@ -25,6 +25,7 @@ mod helpers;
 mod hygiene;
 mod key_health;
 mod layers;
+mod limits;
 mod live;
 mod migrations;
 mod ops;

@@ -42,7 +42,7 @@ fn bucket(hour: u64) -> String {
 
 /// A model name as a series part: bounded and free of separators (a client
 /// writes the model into its request).
-fn clean_model(model: Option<&str>) -> String {
+pub fn clean_model(model: Option<&str>) -> String {
     match model {
         None => "-".to_string(),
         Some(m) => m
@@ -138,6 +138,8 @@ pub struct Usage {
     replica: String,
     seq: AtomicU64,
     inner: Mutex<Inner>,
+    /// Where counted tokens also go: the client limits they count against.
+    limits: Option<Arc<crate::domain::limits::Limiter>>,
 }
 
 impl Usage {
@@ -154,7 +156,15 @@ impl Usage {
             replica,
             seq: AtomicU64::new(0),
             inner: Mutex::new(Inner::default()),
+            limits: None,
         }
+    }
+
+    /// Counted tokens are also settled against their client's limits.
+    #[must_use]
+    pub fn settling(mut self, limits: Arc<crate::domain::limits::Limiter>) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     pub fn retention(&self) -> Duration {
@@ -175,6 +185,9 @@ impl Usage {
 
     fn count(&self, series: &Series, requests: u64, tokens: Option<&Tokens>, now_ms: u64) {
         let model = model_label(series.model.as_deref());
+        if let (Some(limits), Some(t)) = (&self.limits, tokens) {
+            limits.settle(&series.token_id, t.total);
+        }
         let by_kind = tokens.map(Tokens::by_kind).unwrap_or_default();
         for (kind, n) in by_kind {
             if n > 0 {

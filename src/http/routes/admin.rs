@@ -43,6 +43,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/api/proxies", web::get().to(api_proxies))
             .route("/api/usage", web::get().to(super::admin_usage::api_usage))
             .route("/api/errors", web::get().to(super::admin_usage::api_errors))
+            .route(
+                "/api/limits",
+                web::get().to(super::admin_limits::api_limits),
+            )
             .default_service(web::to(|| async { Err::<HttpResponse, _>(not_enabled()) })),
     );
 }

@@ -6,7 +6,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
-use super::{authorize, Edge};
+use super::Edge;
 use crate::domain::attempt;
 use crate::domain::files;
 use crate::domain::gateway::Gateway;
@@ -30,7 +30,7 @@ pub async fn handle(
     ver: &str,
     rest: &[String],
 ) -> Result<HttpResponse, ApiError> {
-    let token = authorize(&gw.auth, req.headers(), edge)?;
+    let token = super::authorized(gw, req, edge).await?;
     match rest {
         [] if req.method() == Method::GET => list(gw, up, req, edge, ver, &token.id).await,
         [id] => {

@@ -20,6 +20,8 @@ use actix_web::http::header::HeaderMap;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Message};
+
+use crate::domain::limits::{Kind, Refusal, Ticket};
 use awc::ws::{Frame, Message as UpMessage};
 use futures_util::{SinkExt, StreamExt};
 
@@ -81,6 +83,14 @@ pub async fn handle(
             (pinned, None, token.id.clone())
         }
     };
+    // The model is named by `setup`, after the upgrade: the session is
+    // admitted now, and its model checked when `setup` arrives.
+    let ticket =
+        crate::http::admission::admit_as(&gw, &token_id, || None, Kind::Live, "live").await?;
+    let limits = gw
+        .limits
+        .client(&token_id, || gw.auth.label_of(&token_id))
+        .map(|c| c.limits);
     let (response, session, stream) = actix_ws::handle(req, payload).map_err(|e| {
         ApiError::bad_request(format!("The Live API needs a WebSocket upgrade: {e}"))
     })?;
@@ -98,6 +108,8 @@ pub async fn handle(
         ephemeral,
         id: uuid::Uuid::new_v4().simple().to_string(),
         bill: pipeline::Bill::to(&token_id, "live"),
+        limits,
+        _ticket: ticket,
     };
     crate::background::for_connection(relay.run(session, stream.max_frame_size(MAX_FRAME)));
     Ok(response)
@@ -117,6 +129,10 @@ struct Relay {
     /// `setup`): one request when it opens, then the tokens of every
     /// `usageMetadata` message Google sends.
     bill: pipeline::Bill,
+    /// The client's limits, for the model `setup` names.
+    limits: Option<Arc<crate::settings::ClientLimits>>,
+    /// The session's `live_sessions` slot, held while it is open.
+    _ticket: Option<Ticket>,
 }
 
 type Upstreamed = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
@@ -146,9 +162,14 @@ fn ephemeral_token(headers: &HeaderMap, edge: &Edge) -> Option<String> {
     reason = "builds the argument every close call takes"
 )]
 fn close_reason(code: CloseCode, text: &str) -> Option<CloseReason> {
+    // A close frame's reason holds at most 123 bytes.
+    let mut end = text.len().min(123);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
     Some(CloseReason {
         code,
-        description: Some(text.to_string()),
+        description: Some(text[..end].to_string()),
     })
 }
 
@@ -178,6 +199,24 @@ impl Relay {
             }
         };
         self.bill.model = setup_model(&setup);
+        if let (Some(limits), Some(model)) = (&self.limits, &self.bill.model) {
+            if !limits.allows(model) {
+                let refusal = Refusal::Model {
+                    model: model.clone(),
+                };
+                let err = crate::http::admission::refused(
+                    &self.gw,
+                    &self.bill.token_id,
+                    Some(model.clone()),
+                    "live",
+                    refusal,
+                );
+                let _ = session
+                    .close(close_reason(CloseCode::Policy, &err.message))
+                    .await;
+                return;
+            }
+        }
         let gw = self.gw.clone();
         let attempts = if self.pinned.is_some() {
             1

@@ -12,12 +12,14 @@ use crate::domain::clients::Auth;
 use crate::domain::gateway::Gateway;
 use crate::domain::identity::ClientToken;
 use crate::domain::session::{self, Session};
+use crate::http::admission::admit;
 use crate::http::error::{ApiError, Flavor};
 use crate::http::pipeline::{self, Call};
 use crate::upstream::client::{filtered_query, query_param, KeyStyle, Upstream};
 
 pub mod admin;
 mod admin_access;
+pub mod admin_limits;
 pub mod admin_usage;
 pub mod files;
 pub mod live;
@@ -194,7 +196,8 @@ pub async fn read_body(
 
 /// The edge steps of a request that carries a JSON body, in order:
 /// authenticate, read the body within `GB_MAX_BODY_BYTES`, check it is JSON
-/// (always when `required`, else only when it says so).
+/// (always when `required`, else only when it says so), admit it against
+/// its client's limits (the model from the path, else the body's `model`).
 pub async fn authorized_json(
     gw: &Gateway,
     req: &HttpRequest,
@@ -205,7 +208,27 @@ pub async fn authorized_json(
     let token = authorize(&gw.auth, req.headers(), edge)?;
     let body = read_body(payload, req.headers(), gw.settings.listen.max_body_bytes).await?;
     check_json(&body, req.headers(), required)?;
+    admit(gw, req, &token, || {
+        crate::domain::keys::model_from_path(&edge.path)
+            .or_else(|| crate::domain::keys::model_from_openai_body(&body))
+    })
+    .await?;
     Ok((token, body))
+}
+
+/// The edge steps of a request without a JSON body: authenticate, then
+/// admit it against its client's limits.
+pub async fn authorized(
+    gw: &Gateway,
+    req: &HttpRequest,
+    edge: &Edge,
+) -> Result<std::sync::Arc<ClientToken>, ApiError> {
+    let token = authorize(&gw.auth, req.headers(), edge)?;
+    admit(gw, req, &token, || {
+        crate::domain::keys::model_from_path(&edge.path)
+    })
+    .await?;
+    Ok(token)
 }
 
 const MAX_JSON_DEPTH: usize = 100;
@@ -431,7 +454,44 @@ pub async fn dispatch(
         Target::Files { ver, rest } => files::handle(&gw, &up, &req, &edge, &ver, &rest).await,
         Target::Native => native(&gw, &up, &req, payload, &edge).await,
     };
-    answer.map_err(|e| e.flavor(flavor))
+    let ticket = req
+        .extensions_mut()
+        .remove::<crate::domain::limits::Ticket>();
+    match (answer, ticket) {
+        (Ok(response), Some(ticket)) => Ok(hold_until_sent(response, ticket)),
+        (answer, _) => answer.map_err(|e| e.flavor(flavor)),
+    }
+}
+
+/// The answer's body, holding the request's client-limit ticket until the
+/// body is sent (or the client goes away).
+fn hold_until_sent(response: HttpResponse, ticket: crate::domain::limits::Ticket) -> HttpResponse {
+    response.map_body(|_, body| {
+        actix_web::body::BoxBody::new(Holding {
+            body,
+            _ticket: ticket,
+        })
+    })
+}
+
+struct Holding {
+    body: actix_web::body::BoxBody,
+    _ticket: crate::domain::limits::Ticket,
+}
+
+impl actix_web::body::MessageBody for Holding {
+    type Error = Box<dyn std::error::Error>;
+
+    fn size(&self) -> actix_web::body::BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<bytes::Bytes, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_next(cx)
+    }
 }
 
 /// Native Gemini routes: models, generate, stream, count, embed, and every

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
-use super::{authorize, authorized_json, Edge};
+use super::{authorized_json, Edge};
 use crate::domain::gateway::Gateway;
 use crate::domain::keys::ApiKey;
 use crate::domain::resources::{self, Kind, OwnerRecord, RefError};
@@ -377,7 +377,7 @@ async fn list(
     ver: &str,
     kind: Kind,
 ) -> Result<HttpResponse, ApiError> {
-    let token = authorize(&gw.auth, req.headers(), edge)?;
+    let token = super::authorized(gw, req, edge).await?;
     let (page_size, after) = page_request(edge, kind)?;
     let (page, next) =
         resources::page_of_token(gw.store(), kind, &token.id, after.as_ref(), page_size)

@@ -11,7 +11,7 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::{authorize, read_body, Edge};
+use super::{read_body, Edge};
 use crate::domain::gateway::Gateway;
 use crate::domain::resources;
 use crate::domain::upload::{self, UploadRecord};
@@ -53,7 +53,7 @@ pub async fn start(
             "Uploads start with POST; chunks go to the upload URL the start returned.",
         ));
     }
-    let token = authorize(&gw.auth, req.headers(), edge)?;
+    let token = super::authorized(gw, req, edge).await?;
     let owner = super::resources::owner_for(gw, up, store, &token.id).await?;
     let key = gw
         .keys

@@ -12,7 +12,7 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 
-use super::{authorize, read_body, Edge};
+use super::{read_body, Edge};
 use crate::domain::attempt;
 use crate::domain::files::{self, FileRecord};
 use crate::domain::gateway::Gateway;
@@ -45,7 +45,7 @@ pub async fn handle(
             "Uploads start with POST; chunks go to the upload URL the start returned.",
         ));
     }
-    let token = authorize(&gw.auth, req.headers(), edge)?;
+    let token = super::authorized(gw, req, edge).await?;
     let owner = token.id.clone();
     let protocol = header(req.headers(), "x-goog-upload-protocol")
         .or_else(|| query_param(&edge.query, "uploadType"))

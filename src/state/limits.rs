@@ -1,0 +1,403 @@
+//! Client limits as the store keeps them, for one client (a client token
+//! id): a log of its requests in the last minute, its tokens per second in
+//! the last minute, its tokens per calendar day, and the leases of what it
+//! holds open (requests in flight, Live sessions).
+//!
+//! One admission is one atomic step: every limit is checked before any is
+//! counted, so a refused request spends nothing. Requests per minute are a
+//! sliding log, exact: at most `rpm` admissions in any 60 s, with no burst
+//! at a window's edge. Tokens are known only from answers, so they are
+//! checked before a request against what was settled, and settled after.
+//!
+//! [`Windows`] is the rule, applied in memory by the embedded store; the
+//! Redis store runs the same rule as a script (`lua/admit.lua`).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// How far back the per-minute limits look.
+pub const MINUTE_MS: u64 = 60_000;
+
+/// A limit a client can reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    Rpm,
+    Tpm,
+    TokensPerDay,
+    Concurrent,
+    LiveSessions,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 5] = [
+        Limit::Rpm,
+        Limit::Tpm,
+        Limit::TokensPerDay,
+        Limit::Concurrent,
+        Limit::LiveSessions,
+    ];
+
+    /// The limit's name in the limits file, metrics and the admin API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Rpm => "rpm",
+            Limit::Tpm => "tpm",
+            Limit::TokensPerDay => "tokens_per_day",
+            Limit::Concurrent => "concurrent",
+            Limit::LiveSessions => "live_sessions",
+        }
+    }
+
+    /// The number the script answers with.
+    pub fn code(self) -> u64 {
+        match self {
+            Limit::Rpm => 1,
+            Limit::Tpm => 2,
+            Limit::TokensPerDay => 3,
+            Limit::Concurrent => 4,
+            Limit::LiveSessions => 5,
+        }
+    }
+
+    pub fn from_code(code: u64) -> Option<Limit> {
+        Limit::ALL.into_iter().find(|l| l.code() == code)
+    }
+}
+
+/// The two kinds of lease a client holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LeaseSet {
+    /// A request in flight, until its answer is sent.
+    Concurrent,
+    /// An open Live session.
+    Live,
+}
+
+impl LeaseSet {
+    pub fn name(self) -> &'static str {
+        match self {
+            LeaseSet::Concurrent => "concurrent",
+            LeaseSet::Live => "live",
+        }
+    }
+
+    pub fn limit(self) -> Limit {
+        match self {
+            LeaseSet::Concurrent => Limit::Concurrent,
+            LeaseSet::Live => Limit::LiveSessions,
+        }
+    }
+}
+
+/// A lease an admission takes when its set has room.
+#[derive(Debug, Clone)]
+pub struct LeaseAsk<'a> {
+    pub set: LeaseSet,
+    pub limit: u64,
+    /// Unique among the client's leases.
+    pub id: &'a str,
+    /// When the lease lapses unless renewed (Unix ms): a replica renews
+    /// what it holds on every heartbeat, so a dead replica's leases lapse.
+    pub until_ms: u64,
+}
+
+/// One admission: the limits in force for the client (`None`: no limit).
+#[derive(Debug, Clone)]
+pub struct Ask<'a> {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub per_day: Option<u64>,
+    /// The calendar day (UTC) tokens per day are counted in, and when it ends.
+    pub day: &'a str,
+    pub day_ends_ms: u64,
+    pub lease: Option<LeaseAsk<'a>>,
+    /// Unique among the client's requests: its entry in the request log.
+    pub request_id: &'a str,
+    pub now_ms: u64,
+}
+
+/// What an admission decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Admitted,
+    /// `limit` is reached: `used` of `allowed`; it frees up in `retry_ms`.
+    Refused {
+        limit: Limit,
+        retry_ms: u64,
+        used: u64,
+        allowed: u64,
+    },
+}
+
+/// Tokens an answer reported, counted against its client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settle {
+    pub client: String,
+    pub tokens: u64,
+    pub day: String,
+}
+
+/// A lease a replica holds, to renew or release.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Held {
+    pub client: String,
+    pub set: LeaseSet,
+    pub id: String,
+}
+
+/// What a client has used, as the admin API shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClientUse {
+    pub requests_last_minute: u64,
+    /// When the oldest request of the last minute leaves the window (Unix ms).
+    pub requests_free_at_ms: Option<u64>,
+    pub tokens_last_minute: u64,
+    pub tokens_today: u64,
+    pub concurrent: u64,
+    pub live_sessions: u64,
+}
+
+/// One client's windows, kept in memory by the embedded store.
+#[derive(Debug, Default)]
+pub struct Windows {
+    requests: VecDeque<u64>,
+    /// Tokens by second (Unix s).
+    tokens: BTreeMap<u64, u64>,
+    days: BTreeMap<String, u64>,
+    leases: HashMap<LeaseSet, HashMap<String, u64>>,
+}
+
+impl Windows {
+    fn prune(&mut self, now_ms: u64) {
+        while self
+            .requests
+            .front()
+            .is_some_and(|&t| t + MINUTE_MS <= now_ms)
+        {
+            self.requests.pop_front();
+        }
+        let first_second = (now_ms / 1000).saturating_sub(59);
+        self.tokens = self.tokens.split_off(&first_second);
+        for leases in self.leases.values_mut() {
+            leases.retain(|_, until| *until > now_ms);
+        }
+    }
+
+    /// Checks every limit, then counts the request and takes the lease.
+    pub fn admit(&mut self, ask: &Ask<'_>) -> Verdict {
+        let now = ask.now_ms;
+        self.prune(now);
+        if let Some(allowed) = ask.per_day {
+            let used = self.days.get(ask.day).copied().unwrap_or(0);
+            if used >= allowed {
+                return Verdict::Refused {
+                    limit: Limit::TokensPerDay,
+                    retry_ms: ask.day_ends_ms.saturating_sub(now),
+                    used,
+                    allowed,
+                };
+            }
+        }
+        if let Some(allowed) = ask.tpm {
+            let used: u64 = self.tokens.values().sum();
+            if used >= allowed {
+                let oldest = self.tokens.keys().next().copied().unwrap_or(now / 1000);
+                return Verdict::Refused {
+                    limit: Limit::Tpm,
+                    retry_ms: ((oldest + 60) * 1000).saturating_sub(now),
+                    used,
+                    allowed,
+                };
+            }
+        }
+        if let Some(lease) = &ask.lease {
+            let held = self.leases.get(&lease.set).map_or(0, HashMap::len) as u64;
+            if held >= lease.limit {
+                return Verdict::Refused {
+                    limit: lease.set.limit(),
+                    retry_ms: 1000,
+                    used: held,
+                    allowed: lease.limit,
+                };
+            }
+        }
+        if let Some(allowed) = ask.rpm {
+            let used = self.requests.len() as u64;
+            if used >= allowed {
+                let oldest = self.requests.front().copied().unwrap_or(now);
+                return Verdict::Refused {
+                    limit: Limit::Rpm,
+                    retry_ms: (oldest + MINUTE_MS).saturating_sub(now),
+                    used,
+                    allowed,
+                };
+            }
+            self.requests.push_back(now);
+        }
+        if let Some(lease) = &ask.lease {
+            self.leases
+                .entry(lease.set)
+                .or_default()
+                .insert(lease.id.to_string(), lease.until_ms);
+        }
+        Verdict::Admitted
+    }
+
+    pub fn settle(&mut self, tokens: u64, day: &str, now_ms: u64) {
+        *self.tokens.entry(now_ms / 1000).or_insert(0) += tokens;
+        *self.days.entry(day.to_string()).or_insert(0) += tokens;
+        // Only today's and yesterday's counts can still be asked for.
+        while self.days.len() > 2 {
+            self.days.pop_first();
+        }
+    }
+
+    pub fn release(&mut self, set: LeaseSet, id: &str) {
+        if let Some(leases) = self.leases.get_mut(&set) {
+            leases.remove(id);
+        }
+    }
+
+    pub fn renew(&mut self, set: LeaseSet, id: &str, until_ms: u64) {
+        if let Some(until) = self.leases.get_mut(&set).and_then(|l| l.get_mut(id)) {
+            *until = until_ms;
+        }
+    }
+
+    pub fn usage(&mut self, day: &str, now_ms: u64) -> ClientUse {
+        self.prune(now_ms);
+        ClientUse {
+            requests_last_minute: self.requests.len() as u64,
+            requests_free_at_ms: self.requests.front().map(|t| t + MINUTE_MS),
+            tokens_last_minute: self.tokens.values().sum(),
+            tokens_today: self.days.get(day).copied().unwrap_or(0),
+            concurrent: self
+                .leases
+                .get(&LeaseSet::Concurrent)
+                .map_or(0, HashMap::len) as u64,
+            live_sessions: self.leases.get(&LeaseSet::Live).map_or(0, HashMap::len) as u64,
+        }
+    }
+
+    /// Whether nothing is left to remember.
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+            && self.tokens.is_empty()
+            && self.days.is_empty()
+            && self.leases.values().all(HashMap::is_empty)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(now_ms: u64, rpm: Option<u64>) -> Ask<'static> {
+        Ask {
+            rpm,
+            tpm: None,
+            per_day: None,
+            day: "2026-12-03",
+            day_ends_ms: 86_400_000,
+            lease: None,
+            request_id: "r",
+            now_ms,
+        }
+    }
+
+    #[test]
+    fn requests_per_minute_slide_without_a_burst_at_the_edge() {
+        let mut w = Windows::default();
+        for i in 0..3 {
+            assert_eq!(w.admit(&ask(1_000 + i, Some(3))), Verdict::Admitted);
+        }
+        assert_eq!(
+            w.admit(&ask(59_000, Some(3))),
+            Verdict::Refused {
+                limit: Limit::Rpm,
+                retry_ms: 2_000,
+                used: 3,
+                allowed: 3
+            }
+        );
+        // The first request leaves the window 60 s after it was admitted.
+        assert_eq!(w.admit(&ask(61_000, Some(3))), Verdict::Admitted);
+        assert!(matches!(
+            w.admit(&ask(61_000, Some(3))),
+            Verdict::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn a_refused_request_spends_nothing() {
+        let mut w = Windows::default();
+        let lease = |id: &'static str| LeaseAsk {
+            set: LeaseSet::Concurrent,
+            limit: 1,
+            id,
+            until_ms: 30_000,
+        };
+        let mut a = ask(1_000, Some(5));
+        a.lease = Some(lease("a"));
+        assert_eq!(w.admit(&a), Verdict::Admitted);
+        let mut b = ask(1_001, Some(5));
+        b.lease = Some(lease("b"));
+        assert!(matches!(
+            w.admit(&b),
+            Verdict::Refused {
+                limit: Limit::Concurrent,
+                ..
+            }
+        ));
+        assert_eq!(w.usage("2026-12-03", 1_002).requests_last_minute, 1);
+        w.release(LeaseSet::Concurrent, "a");
+        assert_eq!(w.admit(&b), Verdict::Admitted);
+    }
+
+    #[test]
+    fn leases_lapse_unless_renewed() {
+        let mut w = Windows::default();
+        let mut a = ask(1_000, None);
+        a.lease = Some(LeaseAsk {
+            set: LeaseSet::Live,
+            limit: 1,
+            id: "a",
+            until_ms: 21_000,
+        });
+        assert_eq!(w.admit(&a), Verdict::Admitted);
+        w.renew(LeaseSet::Live, "a", 41_000);
+        assert_eq!(w.usage("d", 30_000).live_sessions, 1);
+        assert_eq!(w.usage("d", 41_000).live_sessions, 0);
+    }
+
+    #[test]
+    fn tokens_are_checked_against_what_was_settled() {
+        let mut w = Windows::default();
+        let mut a = ask(10_000, None);
+        a.tpm = Some(100);
+        a.per_day = Some(1_000);
+        assert_eq!(w.admit(&a), Verdict::Admitted);
+        w.settle(100, "2026-12-03", 10_500);
+        a.now_ms = 30_000;
+        assert_eq!(
+            w.admit(&a),
+            Verdict::Refused {
+                limit: Limit::Tpm,
+                retry_ms: 40_000,
+                used: 100,
+                allowed: 100
+            }
+        );
+        a.now_ms = 70_000;
+        assert_eq!(w.admit(&a), Verdict::Admitted);
+        w.settle(950, "2026-12-03", 70_000);
+        a.now_ms = 200_000;
+        assert!(matches!(
+            w.admit(&a),
+            Verdict::Refused {
+                limit: Limit::TokensPerDay,
+                used: 1_050,
+                ..
+            }
+        ));
+    }
+}
