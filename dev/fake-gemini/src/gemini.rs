@@ -57,6 +57,19 @@ pub async fn gate_for(
     if !valid {
         return Err(errors::respond(400, errors::invalid_key(), openai));
     }
+    if let (Mode::Normal, Some(model)) = (&mode, model) {
+        let model = model.trim_start_matches("models/");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if let Err((secs, quota_id)) = fake.lock().spend(&key, model, now) {
+            return Err(errors::respond(
+                429,
+                errors::quota(Some(&format!("{secs}s")), Some(quota_id), Some(model)),
+                openai,
+            ));
+        }
+    }
     match mode {
         Mode::Normal | Mode::BreakStream | Mode::CutFinalize => Ok(key),
         Mode::Drop => Err(dropped()),

@@ -19,7 +19,11 @@
 //! (over TLS, first `control on URL`: the same endpoints in plain HTTP).
 //!
 //! Control endpoints for tests, under `/_fake/`: `GET requests`, `POST reset`,
-//! `GET served` (successful model calls per key), `POST keys/{key}` with a
+//! `GET served` (successful model calls per key), `POST limits` with
+//! per-key limits by model as Google enforces them for a tier
+//! (`{"gemini-2.5-pro": {"rpm": 5, "rpd": 100}}`: past one, Google's 429 with
+//! `QuotaFailure` naming the model and `RetryInfo`), `GET limited` (those
+//! 429s per key), `POST keys/{key}` with a
 //! JSON mode (`{"mode":"quota","retryDelay":"2s"}`, `invalid`, `error`,
 //! `slow`, `break_stream`, `drop`, `normal`), `POST throttle/{ip}` with
 //! `{"on": bool}` (every request from that source IP gets 429: an IP-level
@@ -68,10 +72,23 @@ async fn control(
     match rest {
         ["requests"] => HttpResponse::Ok().json(&fake.lock().seen),
         ["served"] => HttpResponse::Ok().json(&fake.lock().served),
+        ["limited"] => HttpResponse::Ok().json(&fake.lock().limited),
+        ["limits"] if req.method() == actix_web::http::Method::POST => {
+            let body = read_all(payload).await;
+            match serde_json::from_slice(&body) {
+                Ok(limits) => {
+                    fake.lock().limits = limits;
+                    HttpResponse::Ok().json(json!({}))
+                }
+                Err(e) => HttpResponse::BadRequest().body(e.to_string()),
+            }
+        }
         ["reset"] => {
             let mut inner = fake.lock();
             inner.seen.clear();
             inner.served.clear();
+            inner.windows.clear();
+            inner.limited.clear();
             HttpResponse::Ok().json(json!({}))
         }
         ["throttle", ip] => {

@@ -114,6 +114,57 @@ pub struct Inner {
     pub served: HashMap<String, u64>,
     /// Source IPs answered with 429 whatever the key (an IP-level throttle).
     pub throttled_ips: HashSet<String>,
+    /// Per-key limits by model, as Google enforces them for a tier.
+    pub limits: HashMap<String, ModelLimit>,
+    /// When each key was served each limited model (ms), oldest first.
+    pub windows: HashMap<(String, String), std::collections::VecDeque<u64>>,
+    /// 429s sent because a key's limit for a model was reached, per key.
+    pub limited: HashMap<String, u64>,
+}
+
+/// One model's limits per key: requests in any 60 s and in one day (the
+/// fake's day: since it started or was reset).
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+pub struct ModelLimit {
+    pub rpm: Option<u64>,
+    pub rpd: Option<u64>,
+}
+
+impl Inner {
+    /// Counts a call of `key` for `model` against the model's limits; the
+    /// seconds until a slot frees, and which quota was reached, when none
+    /// is left.
+    pub fn spend(&mut self, key: &str, model: &str, now_ms: u64) -> Result<(), (u64, &'static str)> {
+        let Some(limit) = self.limits.get(model).copied() else {
+            return Ok(());
+        };
+        let window = self
+            .windows
+            .entry((key.to_string(), model.to_string()))
+            .or_default();
+        let day = window.len() as u64;
+        if limit.rpd.is_some_and(|rpd| day >= rpd) {
+            *self.limited.entry(key.to_string()).or_insert(0) += 1;
+            return Err((3600, "GenerateRequestsPerDayPerProjectPerModel-FreeTier"));
+        }
+        let minute: Vec<u64> = window
+            .iter()
+            .copied()
+            .filter(|t| t + 60_000 > now_ms)
+            .collect();
+        if let Some(rpm) = limit.rpm {
+            if minute.len() as u64 >= rpm {
+                let frees = minute[minute.len() - rpm as usize] + 60_000 - now_ms;
+                *self.limited.entry(key.to_string()).or_insert(0) += 1;
+                return Err((
+                    frees.div_ceil(1000).max(1),
+                    "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                ));
+            }
+        }
+        window.push_back(now_ms);
+        Ok(())
+    }
 }
 
 #[derive(Clone)]
