@@ -216,7 +216,12 @@ def monitored(tmp_path_factory):
 
 def test_every_dashboard_panel_query_returns_data(monitored):
     """Runs while the keys cool (the cooldown panel has data only then)."""
-    _, prom, _ = monitored
+    stack, prom, _ = monitored
+    token_id = hashlib.sha256(TOKEN.encode()).hexdigest()[:12]
+    for base in stack.urls:
+        text = get(base + "/metrics")[1]
+        assert re.search(rf'^gb_client_tokens_total{{token_id="{token_id}",kind="total"}} [1-9]', text, re.M), text
+        assert not any(secret in text for secret in KEYS + [TOKEN]), "metrics name ids, never keys or tokens"
     exprs = dashboard_exprs()
     assert exprs
     deadline = time.monotonic() + 20
@@ -314,6 +319,11 @@ def test_key_disabled_and_layout_refused_alerts_fire_through_prometheus(tmp_path
 
         alerts = until("the key-disabled alert", disabled, time.monotonic() + 30)
         assert [(a["labels"]["key_id"], a["labels"]["reason"]) for a in alerts] == [(kid, "api_key_invalid")]
+        disabled_series = [line for line in get(gw.url + "/metrics")[1].splitlines()
+                           if line.startswith("gb_key_disabled{")]
+        assert disabled_series == [f'gb_key_disabled{{key_id="{kid}",reason="api_key_invalid"}} 1'], \
+            "only the disabled key is listed"
+        assert sample(gw.url, "gb_store_layout_refused") == 0
 
         redis_cmd(redis.port, "SET", "gb:layout", "3")
         redis_cmd(redis.port, "DEL", "gb:lock:migrate")
@@ -323,6 +333,7 @@ def test_key_disabled_and_layout_refused_alerts_fire_through_prometheus(tmp_path
 
         alerts = until("the layout-refused alert", refused, time.monotonic() + 30)
         assert [a["labels"]["instance"] for a in alerts] == [target]
+        assert sample(gw.url, "gb_store_layout_refused") == 1
     finally:
         if prom:
             prom.stop()
