@@ -1,8 +1,9 @@
 """Monitoring as shipped: the alert rules under promtool, then a real
-Prometheus (Debian's) with those rules scraping two gateway replicas: the
-"no usable key" alert fires through Prometheus once every key is spent for a
-model and resolves when the keys serve again, and every query of the Grafana
-dashboard returns data."""
+Prometheus (Debian's) with those rules scraping gateway replicas. The "no
+usable key" alert fires once every key is spent for a model and resolves when
+the keys serve again; "key disabled by Google" and "layout refused" fire;
+every query of the Grafana dashboard returns data; the series they read are
+on /metrics."""
 
 import hashlib
 import json
