@@ -39,6 +39,18 @@ pub struct KeyState {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyReason {
+    pub key_id: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenKind {
+    pub token_id: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabel {
     pub proxy_id: String,
 }
@@ -101,6 +113,15 @@ pub struct Metrics {
     pub gateway_errors: Family<Kind, Counter>,
     /// Requests a client limit refused, by limit.
     pub client_limited: Family<LimitLabel, Counter>,
+    /// Only the keys disabled now, with who disabled them (`admin`, or the
+    /// reason Google gave): rebuilt on every scrape.
+    pub key_disabled: Family<KeyReason, Gauge>,
+    pub store_layout_refused: Gauge,
+    /// Tokens by client token id: bounded by the configured tokens.
+    pub client_tokens: Family<TokenKind, Counter>,
+    pub live_sessions: Gauge,
+    pub open_fds: Gauge,
+    pub max_fds: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -147,6 +168,12 @@ impl Metrics {
             usage_series_overflow: Counter::default(),
             gateway_errors: Family::default(),
             client_limited: Family::default(),
+            key_disabled: Family::default(),
+            store_layout_refused: Gauge::default(),
+            client_tokens: Family::default(),
+            live_sessions: Gauge::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -269,6 +296,36 @@ impl Metrics {
             "Usage counted under model `other` because the hour's series limit was reached",
             m.usage_series_overflow.clone(),
         );
+        registry.register(
+            "key_disabled",
+            "1 for each disabled key, by who disabled it (admin, or Google's reason)",
+            m.key_disabled.clone(),
+        );
+        registry.register(
+            "store_layout_refused",
+            "1 while the store's key layout is newer than this replica knows (bindings refused)",
+            m.store_layout_refused.clone(),
+        );
+        registry.register(
+            "client_tokens",
+            "Tokens Google reported in successful answers, by client token id and kind",
+            m.client_tokens.clone(),
+        );
+        registry.register(
+            "live_sessions",
+            "Live API sessions this replica relays now",
+            m.live_sessions.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "File descriptors this process holds open",
+            m.open_fds.clone(),
+        );
+        registry.register(
+            "process_max_fds",
+            "The process's open-files soft limit",
+            m.max_fds.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -316,6 +373,17 @@ impl Metrics {
         self.store_latency.observe(elapsed.as_secs_f64());
         if !ok {
             self.store_errors.inc();
+        }
+    }
+
+    /// Open descriptors against the soft limit, read at scrape time (Linux:
+    /// `/proc/self/fd`; elsewhere the open count stays 0).
+    pub fn read_fds(&self) {
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(dir.count() as i64);
+        }
+        if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+            self.max_fds.set(i64::try_from(soft).unwrap_or(i64::MAX));
         }
     }
 
@@ -417,5 +485,14 @@ mod tests {
         );
         assert!(text.contains("gb_upstream_latency_seconds_bucket"));
         assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn reads_open_files_against_the_limit() {
+        let m = Metrics::new();
+        m.read_fds();
+        assert!(m.open_fds.get() > 0);
+        assert!(m.max_fds.get() >= m.open_fds.get());
     }
 }

@@ -1,7 +1,8 @@
 """The deployment files, run: the image built from the Dockerfile and the
 docker-compose stack (demo profile: nginx, three replicas, Redis with AOF,
 the fake upstream), driven through nginx's published port with the real
-google-genai SDK, then faults.
+google-genai SDK, then faults; the monitoring profile's Prometheus scraping
+every replica.
 
 The test starts its own dockerd (own data root, exec root and socket), makes
 the base images locally (scripts/base-images: debootstrap + docker import,
@@ -148,15 +149,16 @@ class Dockerd:
 
 
 class Compose:
-    def __init__(self, docker, workdir, env, project=PROJECT, files=()):
+    def __init__(self, docker, workdir, env, project=PROJECT, files=(), profiles=("demo",)):
         self.docker = docker
         self.dir = workdir
         self.env = env
         self.project = project
         self.files = [a for f in files for a in ("-f", f)]
+        self.profiles = [a for p in profiles for a in ("--profile", p)]
 
     def __call__(self, *args, check=True, timeout=600):
-        return self.docker.run("docker-compose", "-p", self.project, *self.files, "--profile", "demo", *args,
+        return self.docker.run("docker-compose", "-p", self.project, *self.files, *self.profiles, *args,
                                cwd=self.dir, env=self.env, check=check, timeout=timeout)
 
     def container(self, service):
@@ -215,6 +217,7 @@ def env():
         compose = Compose(docker, workdir, {
             "REDIS_IMAGE": "gb-base/redis:bookworm",
             "NGINX_IMAGE": "gb-base/nginx:bookworm",
+            "PROMETHEUS_IMAGE": "gb-base/prometheus:bookworm",
             "GB_HTTP_ADDR": "127.0.0.1",
             "GB_HTTP_PORT": str(port),
         })
@@ -606,9 +609,9 @@ def test_metrics_and_admin_are_internal_only(env):
     for path in ("/metrics", "/admin", "/admin/", "/admin/api/keys", "/%61dmin/api/keys"):
         status, body = http_get(url + path, {"authorization": f"Bearer {ADMIN}"})
         assert status == 404, f"{path} through the public port: {status} {body}"
-    # The internal listener, as Prometheus (deploy/prometheus.yml) and an
-    # operator on the compose network reach it.
-    prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    # The internal listener, as Prometheus (deploy/prometheus/prometheus.yml)
+    # and an operator on the compose network reach it.
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
     assert sorted(targets) == ["gateway-1:9000", "gateway-2:9000", "gateway-3:9000"]
     network = f"{PROJECT}_default"
@@ -629,6 +632,40 @@ def test_metrics_and_admin_are_internal_only(env):
     for service in ("gateway-1", "gateway-2", "gateway-3"):
         ports = env["docker"].run("docker", "port", env["compose"].container(service)).stdout
         assert ports.strip() == "", f"{service} publishes {ports}"
+
+
+def test_monitoring_profile_prometheus_scrapes_every_replica_with_the_rules(env):
+    """The `monitoring` profile on the running stack: its Prometheus (Debian's,
+    as PROMETHEUS_IMAGE) scrapes each replica's internal port and has loaded
+    every rule of deploy/prometheus/alerts.yml."""
+    monitoring = Compose(env["docker"], env["compose"].dir, env["compose"].env, profiles=("demo", "monitoring"))
+    t0 = time.monotonic()
+    monitoring("up", "-d", "--no-build", "prometheus")
+    try:
+        url = "http://" + monitoring("port", "prometheus", "9090").stdout.strip()
+
+        def api(path):
+            status, body = http_get(f"{url}/api/v1/{path}")
+            assert status == 200, body
+            return json.loads(body)["data"]
+
+        def all_up():
+            targets = api("targets")["activeTargets"]
+            up = sorted(t["labels"]["instance"] for t in targets if t["health"] == "up")
+            return up if up == ["gateway-1:9000", "gateway-2:9000", "gateway-3:9000"] else None
+
+        wait_for("Prometheus scraping every replica", all_up, timeout=120)
+        say(f"monitoring profile: every replica's target up {time.monotonic() - t0:.0f} s after `up`")
+        loaded = {r["name"] for g in api("rules")["groups"] for r in g["rules"]}
+        shipped = {r["alert"] for g in yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+                   ["groups"] for r in g["rules"]}
+        assert loaded == shipped, loaded ^ shipped
+        # Samples from every replica (each counts the scrapes it answered).
+        wait_for("gb_requests_total from every replica", lambda: sorted(
+            s["metric"]["instance"] for s in api("query?query=count+by+(instance)+(gb_requests_total)")["result"])
+            == ["gateway-1:9000", "gateway-2:9000", "gateway-3:9000"], timeout=60)
+    finally:
+        monitoring("rm", "-s", "-f", "-v", "prometheus", check=False)
 
 
 def test_fault_docker_kill_of_a_replica_that_stays_dead(env):

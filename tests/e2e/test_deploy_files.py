@@ -122,12 +122,49 @@ def test_compose_keeps_operations_internal_and_wires_prometheus_there():
     admin_port = gw["environment"]["GB_ADMIN_LISTEN"].rsplit(":", 1)[1]
     assert gw["expose"] == [admin_port] and "ports" not in gw
     assert gw["labels"]["prometheus.io/port"] == admin_port
-    prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert targets == {f"gateway-{i}:{admin_port}" for i in (1, 2, 3)}
+    # The rules it evaluates are the shipped file, mounted where it looks.
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in compose["services"]["prometheus"]["volumes"]
+                  if v.startswith("./"))
+    assert mounts["./deploy/prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert prom["rule_files"] == [mounts["./deploy/prometheus/alerts.yml"]]
     nginx = (ROOT / "deploy" / "nginx.conf").read_text()
     assert "location = /metrics" in nginx and "location /admin" in nginx
     assert f":{admin_port}" not in nginx, "nginx proxies the public port only"
+
+
+def test_k8s_monitoring_copies_equal_the_shipped_rules_and_dashboard():
+    """k8s/ carries deploy/'s alert rules and dashboard unchanged (written by
+    scripts/k8s-monitoring): as ConfigMaps in the kustomization, and as a
+    PrometheusRule for the operator outside it."""
+    rules_text = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
+    dashboard_text = (ROOT / "deploy" / "grafana" / "gemini-balancer.json").read_text()
+    hint = "run scripts/k8s-monitoring"
+    maps = {d["metadata"]["name"]: d for d in yaml.safe_load_all((K8S / "monitoring.yaml").read_text())}
+    assert maps["gemini-balancer-alerts"]["data"] == {"alerts.yml": rules_text}, hint
+    dash = maps["gemini-balancer-dashboard"]
+    assert dash["data"] == {"gemini-balancer.json": dashboard_text}, hint
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert "monitoring.yaml" in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    rule = yaml.safe_load((K8S / "operator" / "prometheusrule.yaml").read_text())
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["kind"] == "PrometheusRule"
+    assert rule["spec"] == yaml.safe_load(rules_text), hint
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert rule["metadata"]["namespace"] == kust["namespace"]
+    # The generator writes exactly these files from the sources.
+    with tempfile.TemporaryDirectory() as d:
+        copy = pathlib.Path(d)
+        for f in ("scripts/k8s-monitoring", "deploy/prometheus/alerts.yml", "deploy/grafana/gemini-balancer.json"):
+            (copy / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, copy / f)
+        (copy / "k8s" / "operator").mkdir(parents=True)
+        out = subprocess.run(["bash", str(copy / "scripts" / "k8s-monitoring")], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        for f in ("k8s/monitoring.yaml", "k8s/operator/prometheusrule.yaml"):
+            assert (copy / f).read_text() == (ROOT / f).read_text(), f"{f}: {hint}"
 
 
 def test_docker_compose_accepts_the_compose_file():

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ops::metrics::{model_label, Metrics, ModelKind, ModelOutcome};
+use crate::ops::metrics::{model_label, Metrics, ModelKind, ModelOutcome, TokenKind};
 use crate::state::{now_ms, StateStore, StoreError};
 
 pub mod meter;
@@ -194,6 +194,13 @@ impl Usage {
                 self.metrics
                     .tokens
                     .get_or_create(&ModelKind { model, kind })
+                    .inc_by(n);
+                self.metrics
+                    .client_tokens
+                    .get_or_create(&TokenKind {
+                        token_id: series.token_id.clone(),
+                        kind,
+                    })
                     .inc_by(n);
             }
         }

@@ -357,6 +357,7 @@ impl Relay {
         if let Err(e) = live::hold(store, &key.id, &self.id).await {
             tracing::warn!(error = %e, "Live session not counted: state store unavailable");
         }
+        gw.metrics.live_sessions.inc();
         gw.observe(&key.id, "success");
         self.bill.served(gw, &key.id, None);
         let series = self.bill.series(&key.id);
@@ -431,6 +432,7 @@ impl Relay {
                 }
             }
         }
+        gw.metrics.live_sessions.dec();
         live::release(store, &key.id, &self.id).await;
         tracing::info!(key_id = %key.id, "Live session closed");
         if let Some(reason) = closing {

@@ -62,10 +62,25 @@ pub async fn metrics(gw: web::Data<Gateway>) -> HttpResponse {
     gw.metrics
         .store_up
         .set(i64::from(store.ping().await.is_ok()));
+    gw.metrics.store_layout_refused.set(i64::from(matches!(
+        store.layout(),
+        LayoutStatus::Newer { .. }
+    )));
+    gw.metrics.read_fds();
     if let Ok(states) = store.member_states(crate::domain::keys::RING).await {
         let now = crate::state::now_ms();
         gw.metrics.key_model_cooling.clear();
+        gw.metrics.key_disabled.clear();
         for view in gw.keys.view(&states, now) {
+            if let Some(reason) = &view.disabled_reason {
+                gw.metrics
+                    .key_disabled
+                    .get_or_create(&crate::ops::metrics::KeyReason {
+                        key_id: view.id.clone(),
+                        reason: reason.clone(),
+                    })
+                    .set(1);
+            }
             for cooling in &view.model_cooldowns {
                 gw.metrics
                     .key_model_cooling
