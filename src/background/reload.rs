@@ -136,6 +136,7 @@ impl Reloader {
                 match parse_limits(&text) {
                     Ok(set) => {
                         let clients = set.clients.len() + usize::from(set.default.is_some());
+                        gw.keys.set_limits(set.keys.clone());
                         gw.limits.replace(set);
                         w.applied(&text);
                         gw.metrics.config_reloads.inc();

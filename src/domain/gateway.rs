@@ -43,8 +43,10 @@ impl Gateway {
             settings.limits.set.clone(),
             &replica,
         ));
+        let keys = KeyPool::new(&settings.keys.list);
+        keys.set_limits(settings.limits.set.keys.clone());
         Self {
-            keys: KeyPool::new(&settings.keys.list),
+            keys,
             auth: Auth::new(
                 &settings.clients.tokens,
                 settings.clients.labels.clone(),

@@ -7,7 +7,19 @@ use std::sync::{Arc, RwLock};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::domain::identity::{mask, short_id};
+use crate::settings::{KeyLimit, KeyLimits};
+use crate::state::limits::{KeyWindow, KeyWindowUse, WindowAsk};
 use crate::state::{now_ms, MemberState, Pick, StateStore, Transition, MODEL_SEP};
+
+/// A key limit as the store counts it (`0`: none).
+fn window(limit: Option<KeyLimit>) -> KeyWindow {
+    let l = limit.unwrap_or_default();
+    KeyWindow {
+        rpm: l.rpm.unwrap_or(0),
+        tpm: l.tpm.unwrap_or(0),
+        rpd: l.rpd.unwrap_or(0),
+    }
+}
 use crate::upstream::outcome::Outcome;
 
 /// The rotation ring every replica shares for the key pool.
@@ -56,6 +68,11 @@ pub struct KeyPool {
     set: RwLock<Arc<KeySet>>,
     /// Process-local rotation, used only while the state store is unreachable.
     local: AtomicU64,
+    /// The keys' known limits per model (`GB_LIMITS_FILE`'s `[keys]`).
+    limits: RwLock<Arc<KeyLimits>>,
+    /// Numbers this replica's requests in the keys' windows.
+    seq: AtomicU64,
+    replica: String,
 }
 
 /// One version of the pool.
@@ -105,9 +122,23 @@ pub struct Changes {
 /// Why no key could be chosen.
 #[derive(Debug)]
 pub enum NoKey {
-    AllCooling { retry_after_secs: u64 },
+    AllCooling {
+        retry_after_secs: u64,
+    },
     AllDisabled,
     Exhausted,
+    /// Every key has used its known limit for `model` (`[keys]` of the
+    /// limits file) until `until_ms`.
+    WindowsFull {
+        model: String,
+        until_ms: u64,
+    },
+}
+
+/// A pinned key's window for the request's model is full until `until_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowFull {
+    pub until_ms: u64,
 }
 
 impl KeyPool {
@@ -115,7 +146,42 @@ impl KeyPool {
         Self {
             set: RwLock::new(Arc::new(KeySet::new(secrets))),
             local: AtomicU64::new(0),
+            limits: RwLock::new(Arc::new(KeyLimits::default())),
+            seq: AtomicU64::new(0),
+            replica: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
         }
+    }
+
+    /// Puts the keys' known limits in force.
+    pub fn set_limits(&self, limits: KeyLimits) {
+        match self.limits.write() {
+            Ok(mut l) => *l = Arc::new(limits),
+            Err(p) => *p.into_inner() = Arc::new(limits),
+        }
+    }
+
+    pub fn limits(&self) -> Arc<KeyLimits> {
+        self.limits
+            .read()
+            .map_or_else(|p| p.into_inner().clone(), |l| l.clone())
+    }
+
+    /// Each of `ids`' window for `model`, when any key has one.
+    fn windows(&self, ids: &[String], model: &str) -> Option<Vec<KeyWindow>> {
+        let limits = self.limits();
+        if limits.is_empty() {
+            return None;
+        }
+        let windows: Vec<KeyWindow> = ids.iter().map(|id| window(limits.of(id, model))).collect();
+        windows.iter().any(|w| !w.is_none()).then_some(windows)
+    }
+
+    fn request_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.replica,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     fn current(&self) -> Arc<KeySet> {
@@ -177,8 +243,29 @@ impl KeyPool {
     ) -> Result<Arc<ApiKey>, NoKey> {
         let now = now_ms();
         let set = self.current();
-        match store.rotate(RING, &set.ids, exclude, model, now).await {
+        let windows = model.and_then(|m| Some((m, self.windows(&set.ids, m)?)));
+        let pick = match &windows {
+            Some((model, windows)) => {
+                let (day, day_ends_ms) = crate::domain::limits::pacific_day(now);
+                let request_id = self.request_id();
+                let ask = WindowAsk {
+                    model,
+                    day: &day,
+                    day_ends_ms,
+                    request_id: &request_id,
+                };
+                store
+                    .rotate_within(RING, &set.ids, exclude, windows, &ask, now)
+                    .await
+            }
+            None => store.rotate(RING, &set.ids, exclude, model, now).await,
+        };
+        match pick {
             Ok(Pick::Member(i)) => set.keys.get(i).cloned().ok_or(NoKey::Exhausted),
+            Ok(Pick::WindowsFull { until_ms }) => Err(NoKey::WindowsFull {
+                model: model.unwrap_or_default().to_string(),
+                until_ms,
+            }),
             Ok(Pick::AllCooling { until_ms }) => Err(NoKey::AllCooling {
                 retry_after_secs: until_ms.saturating_sub(now).div_ceil(1000),
             }),
@@ -189,6 +276,63 @@ impl KeyPool {
                 self.next_local(&set, exclude)
             }
         }
+    }
+
+    /// Counts a request pinned to `key` in its window for `model`, when
+    /// the key has one; says when it frees up when it is full.
+    pub async fn spend_pinned(
+        &self,
+        store: &dyn StateStore,
+        key: &ApiKey,
+        model: &str,
+    ) -> Result<(), WindowFull> {
+        let ids = [key.id.clone()];
+        let Some(windows) = self.windows(&ids, model) else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let (day, day_ends_ms) = crate::domain::limits::pacific_day(now);
+        let request_id = self.request_id();
+        let ask = WindowAsk {
+            model,
+            day: &day,
+            day_ends_ms,
+            request_id: &request_id,
+        };
+        // A pinned key's health was checked already: its window alone
+        // decides here.
+        match store
+            .rotate_within(RING, &ids, &[], &windows, &ask, now)
+            .await
+        {
+            Ok(Pick::WindowsFull { until_ms }) => Err(WindowFull { until_ms }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Each key's use of its window for `model`, with its limit.
+    pub async fn window_use(
+        &self,
+        store: &dyn StateStore,
+        model: &str,
+    ) -> Result<Vec<(String, KeyWindow, KeyWindowUse)>, crate::state::StoreError> {
+        let set = self.current();
+        let limits = self.limits();
+        let now = now_ms();
+        let (day, day_ends_ms) = crate::domain::limits::pacific_day(now);
+        let ask = WindowAsk {
+            model,
+            day: &day,
+            day_ends_ms,
+            request_id: "",
+        };
+        let used = store.key_windows(RING, &set.ids, &ask, now).await?;
+        Ok(set
+            .ids
+            .iter()
+            .zip(used)
+            .map(|(id, used)| (id.clone(), window(limits.of(id, model)), used))
+            .collect())
     }
 
     fn next_local(&self, set: &KeySet, exclude: &[String]) -> Result<Arc<ApiKey>, NoKey> {

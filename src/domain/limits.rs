@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::settings::{ClientLimits, LimitSet};
-use crate::state::limits::{Ask, ClientUse, Held, LeaseAsk, LeaseSet, Limit, Settle, Verdict};
+use crate::state::limits::{
+    Ask, ClientUse, Held, KeySettle, LeaseAsk, LeaseSet, Limit, Settle, Verdict,
+};
 use crate::state::{StateStore, StoreError};
 
 /// How long a lease lives unless renewed: the replica heartbeat's lifetime.
@@ -70,6 +72,8 @@ pub struct Client {
 #[derive(Default)]
 struct Pending {
     settles: HashMap<String, u64>,
+    /// Tokens by (key id, model), for keys with a known `tpm`.
+    key_settles: HashMap<(String, String), u64>,
     releases: Vec<Held>,
 }
 
@@ -251,6 +255,23 @@ impl Limiter {
         self.wake.notify_one();
     }
 
+    /// Tokens an answer reported for `key_id` and `model`: counted in the
+    /// key's window when its known limits for the model count tokens.
+    pub fn settle_key(&self, key_id: &str, model: &str, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let set = self.current();
+        if set.keys.is_empty() || set.keys.of(key_id, model).and_then(|l| l.tpm).is_none() {
+            return;
+        }
+        *lock(&self.pending)
+            .key_settles
+            .entry((key_id.to_string(), model.to_string()))
+            .or_insert(0) += tokens;
+        self.wake.notify_one();
+    }
+
     fn release(&self, held: Held) {
         lock(&self.held).remove(&held);
         lock(&self.pending).releases.push(held);
@@ -261,10 +282,29 @@ impl Limiter {
     /// last flush, in one exchange. What could not be written is kept for
     /// the next one.
     pub async fn flush(&self, store: &dyn StateStore, now_ms: u64) -> Result<(), StoreError> {
-        let Pending { settles, releases } = std::mem::take(&mut *lock(&self.pending));
-        if settles.is_empty() && releases.is_empty() {
+        let Pending {
+            settles,
+            key_settles,
+            releases,
+        } = std::mem::take(&mut *lock(&self.pending));
+        if settles.is_empty() && key_settles.is_empty() && releases.is_empty() {
             return Ok(());
         }
+        let keys_settled = if key_settles.is_empty() {
+            Ok(())
+        } else {
+            let list: Vec<KeySettle> = key_settles
+                .into_iter()
+                .map(|((member, model), tokens)| KeySettle {
+                    member,
+                    model,
+                    tokens,
+                })
+                .collect();
+            store
+                .settle_keys(crate::domain::keys::RING, &list, now_ms)
+                .await
+        };
         let (day, _) = day_of(now_ms);
         let list: Vec<Settle> = settles
             .iter()
@@ -290,7 +330,7 @@ impl Limiter {
             lock(&self.pending).releases.extend(releases);
             tracing::debug!(error = %e, "lease releases deferred");
         }
-        settled.and(released)
+        settled.and(released).and(keys_settled)
     }
 
     /// Renews every lease this replica holds for another [`LEASE_LIFE`].
@@ -314,6 +354,19 @@ impl Limiter {
         let (day, _) = day_of(now_ms);
         store.client_use(token_id, &day, now_ms).await
     }
+}
+
+/// The day of `now_ms` in Google's quota time zone (Pacific), and when it
+/// ends: per-day key limits reset then.
+pub fn pacific_day(now_ms: u64) -> (String, u64) {
+    let ends = crate::upstream::outcome::next_pacific_midnight_ms(now_ms);
+    let date = i64::try_from(now_ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .and_then(|t| t.in_tz("America/Los_Angeles").ok())
+        .map(|z| z.date().to_string())
+        .unwrap_or_default();
+    (date, ends)
 }
 
 /// The UTC calendar day of `now_ms` (`2026-12-03`) and when it ends.

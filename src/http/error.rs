@@ -282,6 +282,19 @@ impl From<crate::domain::keys::NoKey> for ApiError {
             )
             .retry_after(retry_after_secs)
             .kind("keys_cooling"),
+            NoKey::WindowsFull { model, until_ms } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "Every API key of the gateway has used its known limit for model {model} \
+                     (the limits file's [keys]) until the Retry-After delay."
+                ),
+            )
+            .retry_after(
+                until_ms
+                    .saturating_sub(crate::state::now_ms())
+                    .div_ceil(1000),
+            )
+            .kind("key_windows_full"),
             NoKey::AllDisabled => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "No API key of the gateway is usable: every key is disabled.",

@@ -346,11 +346,7 @@ pub async fn send(
         let key = match &pinned {
             Some(key) => key.clone(),
             None => {
-                match gw
-                    .keys
-                    .next(gw.store(), &tried, call.model.as_deref())
-                    .await
-                {
+                match next_key(gw, &tried, call.model.as_deref()).await {
                     Ok(key) => key,
                     Err(NoKey::Exhausted) if last.is_some() => break,
                     Err(no) => {
@@ -424,6 +420,34 @@ pub async fn send(
     })))
 }
 
+/// The next key by rotation. When every key's known window for the model
+/// is full, the request waits for the earliest to free up, for at most
+/// `GB_PIN_WAIT` in all; then it gets 429 with that time.
+async fn next_key(
+    gw: &Gateway,
+    tried: &[String],
+    model: Option<&str>,
+) -> Result<Arc<ApiKey>, NoKey> {
+    let deadline = now_ms() + gw.settings.sessions.pin_wait.as_millis() as u64;
+    let mut counted = false;
+    loop {
+        match gw.keys.next(gw.store(), tried, model).await {
+            Err(NoKey::WindowsFull { model, until_ms }) => {
+                if !counted {
+                    gw.metrics.window_full(&model);
+                    counted = true;
+                }
+                if until_ms > deadline {
+                    return Err(NoKey::WindowsFull { model, until_ms });
+                }
+                let rest = until_ms.saturating_sub(now_ms()).max(1);
+                tokio::time::sleep(Duration::from_millis(rest)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A whole proxied request: pin, send with retries, stream the answer back.
 pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResponse, ApiError> {
     // An OpenAI stream always asks for usage upstream, so it can be counted;
@@ -465,7 +489,7 @@ async fn wait_for_pinned(
     };
     let model = call.model.as_deref();
     match effective_state(&states, &key.id, model, now_ms()) {
-        None => Ok(()),
+        None => wait_for_window(gw, key, model).await,
         Some(MemberState::Disabled { reason, .. }) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -481,7 +505,7 @@ async fn wait_for_pinned(
             if rest <= gw.settings.sessions.pin_wait.as_millis() as u64 {
                 tracing::info!(key_id = %key.id, wait_ms = rest, "pinned key is cooling; waiting for it");
                 tokio::time::sleep(std::time::Duration::from_millis(rest)).await;
-                return Ok(());
+                return wait_for_window(gw, key, model).await;
             }
             let what = model.map_or_else(String::new, |m| format!(" for model {m}"));
             Err(ApiError::new(
@@ -495,6 +519,42 @@ async fn wait_for_pinned(
             .retry_after(rest.div_ceil(1000))
             .kind("pinned_key_cooling"))
         }
+    }
+}
+
+/// A pinned request counts in its key's known window for its model; a
+/// full window is waited out for at most `GB_PIN_WAIT`, else 429 with
+/// `RetryInfo` and no upstream call.
+async fn wait_for_window(gw: &Gateway, key: &ApiKey, model: Option<&str>) -> Result<(), ApiError> {
+    let Some(model) = model else {
+        return Ok(());
+    };
+    let deadline = now_ms() + gw.settings.sessions.pin_wait.as_millis() as u64;
+    let mut counted = false;
+    loop {
+        let Err(full) = gw.keys.spend_pinned(gw.store(), key, model).await else {
+            return Ok(());
+        };
+        if !counted {
+            gw.metrics.window_full(model);
+            counted = true;
+        }
+        if full.until_ms > deadline {
+            let rest = full.until_ms.saturating_sub(now_ms());
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "This request is pinned to API key {} (by its session or the files it \
+                     uses), which has used its known limit for model {model} (the limits \
+                     file's [keys]). Retry after the Retry-After delay.",
+                    key.id
+                ),
+            )
+            .retry_after(rest.div_ceil(1000))
+            .kind("pinned_key_window_full"));
+        }
+        let rest = full.until_ms.saturating_sub(now_ms()).max(1);
+        tokio::time::sleep(Duration::from_millis(rest)).await;
     }
 }
 

@@ -113,6 +113,9 @@ pub struct Metrics {
     pub gateway_errors: Family<Kind, Counter>,
     /// Requests a client limit refused, by limit.
     pub client_limited: Family<LimitLabel, Counter>,
+    /// Requests that found every key's known window for their model full
+    /// (or their pinned key's), by model family.
+    pub key_window_full: Family<ModelLabel, Counter>,
     /// Only the keys disabled now, with who disabled them (`admin`, or the
     /// reason Google gave): rebuilt on every scrape.
     pub key_disabled: Family<KeyReason, Gauge>,
@@ -122,6 +125,11 @@ pub struct Metrics {
     pub live_sessions: Gauge,
     pub open_fds: Gauge,
     pub max_fds: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -168,6 +176,7 @@ impl Metrics {
             usage_series_overflow: Counter::default(),
             gateway_errors: Family::default(),
             client_limited: Family::default(),
+            key_window_full: Family::default(),
             key_disabled: Family::default(),
             store_layout_refused: Gauge::default(),
             client_tokens: Family::default(),
@@ -180,6 +189,11 @@ impl Metrics {
             "requests",
             "Requests served, by route class and status",
             m.requests.clone(),
+        );
+        registry.register(
+            "key_window_full",
+            "Requests that found every key's known limit for their model reached (GB_LIMITS_FILE [keys]), by model",
+            m.key_window_full.clone(),
         );
         registry.register(
             "client_limited",
@@ -363,6 +377,14 @@ impl Metrics {
 
     pub fn gateway_error(&self, kind: &'static str) {
         self.gateway_errors.get_or_create(&Kind { kind }).inc();
+    }
+
+    pub fn window_full(&self, model: &str) {
+        self.key_window_full
+            .get_or_create(&ModelLabel {
+                model: model_label(Some(model)),
+            })
+            .inc();
     }
 
     pub fn retry(&self, reason: &'static str) {

@@ -103,13 +103,114 @@ fn glob(pattern: &str, name: &str) -> bool {
     rest.len() >= last.len() && rest.ends_with(last)
 }
 
-/// Every client's limits.
+/// A key's limits for one model, as Google publishes them for its tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimit {
+    /// Requests per minute.
+    pub rpm: Option<u64>,
+    /// Tokens per minute (input and output, as Google reported them).
+    pub tpm: Option<u64>,
+    /// Requests per day; the day ends at midnight Pacific time, as
+    /// Google's does.
+    pub rpd: Option<u64>,
+}
+
+impl KeyLimit {
+    fn check(&self) -> Result<(), String> {
+        for (field, value) in [("rpm", self.rpm), ("tpm", self.tpm), ("rpd", self.rpd)] {
+            if value == Some(0) {
+                return Err(format!(
+                    "{field} must be at least 1 (leave it out for no limit)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Limits by model name (`*` globs allowed): the first entry naming the
+/// model exactly, else the first glob that matches, in name order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelLimits(Vec<(String, KeyLimit)>);
+
+impl ModelLimits {
+    fn new(map: HashMap<String, KeyLimit>) -> Self {
+        let mut list: Vec<(String, KeyLimit)> = map.into_iter().collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        Self(list)
+    }
+
+    pub fn of(&self, model: &str) -> Option<KeyLimit> {
+        self.0
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(model))
+            .or_else(|| {
+                self.0
+                    .iter()
+                    .find(|(name, _)| name.contains('*') && glob(name, model))
+            })
+            .map(|(_, l)| *l)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(m, _)| m.as_str())
+    }
+}
+
+/// The known limits of the pool's keys: one table for every key, and one
+/// per group of keys (keys of another tier).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub all: ModelLimits,
+    /// (group name, its key ids, its table).
+    pub groups: Vec<(String, Vec<String>, ModelLimits)>,
+}
+
+impl KeyLimits {
+    /// The limit of key `key_id` for `model`: its group's table, else the
+    /// table for every key.
+    pub fn of(&self, key_id: &str, model: &str) -> Option<KeyLimit> {
+        match self
+            .groups
+            .iter()
+            .find(|(_, keys, _)| keys.iter().any(|k| k == key_id))
+        {
+            Some((_, _, table)) => table.of(model),
+            None => self.all.of(model),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty() && self.groups.iter().all(|(_, _, t)| t.is_empty())
+    }
+
+    /// Every model name (or glob) any table names.
+    pub fn models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self
+            .all
+            .models()
+            .chain(self.groups.iter().flat_map(|(_, _, t)| t.models()))
+            .map(str::to_string)
+            .collect();
+        models.sort();
+        models.dedup();
+        models
+    }
+}
+
+/// Every client's limits, and the keys' known limits.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LimitSet {
     /// By label or token id.
     pub clients: HashMap<String, Arc<ClientLimits>>,
     /// For every token without an entry.
     pub default: Option<Arc<ClientLimits>>,
+    pub keys: KeyLimits,
 }
 
 impl LimitSet {
@@ -122,6 +223,7 @@ impl LimitSet {
             .cloned()
     }
 
+    /// Whether no client has limits.
     pub fn is_empty(&self) -> bool {
         self.clients.is_empty() && self.default.is_none()
     }
@@ -132,6 +234,19 @@ impl LimitSet {
 struct FileShape {
     #[serde(default)]
     clients: HashMap<String, ClientLimits>,
+    #[serde(default)]
+    keys: HashMap<String, KeyLimit>,
+    #[serde(default)]
+    key_groups: HashMap<String, GroupShape>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupShape {
+    /// Key ids, as the status page and the admin API show them.
+    keys: Vec<String>,
+    #[serde(default)]
+    models: HashMap<String, KeyLimit>,
 }
 
 /// Parses a limits file: all of it or nothing. The error names the line
@@ -159,6 +274,32 @@ pub fn parse(text: &str) -> Result<LimitSet, String> {
         } else {
             set.clients.insert(name, limits);
         }
+    }
+    for (model, limit) in &shape.keys {
+        limit
+            .check()
+            .map_err(|p| format!("[keys.\"{model}\"] {p}"))?;
+    }
+    set.keys.all = ModelLimits::new(shape.keys);
+    let mut groups: Vec<(String, GroupShape)> = shape.key_groups.into_iter().collect();
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut grouped: HashMap<String, String> = HashMap::new();
+    for (name, group) in groups {
+        for (model, limit) in &group.models {
+            limit
+                .check()
+                .map_err(|p| format!("[key_groups.{name}.models.\"{model}\"] {p}"))?;
+        }
+        for key in &group.keys {
+            if let Some(other) = grouped.insert(key.clone(), name.clone()) {
+                return Err(format!(
+                    "key {key} is in two key groups, {other} and {name}"
+                ));
+            }
+        }
+        set.keys
+            .groups
+            .push((name, group.keys, ModelLimits::new(group.models)));
     }
     Ok(set)
 }
@@ -229,6 +370,30 @@ mod tests {
         assert!(alice.allows("gemini-2.5-flash-lite"));
         assert!(!alice.allows("gemini-2.5-pro"));
         assert_eq!(set.of("id-b", None).unwrap().rpm, Some(60));
+    }
+
+    #[test]
+    fn keys_have_a_table_for_all_and_one_per_group() {
+        let set = parse(
+            "[keys.\"gemini-2.5-pro\"]\nrpm = 5\nrpd = 100\n[keys.\"gemini-2.5-flash*\"]\nrpm = 10\n\
+             [key_groups.paid]\nkeys = [\"k2\"]\n[key_groups.paid.models.\"gemini-2.5-pro\"]\nrpm = 150\n",
+        )
+        .unwrap();
+        assert!(set.is_empty(), "no client limits");
+        assert_eq!(set.keys.of("k1", "gemini-2.5-pro").unwrap().rpm, Some(5));
+        assert_eq!(
+            set.keys.of("k1", "gemini-2.5-flash-lite").unwrap().rpm,
+            Some(10)
+        );
+        assert_eq!(set.keys.of("k2", "gemini-2.5-pro").unwrap().rpm, Some(150));
+        assert_eq!(
+            set.keys.of("k2", "gemini-2.5-flash"),
+            None,
+            "a group has its own table"
+        );
+        let e =
+            parse("[key_groups.a]\nkeys = [\"k\"]\n[key_groups.b]\nkeys = [\"k\"]\n").unwrap_err();
+        assert!(e.contains("two key groups"), "{e}");
     }
 
     #[test]

@@ -33,7 +33,7 @@ mod usage;
 pub use admin::Admin;
 pub use clients::Clients;
 pub use keys::Keys;
-pub use limits::{parse as parse_limits, ClientLimits, LimitSet, Limits};
+pub use limits::{parse as parse_limits, ClientLimits, KeyLimit, KeyLimits, LimitSet, Limits};
 pub use listen::Listen;
 pub use live::Live;
 pub use logging::{LogFormat, Logging};

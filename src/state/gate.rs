@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::limits::{Ask, ClientUse, Held, Settle, Verdict};
+use super::limits::{
+    Ask, ClientUse, Held, KeySettle, KeyWindow, KeyWindowUse, Settle, Verdict, WindowAsk,
+};
 use super::{Applied, IndexEntry, MemberState, Pick, StateStore, StoreError, Transition};
 
 /// What a replica knows of the layout its store holds.
@@ -234,7 +236,41 @@ impl StateStore for GatedStore {
         self.inner.read_counts(buckets).await
     }
 
-    // Client limits are counters, not bindings: they pass through.
+    // Client limits and key windows are counters, not bindings: they pass
+    // through.
+
+    async fn rotate_within(
+        &self,
+        ring: &str,
+        members: &[String],
+        exclude: &[String],
+        windows: &[KeyWindow],
+        ask: &WindowAsk<'_>,
+        now_ms: u64,
+    ) -> Result<Pick, StoreError> {
+        self.inner
+            .rotate_within(ring, members, exclude, windows, ask, now_ms)
+            .await
+    }
+
+    async fn settle_keys(
+        &self,
+        ring: &str,
+        settles: &[KeySettle],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.inner.settle_keys(ring, settles, now_ms).await
+    }
+
+    async fn key_windows(
+        &self,
+        ring: &str,
+        members: &[String],
+        ask: &WindowAsk<'_>,
+        now_ms: u64,
+    ) -> Result<Vec<KeyWindowUse>, StoreError> {
+        self.inner.key_windows(ring, members, ask, now_ms).await
+    }
 
     async fn admit(&self, client: &str, ask: &Ask<'_>) -> Result<Verdict, StoreError> {
         self.inner.admit(client, ask).await

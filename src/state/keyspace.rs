@@ -179,6 +179,22 @@ impl Keyspace {
         self.client_key(client, &format!("lease:{set}"))
     }
 
+    /// A member's requests for one model in its window (sorted set by
+    /// time), in the ring's slot.
+    pub fn window_requests(&self, ring: &str, model: &str, member: &str) -> String {
+        self.ring_key(ring, &format!("w:{model}:{member}"))
+    }
+
+    /// A member's tokens for one model by second (hash), in the ring's slot.
+    pub fn window_tokens(&self, ring: &str, model: &str, member: &str) -> String {
+        self.ring_key(ring, &format!("t:{model}:{member}"))
+    }
+
+    /// A member's requests for one model in one day, in the ring's slot.
+    pub fn window_day(&self, ring: &str, model: &str, member: &str, day: &str) -> String {
+        self.ring_key(ring, &format!("d:{model}:{member}:{day}"))
+    }
+
     /// The layout version.
     pub fn layout(&self) -> String {
         self.key(&["layout"])
@@ -250,6 +266,9 @@ pub fn families(prefix: &str) -> Vec<String> {
         k.stats(&bucket::key_stats("<minute>")),
         k.stats(&bucket::usage("<hour>")),
         k.stats(&bucket::discovery("<token id>", "<minute>")),
+        k.window_requests(ring::KEYS, "<model>", "<key id>"),
+        k.window_tokens(ring::KEYS, "<model>", "<key id>"),
+        k.window_day(ring::KEYS, "<model>", "<key id>", "<date>"),
         k.client_requests("<token id>"),
         k.client_tokens("<token id>"),
         k.client_day("<token id>", "<date>"),

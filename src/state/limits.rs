@@ -287,6 +287,111 @@ impl Windows {
     }
 }
 
+/// One key's published limits for one model (`0`: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyWindow {
+    pub rpm: u64,
+    pub tpm: u64,
+    /// Requests per day, the day ending at `WindowAsk::day_ends_ms`.
+    pub rpd: u64,
+}
+
+impl KeyWindow {
+    pub fn is_none(&self) -> bool {
+        self.rpm == 0 && self.tpm == 0 && self.rpd == 0
+    }
+}
+
+/// A rotation that keeps every key within its windows for `model`.
+#[derive(Debug, Clone)]
+pub struct WindowAsk<'a> {
+    pub model: &'a str,
+    /// The day requests per day are counted in (Google's: Pacific time),
+    /// and when it ends.
+    pub day: &'a str,
+    pub day_ends_ms: u64,
+    /// Unique among the requests of the minute.
+    pub request_id: &'a str,
+}
+
+/// How much longer than a minute a key's request stays in its window: the
+/// upstream counts a request when it arrives, a moment after the gateway
+/// admitted it, and its clock is not ours.
+pub const WINDOW_MARGIN_MS: u64 = 1_000;
+
+/// One key's use of one model, kept in memory by the embedded store.
+#[derive(Debug, Default)]
+pub struct KeyUse {
+    requests: VecDeque<u64>,
+    tokens: BTreeMap<u64, u64>,
+    day: (String, u64),
+}
+
+impl KeyUse {
+    /// When the key's window frees up, if it is full now.
+    pub fn full_until(&mut self, w: &KeyWindow, ask: &WindowAsk<'_>, now_ms: u64) -> Option<u64> {
+        let span = MINUTE_MS + WINDOW_MARGIN_MS;
+        while self.requests.front().is_some_and(|&t| t + span <= now_ms) {
+            self.requests.pop_front();
+        }
+        self.tokens = self.tokens.split_off(&(now_ms / 1000).saturating_sub(59));
+        if self.day.0 != ask.day {
+            self.day = (ask.day.to_string(), 0);
+        }
+        if w.rpd > 0 && self.day.1 >= w.rpd {
+            return Some(ask.day_ends_ms);
+        }
+        if w.rpm > 0 && self.requests.len() as u64 >= w.rpm {
+            return self.requests.front().map(|t| t + span);
+        }
+        if w.tpm > 0 && self.tokens.values().sum::<u64>() >= w.tpm {
+            return self.tokens.keys().next().map(|s| (s + 60) * 1000);
+        }
+        None
+    }
+
+    /// Counts one request sent on the key.
+    pub fn spend(&mut self, w: &KeyWindow, now_ms: u64) {
+        if w.rpm > 0 {
+            self.requests.push_back(now_ms);
+        }
+        if w.rpd > 0 {
+            self.day.1 += 1;
+        }
+    }
+
+    pub fn settle(&mut self, tokens: u64, now_ms: u64) {
+        *self.tokens.entry(now_ms / 1000).or_insert(0) += tokens;
+    }
+
+    /// Requests of the last minute, tokens of the last minute, requests of
+    /// the day.
+    pub fn usage(&mut self, ask: &WindowAsk<'_>, now_ms: u64) -> (u64, u64, u64) {
+        let _ = self.full_until(&KeyWindow::default(), ask, now_ms);
+        (
+            self.requests.len() as u64,
+            self.tokens.values().sum(),
+            self.day.1,
+        )
+    }
+}
+
+/// Tokens an answer reported, counted against the key that served it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySettle {
+    pub member: String,
+    pub model: String,
+    pub tokens: u64,
+}
+
+/// One key's use of one model, as the admin API shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KeyWindowUse {
+    pub requests_last_minute: u64,
+    pub tokens_last_minute: u64,
+    pub requests_today: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

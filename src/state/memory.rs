@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::limits::{Ask, ClientUse, Held, Settle, Verdict, Windows};
+use super::limits::{
+    Ask, ClientUse, Held, KeySettle, KeyUse, KeyWindow, KeyWindowUse, Settle, Verdict, WindowAsk,
+    Windows,
+};
 
 use super::{
     apply, choose, effective_state, lapsed, state_field, Applied, IndexEntry, MemberState, Pick,
@@ -73,6 +76,8 @@ struct Inner {
     counts: HashMap<String, (HashMap<String, u64>, Instant)>,
     /// Client limits by client token id.
     clients: HashMap<String, Windows>,
+    /// Key windows by ring, member and model.
+    key_use: HashMap<(String, String, String), KeyUse>,
     writes_since_sweep: usize,
 }
 
@@ -154,6 +159,111 @@ impl StateStore for MemoryStore {
                 *c += 1;
                 *c
             })
+        })
+    }
+
+    async fn rotate_within(
+        &self,
+        ring: &str,
+        members: &[String],
+        exclude: &[String],
+        windows: &[KeyWindow],
+        ask: &WindowAsk<'_>,
+        now_ms: u64,
+    ) -> Result<Pick, StoreError> {
+        self.with(|inner| {
+            let mut states: Vec<Option<MemberState>> = match inner.states.get(ring) {
+                Some(ring_states) => members
+                    .iter()
+                    .map(|m| effective_state(ring_states, m, Some(ask.model), now_ms))
+                    .collect(),
+                None => vec![None; members.len()],
+            };
+            // A full window is passed over as a cooldown is.
+            let mut first_free: Option<u64> = None;
+            for (i, member) in members.iter().enumerate() {
+                let w = windows.get(i).copied().unwrap_or_default();
+                if w.is_none()
+                    || exclude.contains(member)
+                    || !MemberState::usable_at(states[i].as_ref(), now_ms)
+                {
+                    continue;
+                }
+                let key = (ring.to_string(), member.clone(), ask.model.to_string());
+                if let Some(until) = inner
+                    .key_use
+                    .entry(key)
+                    .or_default()
+                    .full_until(&w, ask, now_ms)
+                {
+                    first_free = Some(first_free.map_or(until, |f| f.min(until)));
+                    states[i] = Some(MemberState::cooling(until, "window"));
+                }
+            }
+            let pick = choose(members, &states, exclude, now_ms, || {
+                let c = inner.counters.entry(ring.to_string()).or_insert(0);
+                *c += 1;
+                *c
+            });
+            match pick {
+                Pick::Member(i) => {
+                    let w = windows.get(i).copied().unwrap_or_default();
+                    if !w.is_none() {
+                        let key = (ring.to_string(), members[i].clone(), ask.model.to_string());
+                        inner.key_use.entry(key).or_default().spend(&w, now_ms);
+                    }
+                    Pick::Member(i)
+                }
+                Pick::AllCooling { until_ms } if first_free == Some(until_ms) => {
+                    Pick::WindowsFull { until_ms }
+                }
+                other => other,
+            }
+        })
+    }
+
+    async fn settle_keys(
+        &self,
+        ring: &str,
+        settles: &[KeySettle],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.with(|inner| {
+            for s in settles {
+                let key = (ring.to_string(), s.member.clone(), s.model.clone());
+                inner
+                    .key_use
+                    .entry(key)
+                    .or_default()
+                    .settle(s.tokens, now_ms);
+            }
+        })
+    }
+
+    async fn key_windows(
+        &self,
+        ring: &str,
+        members: &[String],
+        ask: &WindowAsk<'_>,
+        now_ms: u64,
+    ) -> Result<Vec<KeyWindowUse>, StoreError> {
+        self.with(|inner| {
+            members
+                .iter()
+                .map(|m| {
+                    let key = (ring.to_string(), m.clone(), ask.model.to_string());
+                    let (requests, tokens, today) = inner
+                        .key_use
+                        .get_mut(&key)
+                        .map(|u| u.usage(ask, now_ms))
+                        .unwrap_or_default();
+                    KeyWindowUse {
+                        requests_last_minute: requests,
+                        tokens_last_minute: tokens,
+                        requests_today: today,
+                    }
+                })
+                .collect()
         })
     }
 

@@ -297,6 +297,10 @@ pub enum Pick {
     AllDisabled,
     /// Healthy members exist but every one of them was excluded.
     Exhausted,
+    /// Every member not excluded is cooling or has its window for the
+    /// model full ([`StateStore::rotate_within`]); the earliest window
+    /// frees then, before any cooldown ends.
+    WindowsFull { until_ms: u64 },
 }
 
 /// The rotation rule both stores apply: among the usable members not
@@ -372,6 +376,38 @@ pub trait StateStore: Send + Sync {
         model: Option<&str>,
         now_ms: u64,
     ) -> Result<Pick, StoreError>;
+
+    /// [`StateStore::rotate`] that also keeps every member within its
+    /// window for `ask.model` (`windows[i]` for `members[i]`): a member
+    /// whose window is full is passed over as a cooling one is, and the
+    /// one picked has the request counted in its window, in the same
+    /// atomic step (one round trip, in the ring's slot).
+    async fn rotate_within(
+        &self,
+        ring: &str,
+        members: &[String],
+        exclude: &[String],
+        windows: &[limits::KeyWindow],
+        ask: &limits::WindowAsk<'_>,
+        now_ms: u64,
+    ) -> Result<Pick, StoreError>;
+
+    /// Counts tokens answers reported against the windows of their keys.
+    async fn settle_keys(
+        &self,
+        ring: &str,
+        settles: &[limits::KeySettle],
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Each member's use of its window for `ask.model`.
+    async fn key_windows(
+        &self,
+        ring: &str,
+        members: &[String],
+        ask: &limits::WindowAsk<'_>,
+        now_ms: u64,
+    ) -> Result<Vec<limits::KeyWindowUse>, StoreError>;
 
     /// Every state field of `ring`: key-wide states by member id, per-model
     /// states by [`state_field`] (lapsed cooldowns may still be listed).

@@ -18,7 +18,10 @@ use secrecy::SecretString;
 
 use super::connect::{check, redis_error, Conn, Source};
 use super::keyspace::Keyspace;
-use super::limits::{Ask, ClientUse, Held, LeaseSet, Limit, Settle, Verdict, MINUTE_MS};
+use super::limits::{
+    Ask, ClientUse, Held, KeySettle, KeyWindow, KeyWindowUse, LeaseSet, Limit, Settle, Verdict,
+    WindowAsk, MINUTE_MS, WINDOW_MARGIN_MS,
+};
 use super::{
     effective_state, state_field, Applied, IndexEntry, MemberState, Pick, RedisConfig, RedisMode,
     StateStore, StoreError, Transition,
@@ -37,6 +40,8 @@ const INDEX_PAGE: &str = include_str!("lua/index_page.lua");
 const TRANSITION: &str = include_str!("lua/transition.lua");
 
 const ADMIT: &str = include_str!("lua/admit.lua");
+
+const ROTATE_WITHIN: &str = include_str!("lua/rotate_within.lua");
 
 /// Called after every Redis exchange with its latency and whether it worked.
 pub type Observer = Arc<dyn Fn(Duration, bool) + Send + Sync>;
@@ -165,6 +170,7 @@ pub struct RedisStore {
     index_page: Script,
     transition: Script,
     admit: Script,
+    rotate_within: Script,
 }
 
 impl RedisStore {
@@ -212,6 +218,7 @@ impl RedisStore {
             index_page: Script::new(INDEX_PAGE),
             transition: Script::new(TRANSITION),
             admit: Script::new(ADMIT),
+            rotate_within: Script::new(ROTATE_WITHIN),
         })
     }
 
@@ -612,6 +619,141 @@ impl StateStore for RedisStore {
             .map(|m| effective_state(&decoded, m, model, now_ms))
             .collect();
         Ok(super::choose(members, &states, exclude, now_ms, || next))
+    }
+
+    async fn rotate_within(
+        &self,
+        ring: &str,
+        members: &[String],
+        exclude: &[String],
+        windows: &[KeyWindow],
+        ask: &WindowAsk<'_>,
+        now_ms: u64,
+    ) -> Result<Pick, StoreError> {
+        if members.is_empty() {
+            return Ok(Pick::AllDisabled);
+        }
+        let k = &self.keys;
+        let mut keys = Vec::with_capacity(2 + members.len() * 3);
+        keys.push(k.ring_counter(ring));
+        keys.push(k.ring_states(ring));
+        let mut args = Vec::with_capacity(4 + members.len() * 6);
+        args.push(now_ms.to_string());
+        args.push(ask.day_ends_ms.to_string());
+        args.push(ask.request_id.to_string());
+        args.push((MINUTE_MS + WINDOW_MARGIN_MS).to_string());
+        for (i, member) in members.iter().enumerate() {
+            let w = windows.get(i).copied().unwrap_or_default();
+            keys.push(k.window_requests(ring, ask.model, member));
+            keys.push(k.window_tokens(ring, ask.model, member));
+            keys.push(k.window_day(ring, ask.model, member, ask.day));
+            args.push(member.clone());
+            args.push(state_field(member, Some(ask.model)));
+            args.push(w.rpm.to_string());
+            args.push(w.tpm.to_string());
+            args.push(w.rpd.to_string());
+            args.push(if exclude.contains(member) { "1" } else { "0" }.to_string());
+        }
+        let answer: Vec<u64> = self
+            .script_on(&self.rotate_within, ROTATE_WITHIN, keys, args)
+            .await?;
+        let corrupt = || StoreError::Corrupt("the rotation script's answer".into());
+        Ok(match answer.as_slice() {
+            [0, i] => Pick::Member(usize::try_from(*i).map_err(|_| corrupt())?),
+            [1, until_ms] => Pick::AllCooling {
+                until_ms: *until_ms,
+            },
+            [2] => Pick::AllDisabled,
+            [3] => Pick::Exhausted,
+            [4, until_ms] => Pick::WindowsFull {
+                until_ms: *until_ms,
+            },
+            _ => return Err(corrupt()),
+        })
+    }
+
+    async fn settle_keys(
+        &self,
+        ring: &str,
+        settles: &[KeySettle],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if settles.is_empty() {
+            return Ok(());
+        }
+        let second = (now_ms / 1000).to_string();
+        let mut pipe = redis::pipe();
+        for s in settles {
+            let key = self.keys.window_tokens(ring, &s.model, &s.member);
+            pipe.cmd("HINCRBY")
+                .arg(&key)
+                .arg(&second)
+                .arg(s.tokens)
+                .ignore();
+            pipe.cmd("PEXPIRE")
+                .arg(&key)
+                .arg(MINUTE_MS + WINDOW_MARGIN_MS)
+                .ignore();
+        }
+        // Every key of one ring shares its slot: one pipeline, one master.
+        let pipe = &pipe;
+        self.run_once(|c| async move {
+            match c {
+                Conn::Single(mut c) => pipe.query_async::<()>(&mut c).await,
+                Conn::Cluster(mut c) => pipe.query_async::<()>(&mut c).await,
+            }
+        })
+        .await
+    }
+
+    async fn key_windows(
+        &self,
+        ring: &str,
+        members: &[String],
+        ask: &WindowAsk<'_>,
+        now_ms: u64,
+    ) -> Result<Vec<KeyWindowUse>, StoreError> {
+        let after = format!("({}", now_ms.saturating_sub(MINUTE_MS + WINDOW_MARGIN_MS));
+        let mut cmds = Vec::with_capacity(members.len() * 3);
+        for m in members {
+            let mut count = redis::cmd("ZCOUNT");
+            count
+                .arg(self.keys.window_requests(ring, ask.model, m))
+                .arg(&after)
+                .arg("+inf");
+            let mut tokens = redis::cmd("HGETALL");
+            tokens.arg(self.keys.window_tokens(ring, ask.model, m));
+            let mut day = redis::cmd("GET");
+            day.arg(self.keys.window_day(ring, ask.model, m, ask.day));
+            cmds.extend([count, tokens, day]);
+        }
+        let answers: Vec<redis::Value> = self.fan_out(cmds).await?;
+        let corrupt = || StoreError::Corrupt("a key window's counts".into());
+        let first_second = (now_ms / 1000).saturating_sub(59);
+        answers
+            .chunks(3)
+            .map(|c| {
+                let [count, tokens, day] = c else {
+                    return Err(corrupt());
+                };
+                let int = |v: &redis::Value| -> Result<u64, StoreError> {
+                    Ok(redis::from_redis_value::<Option<u64>>(v.clone())
+                        .map_err(|_| corrupt())?
+                        .unwrap_or(0))
+                };
+                let tokens: HashMap<u64, u64> =
+                    redis::from_redis_value(tokens.clone()).map_err(|_| corrupt())?;
+                Ok(KeyWindowUse {
+                    requests_last_minute: int(count)?,
+                    tokens_last_minute: tokens
+                        .iter()
+                        .filter(|(s, _)| **s >= first_second)
+                        .map(|(_, n)| n)
+                        .sum(),
+                    requests_today: int(day)?,
+                })
+            })
+            .collect()
     }
 
     async fn member_states(&self, ring: &str) -> Result<HashMap<String, MemberState>, StoreError> {

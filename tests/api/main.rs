@@ -24,6 +24,7 @@ mod health;
 mod helpers;
 mod hygiene;
 mod key_health;
+mod key_limits;
 mod layers;
 mod limits;
 mod live;

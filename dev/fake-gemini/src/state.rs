@@ -134,7 +134,12 @@ impl Inner {
     /// Counts a call of `key` for `model` against the model's limits; the
     /// seconds until a slot frees, and which quota was reached, when none
     /// is left.
-    pub fn spend(&mut self, key: &str, model: &str, now_ms: u64) -> Result<(), (u64, &'static str)> {
+    pub fn spend(
+        &mut self,
+        key: &str,
+        model: &str,
+        now_ms: u64,
+    ) -> Result<(), (u64, &'static str)> {
         let Some(limit) = self.limits.get(model).copied() else {
             return Ok(());
         };

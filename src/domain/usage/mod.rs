@@ -187,6 +187,9 @@ impl Usage {
         let model = model_label(series.model.as_deref());
         if let (Some(limits), Some(t)) = (&self.limits, tokens) {
             limits.settle(&series.token_id, t.total);
+            if let Some(model) = &series.model {
+                limits.settle_key(&series.key_id, model, t.total);
+            }
         }
         let by_kind = tokens.map(Tokens::by_kind).unwrap_or_default();
         for (kind, n) in by_kind {
