@@ -134,7 +134,11 @@ async fn windows_are_exact_and_pinned_requests_wait(mode: Mode) {
             Gateway::start(
                 &fake,
                 Some(&redis),
-                &[("GB_LIMITS_FILE", file.as_str()), ("GB_PIN_WAIT", "0")],
+                &[
+                    ("GB_LIMITS_FILE", file.as_str()),
+                    ("GB_PIN_WAIT", "0"),
+                    ("GB_ADMIN_TOKEN", crate::usage::ADMIN),
+                ],
             )
         })
         .collect();

@@ -614,6 +614,21 @@ async fn tokens_per_minute_refuse_until_the_minutes_tokens_are_counted_out() {
     let tpm = &limits["clients"][0]["limits"][0];
     assert_eq!(tpm["limit"], "tpm");
     assert_eq!(tpm["reached"], true, "{limits}");
+    let page = client()
+        .get(stack.url(0, "/admin"))
+        .insert_header(("authorization", format!("Bearer {ADMIN}")))
+        .send()
+        .await
+        .unwrap()
+        .body()
+        .await
+        .unwrap();
+    let page = String::from_utf8_lossy(&page);
+    let section = &page[page
+        .find("id=\"client-limits\"")
+        .expect("the Limits section")..];
+    assert!(section.contains("<td>default</td>"), "{section}");
+    assert!(section.contains("class=\"state cooling\">tpm"), "{section}");
 }
 
 #[actix_rt::test]

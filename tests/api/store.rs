@@ -298,6 +298,7 @@ async fn suite(store: Arc<dyn StateStore>) {
         "{kind}"
     );
     index_pages(&*store).await;
+    limits(&*store).await;
     // Locks.
     assert!(store.try_lock("l", "a", ttl).await.unwrap());
     assert!(!store.try_lock("l", "b", ttl).await.unwrap());
@@ -308,6 +309,199 @@ async fn suite(store: Arc<dyn StateStore>) {
     );
     store.unlock("l", "a").await.unwrap();
     assert!(store.try_lock("l", "b", ttl).await.unwrap());
+}
+
+/// Client limits and key windows: the same decisions from both stores.
+async fn limits(store: &dyn StateStore) {
+    use gemini_balancer::state::limits::{
+        Ask, Held, KeySettle, KeyWindow, LeaseAsk, LeaseSet, Limit, Settle, Verdict, WindowAsk,
+    };
+    let kind = store.kind();
+    let now = gemini_balancer::state::now_ms();
+    let day_ends_ms = now + 3_600_000;
+    let ask = |rpm: Option<u64>, id: &'static str, at: u64| Ask {
+        rpm,
+        tpm: None,
+        per_day: Some(10),
+        day: "2026-12-03",
+        day_ends_ms,
+        lease: None,
+        request_id: id,
+        now_ms: at,
+    };
+    assert_eq!(
+        store.admit("c", &ask(Some(2), "a", now)).await.unwrap(),
+        Verdict::Admitted
+    );
+    assert_eq!(
+        store.admit("c", &ask(Some(2), "b", now + 1)).await.unwrap(),
+        Verdict::Admitted
+    );
+    assert_eq!(
+        store
+            .admit("c", &ask(Some(2), "c", now + 10_000))
+            .await
+            .unwrap(),
+        Verdict::Refused {
+            limit: Limit::Rpm,
+            retry_ms: 50_000,
+            used: 2,
+            allowed: 2
+        },
+        "{kind}"
+    );
+    assert_eq!(
+        store
+            .admit("c", &ask(Some(2), "d", now + 60_000))
+            .await
+            .unwrap(),
+        Verdict::Admitted,
+        "{kind}: the first request left the window"
+    );
+    // Leases: one slot, taken, refused, released, taken again.
+    let lease = |id: &'static str| LeaseAsk {
+        set: LeaseSet::Concurrent,
+        limit: 1,
+        id,
+        until_ms: now + 20_000,
+    };
+    let mut with_lease = ask(None, "e", now);
+    with_lease.lease = Some(lease("l1"));
+    assert_eq!(
+        store.admit("c", &with_lease).await.unwrap(),
+        Verdict::Admitted
+    );
+    with_lease.lease = Some(lease("l2"));
+    assert!(matches!(
+        store.admit("c", &with_lease).await.unwrap(),
+        Verdict::Refused {
+            limit: Limit::Concurrent,
+            ..
+        }
+    ));
+    let held = Held {
+        client: "c".into(),
+        set: LeaseSet::Concurrent,
+        id: "l1".into(),
+    };
+    store.leases(&[held], &[], 0).await.unwrap();
+    assert_eq!(
+        store.admit("c", &with_lease).await.unwrap(),
+        Verdict::Admitted
+    );
+    // Tokens per day, settled after the answers.
+    store
+        .settle(
+            &[Settle {
+                client: "c".into(),
+                tokens: 10,
+                day: "2026-12-03".into(),
+            }],
+            now,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.admit("c", &ask(None, "f", now)).await.unwrap(),
+        Verdict::Refused {
+            limit: Limit::TokensPerDay,
+            used: 10,
+            ..
+        }
+    ));
+    let used = store.client_use("c", "2026-12-03", now + 1).await.unwrap();
+    assert_eq!(used.requests_last_minute, 2, "{kind}");
+    assert_eq!(used.tokens_today, 10, "{kind}");
+    assert_eq!(used.concurrent, 1, "{kind}");
+
+    // Key windows: one request a minute each, then full; a full window is
+    // passed over, and all full says when the first frees.
+    let ring = members(2);
+    let w = KeyWindow {
+        rpm: 1,
+        tpm: 5,
+        rpd: 0,
+    };
+    let wask = |id: &'static str| WindowAsk {
+        model: "m",
+        day: "2026-12-03",
+        day_ends_ms,
+        request_id: id,
+    };
+    let mut picked = Vec::new();
+    for (i, id) in ["w1", "w2"].into_iter().enumerate() {
+        match store
+            .rotate_within("wr", &ring, &[], &[w, w], &wask(id), now + i as u64)
+            .await
+            .unwrap()
+        {
+            Pick::Member(m) => picked.push(m),
+            other => panic!("{kind}: {other:?}"),
+        }
+    }
+    picked.sort();
+    assert_eq!(picked, [0, 1], "{kind}");
+    assert_eq!(
+        store
+            .rotate_within("wr", &ring, &[], &[w, w], &wask("w3"), now + 5)
+            .await
+            .unwrap(),
+        Pick::WindowsFull {
+            until_ms: now + 61_000
+        },
+        "{kind}"
+    );
+    assert_eq!(
+        store
+            .rotate_within(
+                "wr",
+                &ring,
+                &["m0".to_string()],
+                &[w, w],
+                &wask("w4"),
+                now + 5
+            )
+            .await
+            .unwrap(),
+        Pick::Exhausted,
+        "{kind}: a member excluded (tried already) is not looked at, as in `rotate`"
+    );
+    // Tokens fill a key's window too.
+    let later = now + 62_000;
+    store
+        .settle_keys(
+            "wr",
+            &[KeySettle {
+                member: "m0".into(),
+                model: "m".into(),
+                tokens: 5,
+            }],
+            later,
+        )
+        .await
+        .unwrap();
+    for id in ["w5", "w6"] {
+        assert_eq!(
+            store
+                .rotate_within("wr", &ring, &[], &[w, w], &wask(id), later)
+                .await
+                .unwrap(),
+            if id == "w5" {
+                Pick::Member(1)
+            } else {
+                Pick::WindowsFull {
+                    until_ms: later / 1000 * 1000 + 60_000,
+                }
+            },
+            "{kind} {id}"
+        );
+    }
+    let used = store
+        .key_windows("wr", &ring, &wask(""), later)
+        .await
+        .unwrap();
+    assert_eq!(used[0].tokens_last_minute, 5, "{kind}");
+    assert_eq!(used[1].requests_last_minute, 1, "{kind}");
 }
 
 /// Pages of an index: every live member once, in `index_members` order,

@@ -456,6 +456,7 @@ async fn page(gw: web::Data<Gateway>, req: HttpRequest) -> Result<HttpResponse, 
         }
         body.push_str("</table>");
     }
+    body.push_str(&super::admin_limits::section(&gw).await);
     body.push_str(&super::admin_usage::section(&gw, req.query_string()).await);
     body.push_str("</body></html>");
     Ok(html(StatusCode::OK, &body))
