@@ -180,6 +180,10 @@ def ttfb(url, n=200, credential=TOKEN):
     return {"p50_ms": round(statistics.median(times), 3), "p99_ms": round(times[int(len(times) * 0.99) - 1], 3)}
 
 
+# A client token with an entry in the limits file (see run_pass).
+LIMITED_TOKEN = "bench-limited-0123456789"
+
+
 def gateway_env(fake_url, redis_port=None):
     env = {"PATH": os.environ.get("PATH", ""), "GB_LISTEN": "127.0.0.1:0", "GB_API_KEYS": ",".join(KEYS),
            "GB_AUTH_TOKENS": TOKEN, "GB_UPSTREAM_URL": fake_url, "RUST_LOG": "warn,gemini_balancer::startup=info"}
@@ -255,7 +259,16 @@ def run_pass(args, delay_ms):
                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
         procs.append(redis)
         time.sleep(0.5)
-        gwr, gwr_url = start([str(BIN / "gemini-balancer")], gateway_env(fake_url, redis_port), "stderr")
+        # This replica also serves a client with limits (rpm and tpm, far
+        # above what the run reaches): its row shows what admission costs;
+        # the other rows' token has no entry, so no limit is looked up.
+        limits_dir = tempfile.mkdtemp(prefix="gb-bench-limits-")
+        limits_file = pathlib.Path(limits_dir, "limits.toml")
+        limits_file.write_text("[clients.limited]\nrpm = 1000000000\ntpm = 1000000000000\n")
+        renv = gateway_env(fake_url, redis_port)
+        renv["GB_AUTH_TOKENS"] = f"{TOKEN},limited={LIMITED_TOKEN}"
+        renv["GB_LIMITS_FILE"] = str(limits_file)
+        gwr, gwr_url = start([str(BIN / "gemini-balancer")], renv, "stderr")
         procs.append(gwr)
         cluster_dir = tempfile.mkdtemp(prefix="gb-bench-cluster-")
         cluster = start_cluster(cluster_dir)
@@ -279,6 +292,8 @@ def run_pass(args, delay_ms):
                    upstream_pids=up),
             Config("gateway, Redis, session-pinned", gwr_url, [gwr.pid], (redis_port, redis.pid),
                    headers=("x-session-id: bench-session",), metrics_urls=[gwr_url], upstream_pids=up),
+            Config("gateway, Redis, client with rpm + tpm limits", gwr_url, [gwr.pid], (redis_port, redis.pid),
+                   credential=LIMITED_TOKEN, metrics_urls=[gwr_url], upstream_pids=up),
             Config("gateway, Redis Cluster (3 masters)", gwc_url, [gwc.pid],
                    [(port, proc.pid) for port, proc in cluster], metrics_urls=[gwc_url], upstream_pids=up),
         ]

@@ -157,9 +157,8 @@ async fn rpm_is_exact_across_three_replicas_with_sentinel() {
 
 /// Tokens per day: checked before each request against what answers
 /// reported, so the request that crosses the limit is the last admitted.
-#[actix_rt::test]
-async fn tokens_per_day_refuse_once_reached_with_the_overshoot_of_what_was_in_flight() {
-    let redis = Redis::start();
+async fn tokens_per_day_refuse_once_reached_with_the_overshoot_of_what_was_in_flight(mode: Mode) {
+    let redis = Deployment::start(mode);
     let stack = Stack::start(&redis, "[clients.default]\ntokens_per_day = 100\n", &[]);
     let mut counted = 0u64;
     let mut admitted = 0;
@@ -202,7 +201,7 @@ async fn tokens_per_day_refuse_once_reached_with_the_overshoot_of_what_was_in_fl
     // Ten requests in flight at once, with room for one: each was admitted
     // against the tokens counted so far, so the overshoot is at most what
     // those in flight reported.
-    let redis = Redis::start();
+    let redis = Deployment::start(mode);
     let stack = Stack::start(&redis, "[clients.default]\ntokens_per_day = 1\n", &[]);
     let answers = futures_util::future::join_all((0..10).map(|i| stack.generate(i, TOKEN))).await;
     let ok = answers.iter().filter(|(s, _, _)| *s == 200).count();
@@ -220,9 +219,8 @@ async fn tokens_per_day_refuse_once_reached_with_the_overshoot_of_what_was_in_fl
     assert_eq!(stack.generate(0, TOKEN).await.0, 429);
 }
 
-#[actix_rt::test]
-async fn a_model_outside_the_list_is_refused_before_any_limit_is_counted() {
-    let redis = Redis::start();
+async fn a_model_outside_the_list_is_refused_before_any_limit_is_counted(mode: Mode) {
+    let redis = Deployment::start(mode);
     let stack = Stack::start(
         &redis,
         "[clients.default]\nrpm = 1\nmodels = [\"gemini-2.5-flash*\"]\n",
@@ -293,9 +291,8 @@ async fn open_stream(
     (status, Some(resp))
 }
 
-#[actix_rt::test]
-async fn concurrent_streams_are_held_to_the_limit_and_free_their_slot_when_done() {
-    let redis = Redis::start();
+async fn concurrent_streams_are_held_to_the_limit_and_free_their_slot_when_done(mode: Mode) {
+    let redis = Deployment::start(mode);
     let stack = Stack::start(
         &redis,
         "[clients.default]\nconcurrent = 2\n",
@@ -336,9 +333,8 @@ async fn concurrent_streams_are_held_to_the_limit_and_free_their_slot_when_done(
     }
 }
 
-#[actix_rt::test]
-async fn a_killed_replicas_slots_return_when_its_leases_lapse() {
-    let redis = Redis::start();
+async fn a_killed_replicas_slots_return_when_its_leases_lapse(mode: Mode) {
+    let redis = Deployment::start(mode);
     let mut stack = Stack::start(
         &redis,
         "[clients.default]\nconcurrent = 1\n",
@@ -369,9 +365,8 @@ async fn a_killed_replicas_slots_return_when_its_leases_lapse() {
     }
 }
 
-#[actix_rt::test]
-async fn a_reload_changes_a_limit_and_a_bad_file_keeps_the_last_good_one() {
-    let redis = Redis::start();
+async fn a_reload_changes_a_limit_and_a_bad_file_keeps_the_last_good_one(mode: Mode) {
+    let redis = Deployment::start(mode);
     let stack = Stack::start(&redis, "[clients.default]\nrpm = 1\n", &[]);
     assert_eq!(stack.generate(0, TOKEN).await.0, 200);
     assert_eq!(stack.generate(1, TOKEN).await.0, 429);
@@ -408,9 +403,8 @@ async fn a_reload_changes_a_limit_and_a_bad_file_keeps_the_last_good_one() {
     }
 }
 
-#[actix_rt::test]
-async fn limits_apply_on_every_route_and_openai_clients_get_openais_error() {
-    let redis = Redis::start();
+async fn limits_apply_on_every_route_and_openai_clients_get_openais_error(mode: Mode) {
+    let redis = Deployment::start(mode);
     let stack = Stack::start(&redis, "[clients.default]\nrpm = 5\n", &[]);
     let get = |i: usize, path: &str| {
         client()
@@ -515,12 +509,11 @@ async fn a_bad_limits_file_stops_the_start_naming_file_line_and_field() {
     assert!(err.contains("concurent"), "{err}");
 }
 
-#[actix_rt::test]
-async fn live_sessions_hold_their_slot_while_open_and_a_refused_model_is_closed() {
+async fn live_sessions_hold_their_slot_while_open_and_a_refused_model_is_closed(mode: Mode) {
     use awc::ws::{Frame, Message};
     use futures_util::SinkExt;
 
-    let redis = Redis::start();
+    let redis = Deployment::start(mode);
     let stack = Stack::start(
         &redis,
         "[clients.default]\nlive_sessions = 1\nmodels = [\"gemini-live-*\"]\n",
@@ -588,9 +581,8 @@ async fn live_sessions_hold_their_slot_while_open_and_a_refused_model_is_closed(
     );
 }
 
-#[actix_rt::test]
-async fn tokens_per_minute_refuse_until_the_minutes_tokens_are_counted_out() {
-    let redis = Redis::start();
+async fn tokens_per_minute_refuse_until_the_minutes_tokens_are_counted_out(mode: Mode) {
+    let redis = Deployment::start(mode);
     let stack = Stack::start(&redis, "[clients.default]\ntpm = 1\n", &[]);
     assert_eq!(stack.generate(0, TOKEN).await.0, 200);
     // Once the answer's tokens are settled, the next request is refused.
@@ -654,3 +646,14 @@ async fn a_token_without_an_entry_has_no_limits_and_a_lost_store_admits() {
     }
     redis.stop();
 }
+
+in_every_redis_mode!(
+    tokens_per_day_refuse_once_reached_with_the_overshoot_of_what_was_in_flight,
+    a_model_outside_the_list_is_refused_before_any_limit_is_counted,
+    concurrent_streams_are_held_to_the_limit_and_free_their_slot_when_done,
+    a_killed_replicas_slots_return_when_its_leases_lapse,
+    a_reload_changes_a_limit_and_a_bad_file_keeps_the_last_good_one,
+    limits_apply_on_every_route_and_openai_clients_get_openais_error,
+    live_sessions_hold_their_slot_while_open_and_a_refused_model_is_closed,
+    tokens_per_minute_refuse_until_the_minutes_tokens_are_counted_out,
+);
