@@ -48,6 +48,9 @@ pub async fn run(gw: Arc<Gateway>, addr: SocketAddr, stop: Arc<tokio::sync::Noti
         if let Err(e) = gw.usage.flush(gw.store()).await {
             tracing::debug!(error = %e, "usage flush deferred");
         }
+        if let Err(e) = gw.requests.flush(gw.store(), now_ms()).await {
+            tracing::debug!(error = %e, "request log flush deferred");
+        }
         tokio::select! {
             () = tokio::time::sleep(EVERY) => {}
             () = stop.notified() => return,
@@ -60,6 +63,7 @@ pub async fn sign_off(gw: &Gateway) {
     let _ = gw.limits.flush(gw.store(), now_ms()).await;
     let _ = gw.stats.flush(gw.store()).await;
     let _ = gw.usage.flush(gw.store()).await;
+    let _ = gw.requests.flush(gw.store(), now_ms()).await;
     let _ = gw.store().delete(NS, &gw.replica).await;
 }
 

@@ -27,6 +27,8 @@ pub struct Gateway {
     pub usage: Arc<crate::domain::usage::Usage>,
     /// Limits per client token.
     pub limits: Arc<crate::domain::limits::Limiter>,
+    /// The request log's records not yet written.
+    pub requests: Arc<crate::domain::requests::RequestLog>,
     draining: AtomicBool,
     /// When the keys or tokens in force were last loaded (Unix ms).
     loaded_ms: AtomicU64,
@@ -42,6 +44,11 @@ impl Gateway {
         let limits = Arc::new(crate::domain::limits::Limiter::new(
             settings.limits.set.clone(),
             &replica,
+        ));
+        let requests = Arc::new(crate::domain::requests::RequestLog::new(
+            &replica,
+            settings.usage.request_log_max,
+            std::time::Duration::from_secs(settings.usage.request_log_hours * 3600),
         ));
         let keys = KeyPool::new(&settings.keys.list);
         keys.set_limits(settings.limits.set.keys.clone());
@@ -69,6 +76,7 @@ impl Gateway {
                 )
                 .settling(limits.clone()),
             ),
+            requests,
             limits,
             draining: AtomicBool::new(false),
             loaded_ms: AtomicU64::new(crate::state::now_ms()),

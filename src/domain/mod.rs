@@ -14,6 +14,7 @@ pub mod identity;
 pub mod keys;
 pub mod limits;
 pub mod live;
+pub mod requests;
 pub mod resources;
 pub mod scan;
 pub mod session;

@@ -25,8 +25,21 @@ pub async fn admit(
         .extensions()
         .get::<crate::http::routes::RouteLabel>()
         .map_or("unknown", |r| r.0);
-    if let Some(ticket) = admit_as(gw, &token.id, model, Kind::Request, route).await? {
-        req.extensions_mut().insert(ticket);
+    let trail = crate::http::routes::trail_of(req);
+    if let Some(t) = &trail {
+        t.client(&token.id, None);
+    }
+    match admit_as(gw, &token.id, model, Kind::Request, route).await {
+        Ok(Some(ticket)) => {
+            req.extensions_mut().insert(ticket);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            if let Some(t) = &trail {
+                t.outcome("client_limited");
+            }
+            return Err(e);
+        }
     }
     Ok(())
 }

@@ -26,6 +26,7 @@ use futures_util::StreamExt;
 use crate::domain::attempt;
 use crate::domain::gateway::Gateway;
 use crate::domain::keys::{ApiKey, NoKey};
+use crate::domain::requests::{Chosen, Trail};
 use crate::domain::resources::RefError;
 use crate::domain::session::{self, BindError, Session};
 use crate::domain::usage::meter::Meter;
@@ -55,6 +56,8 @@ pub struct Call {
     /// The model the request is for (normalised), when it names one: keys
     /// cooling for that model are skipped.
     pub model: Option<String>,
+    /// What the request log learns of this request.
+    pub trail: Option<Trail>,
 }
 
 impl Call {
@@ -64,6 +67,7 @@ impl Call {
             token_id: self.token_id.clone(),
             model: self.model.clone(),
             route: crate::http::routes::label_of(&self.method, &self.path),
+            trail: self.trail.clone(),
         }
     }
 
@@ -101,6 +105,8 @@ pub struct Bill {
     pub model: Option<String>,
     /// The route class, for the recent-errors list.
     pub route: &'static str,
+    /// The request's trail, for the request log.
+    pub trail: Option<Trail>,
 }
 
 impl Bill {
@@ -110,7 +116,18 @@ impl Bill {
             token_id: token_id.to_string(),
             model: None,
             route,
+            trail: None,
         }
+    }
+
+    /// The same, noting what it learns in the request's trail.
+    #[must_use]
+    pub fn traced(mut self, trail: Option<Trail>) -> Self {
+        if let Some(t) = &trail {
+            t.client(&self.token_id, self.model.as_deref());
+        }
+        self.trail = trail;
+        self
     }
 
     pub fn series(&self, key_id: &str) -> Series {
@@ -124,6 +141,9 @@ impl Bill {
     /// A successful answer, with the tokens Google reported in it.
     pub fn served(&self, gw: &Gateway, key_id: &str, tokens: Option<&scan::Tokens>) {
         gw.usage.success(&self.series(key_id), tokens, now_ms());
+        if let (Some(trail), Some(t)) = (&self.trail, tokens) {
+            trail.tokens(t);
+        }
     }
 
     /// An upstream error answer (or no answer), as the usage view lists it.
@@ -159,7 +179,11 @@ pub async fn attempt_billed(
     bill: &Bill,
     count_answer: bool,
 ) -> attempt::Sent {
+    let started = std::time::Instant::now();
     let sent = attempt::attempt(gw, up, key, request, body).await;
+    if let Some(trail) = &bill.trail {
+        trail.tried(&key.id, started.elapsed());
+    }
     match &sent {
         attempt::Sent::Answer(_) if count_answer => bill.served(gw, &key.id, None),
         attempt::Sent::Answer(_) => {}
@@ -182,13 +206,19 @@ pub async fn attempt_billed(
 pub struct Pinned {
     pub key: Arc<ApiKey>,
     states: Option<session::KeyStates>,
+    /// Why this key, for the request log.
+    pub how: Chosen,
 }
 
 impl Pinned {
     /// A key known from elsewhere (a resource's owner): its health is read
     /// when the request is sent.
     pub fn to(key: Arc<ApiKey>) -> Self {
-        Self { key, states: None }
+        Self {
+            key,
+            states: None,
+            how: Chosen::ResourceOwner,
+        }
     }
 }
 
@@ -228,6 +258,11 @@ pub async fn pin(
                 Ok(Some(Pinned {
                     key,
                     states: Some(states),
+                    how: if s.source == session::Source::Token {
+                        Chosen::UploadBinding
+                    } else {
+                        Chosen::Session
+                    },
                 }))
             }
             Err(BindError::Store(e)) => Err(store_down(e)),
@@ -291,7 +326,8 @@ impl Served {
             bill.route,
             call.format(bill.route),
             hide_usage,
-        );
+        )
+        .traced(bill.trail.clone());
         stream_back_metered(
             self.response,
             gw.settings.upstream.idle_timeout,
@@ -331,8 +367,12 @@ pub async fn send(
     } else {
         gw.settings.keys.max_retries + 1
     };
+    if let Some(trail) = &call.trail {
+        trail.client(&call.token_id, call.model.as_deref());
+        trail.chosen(pinned.as_ref().map_or(Chosen::Rotation, |p| p.how));
+    }
     let pinned = match pinned {
-        Some(Pinned { key, states }) => {
+        Some(Pinned { key, states, .. }) => {
             wait_for_pinned(gw, &key, states, call).await?;
             Some(key)
         }

@@ -236,6 +236,16 @@ impl StateStore for GatedStore {
         self.inner.read_counts(buckets).await
     }
 
+    async fn index_add_many(
+        &self,
+        name: &str,
+        members: &[(String, u64)],
+        keep: usize,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.inner.index_add_many(name, members, keep, now_ms).await
+    }
+
     // Client limits and key windows are counters, not bindings: they pass
     // through.
 

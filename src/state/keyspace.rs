@@ -41,6 +41,8 @@ pub mod index {
     pub const REPLICAS: &str = "replicas";
     /// The last upstream errors, for the usage API.
     pub const USAGE_ERRORS: &str = "usage-errors";
+    /// The request log: one record per finished request.
+    pub const REQUESTS: &str = "requests";
 
     /// The files a client token uploaded.
     pub fn token_files(token_id: impl Display) -> String {
@@ -257,6 +259,7 @@ pub fn families(prefix: &str) -> Vec<String> {
         k.binding(ns::ADMIN_SESSION, "<session digest>"),
         k.index(index::REPLICAS),
         k.index(index::USAGE_ERRORS),
+        k.index(index::REQUESTS),
         k.index(&index::token_files("<token id>")),
         k.index(&index::token_resources("<collection>", "<token id>")),
         k.index(&index::live_sessions("<key id>")),

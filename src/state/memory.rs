@@ -384,6 +384,27 @@ impl StateStore for MemoryStore {
         })
     }
 
+    async fn index_add_many(
+        &self,
+        name: &str,
+        members: &[(String, u64)],
+        keep: usize,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.with(|inner| {
+            let index = inner.indexes.entry(name.to_string()).or_default();
+            index.prune(now_ms);
+            for (member, expires_ms) in members {
+                index.insert(member, *expires_ms);
+            }
+            while index.order.len() > keep {
+                if let Some((_, member)) = index.order.pop_first() {
+                    index.expiry.remove(&member);
+                }
+            }
+        })
+    }
+
     async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
         self.with(|inner| {
             inner.indexes.get(name).map_or_else(Vec::new, |index| {

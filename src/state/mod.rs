@@ -468,6 +468,16 @@ pub trait StateStore: Send + Sync {
         now_ms: u64,
     ) -> Result<(), StoreError>;
 
+    /// Adds members with their expiry (Unix ms) to the index `name` in one
+    /// exchange, drops lapsed ones, and keeps at most the `keep` latest.
+    async fn index_add_many(
+        &self,
+        name: &str,
+        members: &[(String, u64)],
+        keep: usize,
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
+
     /// Live members of an index, most recently added first: latest expiry
     /// first, members of one expiry in reverse byte order.
     async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError>;

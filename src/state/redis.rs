@@ -913,6 +913,50 @@ impl StateStore for RedisStore {
         Ok(())
     }
 
+    async fn index_add_many(
+        &self,
+        name: &str,
+        members: &[(String, u64)],
+        keep: usize,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let key = self.keys.index(name);
+        let latest = members.iter().map(|(_, e)| *e).max().unwrap_or(now_ms);
+        let mut add = redis::cmd("ZADD");
+        add.arg(&key);
+        for (member, expires_ms) in members {
+            add.arg(*expires_ms).arg(member);
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(add).ignore();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now_ms)
+            .ignore();
+        // Ranks count from the lowest score: all but the `keep` latest.
+        pipe.cmd("ZREMRANGEBYRANK")
+            .arg(&key)
+            .arg(0)
+            .arg(-(keep as i64) - 1)
+            .ignore();
+        // Every record lives as long; the newest batch's expiry is the
+        // index's.
+        pipe.cmd("PEXPIREAT").arg(&key).arg(latest).ignore();
+        // One key, one slot; ZADD of the same members twice is one ZADD.
+        let pipe = &pipe;
+        self.run(|c| async move {
+            match c {
+                Conn::Single(mut c) => pipe.query_async::<()>(&mut c).await,
+                Conn::Cluster(mut c) => pipe.query_async::<()>(&mut c).await,
+            }
+        })
+        .await
+    }
+
     async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
         let key = &self.keys.index(name);
         self.run(|mut c| async move {

@@ -33,6 +33,7 @@ mod ops;
 mod proxies;
 mod redis_restart;
 mod reload;
+mod request_log;
 mod resources;
 mod settings_effects;
 mod shutdown;

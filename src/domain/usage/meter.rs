@@ -19,6 +19,8 @@ pub struct Meter {
     tail: Option<Tail>,
     hide: Option<HideUsage>,
     done: bool,
+    /// The request's trail, told the tokens too.
+    trail: Option<crate::domain::requests::Trail>,
 }
 
 impl Meter {
@@ -37,7 +39,15 @@ impl Meter {
             tail: format.map(Tail::new),
             hide: hide_usage.then(HideUsage::default),
             done: false,
+            trail: None,
         }
+    }
+
+    /// Tells the request's trail what it counts.
+    #[must_use]
+    pub fn traced(mut self, trail: Option<crate::domain::requests::Trail>) -> Self {
+        self.trail = trail;
+        self
     }
 
     /// A body with a promised length is passed on unchanged.
@@ -76,6 +86,9 @@ impl Meter {
             _ => None,
         };
         self.usage.success(&self.series, tokens.as_ref(), now_ms());
+        if let (Some(trail), Some(t)) = (&self.trail, &tokens) {
+            trail.tokens(t);
+        }
     }
 
     /// The answer was cut mid-way (`stream_cut`, `stream_stalled`).
@@ -84,6 +97,9 @@ impl Meter {
             return;
         }
         self.done = true;
+        if let Some(trail) = &self.trail {
+            trail.outcome(reason);
+        }
         self.usage.failure(
             &self.series,
             reason,

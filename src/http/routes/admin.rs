@@ -47,6 +47,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 "/api/limits",
                 web::get().to(super::admin_limits::api_limits),
             )
+            .route(
+                "/api/requests",
+                web::get().to(super::admin_requests::api_requests),
+            )
+            .route("/requests", web::get().to(super::admin_requests::page))
             .default_service(web::to(|| async { Err::<HttpResponse, _>(not_enabled()) })),
     );
 }

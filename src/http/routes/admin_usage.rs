@@ -38,7 +38,7 @@ fn iso_date(ms: u64) -> String {
 
 /// A time bound: Unix seconds or ms, `YYYY-MM-DD`, or `YYYY-MM-DDTHH:MM`
 /// (UTC). `end`: a bare date means the end of that day.
-fn parse_time(raw: &str, end: bool) -> Option<u64> {
+pub(super) fn parse_time(raw: &str, end: bool) -> Option<u64> {
     let raw = raw.trim().trim_end_matches('Z');
     if let Ok(n) = raw.parse::<u64>() {
         return Some(if n < 100_000_000_000 { n * 1000 } else { n });
@@ -211,7 +211,7 @@ pub async fn api_errors(
     Ok(HttpResponse::Ok().json(json!({ "errors": rows })))
 }
 
-fn iso_minute(ms: u64) -> String {
+pub(super) fn iso_minute(ms: u64) -> String {
     instant(ms).strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 

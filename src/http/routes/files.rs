@@ -64,7 +64,8 @@ pub async fn handle(
                 format!("{}?{query}", edge.path)
             };
             let method = req.method().clone();
-            let bill = pipeline::Bill::to(&token.id, super::label_of(&method, &edge.path));
+            let bill = pipeline::Bill::to(&token.id, super::label_of(&method, &edge.path))
+                .traced(super::trail_of(req));
             let request = attempt::Request {
                 method: method.clone(),
                 target: attempt::Target::Path(&target),
@@ -118,7 +119,7 @@ async fn list(
     let records = files::owners(gw.store(), &page)
         .await
         .map_err(pipeline::store_down)?;
-    let bill = &pipeline::Bill::to(token_id, "files");
+    let bill = &pipeline::Bill::to(token_id, "files").traced(super::trail_of(req));
     let fetches = page.iter().zip(records).map(|(name, record)| async move {
         let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
         let path = format!("/{ver}/{name}");

@@ -22,6 +22,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Message};
 
 use crate::domain::limits::{Kind, Refusal, Ticket};
+use crate::domain::requests::Chosen;
 use awc::ws::{Frame, Message as UpMessage};
 use futures_util::{SinkExt, StreamExt};
 
@@ -107,7 +108,7 @@ pub async fn handle(
         pinned,
         ephemeral,
         id: uuid::Uuid::new_v4().simple().to_string(),
-        bill: pipeline::Bill::to(&token_id, "live"),
+        bill: pipeline::Bill::to(&token_id, "live").traced(super::trail_of(req)),
         limits,
         _ticket: ticket,
     };
@@ -183,6 +184,26 @@ enum Opened {
     Failed(Option<CloseReason>),
 }
 
+/// A Live session is one record in the request log, written when it ends
+/// (its latency is the session's duration).
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(trail) = &self.bill.trail {
+            trail.chosen(match (&self.ephemeral, &self.pinned) {
+                (Some(_), _) => Chosen::EphemeralToken,
+                (None, Some(_)) => Chosen::Session,
+                (None, None) => Chosen::Rotation,
+            });
+            if self.bill.model.is_some() {
+                trail.client(&self.bill.token_id, self.bill.model.as_deref());
+            }
+            let auth = &self.gw.auth;
+            let record = trail.finish(101, None, |id| auth.label_of(id));
+            self.gw.requests.push(record);
+        }
+    }
+}
+
 impl Relay {
     async fn run(mut self, session: actix_ws::Session, mut stream: actix_ws::MessageStream) {
         let setup = match tokio::time::timeout(SETUP_WAIT, stream.recv()).await {
@@ -211,6 +232,9 @@ impl Relay {
                     "live",
                     refusal,
                 );
+                if let Some(trail) = &self.bill.trail {
+                    trail.outcome("client_limited");
+                }
                 let _ = session
                     .close(close_reason(CloseCode::Policy, &err.message))
                     .await;
@@ -249,6 +273,9 @@ impl Relay {
                 }
             }
         }
+        if let Some(trail) = &self.bill.trail {
+            trail.outcome("live_failed");
+        }
         let _ = session.close(close_reason(CloseCode::Again, &last)).await;
     }
 
@@ -273,6 +300,9 @@ impl Relay {
             .connect();
         let connected = connect.await;
         gw.metrics.upstream("live", started.elapsed());
+        if let Some(trail) = &self.bill.trail {
+            trail.tried(&key.id, started.elapsed());
+        }
         let mut upstream = match connected {
             Ok((_, framed)) => framed,
             Err(awc::error::WsClientError::InvalidResponseStatus(status)) => {
@@ -363,7 +393,7 @@ impl Relay {
         let series = self.bill.series(&key.id);
         tracing::info!(key_id = %key.id, "Live session open");
         let mut closing: Option<Option<CloseReason>> = None;
-        count_usage(gw, &series, &first);
+        count_usage(gw, &series, self.bill.trail.as_ref(), &first);
         if !to_client(&mut session, first, &mut upstream, &mut closing).await {
             closing.get_or_insert(None);
         }
@@ -402,7 +432,7 @@ impl Relay {
                 frame = upstream.next() => {
                     match frame {
                         Some(Ok(frame)) => {
-                            count_usage(gw, &series, &frame);
+                            count_usage(gw, &series, self.bill.trail.as_ref(), &frame);
                             if !to_client(&mut session, frame, &mut upstream, &mut closing).await {
                                 let _ = upstream.send(UpMessage::Close(None)).await;
                                 closing.get_or_insert(None);
@@ -462,7 +492,12 @@ fn setup_model(setup: &UpMessage) -> Option<String> {
 
 /// Adds the tokens of a server message that reports usage (Google sends
 /// `usageMetadata` with a turn's end) to the session's series.
-fn count_usage(gw: &Gateway, series: &crate::domain::usage::Series, frame: &Frame) {
+fn count_usage(
+    gw: &Gateway,
+    series: &crate::domain::usage::Series,
+    trail: Option<&crate::domain::requests::Trail>,
+    frame: &Frame,
+) {
     let (Frame::Text(b) | Frame::Binary(b)) = frame else {
         return;
     };
@@ -472,6 +507,9 @@ fn count_usage(gw: &Gateway, series: &crate::domain::usage::Series, frame: &Fram
     let format = crate::domain::usage::scan::Format::Gemini;
     if let Some(tokens) = crate::domain::usage::scan::tokens(format, b) {
         gw.usage.add_tokens(series, &tokens, crate::state::now_ms());
+        if let Some(trail) = trail {
+            trail.tokens(&tokens);
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use crate::domain::clients::Auth;
 use crate::domain::gateway::Gateway;
 use crate::domain::identity::ClientToken;
+use crate::domain::requests::Trail;
 use crate::domain::session::{self, Session};
 use crate::http::admission::admit;
 use crate::http::error::{ApiError, Flavor};
@@ -20,6 +21,7 @@ use crate::upstream::client::{filtered_query, query_param, KeyStyle, Upstream};
 pub mod admin;
 mod admin_access;
 pub mod admin_limits;
+pub mod admin_requests;
 pub mod admin_usage;
 pub mod files;
 pub mod live;
@@ -214,6 +216,11 @@ pub async fn authorized_json(
     })
     .await?;
     Ok((token, body))
+}
+
+/// The request's trail, which [`dispatch`] left in its extensions.
+pub fn trail_of(req: &HttpRequest) -> Option<Trail> {
+    req.extensions().get::<Trail>().cloned()
 }
 
 /// The edge steps of a request without a JSON body: authenticate, then
@@ -437,8 +444,16 @@ pub async fn dispatch(
             req.uri().path()
         )));
     };
-    req.extensions_mut()
-        .insert(RouteLabel(target.label(&method, &edge.path)));
+    let route = target.label(&method, &edge.path);
+    req.extensions_mut().insert(RouteLabel(route));
+    let request_id = req
+        .extensions()
+        .get::<crate::ops::telemetry::RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let trail = Trail::new(request_id, route);
+    req.extensions_mut().insert(trail.clone());
+    let live = matches!(target, Target::Live);
     let flavor = target.flavor();
     let answer = match target {
         Target::Live => live::handle(gw.clone(), up.clone(), &req, payload, &edge).await,
@@ -457,26 +472,65 @@ pub async fn dispatch(
     let ticket = req
         .extensions_mut()
         .remove::<crate::domain::limits::Ticket>();
-    match (answer, ticket) {
-        (Ok(response), Some(ticket)) => Ok(hold_until_sent(response, ticket)),
-        (answer, _) => answer.map_err(|e| e.flavor(flavor)),
-    }
+    let response = match answer {
+        Ok(response) => response,
+        Err(e) => actix_web::ResponseError::error_response(&e.flavor(flavor)),
+    };
+    // A Live session's record is written when it closes, by its relay.
+    let finish = (!live).then(|| Finish {
+        gw: gw.into_inner(),
+        trail,
+        status: response.status().as_u16(),
+        kind: response
+            .extensions()
+            .get::<crate::http::error::ErrorKind>()
+            .map(|k| k.0),
+    });
+    Ok(hold_until_sent(response, ticket, finish))
 }
 
-/// The answer's body, holding the request's client-limit ticket until the
-/// body is sent (or the client goes away).
-fn hold_until_sent(response: HttpResponse, ticket: crate::domain::limits::Ticket) -> HttpResponse {
+/// The answer's body, holding what must last until it is sent (or the
+/// client goes away): the request's client-limit ticket, and its trail,
+/// which becomes its record in the request log then.
+fn hold_until_sent(
+    response: HttpResponse,
+    ticket: Option<crate::domain::limits::Ticket>,
+    finish: Option<Finish>,
+) -> HttpResponse {
+    if ticket.is_none() && finish.is_none() {
+        return response;
+    }
     response.map_body(|_, body| {
         actix_web::body::BoxBody::new(Holding {
             body,
             _ticket: ticket,
+            _finish: finish,
         })
     })
 }
 
+/// Writes a request's record when dropped: when its answer has been sent.
+struct Finish {
+    gw: std::sync::Arc<Gateway>,
+    trail: Trail,
+    status: u16,
+    kind: Option<&'static str>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let auth = &self.gw.auth;
+        let record = self
+            .trail
+            .finish(self.status, self.kind, |id| auth.label_of(id));
+        self.gw.requests.push(record);
+    }
+}
+
 struct Holding {
     body: actix_web::body::BoxBody,
-    _ticket: crate::domain::limits::Ticket,
+    _ticket: Option<crate::domain::limits::Ticket>,
+    _finish: Option<Finish>,
 }
 
 impl actix_web::body::MessageBody for Holding {
@@ -532,6 +586,7 @@ async fn native(
             token_id: token.id.clone(),
             key_style: KeyStyle::GoogHeader,
             model: crate::domain::keys::model_from_path(&edge.path),
+            trail: trail_of(req),
         },
     )
     .await

@@ -46,6 +46,7 @@ pub async fn handle(
             token_id: token.id.clone(),
             key_style: KeyStyle::Bearer,
             model,
+            trail: super::trail_of(req),
         },
     )
     .await

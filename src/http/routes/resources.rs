@@ -127,6 +127,7 @@ fn call(req: &HttpRequest, edge: &Edge, token_id: &str, body: Bytes) -> Call {
         token_id: token_id.to_string(),
         key_style: KeyStyle::GoogHeader,
         model: crate::domain::keys::model_from_path(&edge.path),
+        trail: super::trail_of(req),
     }
 }
 
@@ -387,7 +388,7 @@ async fn list(
         .await
         .map_err(pipeline::store_down)?;
     let token_id = token.id.as_str();
-    let bill = &pipeline::Bill::to(token_id, "resources");
+    let bill = &pipeline::Bill::to(token_id, "resources").traced(super::trail_of(req));
     let fetches = page.iter().zip(records).map(|(name, record)| async move {
         let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
         let path = format!("/{ver}/{name}");

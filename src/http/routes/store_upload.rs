@@ -71,6 +71,7 @@ pub async fn start(
         token_id: token.id.clone(),
         key_style: KeyStyle::GoogHeader,
         model: None,
+        trail: super::trail_of(req),
     };
     let mut served =
         match pipeline::send(gw, up, &call, Some(pipeline::Pinned::to(key.clone()))).await? {

@@ -100,6 +100,7 @@ async fn start(
         token_id: owner.clone(),
         key_style: KeyStyle::GoogHeader,
         model: None,
+        trail: super::trail_of(req),
     };
     let session = pipeline::upload_session(gw, call.session.as_ref(), &call.token_id);
     let pinned = pipeline::pin(gw, up, &[], session.as_ref(), &call.token_id).await?;
@@ -251,7 +252,7 @@ async fn chunk(
         ));
     };
     let target = attempt::Target::Url(&record.url);
-    let bill = pipeline::Bill::to(&record.owner, "upload");
+    let bill = pipeline::Bill::to(&record.owner, "upload").traced(super::trail_of(req));
     let sent = stream_up(
         gw,
         up,
@@ -479,7 +480,7 @@ async fn single_shot(
         format!("/upload/{ver}/files?{query}")
     };
     let target = attempt::Target::Path(&target);
-    let bill = pipeline::Bill::to(&owner, "upload");
+    let bill = pipeline::Bill::to(&owner, "upload").traced(super::trail_of(req));
     let mut resp = match stream_up(gw, up, &key, Method::POST, target, req, payload, &bill).await {
         attempt::Sent::Answer(resp) => resp,
         attempt::Sent::Refused {
