@@ -38,7 +38,7 @@ const PROXY_REFRESH: Duration = Duration::from_secs(1);
 
 /// How long settled tokens and released leases gather before they are
 /// written together.
-const LIMITS_BATCH: Duration = Duration::from_millis(20);
+const LIMITS_BATCH: Duration = Duration::from_millis(5);
 
 /// Writes what the client limits owe the store: tokens answers reported and
 /// leases whose requests ended, a moment after they happen (batched), and

@@ -241,9 +241,23 @@ impl KeyPool {
         exclude: &[String],
         model: Option<&str>,
     ) -> Result<Arc<ApiKey>, NoKey> {
+        self.next_for(store, exclude, model, true).await
+    }
+
+    /// [`Self::next`]; `windowed`: whether the request counts in the keys'
+    /// known per-model windows (a model call that spends quota).
+    pub async fn next_for(
+        &self,
+        store: &dyn StateStore,
+        exclude: &[String],
+        model: Option<&str>,
+        windowed: bool,
+    ) -> Result<Arc<ApiKey>, NoKey> {
         let now = now_ms();
         let set = self.current();
-        let windows = model.and_then(|m| Some((m, self.windows(&set.ids, m)?)));
+        let windows = model
+            .filter(|_| windowed)
+            .and_then(|m| Some((m, self.windows(&set.ids, m)?)));
         let pick = match &windows {
             Some((model, windows)) => {
                 let (day, day_ends_ms) = crate::domain::limits::pacific_day(now);

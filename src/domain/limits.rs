@@ -71,7 +71,8 @@ pub struct Client {
 
 #[derive(Default)]
 struct Pending {
-    settles: HashMap<String, u64>,
+    /// Tokens by client, and whether per minute too.
+    settles: HashMap<String, (u64, bool)>,
     /// Tokens by (key id, model), for keys with a known `tpm`.
     key_settles: HashMap<(String, String), u64>,
     releases: Vec<Held>,
@@ -82,8 +83,9 @@ pub struct Limiter {
     set: RwLock<Arc<LimitSet>>,
     replica: String,
     seq: AtomicU64,
-    /// Token ids whose answers' tokens are counted (learnt at admission).
-    counted: RwLock<HashSet<String>>,
+    /// Token ids whose answers' tokens are counted (learnt at admission),
+    /// and whether per minute too (`tpm`), not only per day.
+    counted: RwLock<HashMap<String, bool>>,
     held: Mutex<HashSet<Held>>,
     pending: Mutex<Pending>,
     /// Wakes the task that writes what is pending.
@@ -100,7 +102,7 @@ impl Limiter {
             set: RwLock::new(Arc::new(set)),
             replica: replica.to_string(),
             seq: AtomicU64::new(0),
-            counted: RwLock::new(HashSet::new()),
+            counted: RwLock::new(HashMap::new()),
             held: Mutex::new(HashSet::new()),
             pending: Mutex::new(Pending::default()),
             wake: tokio::sync::Notify::new(),
@@ -170,9 +172,9 @@ impl Limiter {
             }
         }
         let limits = &client.limits;
-        if limits.counts_tokens() && !self.counts(&client.token_id) {
+        if limits.counts_tokens() && self.counts(&client.token_id) != Some(limits.tpm.is_some()) {
             if let Ok(mut counted) = self.counted.write() {
-                counted.insert(client.token_id.clone());
+                counted.insert(client.token_id.clone(), limits.tpm.is_some());
             }
         }
         let (set, lease_limit) = match kind {
@@ -185,6 +187,11 @@ impl Limiter {
         let (day, day_ends_ms) = day_of(now_ms);
         let request_id = self.next_id();
         let lease_id = lease_limit.map(|_| self.next_id());
+        let released = if lease_limit.is_some() {
+            self.take_releases(&client.token_id, set)
+        } else {
+            Vec::new()
+        };
         let ask = Ask {
             rpm: limits.rpm,
             tpm: limits.tpm,
@@ -201,8 +208,18 @@ impl Limiter {
                 }),
             request_id: &request_id,
             now_ms,
+            released: &released,
         };
-        match store.admit(&client.token_id, &ask).await {
+        let verdict = store.admit(&client.token_id, &ask).await;
+        if verdict.is_err() && !released.is_empty() {
+            let mut pending = lock(&self.pending);
+            pending.releases.extend(released.into_iter().map(|id| Held {
+                client: client.token_id.clone(),
+                set,
+                id,
+            }));
+        }
+        match verdict {
             Ok(Verdict::Admitted) => {
                 let held = lease_id.map(|id| Held {
                     client: client.token_id.clone(),
@@ -236,22 +253,48 @@ impl Limiter {
         }
     }
 
-    fn counts(&self, token_id: &str) -> bool {
+    /// Whether `token_id`'s tokens are counted: `Some(per minute too)`.
+    fn counts(&self, token_id: &str) -> Option<bool> {
         self.counted
             .read()
-            .is_ok_and(|counted| counted.contains(token_id))
+            .ok()
+            .and_then(|counted| counted.get(token_id).copied())
+    }
+
+    /// This replica's releases of `client`'s leases of `set` not written
+    /// yet, taken to be written by the client's next admission.
+    fn take_releases(&self, client: &str, set: LeaseSet) -> Vec<String> {
+        let mut pending = lock(&self.pending);
+        if pending.releases.is_empty() {
+            return Vec::new();
+        }
+        let mut taken = Vec::new();
+        pending.releases.retain(|h| {
+            let mine = h.client == client && h.set == set;
+            if mine {
+                taken.push(h.id.clone());
+            }
+            !mine
+        });
+        taken
     }
 
     /// Tokens an answer reported for `token_id`: counted against its
     /// client's token limits, written with the next flush.
     pub fn settle(&self, token_id: &str, tokens: u64) {
-        if tokens == 0 || !self.counts(token_id) {
+        if tokens == 0 {
             return;
         }
-        *lock(&self.pending)
+        let Some(per_minute) = self.counts(token_id) else {
+            return;
+        };
+        let mut pending = lock(&self.pending);
+        let entry = pending
             .settles
             .entry(token_id.to_string())
-            .or_insert(0) += tokens;
+            .or_insert((0, per_minute));
+        entry.0 += tokens;
+        drop(pending);
         self.wake.notify_one();
     }
 
@@ -308,10 +351,11 @@ impl Limiter {
         let (day, _) = day_of(now_ms);
         let list: Vec<Settle> = settles
             .iter()
-            .map(|(client, tokens)| Settle {
+            .map(|(client, (tokens, per_minute))| Settle {
                 client: client.clone(),
                 tokens: *tokens,
                 day: day.clone(),
+                per_minute: *per_minute,
             })
             .collect();
         let settled = if list.is_empty() {

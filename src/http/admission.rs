@@ -57,7 +57,15 @@ pub async fn admit_as(
         return Ok(None);
     };
     let model = if client.limits.models.is_some() {
-        model()
+        let model = model();
+        // A model call whose model cannot be read cannot be checked.
+        if model.is_none() && MODEL_CALLS.contains(&route) {
+            let refusal = Refusal::Model {
+                model: "(none that can be read)".into(),
+            };
+            return Err(refused(gw, token_id, None, route, refusal));
+        }
+        model
     } else {
         None
     };
@@ -108,6 +116,16 @@ pub fn refused(
     );
     err
 }
+
+/// The routes whose requests name the model they call.
+const MODEL_CALLS: [&str; 6] = [
+    "generate",
+    "stream",
+    "embed",
+    "count_tokens",
+    "openai_chat",
+    "openai_embeddings",
+];
 
 /// The key id a refused request is counted under in the usage view.
 pub const NO_KEY: &str = "-";

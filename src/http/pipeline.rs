@@ -86,6 +86,16 @@ impl Call {
         }
     }
 
+    /// Whether the call counts against a key's published per-model limits
+    /// (`[keys]` of the limits file): content generation and embeddings,
+    /// native or OpenAI. Model listings and token counts do not.
+    pub fn spends_quota(&self) -> bool {
+        matches!(
+            crate::http::routes::label_of(&self.method, &self.path),
+            "generate" | "stream" | "embed" | "openai_chat" | "openai_embeddings"
+        )
+    }
+
     pub fn path_and_query(&self) -> String {
         if self.query.is_empty() {
             self.path.clone()
@@ -371,9 +381,12 @@ pub async fn send(
         trail.client(&call.token_id, call.model.as_deref());
         trail.chosen(pinned.as_ref().map_or(Chosen::Rotation, |p| p.how));
     }
+    // Every wait of this request (a pinned key's cooldown and window, the
+    // pool's windows) ends by one deadline.
+    let deadline = now_ms() + gw.settings.sessions.pin_wait.as_millis() as u64;
     let pinned = match pinned {
         Some(Pinned { key, states, .. }) => {
-            wait_for_pinned(gw, &key, states, call).await?;
+            wait_for_pinned(gw, &key, states, call, deadline).await?;
             Some(key)
         }
         None => None,
@@ -386,7 +399,7 @@ pub async fn send(
         let key = match &pinned {
             Some(key) => key.clone(),
             None => {
-                match next_key(gw, &tried, call.model.as_deref()).await {
+                match next_key(gw, &tried, call, deadline).await {
                     Ok(key) => key,
                     Err(NoKey::Exhausted) if last.is_some() => break,
                     Err(no) => {
@@ -466,12 +479,14 @@ pub async fn send(
 async fn next_key(
     gw: &Gateway,
     tried: &[String],
-    model: Option<&str>,
+    call: &Call,
+    deadline: u64,
 ) -> Result<Arc<ApiKey>, NoKey> {
-    let deadline = now_ms() + gw.settings.sessions.pin_wait.as_millis() as u64;
     let mut counted = false;
+    let model = call.model.as_deref();
+    let windowed = call.spends_quota();
     loop {
-        match gw.keys.next(gw.store(), tried, model).await {
+        match gw.keys.next_for(gw.store(), tried, model, windowed).await {
             Err(NoKey::WindowsFull { model, until_ms }) => {
                 if !counted {
                     gw.metrics.window_full(&model);
@@ -518,6 +533,7 @@ async fn wait_for_pinned(
     key: &ApiKey,
     states: Option<session::KeyStates>,
     call: &Call,
+    deadline: u64,
 ) -> Result<(), ApiError> {
     let states = match states {
         Some(states) => states,
@@ -528,8 +544,9 @@ async fn wait_for_pinned(
         },
     };
     let model = call.model.as_deref();
+    let windowed = model.filter(|_| call.spends_quota());
     match effective_state(&states, &key.id, model, now_ms()) {
-        None => wait_for_window(gw, key, model).await,
+        None => wait_for_window(gw, key, windowed, deadline).await,
         Some(MemberState::Disabled { reason, .. }) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -542,10 +559,10 @@ async fn wait_for_pinned(
         .kind("pinned_key_disabled")),
         Some(MemberState::Cooling { until_ms, .. }) => {
             let rest = until_ms.saturating_sub(now_ms());
-            if rest <= gw.settings.sessions.pin_wait.as_millis() as u64 {
+            if now_ms() + rest <= deadline {
                 tracing::info!(key_id = %key.id, wait_ms = rest, "pinned key is cooling; waiting for it");
                 tokio::time::sleep(std::time::Duration::from_millis(rest)).await;
-                return wait_for_window(gw, key, model).await;
+                return wait_for_window(gw, key, windowed, deadline).await;
             }
             let what = model.map_or_else(String::new, |m| format!(" for model {m}"));
             Err(ApiError::new(
@@ -565,11 +582,15 @@ async fn wait_for_pinned(
 /// A pinned request counts in its key's known window for its model; a
 /// full window is waited out for at most `GB_PIN_WAIT`, else 429 with
 /// `RetryInfo` and no upstream call.
-async fn wait_for_window(gw: &Gateway, key: &ApiKey, model: Option<&str>) -> Result<(), ApiError> {
+async fn wait_for_window(
+    gw: &Gateway,
+    key: &ApiKey,
+    model: Option<&str>,
+    deadline: u64,
+) -> Result<(), ApiError> {
     let Some(model) = model else {
         return Ok(());
     };
-    let deadline = now_ms() + gw.settings.sessions.pin_wait.as_millis() as u64;
     let mut counted = false;
     loop {
         let Err(full) = gw.keys.spend_pinned(gw.store(), key, model).await else {

@@ -136,7 +136,11 @@ pub struct ModelLimits(Vec<(String, KeyLimit)>);
 
 impl ModelLimits {
     fn new(map: HashMap<String, KeyLimit>) -> Self {
-        let mut list: Vec<(String, KeyLimit)> = map.into_iter().collect();
+        // Model names as requests name them: lower case, no `models/`.
+        let mut list: Vec<(String, KeyLimit)> = map
+            .into_iter()
+            .map(|(m, l)| (m.trim_start_matches("models/").to_ascii_lowercase(), l))
+            .collect();
         list.sort_by(|a, b| a.0.cmp(&b.0));
         Self(list)
     }

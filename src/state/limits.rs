@@ -113,6 +113,10 @@ pub struct Ask<'a> {
     /// Unique among the client's requests: its entry in the request log.
     pub request_id: &'a str,
     pub now_ms: u64,
+    /// Leases of the asked set this replica released and has not written
+    /// yet: removed before the slots are counted, so a client's next request
+    /// right after an answer finds its slot free.
+    pub released: &'a [String],
 }
 
 /// What an admission decided.
@@ -134,6 +138,9 @@ pub struct Settle {
     pub client: String,
     pub tokens: u64,
     pub day: String,
+    /// Whether the client has a per-minute token limit (else only the
+    /// day's count is kept).
+    pub per_minute: bool,
 }
 
 /// A lease a replica holds, to renew or release.
@@ -210,6 +217,9 @@ impl Windows {
             }
         }
         if let Some(lease) = &ask.lease {
+            for id in ask.released {
+                self.release(lease.set, id);
+            }
             let held = self.leases.get(&lease.set).map_or(0, HashMap::len) as u64;
             if held >= lease.limit {
                 return Verdict::Refused {
@@ -242,8 +252,10 @@ impl Windows {
         Verdict::Admitted
     }
 
-    pub fn settle(&mut self, tokens: u64, day: &str, now_ms: u64) {
-        *self.tokens.entry(now_ms / 1000).or_insert(0) += tokens;
+    pub fn settle(&mut self, tokens: u64, day: &str, per_minute: bool, now_ms: u64) {
+        if per_minute {
+            *self.tokens.entry(now_ms / 1000).or_insert(0) += tokens;
+        }
         *self.days.entry(day.to_string()).or_insert(0) += tokens;
         // Only today's and yesterday's counts can still be asked for.
         while self.days.len() > 2 {
@@ -257,10 +269,14 @@ impl Windows {
         }
     }
 
+    /// Renews a lease, or puts it back if it lapsed meanwhile (the store
+    /// was unreachable for longer than a lease lives): its request is still
+    /// in flight.
     pub fn renew(&mut self, set: LeaseSet, id: &str, until_ms: u64) {
-        if let Some(until) = self.leases.get_mut(&set).and_then(|l| l.get_mut(id)) {
-            *until = until_ms;
-        }
+        self.leases
+            .entry(set)
+            .or_default()
+            .insert(id.to_string(), until_ms);
     }
 
     pub fn usage(&mut self, day: &str, now_ms: u64) -> ClientUse {
@@ -406,6 +422,7 @@ mod tests {
             lease: None,
             request_id: "r",
             now_ms,
+            released: &[],
         }
     }
 
@@ -459,7 +476,7 @@ mod tests {
     }
 
     #[test]
-    fn leases_lapse_unless_renewed() {
+    fn leases_lapse_unless_renewed_and_a_renewal_puts_a_lapsed_one_back() {
         let mut w = Windows::default();
         let mut a = ask(1_000, None);
         a.lease = Some(LeaseAsk {
@@ -472,6 +489,27 @@ mod tests {
         w.renew(LeaseSet::Live, "a", 41_000);
         assert_eq!(w.usage("d", 30_000).live_sessions, 1);
         assert_eq!(w.usage("d", 41_000).live_sessions, 0);
+        w.renew(LeaseSet::Live, "a", 61_000);
+        assert_eq!(w.usage("d", 42_000).live_sessions, 1);
+    }
+
+    #[test]
+    fn a_release_not_yet_written_frees_the_slot_for_the_next_request() {
+        let mut w = Windows::default();
+        let lease = |id: &'static str| LeaseAsk {
+            set: LeaseSet::Concurrent,
+            limit: 1,
+            id,
+            until_ms: 30_000,
+        };
+        let mut a = ask(1_000, None);
+        a.lease = Some(lease("a"));
+        assert_eq!(w.admit(&a), Verdict::Admitted);
+        let released = ["a".to_string()];
+        let mut b = ask(1_001, None);
+        b.lease = Some(lease("b"));
+        b.released = &released;
+        assert_eq!(w.admit(&b), Verdict::Admitted);
     }
 
     #[test]
@@ -481,7 +519,7 @@ mod tests {
         a.tpm = Some(100);
         a.per_day = Some(1_000);
         assert_eq!(w.admit(&a), Verdict::Admitted);
-        w.settle(100, "2026-12-03", 10_500);
+        w.settle(100, "2026-12-03", true, 10_500);
         a.now_ms = 30_000;
         assert_eq!(
             w.admit(&a),
@@ -494,7 +532,7 @@ mod tests {
         );
         a.now_ms = 70_000;
         assert_eq!(w.admit(&a), Verdict::Admitted);
-        w.settle(950, "2026-12-03", 70_000);
+        w.settle(950, "2026-12-03", true, 70_000);
         a.now_ms = 200_000;
         assert!(matches!(
             w.admit(&a),

@@ -514,11 +514,12 @@ impl StateStore for MemoryStore {
     async fn settle(&self, settles: &[Settle], now_ms: u64) -> Result<(), StoreError> {
         self.with(|inner| {
             for s in settles {
-                inner
-                    .clients
-                    .entry(s.client.clone())
-                    .or_default()
-                    .settle(s.tokens, &s.day, now_ms);
+                inner.clients.entry(s.client.clone()).or_default().settle(
+                    s.tokens,
+                    &s.day,
+                    s.per_minute,
+                    now_ms,
+                );
             }
         })
     }
@@ -536,9 +537,11 @@ impl StateStore for MemoryStore {
                 }
             }
             for h in renew {
-                if let Some(w) = inner.clients.get_mut(&h.client) {
-                    w.renew(h.set, &h.id, until_ms);
-                }
+                inner
+                    .clients
+                    .entry(h.client.clone())
+                    .or_default()
+                    .renew(h.set, &h.id, until_ms);
             }
         })
     }

@@ -1112,7 +1112,7 @@ impl StateStore for RedisStore {
             k.client_leases(client, set.name()),
         ];
         let lease = ask.lease.as_ref();
-        let args = vec![
+        let mut args = vec![
             ask.now_ms.to_string(),
             ask.rpm.unwrap_or(0).to_string(),
             ask.tpm.unwrap_or(0).to_string(),
@@ -1124,6 +1124,9 @@ impl StateStore for RedisStore {
             ask.request_id.to_string(),
             set.limit().code().to_string(),
         ];
+        if lease.is_some() {
+            args.extend(ask.released.iter().cloned());
+        }
         // Sent again on a fresh connection, it finds its own entries (same
         // ids), so it can refuse itself at the edge of a limit, never admit
         // twice.
@@ -1147,15 +1150,20 @@ impl StateStore for RedisStore {
         for s in settles {
             let tokens = self.keys.client_tokens(&s.client);
             let day = self.keys.client_day(&s.client, &s.day);
-            let mut add = redis::cmd("HINCRBY");
-            add.arg(&tokens).arg(&second).arg(s.tokens);
-            let mut keep = redis::cmd("PEXPIRE");
-            keep.arg(&tokens).arg(MINUTE_MS + 1000);
+            if s.per_minute {
+                // Stale seconds are dropped by the admission script, which
+                // reads this hash whenever the client has `tpm`.
+                let mut add = redis::cmd("HINCRBY");
+                add.arg(&tokens).arg(&second).arg(s.tokens);
+                let mut keep = redis::cmd("PEXPIRE");
+                keep.arg(&tokens).arg(MINUTE_MS + 1000);
+                cmds.extend([add, keep]);
+            }
             let mut add_day = redis::cmd("INCRBY");
             add_day.arg(&day).arg(s.tokens);
             let mut keep_day = redis::cmd("EXPIRE");
             keep_day.arg(&day).arg(2 * 86_400);
-            cmds.extend([add, keep, add_day, keep_day]);
+            cmds.extend([add_day, keep_day]);
         }
         let _: Vec<redis::Value> = self.fan_out_as(Resend::Never, cmds).await?;
         Ok(())
@@ -1176,8 +1184,10 @@ impl StateStore for RedisStore {
         }
         for h in renew {
             let key = self.keys.client_leases(&h.client, h.set.name());
+            // Not `XX`: a lease that lapsed while Redis could not be
+            // reached is put back, its request still being in flight.
             let mut cmd = redis::cmd("ZADD");
-            cmd.arg(&key).arg("XX").arg(until_ms).arg(&h.id);
+            cmd.arg(&key).arg(until_ms).arg(&h.id);
             cmds.push(cmd);
             let mut keep = redis::cmd("PEXPIREAT");
             keep.arg(&key).arg(until_ms);

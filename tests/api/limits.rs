@@ -657,3 +657,79 @@ in_every_redis_mode!(
     live_sessions_hold_their_slot_while_open_and_a_refused_model_is_closed,
     tokens_per_minute_refuse_until_the_minutes_tokens_are_counted_out,
 );
+
+/// A client at `concurrent = 1` that sends its next request to the same
+/// replica as soon as an answer ends (as an SDK loop on one connection
+/// does) is never refused: the slot of the request that ended is freed by
+/// the next admission itself.
+#[actix_rt::test]
+async fn requests_one_after_another_at_the_concurrent_limit_are_never_refused() {
+    let redis = Redis::start();
+    let stack = Stack::start(&redis, "[clients.default]\nconcurrent = 1\n", &[]);
+    for i in 0..30 {
+        let (status, body, _) = stack.generate(0, TOKEN).await;
+        assert_eq!(status, 200, "request {i}: {body}");
+    }
+}
+
+/// A lease outlives its first life while its stream runs: the replica
+/// renews it, so a second stream stays refused.
+#[actix_rt::test]
+async fn a_long_stream_keeps_its_slot_past_a_leases_life() {
+    let redis = Redis::start();
+    let stack = Stack::start(
+        &redis,
+        "[clients.default]\nconcurrent = 1\n",
+        &[
+            ("FAKE_SSE_EVENTS", "40".to_string()),
+            ("FAKE_SSE_INTERVAL_MS", "1000".to_string()),
+        ],
+    );
+    let (status, mut held) = open_stream(stack.url(0, STREAM)).await;
+    assert_eq!(status, 200);
+    // Past the 20 s a lease lives unless renewed, reading the stream.
+    let until = Instant::now() + Duration::from_secs(26);
+    let held_stream = held.as_mut().unwrap();
+    while Instant::now() < until {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), held_stream.next())
+            .await
+            .expect("the stream goes on");
+        assert!(matches!(chunk, Some(Ok(_))));
+    }
+    assert_eq!(
+        stack.generate(1, TOKEN).await.0,
+        429,
+        "the slot is still held"
+    );
+}
+
+/// With `models` set, a model call whose model cannot be read is refused:
+/// it cannot be checked.
+#[actix_rt::test]
+async fn a_model_that_cannot_be_read_is_refused_when_models_are_listed() {
+    let redis = Redis::start();
+    let stack = Stack::start(&redis, "[clients.default]\nmodels = [\"gemini-*\"]\n", &[]);
+    let resp = client()
+        .post(stack.url(0, "/v1beta/tunedModels/abc:generateContent"))
+        .insert_header(("x-goog-api-key", TOKEN))
+        .send_json(&generate_body())
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let resp = client()
+        .post(stack.url(1, "/v1beta/openai/chat/completions"))
+        .insert_header(("authorization", format!("Bearer {TOKEN}")))
+        .send_json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    assert_eq!(stack.model_calls().await, 0);
+    // A listing names no model and is not a model call.
+    let resp = client()
+        .get(stack.url(2, "/v1beta/models"))
+        .insert_header(("x-goog-api-key", TOKEN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+}

@@ -328,6 +328,7 @@ async fn limits(store: &dyn StateStore) {
         lease: None,
         request_id: id,
         now_ms: at,
+        released: &[],
     };
     assert_eq!(
         store.admit("c", &ask(Some(2), "a", now)).await.unwrap(),
@@ -396,6 +397,7 @@ async fn limits(store: &dyn StateStore) {
                 client: "c".into(),
                 tokens: 10,
                 day: "2026-12-03".into(),
+                per_minute: false,
             }],
             now,
         )

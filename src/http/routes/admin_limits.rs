@@ -8,7 +8,6 @@ use super::admin_access::{check, esc};
 use crate::domain::gateway::Gateway;
 use crate::domain::limits::day_of;
 use crate::http::error::ApiError;
-use crate::state::limits::MINUTE_MS;
 use crate::state::now_ms;
 
 pub async fn api_limits(
@@ -28,7 +27,15 @@ pub async fn key_rows(gw: &Gateway) -> Result<Vec<Value>, ApiError> {
     let now = now_ms();
     let (_, day_ends_ms) = crate::domain::limits::pacific_day(now);
     let mut rows = Vec::new();
-    for model in gw.keys.limits().models() {
+    // A glob's windows are counted per model a request names: only names
+    // written out have a row.
+    for model in gw
+        .keys
+        .limits()
+        .models()
+        .into_iter()
+        .filter(|m| !m.contains('*'))
+    {
         let windows = gw
             .keys
             .window_use(gw.store(), &model)
@@ -97,12 +104,7 @@ pub async fn rows(gw: &Gateway) -> Result<Vec<Value>, ApiError> {
                 used.requests_last_minute,
                 used.requests_free_at_ms,
             ),
-            limit(
-                "tpm",
-                l.tpm,
-                used.tokens_last_minute,
-                (used.tokens_last_minute > 0).then_some(now + MINUTE_MS),
-            ),
+            limit("tpm", l.tpm, used.tokens_last_minute, None),
             limit(
                 "tokens_per_day",
                 l.tokens_per_day,

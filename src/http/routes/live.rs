@@ -220,15 +220,18 @@ impl Relay {
             }
         };
         self.bill.model = setup_model(&setup);
-        if let (Some(limits), Some(model)) = (&self.limits, &self.bill.model) {
-            if !limits.allows(model) {
+        if let Some(limits) = self.limits.as_ref().filter(|l| l.models.is_some()) {
+            let model = self.bill.model.clone();
+            if !model.as_deref().is_some_and(|m| limits.allows(m)) {
                 let refusal = Refusal::Model {
-                    model: model.clone(),
+                    model: model
+                        .clone()
+                        .unwrap_or_else(|| "(none that can be read)".into()),
                 };
                 let err = crate::http::admission::refused(
                     &self.gw,
                     &self.bill.token_id,
-                    Some(model.clone()),
+                    model,
                     "live",
                     refusal,
                 );

@@ -5,7 +5,8 @@
 -- set, score = expiry ms).
 -- ARGV: 1 now ms, 2 rpm, 3 tpm, 4 tokens per day, 5 end of the day ms,
 -- 6 lease limit, 7 lease id, 8 lease expiry ms, 9 request id, 10 the lease
--- limit's code; a limit of 0 is none.
+-- limit's code, 11… leases of that set this replica released and has not
+-- written yet (removed first); a limit of 0 is none.
 -- Answers {0} when admitted, else {code, retry ms, used, allowed}.
 local now = tonumber(ARGV[1])
 local rpm, tpm, per_day = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -34,6 +35,7 @@ if tpm > 0 then
   end
 end
 if lease_limit > 0 then
+  for i = 11, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
   local held = redis.call('ZCARD', KEYS[4])
   if held >= lease_limit then

@@ -57,6 +57,8 @@ for i = 0, n - 1 do
           if second >= first then
             used = used + tonumber(fields[j + 1])
             if oldest == nil or second < oldest then oldest = second end
+          else
+            redis.call('HDEL', tokens, fields[j])
           end
         end
         if used >= tpm then free = (oldest + 60) * 1000 end
