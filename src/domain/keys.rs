@@ -260,16 +260,7 @@ impl KeyPool {
             .and_then(|m| Some((m, self.windows(&set.ids, m)?)));
         let pick = match &windows {
             Some((model, windows)) => {
-                let (day, day_ends_ms) = crate::domain::limits::pacific_day(now);
-                let request_id = self.request_id();
-                let ask = WindowAsk {
-                    model,
-                    day: &day,
-                    day_ends_ms,
-                    request_id: &request_id,
-                };
-                store
-                    .rotate_within(RING, &set.ids, exclude, windows, &ask, now)
+                self.within(store, &set.ids, exclude, windows, model, now)
                     .await
             }
             None => store.rotate(RING, &set.ids, exclude, model, now).await,
@@ -292,6 +283,30 @@ impl KeyPool {
         }
     }
 
+    /// One rotation among `ids` within their windows for `model`, counted
+    /// in the Pacific day Google's per-day limits use.
+    async fn within(
+        &self,
+        store: &dyn StateStore,
+        ids: &[String],
+        exclude: &[String],
+        windows: &[KeyWindow],
+        model: &str,
+        now: u64,
+    ) -> Result<Pick, crate::state::StoreError> {
+        let (day, day_ends_ms) = crate::domain::limits::pacific_day(now);
+        let request_id = self.request_id();
+        let ask = WindowAsk {
+            model,
+            day: &day,
+            day_ends_ms,
+            request_id: &request_id,
+        };
+        store
+            .rotate_within(RING, ids, exclude, windows, &ask, now)
+            .await
+    }
+
     /// Counts a request pinned to `key` in its window for `model`, when
     /// the key has one; says when it frees up when it is full.
     pub async fn spend_pinned(
@@ -304,19 +319,10 @@ impl KeyPool {
         let Some(windows) = self.windows(&ids, model) else {
             return Ok(());
         };
-        let now = now_ms();
-        let (day, day_ends_ms) = crate::domain::limits::pacific_day(now);
-        let request_id = self.request_id();
-        let ask = WindowAsk {
-            model,
-            day: &day,
-            day_ends_ms,
-            request_id: &request_id,
-        };
         // A pinned key's health was checked already: its window alone
         // decides here.
-        match store
-            .rotate_within(RING, &ids, &[], &windows, &ask, now)
+        match self
+            .within(store, &ids, &[], &windows, model, now_ms())
             .await
         {
             Ok(Pick::WindowsFull { until_ms }) => Err(WindowFull { until_ms }),

@@ -1231,6 +1231,19 @@ pub fn client() -> awc::Client {
         .finish()
 }
 
+/// The Prometheus text a replica serves at `/metrics`.
+pub async fn metrics_text(base_url: &str) -> String {
+    let body = client()
+        .get(format!("{base_url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .body()
+        .await
+        .expect("metrics body");
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 pub fn generate_body() -> Value {
     serde_json::json!({"contents": [{"parts": [{"text": "hello"}]}]})
 }

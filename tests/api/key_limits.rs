@@ -193,15 +193,7 @@ async fn windows_are_exact_and_pinned_requests_wait(mode: Mode) {
         .filter(|r| r["path"].as_str().is_some_and(|p| p.contains(MODEL)))
         .count();
     assert_eq!(calls, 4);
-    let metrics = client()
-        .get(format!("{}/metrics", gws[0].url))
-        .send()
-        .await
-        .unwrap()
-        .body()
-        .await
-        .unwrap();
-    let metrics = String::from_utf8_lossy(&metrics);
+    let metrics = metrics_text(&gws[0].url).await;
     assert!(
         metrics.contains("gb_key_window_full_total{model="),
         "{metrics}"

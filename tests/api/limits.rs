@@ -123,15 +123,7 @@ async fn rpm_is_exact_across_replicas(mode: Mode) {
     );
     // The other token has its own window.
     assert_eq!(stack.generate(0, TOKEN_B).await.0, 200);
-    let metrics = client()
-        .get(stack.url(1, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .body()
-        .await
-        .unwrap();
-    let metrics = String::from_utf8_lossy(&metrics);
+    let metrics = metrics_text(&stack.gws[1].url).await;
     assert!(
         metrics
             .lines()

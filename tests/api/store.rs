@@ -415,6 +415,28 @@ async fn limits(store: &dyn StateStore) {
     assert_eq!(used.requests_last_minute, 2, "{kind}");
     assert_eq!(used.tokens_today, 10, "{kind}");
     assert_eq!(used.concurrent, 1, "{kind}");
+    // A lease that lapsed (the store was out of reach past its life) is
+    // put back by its holder's renewal: its request is still in flight.
+    let l2 = Held {
+        client: "c".into(),
+        set: LeaseSet::Concurrent,
+        id: "l2".into(),
+    };
+    let lapsed_at = now + 20_001;
+    let concurrent = |at| async move {
+        store
+            .client_use("c", "2026-12-03", at)
+            .await
+            .unwrap()
+            .concurrent
+    };
+    assert_eq!(concurrent(lapsed_at).await, 0, "{kind}");
+    store.leases(&[], &[l2], lapsed_at + 20_000).await.unwrap();
+    assert_eq!(
+        concurrent(lapsed_at).await,
+        1,
+        "{kind}: renewed after it lapsed"
+    );
 
     // Key windows: one request a minute each, then full; a full window is
     // passed over, and all full says when the first frees.

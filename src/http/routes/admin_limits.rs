@@ -45,21 +45,11 @@ pub async fn key_rows(gw: &Gateway) -> Result<Vec<Value>, ApiError> {
             if w.is_none() {
                 continue;
             }
-            let limit = |name: &str, allowed: u64, used: u64, frees_at_ms: Option<u64>| {
-                (allowed > 0).then(|| {
-                    json!({
-                        "limit": name,
-                        "allowed": allowed,
-                        "used": used,
-                        "reached": used >= allowed,
-                        "frees_at_ms": frees_at_ms,
-                    })
-                })
-            };
+            let set = |n: u64| (n > 0).then_some(n);
             let limits: Vec<Value> = [
-                limit("rpm", w.rpm, used.requests_last_minute, None),
-                limit("tpm", w.tpm, used.tokens_last_minute, None),
-                limit("rpd", w.rpd, used.requests_today, Some(day_ends_ms)),
+                limit("rpm", set(w.rpm), used.requests_last_minute, None),
+                limit("tpm", set(w.tpm), used.tokens_last_minute, None),
+                limit("rpd", set(w.rpd), used.requests_today, Some(day_ends_ms)),
             ]
             .into_iter()
             .flatten()
@@ -68,6 +58,19 @@ pub async fn key_rows(gw: &Gateway) -> Result<Vec<Value>, ApiError> {
         }
     }
     Ok(rows)
+}
+
+/// One limit's use, when the limit is set.
+fn limit(name: &str, allowed: Option<u64>, used: u64, frees_at_ms: Option<u64>) -> Option<Value> {
+    allowed.map(|allowed| {
+        json!({
+            "limit": name,
+            "allowed": allowed,
+            "used": used,
+            "reached": used >= allowed,
+            "frees_at_ms": frees_at_ms,
+        })
+    })
 }
 
 /// One row per client token that has limits.
@@ -86,17 +89,6 @@ pub async fn rows(gw: &Gateway) -> Result<Vec<Value>, ApiError> {
             .await
             .map_err(crate::http::pipeline::store_down)?;
         let l = &client.limits;
-        let limit = |name: &str, allowed: Option<u64>, used: u64, frees_at_ms: Option<u64>| {
-            allowed.map(|allowed| {
-                json!({
-                    "limit": name,
-                    "allowed": allowed,
-                    "used": used,
-                    "reached": used >= allowed,
-                    "frees_at_ms": frees_at_ms,
-                })
-            })
-        };
         let limits: Vec<Value> = [
             limit(
                 "rpm",
