@@ -403,27 +403,49 @@ impl Limiter {
 /// The day of `now_ms` in Google's quota time zone (Pacific), and when it
 /// ends: per-day key limits reset then.
 pub fn pacific_day(now_ms: u64) -> (String, u64) {
-    let ends = crate::upstream::outcome::next_pacific_midnight_ms(now_ms);
-    let date = i64::try_from(now_ms)
-        .ok()
-        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
-        .and_then(|t| t.in_tz("America/Los_Angeles").ok())
-        .map(|z| z.date().to_string())
-        .unwrap_or_default();
-    (date, ends)
+    thread_local! {
+        static CACHE: std::cell::RefCell<Option<(u64, u64, String)>> = const { std::cell::RefCell::new(None) };
+    }
+    CACHE.with(|cache| {
+        if let Some((from, ends, date)) = &*cache.borrow() {
+            if (*from..*ends).contains(&now_ms) {
+                return (date.clone(), *ends);
+            }
+        }
+        let ends = crate::upstream::outcome::next_pacific_midnight_ms(now_ms);
+        let date = i64::try_from(now_ms)
+            .ok()
+            .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+            .and_then(|t| t.in_tz("America/Los_Angeles").ok())
+            .map(|z| z.date().to_string())
+            .unwrap_or_default();
+        *cache.borrow_mut() = Some((now_ms, ends, date.clone()));
+        (date, ends)
+    })
 }
 
 /// The UTC calendar day of `now_ms` (`2026-12-03`) and when it ends.
 pub fn day_of(now_ms: u64) -> (String, u64) {
     const DAY_MS: u64 = 86_400_000;
+    thread_local! {
+        static CACHE: std::cell::RefCell<Option<(u64, String)>> = const { std::cell::RefCell::new(None) };
+    }
     let start = now_ms - now_ms % DAY_MS;
-    let date = i64::try_from(start)
-        .ok()
-        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
-        .and_then(|t| t.in_tz("UTC").ok())
-        .map(|z| z.date().to_string())
-        .unwrap_or_default();
-    (date, start + DAY_MS)
+    CACHE.with(|cache| {
+        if let Some((cached, date)) = &*cache.borrow() {
+            if *cached == start {
+                return (date.clone(), start + DAY_MS);
+            }
+        }
+        let date = i64::try_from(start)
+            .ok()
+            .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+            .and_then(|t| t.in_tz("UTC").ok())
+            .map(|z| z.date().to_string())
+            .unwrap_or_default();
+        *cache.borrow_mut() = Some((start, date.clone()));
+        (date, start + DAY_MS)
+    })
 }
 
 /// An admitted request's hold on its client's slot, released when dropped
@@ -462,5 +484,16 @@ mod tests {
         assert_eq!(day, "2026-12-03");
         assert_eq!(ends, 1_796_342_400_000);
         assert_eq!(day_of(ends).0, "2026-12-04");
+        assert_eq!(day_of(ends - 1).0, "2026-12-03", "a day already seen");
+    }
+
+    #[test]
+    fn pacific_days_end_at_pacific_midnight() {
+        // 2026-12-04T07:59:59.999Z is still 2026-12-03 in Los Angeles (PST).
+        let (day, ends) = pacific_day(1_796_371_199_999);
+        assert_eq!(day, "2026-12-03");
+        assert_eq!(ends, 1_796_371_200_000);
+        assert_eq!(pacific_day(ends).0, "2026-12-04");
+        assert_eq!(pacific_day(ends - 1).0, "2026-12-03");
     }
 }
