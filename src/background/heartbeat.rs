@@ -48,9 +48,6 @@ pub async fn run(gw: Arc<Gateway>, addr: SocketAddr, stop: Arc<tokio::sync::Noti
         if let Err(e) = gw.usage.flush(gw.store()).await {
             tracing::debug!(error = %e, "usage flush deferred");
         }
-        if let Err(e) = gw.requests.flush(gw.store(), now_ms()).await {
-            tracing::debug!(error = %e, "request log flush deferred");
-        }
         tokio::select! {
             () = tokio::time::sleep(EVERY) => {}
             () = stop.notified() => return,

@@ -8,6 +8,7 @@
 //! - the reload of mounted key, token and limits files ([`reload`]);
 //! - the writes of client limits: tokens settled, leases released and
 //!   renewed ([`limits`]);
+//! - the writes of the request log's records ([`request_log`]);
 //! - the heartbeat, which also flushes statistics and usage ([`heartbeat`]);
 //! - the probe of Redis while the store's circuit breaker is open.
 //!
@@ -58,6 +59,20 @@ async fn limits(gw: Arc<Gateway>) {
             if let Err(e) = gw.limits.renew(gw.store(), now).await {
                 tracing::warn!(error = %e, "client limit leases could not be renewed");
             }
+        }
+    }
+}
+
+/// How often the request log's records are written when no batch fills.
+const REQUEST_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes the request log's records: every second, or at once when a batch
+/// is full.
+async fn request_log(gw: Arc<Gateway>) {
+    loop {
+        let _ = tokio::time::timeout(REQUEST_LOG_EVERY, gw.requests.ready.notified()).await;
+        if let Err(e) = gw.requests.flush(gw.store(), crate::state::now_ms()).await {
+            tracing::debug!(error = %e, "request log write deferred");
         }
     }
 }
@@ -116,6 +131,7 @@ impl Background {
         }
         self.spawn("reload", reload::run(gw.clone()));
         self.spawn("client limits", limits(gw.clone()));
+        self.spawn("request log", request_log(gw.clone()));
         let stop = Arc::new(tokio::sync::Notify::new());
         let task = spawn_local(heartbeat::run(gw.clone(), addr, stop.clone()));
         self.heartbeat = Some((stop, task));

@@ -5,8 +5,9 @@
 //! A request's [`Trail`] gathers what the steps learn (the key chosen and
 //! how, each key tried, the upstream latency, the tokens Google reported);
 //! when the answer has been sent, the trail becomes a [`Record`] in this
-//! replica's buffer, written to the shared store in one batch with the next
-//! flush (no store round trip on the request path). The log keeps at most
+//! replica's buffer, written to the shared store in batches by a background
+//! writer every second, or as soon as a batch is full (no store round trip
+//! on the request path). The log keeps at most
 //! `GB_REQUEST_LOG_MAX` records, none older than `GB_REQUEST_LOG_HOURS`.
 //!
 //! A record never holds a body, a query string, a key, a client token or a
@@ -218,8 +219,18 @@ pub struct RequestLog {
     replica: String,
     max: usize,
     keep: Duration,
-    pending: Mutex<Vec<Record>>,
+    /// Records as written (JSON) with their expiry, oldest first.
+    pending: Mutex<std::collections::VecDeque<(String, u64)>>,
+    /// Wakes the writer when a batch is ready.
+    pub ready: tokio::sync::Notify,
 }
+
+/// Records written in one exchange at most (one `ZADD`): a batch small
+/// enough that writing it never holds Redis up for long.
+pub const BATCH: usize = 1000;
+
+/// Records a replica holds while the store cannot take them, at most.
+const PENDING_MAX: usize = 10_000;
 
 impl RequestLog {
     pub fn new(replica: &str, max: usize, keep: Duration) -> Self {
@@ -227,55 +238,59 @@ impl RequestLog {
             replica: replica.to_string(),
             max,
             keep,
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(std::collections::VecDeque::new()),
+            ready: tokio::sync::Notify::new(),
         }
     }
 
-    /// Keeps a finished request's record for the next flush. A replica
-    /// that cannot flush keeps at most `GB_REQUEST_LOG_MAX` records.
+    fn pending(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(String, u64)>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps a finished request's record for the writer. A replica that
+    /// cannot write keeps the newest `min(GB_REQUEST_LOG_MAX, 10,000)`.
     pub fn push(&self, mut record: Record) {
         record.replica.clone_from(&self.replica);
-        let mut pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if pending.len() >= self.max {
-            pending.remove(0);
+        let Ok(json) = serde_json::to_string(&record) else {
+            return;
+        };
+        let expires = record.time_ms + self.keep.as_millis() as u64;
+        let mut pending = self.pending();
+        if pending.len() >= self.max.min(PENDING_MAX) {
+            pending.pop_front();
         }
-        pending.push(record);
+        pending.push_back((json, expires));
+        let full = pending.len() >= BATCH;
+        drop(pending);
+        if full {
+            self.ready.notify_one();
+        }
     }
 
-    /// Writes the pending records in one batch.
+    /// Writes the pending records, in batches of at most [`BATCH`].
     pub async fn flush(&self, store: &dyn StateStore, now_ms: u64) -> Result<(), StoreError> {
-        let records = std::mem::take(
-            &mut *self
-                .pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        if records.is_empty() {
-            return Ok(());
+        loop {
+            let batch: Vec<(String, u64)> = {
+                let mut pending = self.pending();
+                let n = pending.len().min(BATCH);
+                pending.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return Ok(());
+            }
+            if let Err(e) = store.index_add_many(INDEX, &batch, self.max, now_ms).await {
+                // Kept for the next flush, in order, within the bound.
+                let mut pending = self.pending();
+                for record in batch.into_iter().rev() {
+                    pending.push_front(record);
+                }
+                let over = pending.len().saturating_sub(self.max.min(PENDING_MAX));
+                pending.drain(..over);
+                return Err(e);
+            }
         }
-        let keep = self.keep.as_millis() as u64;
-        let members: Vec<(String, u64)> = records
-            .iter()
-            .filter_map(|r| Some((serde_json::to_string(r).ok()?, r.time_ms + keep)))
-            .collect();
-        let written = store
-            .index_add_many(INDEX, &members, self.max, now_ms)
-            .await;
-        if written.is_err() {
-            // Kept for the next flush, the newest first when over the bound.
-            let mut pending = self
-                .pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let newer = std::mem::replace(&mut *pending, records);
-            pending.extend(newer);
-            let over = pending.len().saturating_sub(self.max);
-            pending.drain(..over);
-        }
-        written
     }
 
     /// Records matching `filter`, newest first, from the one after
@@ -354,5 +369,41 @@ impl Filter {
                 .request_id
                 .as_ref()
                 .is_none_or(|id| *id == r.request_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u64) -> Record {
+        Record {
+            time_ms: 1_000 + n,
+            request_id: format!("r{n}"),
+            ..Record::default()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_replica_holds_the_newest_ten_thousand_and_writes_them_in_batches() {
+        let log = RequestLog::new("rep", 20_000, Duration::from_secs(3600));
+        for n in 0..10_050 {
+            log.push(record(n));
+        }
+        assert_eq!(log.pending().len(), 10_000);
+        assert!(
+            log.pending()[0].0.contains("\"r50\""),
+            "the oldest went first"
+        );
+        let store = crate::state::MemoryStore::new();
+        log.flush(&store, 1_000).await.unwrap();
+        assert!(log.pending().is_empty());
+        let (found, _) = log
+            .find(&store, &Filter::default(), None, 1_000, 1_000)
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1_000);
+        assert_eq!(found[0].request_id, "r10049", "newest first");
+        assert_eq!(found[0].replica, "rep");
     }
 }
