@@ -131,17 +131,12 @@ impl Limiter {
             return None;
         }
         let label = label();
-        let label = label.as_deref();
-        let entry = label
-            .filter(|l| set.clients.contains_key(*l))
-            .or_else(|| set.clients.contains_key(token_id).then_some(token_id))
-            .unwrap_or("default")
-            .to_string();
-        set.of(token_id, label).map(|limits| Client {
-            token_id: token_id.to_string(),
-            entry,
-            limits,
-        })
+        set.of(token_id, label.as_deref())
+            .map(|(entry, limits)| Client {
+                token_id: token_id.to_string(),
+                entry: entry.to_string(),
+                limits,
+            })
     }
 
     fn next_id(&self) -> String {

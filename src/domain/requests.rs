@@ -129,9 +129,11 @@ impl Trail {
     /// The client and the model the request is for.
     pub fn client(&self, token_id: &str, model: Option<&str>) {
         self.with(|d| {
-            d.token_id = Some(token_id.to_string());
-            if model.is_some() {
-                d.model = model.map(str::to_string);
+            if d.token_id.is_none() {
+                d.token_id = Some(token_id.to_string());
+            }
+            if let (None, Some(m)) = (&d.model, model) {
+                d.model = Some(m.to_string());
             }
         });
     }

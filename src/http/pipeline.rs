@@ -86,16 +86,6 @@ impl Call {
         }
     }
 
-    /// Whether the call counts against a key's published per-model limits
-    /// (`[keys]` of the limits file): content generation and embeddings,
-    /// native or OpenAI. Model listings and token counts do not.
-    pub fn spends_quota(&self) -> bool {
-        matches!(
-            crate::http::routes::label_of(&self.method, &self.path),
-            "generate" | "stream" | "embed" | "openai_chat" | "openai_embeddings"
-        )
-    }
-
     pub fn path_and_query(&self) -> String {
         if self.query.is_empty() {
             self.path.clone()
@@ -138,6 +128,16 @@ impl Bill {
         }
         self.trail = trail;
         self
+    }
+
+    /// Whether the call counts against a key's published per-model limits
+    /// (`[keys]` of the limits file): content generation and embeddings,
+    /// native or OpenAI. Model listings and token counts do not.
+    pub fn spends_quota(&self) -> bool {
+        matches!(
+            self.route,
+            "generate" | "stream" | "embed" | "openai_chat" | "openai_embeddings"
+        )
     }
 
     pub fn series(&self, key_id: &str) -> Series {
@@ -384,22 +384,23 @@ pub async fn send(
     // Every wait of this request (a pinned key's cooldown and window, the
     // pool's windows) ends by one deadline.
     let deadline = now_ms() + gw.settings.sessions.pin_wait.as_millis() as u64;
+    let bill = call.bill();
+    let windowed = bill.spends_quota();
     let pinned = match pinned {
         Some(Pinned { key, states, .. }) => {
-            wait_for_pinned(gw, &key, states, call, deadline).await?;
+            wait_for_pinned(gw, &key, states, call.model.as_deref(), windowed, deadline).await?;
             Some(key)
         }
         None => None,
     };
     let target = call.path_and_query();
-    let bill = call.bill();
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<HttpResponse> = None;
     for attempt in 0..attempts {
         let key = match &pinned {
             Some(key) => key.clone(),
             None => {
-                match next_key(gw, &tried, call, deadline).await {
+                match next_key(gw, &tried, call.model.as_deref(), windowed, deadline).await {
                     Ok(key) => key,
                     Err(NoKey::Exhausted) if last.is_some() => break,
                     Err(no) => {
@@ -479,12 +480,11 @@ pub async fn send(
 async fn next_key(
     gw: &Gateway,
     tried: &[String],
-    call: &Call,
+    model: Option<&str>,
+    windowed: bool,
     deadline: u64,
 ) -> Result<Arc<ApiKey>, NoKey> {
     let mut counted = false;
-    let model = call.model.as_deref();
-    let windowed = call.spends_quota();
     loop {
         match gw.keys.next_for(gw.store(), tried, model, windowed).await {
             Err(NoKey::WindowsFull { model, until_ms }) => {
@@ -532,7 +532,8 @@ async fn wait_for_pinned(
     gw: &Gateway,
     key: &ApiKey,
     states: Option<session::KeyStates>,
-    call: &Call,
+    model: Option<&str>,
+    windowed: bool,
     deadline: u64,
 ) -> Result<(), ApiError> {
     let states = match states {
@@ -543,8 +544,7 @@ async fn wait_for_pinned(
             Err(_) => return Ok(()),
         },
     };
-    let model = call.model.as_deref();
-    let windowed = model.filter(|_| call.spends_quota());
+    let windowed = model.filter(|_| windowed);
     match effective_state(&states, &key.id, model, now_ms()) {
         None => wait_for_window(gw, key, windowed, deadline).await,
         Some(MemberState::Disabled { reason, .. }) => Err(ApiError::new(

@@ -218,13 +218,18 @@ pub struct LimitSet {
 }
 
 impl LimitSet {
-    /// The limits of a client token known by `id` and maybe `label`.
-    pub fn of(&self, id: &str, label: Option<&str>) -> Option<Arc<ClientLimits>> {
+    /// The limits of a client token known by `id` and maybe `label`, with
+    /// the name of the entry they come from (`default` for the default).
+    pub fn of<'a>(
+        &'a self,
+        id: &'a str,
+        label: Option<&'a str>,
+    ) -> Option<(&'a str, Arc<ClientLimits>)> {
+        let named = |name: &'a str| self.clients.get(name).map(|l| (name, l.clone()));
         label
-            .and_then(|l| self.clients.get(l))
-            .or_else(|| self.clients.get(id))
-            .or(self.default.as_ref())
-            .cloned()
+            .and_then(named)
+            .or_else(|| named(id))
+            .or_else(|| self.default.clone().map(|l| ("default", l)))
     }
 
     /// Whether no client has limits.
@@ -369,11 +374,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(set.default.as_ref().unwrap().rpm, Some(60));
-        let alice = set.of("id-a", Some("alice")).unwrap();
+        let (entry, alice) = set.of("id-a", Some("alice")).unwrap();
+        assert_eq!(entry, "alice");
         assert_eq!(alice.tpm, Some(2_000_000));
         assert!(alice.allows("gemini-2.5-flash-lite"));
         assert!(!alice.allows("gemini-2.5-pro"));
-        assert_eq!(set.of("id-b", None).unwrap().rpm, Some(60));
+        assert_eq!(set.of("id-b", None).unwrap().1.rpm, Some(60));
     }
 
     #[test]

@@ -344,8 +344,8 @@ pub struct KeyUse {
 }
 
 impl KeyUse {
-    /// When the key's window frees up, if it is full now.
-    pub fn full_until(&mut self, w: &KeyWindow, ask: &WindowAsk<'_>, now_ms: u64) -> Option<u64> {
+    /// Forgets what left the window, and a day that ended.
+    fn prune(&mut self, ask: &WindowAsk<'_>, now_ms: u64) {
         let span = MINUTE_MS + WINDOW_MARGIN_MS;
         while self.requests.front().is_some_and(|&t| t + span <= now_ms) {
             self.requests.pop_front();
@@ -354,6 +354,12 @@ impl KeyUse {
         if self.day.0 != ask.day {
             self.day = (ask.day.to_string(), 0);
         }
+    }
+
+    /// When the key's window frees up, if it is full now.
+    pub fn full_until(&mut self, w: &KeyWindow, ask: &WindowAsk<'_>, now_ms: u64) -> Option<u64> {
+        self.prune(ask, now_ms);
+        let span = MINUTE_MS + WINDOW_MARGIN_MS;
         if w.rpd > 0 && self.day.1 >= w.rpd {
             return Some(ask.day_ends_ms);
         }
@@ -383,7 +389,7 @@ impl KeyUse {
     /// Requests of the last minute, tokens of the last minute, requests of
     /// the day.
     pub fn usage(&mut self, ask: &WindowAsk<'_>, now_ms: u64) -> (u64, u64, u64) {
-        let _ = self.full_until(&KeyWindow::default(), ask, now_ms);
+        self.prune(ask, now_ms);
         (
             self.requests.len() as u64,
             self.tokens.values().sum(),

@@ -82,6 +82,23 @@ struct Inner {
 }
 
 impl Inner {
+    /// Each member's state for `model`, as rotation reads it.
+    fn states_of(
+        &self,
+        ring: &str,
+        members: &[String],
+        model: Option<&str>,
+        now_ms: u64,
+    ) -> Vec<Option<MemberState>> {
+        match self.states.get(ring) {
+            Some(ring_states) => members
+                .iter()
+                .map(|m| effective_state(ring_states, m, model, now_ms))
+                .collect(),
+            None => vec![None; members.len()],
+        }
+    }
+
     fn live(&mut self, key: &str) -> Option<&mut (String, Instant)> {
         let now = Instant::now();
         if self.bindings.get(key).is_some_and(|(_, exp)| *exp <= now) {
@@ -147,13 +164,7 @@ impl StateStore for MemoryStore {
         now_ms: u64,
     ) -> Result<Pick, StoreError> {
         self.with(|inner| {
-            let states: Vec<Option<MemberState>> = match inner.states.get(ring) {
-                Some(ring_states) => members
-                    .iter()
-                    .map(|m| effective_state(ring_states, m, model, now_ms))
-                    .collect(),
-                None => vec![None; members.len()],
-            };
+            let states = inner.states_of(ring, members, model, now_ms);
             choose(members, &states, exclude, now_ms, || {
                 let c = inner.counters.entry(ring.to_string()).or_insert(0);
                 *c += 1;
@@ -172,13 +183,7 @@ impl StateStore for MemoryStore {
         now_ms: u64,
     ) -> Result<Pick, StoreError> {
         self.with(|inner| {
-            let mut states: Vec<Option<MemberState>> = match inner.states.get(ring) {
-                Some(ring_states) => members
-                    .iter()
-                    .map(|m| effective_state(ring_states, m, Some(ask.model), now_ms))
-                    .collect(),
-                None => vec![None; members.len()],
-            };
+            let mut states = inner.states_of(ring, members, Some(ask.model), now_ms);
             // A full window is passed over as a cooldown is.
             let mut first_free: Option<u64> = None;
             for (i, member) in members.iter().enumerate() {

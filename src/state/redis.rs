@@ -697,13 +697,8 @@ impl StateStore for RedisStore {
         }
         // Every key of one ring shares its slot: one pipeline, one master.
         let pipe = &pipe;
-        self.run_once(|c| async move {
-            match c {
-                Conn::Single(mut c) => pipe.query_async::<()>(&mut c).await,
-                Conn::Cluster(mut c) => pipe.query_async::<()>(&mut c).await,
-            }
-        })
-        .await
+        self.run_once(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
     }
 
     async fn key_windows(
@@ -948,13 +943,8 @@ impl StateStore for RedisStore {
         pipe.cmd("PEXPIREAT").arg(&key).arg(latest).ignore();
         // One key, one slot; ZADD of the same members twice is one ZADD.
         let pipe = &pipe;
-        self.run(|c| async move {
-            match c {
-                Conn::Single(mut c) => pipe.query_async::<()>(&mut c).await,
-                Conn::Cluster(mut c) => pipe.query_async::<()>(&mut c).await,
-            }
-        })
-        .await
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
     }
 
     async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
