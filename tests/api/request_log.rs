@@ -203,6 +203,38 @@ async fn each_request_is_found_by_its_id_with_its_key_attempts_and_tokens() {
             .collect::<Vec<_>>(),
         want
     );
+    for (query, keep) in [
+        (
+            "model=gemini-live-2.5-flash",
+            &(|r: &Value| r["model"] == "gemini-live-2.5-flash") as &dyn Fn(&Value) -> bool,
+        ),
+        ("outcome=client_limited", &|r: &Value| {
+            r["outcome"] == "client_limited"
+        }),
+    ] {
+        let found = admin(&gws[0], query).await;
+        let want: Vec<&Value> = all.iter().filter(|r| keep(r)).collect();
+        assert_eq!(want.len(), 1, "{query}");
+        assert_eq!(
+            found["requests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .collect::<Vec<_>>(),
+            want,
+            "{query}"
+        );
+    }
+    let newest = all[0]["time_ms"].as_u64().unwrap();
+    let from_newest = admin(&gws[0], &format!("from={newest}")).await;
+    assert_eq!(from_newest["requests"][0], all[0]);
+    assert!(from_newest["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["time_ms"].as_u64().unwrap() >= newest));
+    let before_oldest = admin(&gws[0], &format!("to={}", newest - 3_600_000)).await;
+    assert_eq!(before_oldest["requests"], json!([]));
     let fours = admin(&gws[1], "status=4xx").await;
     let want: Vec<&Value> = all
         .iter()

@@ -526,6 +526,44 @@ async fn limits(store: &dyn StateStore) {
         .unwrap();
     assert_eq!(used[0].tokens_last_minute, 5, "{kind}");
     assert_eq!(used[1].requests_last_minute, 1, "{kind}");
+    // Requests per day: full until the day ends, then free again.
+    let rpd = KeyWindow {
+        rpm: 0,
+        tpm: 0,
+        rpd: 1,
+    };
+    let one = members(1);
+    let day = |date: &'static str, ends: u64, id: &'static str| WindowAsk {
+        model: "m",
+        day: date,
+        day_ends_ms: ends,
+        request_id: id,
+    };
+    let pick = |ask: WindowAsk<'static>, at: u64| {
+        let one = one.clone();
+        async move {
+            store
+                .rotate_within("wd", &one, &[], &[rpd], &ask, at)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        pick(day("d1", day_ends_ms, "p1"), now).await,
+        Pick::Member(0)
+    );
+    assert_eq!(
+        pick(day("d1", day_ends_ms, "p2"), now + 70_000).await,
+        Pick::WindowsFull {
+            until_ms: day_ends_ms
+        },
+        "{kind}"
+    );
+    assert_eq!(
+        pick(day("d2", day_ends_ms + 86_400_000, "p3"), day_ends_ms).await,
+        Pick::Member(0),
+        "{kind}: a new day"
+    );
 }
 
 /// Pages of an index: every live member once, in `index_members` order,
