@@ -97,7 +97,11 @@ class Soak:
                 headers = dict((k.lower(), v) for k, v in resp.getheaders())
                 headers[":served-by"] = url
                 return resp.status, headers, payload
-            except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected) as e:
+            # A refused connection, or one reset or closed before any answer
+            # (the stopping replica's listener closed while the connection
+            # still waited in its backlog: the request was never read).
+            except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError,
+                    http.client.RemoteDisconnected) as e:
                 last = e
                 continue
             finally:

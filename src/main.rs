@@ -104,7 +104,13 @@ async fn main() -> std::process::ExitCode {
             }
         };
     }
-    telemetry::init(settings.logging.format);
+    let traces = match telemetry::init(&settings.logging) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gemini-balancer: configuration error: GB_OTLP_ENDPOINT: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     for u in &unknown {
         tracing::warn!(variable = %u.name, did_you_mean = u.nearest, "{u}");
     }
@@ -115,6 +121,8 @@ async fn main() -> std::process::ExitCode {
             .await
     }
     .await;
+    // Sends the spans not yet sent.
+    drop(traces);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

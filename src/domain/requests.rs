@@ -146,6 +146,13 @@ impl Trail {
         self.with(|d| d.resource = Some(kind));
     }
 
+    /// Upstream calls made so far.
+    pub fn attempts(&self) -> u32 {
+        let mut n = 0;
+        self.with(|d| n = d.keys_tried.len() as u32);
+        n
+    }
+
     /// One upstream call on `key_id`, answered (or failed) after `took`.
     pub fn tried(&self, key_id: &str, took: Duration) {
         self.with(|d| {

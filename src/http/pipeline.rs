@@ -22,6 +22,7 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::HttpResponse;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use tracing::Instrument;
 
 use crate::domain::attempt;
 use crate::domain::gateway::Gateway;
@@ -189,10 +190,28 @@ pub async fn attempt_billed(
     bill: &Bill,
     count_answer: bool,
 ) -> attempt::Sent {
+    let span = attempt_span(bill.trail.as_ref(), &key.id);
     let started = std::time::Instant::now();
-    let sent = attempt::attempt(gw, up, key, request, body).await;
+    let sent = attempt::attempt(gw, up, key, request, body)
+        .instrument(span.clone())
+        .await;
     if let Some(trail) = &bill.trail {
         trail.tried(&key.id, started.elapsed());
+    }
+    match &sent {
+        attempt::Sent::Answer(resp) => {
+            span.record("status", i64::from(resp.status().as_u16()));
+            span.record("outcome", "answer");
+        }
+        attempt::Sent::Refused {
+            status, outcome, ..
+        } => {
+            span.record("status", i64::from(status.as_u16()));
+            span.record("outcome", outcome.name());
+        }
+        attempt::Sent::Unreachable(_) => {
+            span.record("outcome", "transport");
+        }
     }
     match &sent {
         attempt::Sent::Answer(_) if count_answer => bill.served(gw, &key.id, None),
@@ -209,6 +228,21 @@ pub async fn attempt_billed(
         }
     }
     sent
+}
+
+/// The span of one upstream call of a request: its number in the request,
+/// the key, and (recorded when it ends) the status and outcome. At debug
+/// level, so that logging at `info` pays nothing for it. Numbers are
+/// recorded as `i64`, the integer type OTLP attributes have.
+pub fn attempt_span(trail: Option<&Trail>, key_id: &str) -> tracing::Span {
+    tracing::debug_span!(
+        "attempt",
+        otel.kind = "client",
+        attempt = i64::from(trail.map_or(1, |t| t.attempts() + 1)),
+        key_id,
+        status = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    )
 }
 
 /// A key a request must use, with every key's health when pinning it

@@ -1,30 +1,231 @@
-//! Logging: `tracing` to stderr, text or one JSON object a line, level from
-//! `RUST_LOG`. Every request gets a root span carrying its request id (the
-//! client's `x-request-id` when it sends a sane one). The span records the
-//! path only: the query can carry a client token (`?key=`).
+//! Logging and traces. Logs: `tracing` to stderr, text or one JSON object a
+//! line, level from `RUST_LOG`. Every request gets a root span carrying its
+//! request id (the client's `x-request-id` when it sends a sane one). The
+//! span records the path only, with a session id masked: the query can
+//! carry a client token (`?key=`).
+//!
+//! Traces: with `GB_OTLP_ENDPOINT` set, the same spans also go to an
+//! OpenTelemetry collector over OTLP/HTTP — the request span (route, model,
+//! key id, token id, status), its `attempt` spans and its `store` calls, and
+//! a `live_session` span per Live session. A client's W3C `traceparent`
+//! makes the request part of the client's trace. Without the variable the
+//! subscriber is the plain logger and nothing is exported.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::HttpMessage;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
+};
 use tracing::Span;
 use tracing_actix_web::RootSpanBuilder;
-use tracing_subscriber::EnvFilter;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-use crate::settings::LogFormat;
+use crate::domain::requests::Record;
+use crate::settings::{LogFormat, Logging, Otlp};
 
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,actix_server=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Whether spans are exported (a client's `traceparent` is read only then).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// How often finished spans are sent, at most.
+const EXPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// How long one export may take before it is given up.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether spans are exported: what only a trace needs is done only then.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// The current request's span when spans are exported, else none (holding
+/// it costs a reference count).
+pub fn request_span() -> Span {
+    if exporting() {
+        Span::current()
+    } else {
+        Span::none()
+    }
+}
+
+/// The trace exporter, while one runs; dropping it sends what is left.
+pub struct Traces {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Traces {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(e) = provider.shutdown() {
+                tracing::warn!(error = %e, "traces not all sent at shutdown");
+            }
+        }
+    }
+}
+
+fn env_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,actix_server=warn"))
+}
+
+/// Starts logging, and the trace exporter when `GB_OTLP_ENDPOINT` is set.
+pub fn init(logging: &Logging) -> anyhow::Result<Traces> {
+    let Some(otlp) = &logging.otlp else {
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(env_filter())
+            .with_writer(std::io::stderr)
+            .with_target(false);
+        let result = match logging.format {
+            LogFormat::Json => builder.json().flatten_event(true).try_init(),
+            LogFormat::Text => builder.with_ansi(false).try_init(),
+        };
+        // A second init (tests) keeps the first subscriber.
+        let _ = result;
+        return Ok(Traces { provider: None });
+    };
+    let provider = tracer_provider(otlp)?;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
-    let result = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.with_ansi(false).try_init(),
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = match logging.format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.with_ansi(false).boxed(),
     };
-    // A second init (tests) keeps the first subscriber.
-    let _ = result;
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("gemini-balancer"))
+        .with_filter(tracing_subscriber::filter::dynamic_filter_fn(exported));
+    let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> =
+        vec![fmt.with_filter(env_filter()).boxed(), otel.boxed()];
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    EXPORTING.store(true, Ordering::Relaxed);
+    tracing::info!(endpoint = %otlp.traces_url, sample = otlp.sample, "exporting traces over OTLP/HTTP");
+    Ok(Traces {
+        provider: Some(provider),
+    })
+}
+
+/// The spans a trace holds: the gateway's own, and only those of a request
+/// or a Live session — a background task's store calls have no request to
+/// belong to and would each be a trace of one span.
+fn exported(meta: &tracing::Metadata<'_>, cx: &Context<'_, Registry>) -> bool {
+    meta.is_span()
+        && meta.target().starts_with("gemini_balancer")
+        && (meta.name() == "request" || cx.lookup_current().is_some())
+}
+
+fn tracer_provider(otlp: &Otlp) -> anyhow::Result<SdkTracerProvider> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(EXPORT_TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(Exporter(agent))
+        .with_endpoint(otlp.traces_url.clone())
+        .with_timeout(EXPORT_TIMEOUT)
+        .build()?;
+    let batches = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_scheduled_delay(EXPORT_EVERY)
+                .build(),
+        )
+        .build();
+    let resource = opentelemetry_sdk::Resource::builder_empty()
+        .with_service_name("gemini-balancer")
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(batches)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            otlp.sample,
+        ))))
+        .with_resource(resource)
+        .build())
+}
+
+/// Posts OTLP batches. The SDK exports on its own thread and waits for each
+/// export there, so a blocking client is what it needs.
+#[derive(Debug)]
+struct Exporter(ureq::Agent);
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for Exporter {
+    async fn send_bytes(
+        &self,
+        request: opentelemetry_http::Request<opentelemetry_http::Bytes>,
+    ) -> Result<
+        opentelemetry_http::Response<opentelemetry_http::Bytes>,
+        opentelemetry_http::HttpError,
+    > {
+        let (parts, body) = request.into_parts();
+        let mut answer = self
+            .0
+            .run(http::Request::from_parts(parts, body.to_vec()))?;
+        let status = answer.status();
+        let body = answer
+            .body_mut()
+            .with_config()
+            .limit(1 << 20)
+            .read_to_vec()?;
+        Ok(http::Response::builder()
+            .status(status)
+            .body(opentelemetry_http::Bytes::from(body))?)
+    }
+}
+
+/// A request's path as spans and logs show it: a session id (which names a
+/// client's conversation) masked.
+fn shown_path(path: &str) -> std::borrow::Cow<'_, str> {
+    match path.strip_prefix("/session/") {
+        Some(rest) => {
+            let tail = rest.find('/').map_or("", |i| &rest[i..]);
+            std::borrow::Cow::Owned(format!("/session/-{tail}"))
+        }
+        None => std::borrow::Cow::Borrowed(path),
+    }
+}
+
+/// What a finished request's record says, on its span (the request span,
+/// or a Live session's).
+pub fn record_on(span: &Span, record: &Record, replica: &str) {
+    if !exporting() || span.is_disabled() {
+        return;
+    }
+    span.record("route", record.route.as_str());
+    span.record("replica", replica);
+    if !record.token_id.is_empty() {
+        span.record("token_id", record.token_id.as_str());
+    }
+    if let Some(model) = &record.model {
+        span.record("model", model.as_str());
+    }
+    if let Some(key) = &record.key_id {
+        span.record("key_id", key.as_str());
+    }
+    span.record("attempts", i64::from(record.attempts));
+    span.record("outcome", record.outcome.as_str());
+    if let Some(how) = &record.chosen_by {
+        span.record("chosen_by", how.as_str());
+    }
+    if let Some(t) = &record.tokens {
+        span.record("tokens.prompt", i64::try_from(t.prompt).unwrap_or(i64::MAX));
+        span.record("tokens.output", i64::try_from(t.output).unwrap_or(i64::MAX));
+    }
 }
 
 /// The request id of a request, set by the root span.
@@ -64,13 +265,32 @@ impl RootSpanBuilder for GatewaySpan {
             .filter(|v| sane_request_id(v))
             .map_or_else(new_request_id, str::to_string);
         request.extensions_mut().insert(RequestId(id.clone()));
-        tracing::info_span!(
+        let span = tracing::info_span!(
             "request",
+            otel.kind = "server",
             request_id = %id,
             method = %request.method(),
-            path = %request.path(),
+            path = %shown_path(request.path()),
             status = tracing::field::Empty,
-        )
+            route = tracing::field::Empty,
+            replica = tracing::field::Empty,
+            model = tracing::field::Empty,
+            key_id = tracing::field::Empty,
+            token_id = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            chosen_by = tracing::field::Empty,
+            tokens.prompt = tracing::field::Empty,
+            tokens.output = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        if exporting() {
+            let parent = opentelemetry::global::get_text_map_propagator(|p| {
+                p.extract(&Headers(request.headers()))
+            });
+            let _ = span.set_parent(parent);
+        }
+        span
     }
 
     fn on_request_end<B: MessageBody>(
@@ -81,8 +301,43 @@ impl RootSpanBuilder for GatewaySpan {
             Ok(resp) => resp.status().as_u16(),
             Err(e) => e.as_response_error().status_code().as_u16(),
         };
-        span.record("status", status);
+        // As `i64`, the integer type OTLP attributes have.
+        span.record("status", i64::from(status));
+        if status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
         let _guard = span.enter();
         tracing::info!(status, "served");
+    }
+}
+
+/// A request's headers, as the trace-context propagator reads them.
+struct Headers<'a>(&'a actix_web::http::header::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .map(actix_web::http::header::HeaderName::as_str)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown_path;
+
+    #[test]
+    fn a_session_id_is_masked_in_the_path_spans_show() {
+        assert_eq!(
+            shown_path("/session/abc123/v1beta/models/m:generateContent"),
+            "/session/-/v1beta/models/m:generateContent"
+        );
+        assert_eq!(shown_path("/session/abc123"), "/session/-");
+        assert_eq!(shown_path("/v1beta/models"), "/v1beta/models");
     }
 }

@@ -36,7 +36,7 @@ pub use keys::Keys;
 pub use limits::{parse as parse_limits, ClientLimits, KeyLimit, KeyLimits, LimitSet, Limits};
 pub use listen::Listen;
 pub use live::Live;
-pub use logging::{LogFormat, Logging};
+pub use logging::{LogFormat, Logging, Otlp};
 pub use proxies::{parse as parse_proxy, Kind as ProxyKind, Proxies, ProxySpec};
 pub use redis::{Redis, RedisMode};
 pub use secret_file::SecretFile;

@@ -7,6 +7,10 @@
 //! call fails as a store outage would, so requests that need one get a 503;
 //! key rotation, health, locks and counters pass through, so unpinned
 //! traffic keeps flowing.
+//!
+//! Every call through it is a `store` span (at debug level) naming its
+//! operation, which a request's trace shows as a child of the step that
+//! made it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -106,10 +110,12 @@ impl StateStore for GatedStore {
         self.gate.status()
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "ping"))]
     async fn ping(&self) -> Result<Duration, StoreError> {
         self.inner.ping().await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "rotate"))]
     async fn rotate(
         &self,
         ring: &str,
@@ -123,10 +129,17 @@ impl StateStore for GatedStore {
             .await
     }
 
+    #[tracing::instrument(
+        name = "store",
+        level = "debug",
+        skip_all,
+        fields(op = "member_states")
+    )]
     async fn member_states(&self, ring: &str) -> Result<HashMap<String, MemberState>, StoreError> {
         self.inner.member_states(ring).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "transition"))]
     async fn transition(
         &self,
         ring: &str,
@@ -140,11 +153,13 @@ impl StateStore for GatedStore {
             .await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "touch"))]
     async fn touch(&self, ns: &str, id: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
         self.gate.open()?;
         self.inner.touch(ns, id, ttl).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "claim"))]
     async fn claim(
         &self,
         ns: &str,
@@ -156,6 +171,7 @@ impl StateStore for GatedStore {
         self.inner.claim(ns, id, value, ttl).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "replace"))]
     async fn replace(
         &self,
         ns: &str,
@@ -168,21 +184,25 @@ impl StateStore for GatedStore {
         self.inner.replace(ns, id, expected, value, ttl).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "put"))]
     async fn put(&self, ns: &str, id: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
         self.gate.open()?;
         self.inner.put(ns, id, value, ttl).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "get_many"))]
     async fn get_many(&self, ns: &str, ids: &[String]) -> Result<Vec<Option<String>>, StoreError> {
         self.gate.open()?;
         self.inner.get_many(ns, ids).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "delete"))]
     async fn delete(&self, ns: &str, id: &str) -> Result<(), StoreError> {
         self.gate.open()?;
         self.inner.delete(ns, id).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "index_add"))]
     async fn index_add(
         &self,
         name: &str,
@@ -194,11 +214,18 @@ impl StateStore for GatedStore {
         self.inner.index_add(name, member, ttl, now_ms).await
     }
 
+    #[tracing::instrument(
+        name = "store",
+        level = "debug",
+        skip_all,
+        fields(op = "index_members")
+    )]
     async fn index_members(&self, name: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
         self.gate.open()?;
         self.inner.index_members(name, now_ms).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "index_page"))]
     async fn index_page(
         &self,
         name: &str,
@@ -210,19 +237,23 @@ impl StateStore for GatedStore {
         self.inner.index_page(name, now_ms, after, count).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "index_remove"))]
     async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {
         self.gate.open()?;
         self.inner.index_remove(name, member).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "try_lock"))]
     async fn try_lock(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
         self.inner.try_lock(name, holder, ttl).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "unlock"))]
     async fn unlock(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         self.inner.unlock(name, holder).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "add_counts"))]
     async fn add_counts(
         &self,
         bucket: &str,
@@ -232,10 +263,17 @@ impl StateStore for GatedStore {
         self.inner.add_counts(bucket, counts, ttl).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "read_counts"))]
     async fn read_counts(&self, buckets: &[String]) -> Result<HashMap<String, u64>, StoreError> {
         self.inner.read_counts(buckets).await
     }
 
+    #[tracing::instrument(
+        name = "store",
+        level = "debug",
+        skip_all,
+        fields(op = "index_add_many")
+    )]
     async fn index_add_many(
         &self,
         name: &str,
@@ -249,6 +287,12 @@ impl StateStore for GatedStore {
     // Client limits and key windows are counters, not bindings: they pass
     // through.
 
+    #[tracing::instrument(
+        name = "store",
+        level = "debug",
+        skip_all,
+        fields(op = "rotate_within")
+    )]
     async fn rotate_within(
         &self,
         ring: &str,
@@ -263,6 +307,7 @@ impl StateStore for GatedStore {
             .await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "settle_keys"))]
     async fn settle_keys(
         &self,
         ring: &str,
@@ -272,6 +317,7 @@ impl StateStore for GatedStore {
         self.inner.settle_keys(ring, settles, now_ms).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "key_windows"))]
     async fn key_windows(
         &self,
         ring: &str,
@@ -282,14 +328,17 @@ impl StateStore for GatedStore {
         self.inner.key_windows(ring, members, ask, now_ms).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "admit"))]
     async fn admit(&self, client: &str, ask: &Ask<'_>) -> Result<Verdict, StoreError> {
         self.inner.admit(client, ask).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "settle"))]
     async fn settle(&self, settles: &[Settle], now_ms: u64) -> Result<(), StoreError> {
         self.inner.settle(settles, now_ms).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "leases"))]
     async fn leases(
         &self,
         release: &[Held],
@@ -299,6 +348,7 @@ impl StateStore for GatedStore {
         self.inner.leases(release, renew, until_ms).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(op = "client_use"))]
     async fn client_use(
         &self,
         client: &str,

@@ -25,6 +25,7 @@ use crate::domain::limits::{Kind, Refusal, Ticket};
 use crate::domain::requests::Chosen;
 use awc::ws::{Frame, Message as UpMessage};
 use futures_util::{SinkExt, StreamExt};
+use tracing::Instrument;
 
 use super::{authorize, Edge};
 use crate::domain::gateway::Gateway;
@@ -111,12 +112,33 @@ pub async fn handle(
         bill: pipeline::Bill::to(&token_id, "live").traced(super::trail_of(req)),
         limits,
         _ticket: ticket,
+        span: tracing::info_span!(
+            "live_session",
+            route = tracing::field::Empty,
+            replica = tracing::field::Empty,
+            model = tracing::field::Empty,
+            key_id = tracing::field::Empty,
+            token_id = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            chosen_by = tracing::field::Empty,
+            tokens.prompt = tracing::field::Empty,
+            tokens.output = tracing::field::Empty,
+        ),
     };
-    crate::background::for_connection(relay.run(session, stream.max_frame_size(MAX_FRAME)));
+    let span = relay.span.clone();
+    crate::background::for_connection(
+        relay
+            .run(session, stream.max_frame_size(MAX_FRAME))
+            .instrument(span),
+    );
     Ok(response)
 }
 
 struct Relay {
+    /// The session's span: its handshakes and store calls are its children,
+    /// and its record's facts are written on it when it ends.
+    span: tracing::Span,
     gw: Arc<Gateway>,
     up: Arc<Upstream>,
     target: String,
@@ -199,6 +221,7 @@ impl Drop for Relay {
             }
             let auth = &self.gw.auth;
             let record = trail.finish(101, None, |id| auth.label_of(id));
+            crate::ops::telemetry::record_on(&self.span, &record, &self.gw.replica);
             self.gw.requests.push(record);
         }
     }
@@ -260,7 +283,17 @@ impl Relay {
             let Some(key) = key else {
                 break;
             };
-            match self.open(&key, &setup).await {
+            let span = pipeline::attempt_span(self.bill.trail.as_ref(), &key.id);
+            let opened = self.open(&key, &setup).instrument(span.clone()).await;
+            span.record(
+                "outcome",
+                match &opened {
+                    Opened::Ready(..) => "answer",
+                    Opened::KeyFailed(_) => "key_failed",
+                    Opened::Failed(_) => "failed",
+                },
+            );
+            match opened {
                 Opened::Ready(upstream, first) => {
                     self.relay(&key, session, stream, *upstream, first).await;
                     return;

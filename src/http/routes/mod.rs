@@ -480,6 +480,7 @@ pub async fn dispatch(
     let finish = (!live).then(|| Finish {
         gw: gw.into_inner(),
         trail,
+        span: crate::ops::telemetry::request_span(),
         status: response.status().as_u16(),
         kind: response
             .extensions()
@@ -513,6 +514,8 @@ fn hold_until_sent(
 struct Finish {
     gw: std::sync::Arc<Gateway>,
     trail: Trail,
+    /// The request's span, which the record's facts are written on too.
+    span: tracing::Span,
     status: u16,
     kind: Option<&'static str>,
 }
@@ -523,6 +526,7 @@ impl Drop for Finish {
         let record = self
             .trail
             .finish(self.status, self.kind, |id| auth.label_of(id));
+        crate::ops::telemetry::record_on(&self.span, &record, &self.gw.replica);
         self.gw.requests.push(record);
     }
 }
