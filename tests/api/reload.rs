@@ -123,6 +123,9 @@ async fn keys_added_and_removed_in_the_file_reach_every_replica() {
         );
     }
 
+    let removed_series = format!("gb_key_state{{key_id=\"{}\"", key_id(&ks[1]));
+    assert!(metrics_text(&gws[0].url).await.contains(&removed_series));
+
     // Removed: after one interval neither replica uses it.
     files.write("keys", &format!("{}\n{}\n", ks[0], ks[2]));
     for gw in &gws {
@@ -147,6 +150,15 @@ async fn keys_added_and_removed_in_the_file_reach_every_replica() {
         !used_keys(&fake.requests().await).contains(&ks[1]),
         "the removed key is never used"
     );
+    // Nor is it in the key gauges any more (the answer counters by key keep
+    // what it did).
+    let metrics = metrics_text(&gws[0].url).await;
+    let stale: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("gb_key_") && l.contains(&key_id(&ks[1])))
+        .collect();
+    assert!(stale.is_empty(), "{stale:?}");
+    assert!(metrics.contains(&format!("gb_key_state{{key_id=\"{}\"", key_id(&ks[0]))));
 
     // Its session moves to another key; its file gets a clear error with no
     // upstream call.

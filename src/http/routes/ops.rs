@@ -69,8 +69,11 @@ pub async fn metrics(gw: web::Data<Gateway>) -> HttpResponse {
     gw.metrics.read_fds();
     if let Ok(states) = store.member_states(crate::domain::keys::RING).await {
         let now = crate::state::now_ms();
+        // Filled afresh: a key removed by a reload leaves no series behind.
         gw.metrics.key_model_cooling.clear();
         gw.metrics.key_disabled.clear();
+        gw.metrics.key_state.clear();
+        gw.metrics.key_cooldown.clear();
         for view in gw.keys.view(&states, now) {
             if let Some(reason) = &view.disabled_reason {
                 gw.metrics
