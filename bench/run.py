@@ -270,6 +270,17 @@ def run_pass(args, delay_ms):
         renv["GB_LIMITS_FILE"] = str(limits_file)
         gwr, gwr_url = start([str(BIN / "gemini-balancer")], renv, "stderr")
         procs.append(gwr)
+        # The same replica setup exporting every trace (GB_OTLP_SAMPLE=1) to
+        # a collector: the fake's /_fake/v1/traces, which takes and counts
+        # OTLP posts. The plain Redis row has GB_OTLP_ENDPOINT unset.
+        tenv = gateway_env(fake_url, redis_port)
+        tenv["GB_OTLP_ENDPOINT"] = fake_url + "/_fake"
+        gwt, gwt_url = start([str(BIN / "gemini-balancer")], tenv, "stderr")
+        procs.append(gwt)
+        # The floor of the stack: actix-web in, awc out, nothing else.
+        fwd, fwd_url = start([str(BIN / "bare-forwarder")],
+                             dict(os.environ, FORWARD_UPSTREAM=fake_url, FORWARD_WORKERS="2"), "stdout")
+        procs.append(fwd)
         cluster_dir = tempfile.mkdtemp(prefix="gb-bench-cluster-")
         cluster = start_cluster(cluster_dir)
         procs += [p for _, p in cluster]
@@ -287,6 +298,7 @@ def run_pass(args, delay_ms):
             procs.append(nginx)
             configs.append(Config("nginx proxy_pass", nginx_url, nginx_pids, credential=KEYS[0], upstream_pids=up))
         configs += [
+            Config("bare actix-web + awc forwarder", fwd_url, [fwd.pid], credential=KEYS[0], upstream_pids=up),
             Config("gateway, embedded store", gw_url, [gw.pid], metrics_urls=[gw_url], upstream_pids=up),
             Config("gateway, Redis", gwr_url, [gwr.pid], (redis_port, redis.pid), metrics_urls=[gwr_url],
                    upstream_pids=up),
@@ -294,6 +306,8 @@ def run_pass(args, delay_ms):
                    headers=("x-session-id: bench-session",), metrics_urls=[gwr_url], upstream_pids=up),
             Config("gateway, Redis, client with rpm + tpm limits", gwr_url, [gwr.pid], (redis_port, redis.pid),
                    credential=LIMITED_TOKEN, metrics_urls=[gwr_url], upstream_pids=up),
+            Config("gateway, Redis, every trace exported", gwt_url, [gwt.pid], (redis_port, redis.pid),
+                   metrics_urls=[gwt_url], upstream_pids=up),
             Config("gateway, Redis Cluster (3 masters)", gwc_url, [gwc.pid],
                    [(port, proc.pid) for port, proc in cluster], metrics_urls=[gwc_url], upstream_pids=up),
         ]
@@ -323,6 +337,8 @@ def run_pass(args, delay_ms):
                 c.one_conn_rounds.append(oha(c.url + GENERATE, args.latency_seconds, 1,
                                              headers=c.headers, credential=c.credential))
         rows = [summary(c, args) for c in configs]
+        with urllib.request.urlopen(fake_url + "/_fake/traces", timeout=10) as resp:
+            extra["traces_exported"] = json.loads(resp.read())
         extra["streaming_first_event"] = {"direct": ttfb(fake_url, credential=KEYS[0]), "gateway_redis": ttfb(gwr_url)}
     finally:
         if stack_dir:
@@ -331,13 +347,61 @@ def run_pass(args, delay_ms):
             p.kill()
     direct = rows[0]
     nginx = next((r for r in rows if r["config"] == "nginx proxy_pass"), None)
+    floor = next((r for r in rows if r["config"].startswith("bare actix-web")), None)
     for r in rows:
         r["throughput_vs_direct"] = round(r["saturation"]["rps"] / direct["saturation"]["rps"], 3)
+        if floor:
+            r["throughput_vs_forwarder"] = round(r["saturation"]["rps"] / floor["saturation"]["rps"], 3)
+            if r.get("cpu_us_per_request") and floor.get("cpu_us_per_request") and r is not direct:
+                # The proxy's CPU and, for the gateway on Redis, Redis's.
+                own = r["cpu_us_per_request"] + r.get("redis_cpu_us_per_request", 0)
+                r["cpu_vs_forwarder"] = round(own / floor["cpu_us_per_request"], 3)
         if nginx:
             r["throughput_vs_nginx"] = round(r["saturation"]["rps"] / nginx["saturation"]["rps"], 3)
         r["added_p50_ms"] = round(r["one_connection"]["p50_ms"] - direct["one_connection"]["p50_ms"], 3)
         r["added_p99_ms"] = round(r["one_connection"]["p99_ms"] - direct["one_connection"]["p99_ms"], 3)
     return {"upstream_delay_ms": delay_ms, "configs": rows, **extra}
+
+
+def allocations_per_request(seconds=3):
+    """Heap allocations per generate request, counted by a gateway built with
+    the `count-allocations` feature (bench/run builds it as
+    gemini-balancer-counting): embedded store and Redis, each warmed up, then
+    loaded on 16 connections; the counter's rise over the requests served.
+    Background work in those seconds is counted too (a few allocations every
+    few milliseconds: a small overstatement)."""
+    binary = BIN / "gemini-balancer-counting"
+    if not binary.exists():
+        return None
+    procs, out = [], {}
+    try:
+        fake, fake_url = start([str(BIN / "fake-gemini")],
+                               dict(os.environ, FAKE_KEYS=",".join(KEYS), FAKE_RECORD="0"), "stdout")
+        procs.append(fake)
+        redis_port = free_port()
+        procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save",
+                                       "", "--appendonly", "no"], stdout=subprocess.DEVNULL))
+        time.sleep(0.5)
+        for name, port in (("embedded store", None), ("Redis", redis_port)):
+            gw, url = start([str(binary)], gateway_env(fake_url, port), "stderr")
+            procs.append(gw)
+            load = wrk if WRK else oha
+            load(url + GENERATE, 1, 16)
+
+            def counted():
+                with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+                    for line in resp.read().decode().splitlines():
+                        if line.startswith("gb_process_allocations_total"):
+                            return float(line.rsplit(" ", 1)[1])
+                raise SystemExit("the counting build publishes no gb_process_allocations_total")
+
+            before = counted()
+            served = load(url + GENERATE, seconds, 16)["requests"]
+            out[name] = round((counted() - before) / max(1, served), 1)
+    finally:
+        for p in procs:
+            p.kill()
+    return out
 
 
 def main():
@@ -352,6 +416,7 @@ def main():
     ap.add_argument("--streams", type=int, default=10_000, help="concurrent SSE streams (0: skip that section)")
     args = ap.parse_args()
     passes = [run_pass(args, int(d)) for d in args.delays_ms.split(",")]
+    allocs = allocations_per_request()
     streams = None
     if args.streams:
         out = subprocess.run([sys.executable, str(ROOT / "bench" / "streams.py"), "--streams", str(args.streams)],
@@ -363,7 +428,7 @@ def main():
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, "
                f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, Linux {platform.release()}")
     results = {"command": "bench/run " + " ".join(sys.argv[1:]), "machine": machine, "settings": vars(args),
-               "passes": passes, "streams": streams, "upload": upload}
+               "passes": passes, "allocations_per_request": allocs, "streams": streams, "upload": upload}
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results)
     print((ROOT / "bench" / "RESULTS.md").read_text())
@@ -382,13 +447,15 @@ def write_markdown(r):
              "latency is against the direct run. CPU per request is user + system time over every saturation "
              "round divided by the requests served: the proxy's (gateway replicas, or nginx's master and worker), "
              "the fake upstream's and Redis's apart. nginx `proxy_pass` is one worker with pooled keep-alive "
-             "connections to the same fake: the cost of a bare proxy hop. Store round trips are counted by each "
+             "connections to the same fake: the cost of a bare proxy hop. The bare forwarder (`dev/bare-forwarder`) "
+             "is actix-web in and awc out with mimalloc on 2 workers and nothing else: the floor of the gateway's "
+             "stack. Store round trips are counted by each "
              "replica (`gb_store_command_latency_seconds_count`); Redis commands include those a Lua script runs.",
              ""]
     for p in r["passes"]:
         lines += [f"## Fake upstream answering after {p['upstream_delay_ms']} ms", "",
-                  "| config | req/s | × direct | × nginx proxy | proxy CPU µs / req | upstream CPU µs / req | Redis CPU µs / req | p50 / p99 ms at saturation | one connection p50 / p99 ms | added p50 / p99 ms | peak RSS MiB | store round trips / req | Redis cmds / req |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| config | req/s | × direct | × nginx proxy | × bare forwarder | proxy CPU µs / req | (proxy + Redis) CPU × forwarder | upstream CPU µs / req | Redis CPU µs / req | p50 / p99 ms at saturation | one connection p50 / p99 ms | added p50 / p99 ms | peak RSS MiB | store round trips / req | Redis cmds / req |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in p["configs"]:
             s, o = c["saturation"], c["one_connection"]
             rounds = "(" + ", ".join(str(round(x)) for x in c.get("saturation_rps_rounds", [])) + ")"
@@ -397,7 +464,8 @@ def write_markdown(r):
                 else c.get("upstream_cpu_us_per_request", "—")
             lines.append(
                 f"| {c['config']} | {s['rps']} {rounds} | {c['throughput_vs_direct']} | "
-                f"{c.get('throughput_vs_nginx', '—')} | {proxy_cpu} | {upstream_cpu} | "
+                f"{c.get('throughput_vs_nginx', '—')} | {c.get('throughput_vs_forwarder', '—')} | {proxy_cpu} | "
+                f"{c.get('cpu_vs_forwarder', '—') if not c['config'].startswith('direct') else '—'} | {upstream_cpu} | "
                 f"{c.get('redis_cpu_us_per_request', '—')} | {s['p50_ms']} / {s['p99_ms']} | "
                 f"{o['p50_ms']} / {o['p99_ms']} | {c['added_p50_ms']} / {c['added_p99_ms']} | "
                 f"{c.get('peak_rss_mib', '—')} | {c.get('store_round_trips_per_request', '—')} | "
@@ -409,10 +477,21 @@ def write_markdown(r):
                 f"{c.get('redis_commands_per_request', '—')} commands per request, so one Redis core "
                 f"would saturate at about {round(1e6 / c['redis_cpu_us_per_request'] / 1000)}k req/s (measured below saturation, where Redis batches less: a lower bound)"
                 for c in redis_rows) + "."]
+        if p.get("traces_exported"):
+            t = p["traces_exported"]
+            lines += ["", f"Traces: the row \"every trace exported\" sent {t['posts']:,} OTLP posts "
+                      f"({round(t['bytes'] / 1048576, 1)} MiB) to the collector during the run; every other gateway row "
+                      "runs with `GB_OTLP_ENDPOINT` unset."]
         sfe = p["streaming_first_event"]
         lines += ["", f"Idle RSS of a replica: {p['idle_rss_mib']} MiB. SSE time to first event (200 sequential "
                   f"requests): direct p50 {sfe['direct']['p50_ms']} ms / p99 {sfe['direct']['p99_ms']} ms; through "
                   f"the gateway (Redis) p50 {sfe['gateway_redis']['p50_ms']} ms / p99 {sfe['gateway_redis']['p99_ms']} ms.", ""]
+    al = r.get("allocations_per_request")
+    if al:
+        lines += ["## Allocations per request", "",
+                  "Heap allocations (a `realloc` counts as one) per generate request, counted by the allocator of a "
+                  "gateway built with `--features count-allocations`, over 3 s on 16 connections after a warm-up: "
+                  + "; ".join(f"{k}: {v}" for k, v in al.items()) + ".", ""]
     sm = r.get("streams")
     if sm:
         ss = sm["settings"]

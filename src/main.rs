@@ -43,17 +43,27 @@ impl LeanMiMalloc {
     }
 }
 
+/// One more allocation (a `realloc` counts as one), in a build with the
+/// `count-allocations` feature only.
+#[inline]
+fn count_allocation() {
+    #[cfg(feature = "count-allocations")]
+    gemini_balancer::ops::metrics::ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+}
+
 // SAFETY: every call is passed on unchanged to mimalloc.
 unsafe impl GlobalAlloc for LeanMiMalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         Self::configure();
+        count_allocation();
         unsafe { mimalloc::MiMalloc.alloc(layout) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         Self::configure();
+        count_allocation();
         unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
     }
 
@@ -64,6 +74,7 @@ unsafe impl GlobalAlloc for LeanMiMalloc {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count_allocation();
         unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
     }
 }

@@ -124,6 +124,8 @@ pub struct Metrics {
     pub client_tokens: Family<TokenKind, Counter>,
     pub live_sessions: Gauge,
     pub open_fds: Gauge,
+    /// Heap allocations since the start (`count-allocations` builds only).
+    pub allocations: Counter,
     pub max_fds: Gauge,
 }
 
@@ -182,6 +184,7 @@ impl Metrics {
             client_tokens: Family::default(),
             live_sessions: Gauge::default(),
             open_fds: Gauge::default(),
+            allocations: Counter::default(),
             max_fds: Gauge::default(),
             registry: Registry::default(),
         };
@@ -340,6 +343,12 @@ impl Metrics {
             "The process's open-files soft limit",
             m.max_fds.clone(),
         );
+        #[cfg(feature = "count-allocations")]
+        registry.register(
+            "process_allocations",
+            "Heap allocations since the process started (a count-allocations build)",
+            m.allocations.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -398,6 +407,13 @@ impl Metrics {
         }
     }
 
+    /// Brings `gb_process_allocations_total` up to the allocator's count.
+    pub fn read_allocations(&self) {
+        let now = ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed);
+        self.allocations
+            .inc_by(now.saturating_sub(self.allocations.get()));
+    }
+
     /// Open descriptors against the soft limit, read at scrape time (Linux:
     /// `/proc/self/fd`; elsewhere the open count stays 0).
     pub fn read_fds(&self) {
@@ -416,6 +432,11 @@ impl Metrics {
         out
     }
 }
+
+/// Heap allocations so far: counted by the binary's allocator in a build
+/// with the `count-allocations` feature (the benchmark's allocations per
+/// request), else always 0.
+pub static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A model's label: its name for Google's known families (bounded), else
 /// `other`, so a client naming models cannot grow the label set.

@@ -73,6 +73,21 @@ async fn control(
         ["requests"] => HttpResponse::Ok().json(&fake.lock().seen),
         ["served"] => HttpResponse::Ok().json(&fake.lock().served),
         ["limited"] => HttpResponse::Ok().json(&fake.lock().limited),
+        // A collector that takes OTLP/HTTP exports and keeps only their
+        // count and size; an empty body is an empty ExportTraceServiceResponse.
+        ["v1", "traces"] if req.method() == actix_web::http::Method::POST => {
+            let body = read_all(payload).await;
+            let mut inner = fake.lock();
+            inner.trace_posts += 1;
+            inner.trace_bytes += body.len() as u64;
+            HttpResponse::Ok()
+                .content_type("application/x-protobuf")
+                .finish()
+        }
+        ["traces"] => {
+            let inner = fake.lock();
+            HttpResponse::Ok().json(json!({"posts": inner.trace_posts, "bytes": inner.trace_bytes}))
+        }
         ["limits"] if req.method() == actix_web::http::Method::POST => {
             let body = read_all(payload).await;
             match serde_json::from_slice(&body) {

@@ -120,6 +120,10 @@ pub struct Inner {
     pub windows: HashMap<(String, String), std::collections::VecDeque<u64>>,
     /// 429s sent because a key's limit for a model was reached, per key.
     pub limited: HashMap<String, u64>,
+    /// OTLP trace exports taken at `/_fake/v1/traces` (the benchmark's
+    /// collector): how many, and their bytes.
+    pub trace_posts: u64,
+    pub trace_bytes: u64,
 }
 
 /// One model's limits per key: requests in any 60 s and in one day (the

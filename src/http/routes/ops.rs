@@ -67,6 +67,7 @@ pub async fn metrics(gw: web::Data<Gateway>) -> HttpResponse {
         LayoutStatus::Newer { .. }
     )));
     gw.metrics.read_fds();
+    gw.metrics.read_allocations();
     if let Ok(states) = store.member_states(crate::domain::keys::RING).await {
         let now = crate::state::now_ms();
         // Filled afresh: a key removed by a reload leaves no series behind.
