@@ -13,6 +13,7 @@
 //! A record never holds a body, a query string, a key, a client token or a
 //! session id: ids, labels, numbers and fixed words only.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,20 +71,20 @@ pub struct Record {
     pub token_id: String,
     pub key_id: Option<String>,
     pub model: Option<String>,
-    pub route: String,
+    pub route: Cow<'static, str>,
     pub status: u16,
     /// `success`, or what went wrong in a word (`rate_limited`,
     /// `client_limited`, the gateway's error kind, `upstream_error`…).
-    pub outcome: String,
+    pub outcome: Cow<'static, str>,
     pub attempts: u32,
     pub keys_tried: Vec<String>,
     pub latency_ms: u64,
     /// From sending upstream to the answer's head, summed over attempts.
     pub upstream_ms: Option<u64>,
     pub tokens: Option<TokenCounts>,
-    pub chosen_by: Option<String>,
+    pub chosen_by: Option<Cow<'static, str>>,
     /// The kind of resource the request was routed by, if any.
-    pub resource: Option<String>,
+    pub resource: Option<Cow<'static, str>>,
 }
 
 #[derive(Debug, Default)]
@@ -99,27 +100,32 @@ struct TrailData {
     outcome: Option<&'static str>,
 }
 
-/// What one request's steps learn, shared by them (cheap to clone).
+/// What one request's steps learn, shared by them (a clone is a reference
+/// count: the steps pass it around freely).
 #[derive(Debug, Clone)]
-pub struct Trail {
+pub struct Trail(Arc<TrailInner>);
+
+#[derive(Debug)]
+struct TrailInner {
     request_id: String,
     route: &'static str,
     started: Instant,
-    data: Arc<Mutex<TrailData>>,
+    data: Mutex<TrailData>,
 }
 
 impl Trail {
     pub fn new(request_id: String, route: &'static str) -> Self {
-        Self {
+        Self(Arc::new(TrailInner {
             request_id,
             route,
             started: Instant::now(),
-            data: Arc::default(),
-        }
+            data: Mutex::default(),
+        }))
     }
 
     fn with(&self, f: impl FnOnce(&mut TrailData)) {
         let mut data = self
+            .0
             .data
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -179,46 +185,49 @@ impl Trail {
         self.with(|d| d.outcome = Some(outcome));
     }
 
-    /// The record of the finished request.
+    /// The record of the finished request. Called once, when the request
+    /// ends: what the trail holds is moved into the record.
     pub fn finish(
         &self,
         status: u16,
         error_kind: Option<&'static str>,
         label: impl FnOnce(&str) -> Option<String>,
     ) -> Record {
-        let d = self
+        let mut d = self
+            .0
             .data
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let token_id = d.token_id.clone().unwrap_or_default();
+        let token_id = d.token_id.take().unwrap_or_default();
         let outcome = d.outcome.or(error_kind).unwrap_or(match status {
             100..=399 => "success",
             429 => "rate_limited",
             400..=499 => "upstream_client_error",
             _ => "upstream_error",
         });
+        let keys_tried = std::mem::take(&mut d.keys_tried);
         Record {
             time_ms: crate::state::now_ms(),
             replica: String::new(),
-            request_id: self.request_id.clone(),
+            request_id: self.0.request_id.clone(),
             token: if token_id.is_empty() {
                 String::new()
             } else {
                 label(&token_id).unwrap_or_else(|| token_id.clone())
             },
             token_id,
-            key_id: d.key_id.clone(),
-            model: d.model.clone(),
-            route: self.route.to_string(),
+            key_id: d.key_id.take(),
+            model: d.model.take(),
+            route: Cow::Borrowed(self.0.route),
             status,
-            outcome: outcome.to_string(),
-            attempts: d.keys_tried.len() as u32,
-            keys_tried: d.keys_tried.clone(),
-            latency_ms: self.started.elapsed().as_millis() as u64,
+            outcome: Cow::Borrowed(outcome),
+            attempts: keys_tried.len() as u32,
+            keys_tried,
+            latency_ms: self.0.started.elapsed().as_millis() as u64,
             upstream_ms: d.upstream_ms,
-            tokens: d.tokens.clone(),
-            chosen_by: d.chosen_by.map(|c| c.name().to_string()),
-            resource: d.resource.map(str::to_string),
+            tokens: d.tokens.take(),
+            chosen_by: d.chosen_by.map(|c| Cow::Borrowed(c.name())),
+            resource: d.resource.map(Cow::Borrowed),
         }
     }
 }

@@ -98,8 +98,14 @@ pub fn init(logging: &Logging) -> anyhow::Result<Traces> {
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
         LogFormat::Text => fmt.with_ansi(false).boxed(),
     };
+    // Only the attributes the spans declare: no source locations, threads,
+    // targets or busy/idle times on every span.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("gemini-balancer"))
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
         .with_filter(tracing_subscriber::filter::dynamic_filter_fn(exported));
     let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> =
         vec![fmt.with_filter(env_filter()).boxed(), otel.boxed()];
@@ -206,7 +212,7 @@ pub fn record_on(span: &Span, record: &Record, replica: &str) {
     if !exporting() || span.is_disabled() {
         return;
     }
-    span.record("route", record.route.as_str());
+    span.record("route", &*record.route);
     span.record("replica", replica);
     if !record.token_id.is_empty() {
         span.record("token_id", record.token_id.as_str());
@@ -218,9 +224,9 @@ pub fn record_on(span: &Span, record: &Record, replica: &str) {
         span.record("key_id", key.as_str());
     }
     span.record("attempts", i64::from(record.attempts));
-    span.record("outcome", record.outcome.as_str());
+    span.record("outcome", &*record.outcome);
     if let Some(how) = &record.chosen_by {
-        span.record("chosen_by", how.as_str());
+        span.record("chosen_by", &**how);
     }
     if let Some(t) = &record.tokens {
         span.record("tokens.prompt", i64::try_from(t.prompt).unwrap_or(i64::MAX));

@@ -10,6 +10,7 @@
 //! unrelated entities (sessions, uploads, files) carry none, so they spread
 //! over every master.
 
+use std::borrow::Cow;
 use std::fmt::Display;
 
 /// Binding namespaces: one value per id, `{prefix}:NS:ID`.
@@ -108,13 +109,19 @@ pub mod ring {
 #[derive(Debug, Clone)]
 pub struct Keyspace {
     prefix: String,
+    /// The key ring's counter and states, named once: every request's
+    /// rotation uses them.
+    keys_ring: [String; 2],
 }
 
 impl Keyspace {
     pub fn new(prefix: &str) -> Self {
-        Self {
+        let mut k = Self {
             prefix: prefix.to_string(),
-        }
+            keys_ring: [String::new(), String::new()],
+        };
+        k.keys_ring = [k.ring_key(ring::KEYS, "n"), k.ring_key(ring::KEYS, "s")];
+        k
     }
 
     /// `{prefix}:part:part…`, untagged: hashed whole.
@@ -140,13 +147,21 @@ impl Keyspace {
     }
 
     /// The ring's rotation counter (`INCR`).
-    pub fn ring_counter(&self, ring: &str) -> String {
-        self.ring_key(ring, "n")
+    pub fn ring_counter(&self, ring: &str) -> Cow<'_, str> {
+        if ring == ring::KEYS {
+            Cow::Borrowed(&self.keys_ring[0])
+        } else {
+            Cow::Owned(self.ring_key(ring, "n"))
+        }
     }
 
     /// The ring's member states (hash).
-    pub fn ring_states(&self, ring: &str) -> String {
-        self.ring_key(ring, "s")
+    pub fn ring_states(&self, ring: &str) -> Cow<'_, str> {
+        if ring == ring::KEYS {
+            Cow::Borrowed(&self.keys_ring[1])
+        } else {
+            Cow::Owned(self.ring_key(ring, "s"))
+        }
     }
 
     /// The hash tag every key of one client's limits carries, so one
@@ -247,9 +262,9 @@ pub fn families(prefix: &str) -> Vec<String> {
     let k = Keyspace::new(prefix);
     vec![
         k.layout(),
-        k.ring_counter(ring::KEYS),
-        k.ring_states(ring::KEYS),
-        k.ring_states(ring::PROXIES),
+        k.ring_counter(ring::KEYS).into_owned(),
+        k.ring_states(ring::KEYS).into_owned(),
+        k.ring_states(ring::PROXIES).into_owned(),
         k.binding(ns::SESSION, "<session id>"),
         k.binding(ns::UPLOAD, "<upload id>"),
         k.binding(ns::FILE, "files/<id>"),

@@ -635,8 +635,8 @@ impl StateStore for RedisStore {
         }
         let k = &self.keys;
         let mut keys = Vec::with_capacity(2 + members.len() * 3);
-        keys.push(k.ring_counter(ring));
-        keys.push(k.ring_states(ring));
+        keys.push(k.ring_counter(ring).into_owned());
+        keys.push(k.ring_states(ring).into_owned());
         let mut args = Vec::with_capacity(4 + members.len() * 6);
         args.push(now_ms.to_string());
         args.push(ask.day_ends_ms.to_string());
@@ -767,7 +767,7 @@ impl StateStore for RedisStore {
         event: &Transition,
         now_ms: u64,
     ) -> Result<Applied, StoreError> {
-        let states = self.keys.ring_states(ring);
+        let states = self.keys.ring_states(ring).into_owned();
         let field = state_field(member, model);
         let (kind, num, reason) = event.wire();
         let (key_before, before, after): (String, String, String) = self

@@ -43,19 +43,22 @@ fn bucket(hour: u64) -> String {
 /// A model name as a series part: bounded and free of separators (a client
 /// writes the model into its request).
 pub fn clean_model(model: Option<&str>) -> String {
+    let mut out = String::new();
+    push_clean_model(&mut out, model);
+    out
+}
+
+/// [`clean_model`], written onto `out` (no allocation of its own).
+fn push_clean_model(out: &mut String, model: Option<&str>) {
     match model {
-        None => "-".to_string(),
-        Some(m) => m
-            .chars()
-            .take(64)
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-._".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect(),
+        None => out.push('-'),
+        Some(m) => out.extend(m.chars().take(64).map(|c| {
+            if c.is_ascii_alphanumeric() || "-._".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })),
     }
 }
 
@@ -261,13 +264,8 @@ impl Usage {
         // only for a field not seen yet this hour.
         let mut field = std::mem::take(&mut inner.scratch);
         field.clear();
-        let _ = write!(
-            field,
-            "{}{SEP}{}{SEP}{}",
-            series.token_id,
-            series.key_id,
-            clean_model(series.model.as_deref())
-        );
+        let _ = write!(field, "{}{SEP}{}{SEP}", series.token_id, series.key_id);
+        push_clean_model(&mut field, series.model.as_deref());
         let mut overflow = 0;
         if !inner.seen.contains(field.as_str()) {
             if inner.seen.len() >= self.max_series {
