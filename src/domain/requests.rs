@@ -152,6 +152,11 @@ impl Trail {
         self.with(|d| d.resource = Some(kind));
     }
 
+    /// The route class the request was counted under.
+    pub fn route(&self) -> &'static str {
+        self.0.route
+    }
+
     /// Upstream calls made so far.
     pub fn attempts(&self) -> u32 {
         let mut n = 0;

@@ -67,7 +67,11 @@ impl Call {
         Bill {
             token_id: self.token_id.clone(),
             model: self.model.clone(),
-            route: crate::http::routes::label_of(&self.method, &self.path),
+            // Named once, by the router, when the request came with a trail.
+            route: self.trail.as_ref().map_or_else(
+                || crate::http::routes::label_of(&self.method, &self.path),
+                Trail::route,
+            ),
             trail: self.trail.clone(),
         }
     }

@@ -184,7 +184,7 @@ impl Upstream {
         }
         if let Some(key) = key {
             req = match style {
-                KeyStyle::GoogHeader => req.insert_header(("x-goog-api-key", key.secret)),
+                KeyStyle::GoogHeader => req.insert_header((GOOG_API_KEY, key.secret)),
                 KeyStyle::Bearer => {
                     req.insert_header(("authorization", format!("Bearer {}", key.secret)))
                 }
@@ -226,6 +226,11 @@ impl Upstream {
         req
     }
 }
+
+/// The header a key travels in: named once (parsing a name that is not a
+/// standard header allocates).
+const GOOG_API_KEY: actix_web::http::header::HeaderName =
+    actix_web::http::header::HeaderName::from_static("x-goog-api-key");
 
 /// What the upstream needs of a pool key: its id (which proxy its requests
 /// leave through) and its secret, written into the request at the last
