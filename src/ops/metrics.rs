@@ -84,6 +84,9 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
+    /// Held while a scrape refills the gauges it reads at scrape time and
+    /// encodes them.
+    pub scrape: std::sync::Mutex<()>,
     pub requests: Family<RouteStatus, Counter>,
     pub upstream_latency: Family<Api, Histogram, fn() -> Histogram>,
     pub retries: Family<Reason, Counter>,
@@ -187,6 +190,7 @@ impl Metrics {
             allocations: Counter::default(),
             max_fds: Gauge::default(),
             registry: Registry::default(),
+            scrape: std::sync::Mutex::new(()),
         };
         registry.register(
             "requests",

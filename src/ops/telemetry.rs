@@ -41,6 +41,14 @@ const EXPORT_EVERY: Duration = Duration::from_secs(1);
 /// How long one export may take before it is given up.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a stopping replica waits to send the spans it still holds:
+/// longer than one export may take.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(15);
+
+/// A failed export is logged at most this often (the exporter tries again
+/// with every batch).
+const FAILURE_LOG_EVERY_MS: u64 = 60_000;
+
 /// Whether spans are exported: what only a trace needs is done only then.
 pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
@@ -64,7 +72,7 @@ pub struct Traces {
 impl Drop for Traces {
     fn drop(&mut self) {
         if let Some(provider) = self.provider.take() {
-            if let Err(e) = provider.shutdown() {
+            if let Err(e) = provider.shutdown_with_timeout(SHUTDOWN_WAIT) {
                 tracing::warn!(error = %e, "traces not all sent at shutdown");
             }
         }
@@ -106,7 +114,19 @@ pub fn init(logging: &Logging) -> anyhow::Result<Traces> {
         .with_threads(false)
         .with_target(false)
         .with_tracked_inactivity(false)
-        .with_filter(tracing_subscriber::filter::dynamic_filter_fn(exported));
+        .with_filter(
+            tracing_subscriber::filter::dynamic_filter_fn(exported)
+                // Decided once per callsite for everything but the
+                // gateway's spans, so other crates' debug events are
+                // skipped as they are without traces.
+                .with_callsite_filter(|meta| {
+                    if meta.is_span() && meta.target().starts_with("gemini_balancer") {
+                        tracing::subscriber::Interest::sometimes()
+                    } else {
+                        tracing::subscriber::Interest::never()
+                    }
+                }),
+        );
     let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> =
         vec![fmt.with_filter(env_filter()).boxed(), otel.boxed()];
     let _ = tracing_subscriber::registry().with(layers).try_init();
@@ -120,9 +140,10 @@ pub fn init(logging: &Logging) -> anyhow::Result<Traces> {
     })
 }
 
-/// The spans a trace holds: the gateway's own, and only those of a request
-/// or a Live session — a background task's store calls have no request to
-/// belong to and would each be a trace of one span.
+/// The spans a trace holds: the gateway's own, and only those of an API
+/// request or a Live session — a background task's store calls have no
+/// request to belong to and would each be a trace of one span, and health
+/// probes and scrapes (`ops_request` spans) are not traced at all.
 fn exported(meta: &tracing::Metadata<'_>, cx: &Context<'_, Registry>) -> bool {
     meta.is_span()
         && meta.target().starts_with("gemini_balancer")
@@ -133,6 +154,9 @@ fn tracer_provider(otlp: &Otlp) -> anyhow::Result<SdkTracerProvider> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(EXPORT_TIMEOUT))
         .http_status_as_error(false)
+        // Straight to the collector: the proxy variables of the environment
+        // are not the gateway's configuration.
+        .proxy(None)
         .build()
         .into();
     let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -179,10 +203,17 @@ impl opentelemetry_http::HttpClient for Exporter {
         opentelemetry_http::HttpError,
     > {
         let (parts, body) = request.into_parts();
-        let mut answer = self
-            .0
-            .run(http::Request::from_parts(parts, body.to_vec()))?;
+        let mut answer = match self.0.run(http::Request::from_parts(parts, body.to_vec())) {
+            Ok(answer) => answer,
+            Err(e) => {
+                export_failed(&e.to_string());
+                return Err(e.into());
+            }
+        };
         let status = answer.status();
+        if !status.is_success() {
+            export_failed(&format!("the collector answered {status}"));
+        }
         let body = answer
             .body_mut()
             .with_config()
@@ -194,16 +225,37 @@ impl opentelemetry_http::HttpClient for Exporter {
     }
 }
 
-/// A request's path as spans and logs show it: a session id (which names a
-/// client's conversation) masked.
-fn shown_path(path: &str) -> std::borrow::Cow<'_, str> {
-    match path.strip_prefix("/session/") {
-        Some(rest) => {
-            let tail = rest.find('/').map_or("", |i| &rest[i..]);
-            std::borrow::Cow::Owned(format!("/session/-{tail}"))
-        }
-        None => std::borrow::Cow::Borrowed(path),
+/// Logs that an export failed, at most once a minute (exports run on the
+/// SDK's thread; these log events never reach the trace layer).
+fn export_failed(why: &str) {
+    static LOGGED_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::state::now_ms();
+    let last = LOGGED_MS.load(Ordering::Relaxed);
+    if (last == 0 || now >= last + FAILURE_LOG_EVERY_MS)
+        && LOGGED_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(error = why, "traces could not be sent to the collector (GB_OTLP_ENDPOINT); logged at most once a minute");
     }
+}
+
+/// A request's path as spans and logs show it: a session id (which names a
+/// client's conversation) masked, as the prefix of an API path and in the
+/// admin API's session lookup.
+fn shown_path(path: &str) -> std::borrow::Cow<'_, str> {
+    for prefix in ["/session/", "/admin/api/sessions/"] {
+        if let Some(rest) = path.strip_prefix(prefix) {
+            let tail = rest.find('/').map_or("", |i| &rest[i..]);
+            return std::borrow::Cow::Owned(format!("{prefix}-{tail}"));
+        }
+    }
+    std::borrow::Cow::Borrowed(path)
+}
+
+/// Health probes and metric scrapes: served, logged, never traced.
+fn is_ops_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
 }
 
 /// What a finished request's record says, on its span (the request span,
@@ -271,6 +323,15 @@ impl RootSpanBuilder for GatewaySpan {
             .filter(|v| sane_request_id(v))
             .map_or_else(new_request_id, str::to_string);
         request.extensions_mut().insert(RequestId(id.clone()));
+        if is_ops_path(request.path()) {
+            return tracing::info_span!(
+                "ops_request",
+                request_id = %id,
+                method = %request.method(),
+                path = %request.path(),
+                status = tracing::field::Empty,
+            );
+        }
         let span = tracing::info_span!(
             "request",
             otel.kind = "server",
@@ -344,6 +405,11 @@ mod tests {
             "/session/-/v1beta/models/m:generateContent"
         );
         assert_eq!(shown_path("/session/abc123"), "/session/-");
+        assert_eq!(
+            shown_path("/admin/api/sessions/abc123"),
+            "/admin/api/sessions/-"
+        );
+        assert_eq!(shown_path("/admin/api/sessions"), "/admin/api/sessions");
         assert_eq!(shown_path("/v1beta/models"), "/v1beta/models");
     }
 }

@@ -19,7 +19,7 @@ from google import genai
 from google.genai import types
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from conftest import KEYS, TOKEN, Stack
+from conftest import KEYS, TOKEN, Stack, free_port
 from test_live import make_pki, one_turn
 
 MODEL = "gemini-2.0-flash"
@@ -151,6 +151,7 @@ def test_spans_reach_an_otlp_receiver_with_their_children_and_the_clients_trace(
         assert a["outcome"] == "success" and a["token_id"] and a["replica"], a
         assert [t["attrs"]["attempt"] for t in tries] == [1, 2]
         assert tries[0]["attrs"]["status"] == 429 and tries[1]["attrs"]["status"] == 200, tries
+        assert tries[0]["attrs"]["outcome"] == "rate_limited", tries
         assert tries[1]["attrs"]["outcome"] == "answer", tries
         assert tries[0]["attrs"]["key_id"] != tries[1]["attrs"]["key_id"]
         assert a["key_id"] == tries[1]["attrs"]["key_id"]
@@ -170,6 +171,15 @@ def test_spans_reach_an_otlp_receiver_with_their_children_and_the_clients_trace(
         assert SESSION not in joined["attrs"]["path"] and joined["attrs"]["path"].startswith("/session/-/")
         assert joined["attrs"]["chosen_by"] == "session", joined["attrs"]
 
+        # A client that decided not to sample is followed too; probes and
+        # scrapes are never traced. (Checked once the Live session's span,
+        # ended later on the same replica, has arrived.)
+        _, declined = generate(stack.urls[0], ctx,
+                               {"traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"})
+        for path in ("/healthz", "/readyz", "/metrics"):
+            with urllib.request.urlopen(stack.urls[0] + path, timeout=10, context=ctx) as resp:
+                resp.read()
+
         # A Live session is one span of its own, with its handshake attempt.
         monkeypatch.setenv("SSL_CERT_FILE", pki["ca.pem"])
         client = genai.Client(api_key=TOKEN, http_options=types.HttpOptions(base_url=stack.urls[0]))
@@ -187,6 +197,9 @@ def test_spans_reach_an_otlp_receiver_with_their_children_and_the_clients_trace(
         assert session_span["attrs"]["key_id"] == live_tries[-1]["attrs"]["key_id"]
         assert session_span["attrs"]["model"].endswith("gemini-live-2.5-flash"), session_span["attrs"]
         assert live_tries[-1]["attrs"]["outcome"] == "answer"
+        assert request_span(receiver.spans, declined) is None
+        paths = {s["attrs"].get("path") for s in receiver.spans}
+        assert not paths & {"/healthz", "/readyz", "/metrics"}, paths
     finally:
         stack.stop()
         receiver.stop()
@@ -198,6 +211,21 @@ def test_spans_reach_an_otlp_receiver_with_their_children_and_the_clients_trace(
     # request log) makes no traces of its own: no store span is a root.
     roots = [s for s in receiver.spans if s["name"] == "store" and not s["parent"]]
     assert roots == [], roots[:5]
+
+
+def test_a_collector_that_cannot_be_reached_is_logged():
+    closed = free_port()
+    stack = Stack(replicas=1, extra_env={"GB_OTLP_ENDPOINT": f"http://127.0.0.1:{closed}"})
+    try:
+        assert generate(stack.urls[0], None)[0] == 200
+        deadline = time.monotonic() + 30
+        while "traces could not be sent to the collector" not in stack.logs():
+            assert time.monotonic() < deadline, stack.logs()[-2000:]
+            time.sleep(0.2)
+        # Requests are served all the same.
+        assert generate(stack.urls[0], None)[0] == 200
+    finally:
+        stack.stop()
 
 
 def test_without_an_endpoint_nothing_is_exported_and_sampling_follows_the_client(tmp_path):

@@ -68,7 +68,15 @@ pub async fn metrics(gw: web::Data<Gateway>) -> HttpResponse {
     )));
     gw.metrics.read_fds();
     gw.metrics.read_allocations();
-    if let Ok(states) = store.member_states(crate::domain::keys::RING).await {
+    let states = store.member_states(crate::domain::keys::RING).await;
+    // Cleared, filled and encoded by one scrape at a time: another scrape on
+    // another worker never sees the key gauges half filled.
+    let _one_scrape = gw
+        .metrics
+        .scrape
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Ok(states) = states {
         let now = crate::state::now_ms();
         // Filled afresh: a key removed by a reload leaves no series behind.
         gw.metrics.key_model_cooling.clear();
