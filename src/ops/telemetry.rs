@@ -258,6 +258,28 @@ fn is_ops_path(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics")
 }
 
+/// A span that a finished request's record is written on ([`record_on`]):
+/// the fields given, then the record's, declared empty until it ends.
+macro_rules! record_span {
+    ($name:literal, $($field:tt)*) => {
+        tracing::info_span!(
+            $name,
+            $($field)*
+            route = tracing::field::Empty,
+            replica = tracing::field::Empty,
+            model = tracing::field::Empty,
+            key_id = tracing::field::Empty,
+            token_id = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            chosen_by = tracing::field::Empty,
+            tokens.prompt = tracing::field::Empty,
+            tokens.output = tracing::field::Empty,
+        )
+    };
+}
+pub(crate) use record_span;
+
 /// What a finished request's record says, on its span (the request span,
 /// or a Live session's).
 pub fn record_on(span: &Span, record: &Record, replica: &str) {
@@ -332,23 +354,13 @@ impl RootSpanBuilder for GatewaySpan {
                 status = tracing::field::Empty,
             );
         }
-        let span = tracing::info_span!(
+        let span = record_span!(
             "request",
             otel.kind = "server",
             request_id = %id,
             method = %request.method(),
             path = %shown_path(request.path()),
             status = tracing::field::Empty,
-            route = tracing::field::Empty,
-            replica = tracing::field::Empty,
-            model = tracing::field::Empty,
-            key_id = tracing::field::Empty,
-            token_id = tracing::field::Empty,
-            attempts = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-            chosen_by = tracing::field::Empty,
-            tokens.prompt = tracing::field::Empty,
-            tokens.output = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
         if exporting() {

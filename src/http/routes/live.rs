@@ -112,19 +112,7 @@ pub async fn handle(
         bill: pipeline::Bill::to(&token_id, "live").traced(super::trail_of(req)),
         limits,
         _ticket: ticket,
-        span: tracing::info_span!(
-            "live_session",
-            route = tracing::field::Empty,
-            replica = tracing::field::Empty,
-            model = tracing::field::Empty,
-            key_id = tracing::field::Empty,
-            token_id = tracing::field::Empty,
-            attempts = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-            chosen_by = tracing::field::Empty,
-            tokens.prompt = tracing::field::Empty,
-            tokens.output = tracing::field::Empty,
-        ),
+        span: crate::ops::telemetry::record_span!("live_session",),
     };
     let span = relay.span.clone();
     crate::background::for_connection(
