@@ -29,7 +29,6 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-use crate::domain::requests::Record;
 use crate::settings::{LogFormat, Logging, Otlp};
 
 /// Whether spans are exported (a client's `traceparent` is read only then).
@@ -228,12 +227,25 @@ impl opentelemetry_http::HttpClient for Exporter {
 /// Logs that an export failed, at most once a minute (exports run on the
 /// SDK's thread; these log events never reach the trace layer).
 fn export_failed(why: &str) {
-    static LOGGED_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let now = crate::state::now_ms();
-    let last = LOGGED_MS.load(Ordering::Relaxed);
-    if (last == 0 || now >= last + FAILURE_LOG_EVERY_MS)
-        && LOGGED_MS
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+    static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    /// Milliseconds since the first failure before which none is logged.
+    static QUIET_UNTIL_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = u64::try_from(
+        STARTED
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX);
+    let until = QUIET_UNTIL_MS.load(Ordering::Relaxed);
+    if now >= until
+        && QUIET_UNTIL_MS
+            .compare_exchange(
+                until,
+                now + FAILURE_LOG_EVERY_MS,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
             .is_ok()
     {
         tracing::warn!(error = why, "traces could not be sent to the collector (GB_OTLP_ENDPOINT); logged at most once a minute");
@@ -258,7 +270,8 @@ fn is_ops_path(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics")
 }
 
-/// A span that a finished request's record is written on ([`record_on`]):
+/// A span that a finished request's record is written on
+/// (`http::routes::record_on`):
 /// the fields given, then the record's, declared empty until it ends.
 macro_rules! record_span {
     ($name:literal, $($field:tt)*) => {
@@ -279,34 +292,6 @@ macro_rules! record_span {
     };
 }
 pub(crate) use record_span;
-
-/// What a finished request's record says, on its span (the request span,
-/// or a Live session's).
-pub fn record_on(span: &Span, record: &Record, replica: &str) {
-    if !exporting() || span.is_disabled() {
-        return;
-    }
-    span.record("route", &*record.route);
-    span.record("replica", replica);
-    if !record.token_id.is_empty() {
-        span.record("token_id", record.token_id.as_str());
-    }
-    if let Some(model) = &record.model {
-        span.record("model", model.as_str());
-    }
-    if let Some(key) = &record.key_id {
-        span.record("key_id", key.as_str());
-    }
-    span.record("attempts", i64::from(record.attempts));
-    span.record("outcome", &*record.outcome);
-    if let Some(how) = &record.chosen_by {
-        span.record("chosen_by", &**how);
-    }
-    if let Some(t) = &record.tokens {
-        span.record("tokens.prompt", i64::try_from(t.prompt).unwrap_or(i64::MAX));
-        span.record("tokens.output", i64::try_from(t.output).unwrap_or(i64::MAX));
-    }
-}
 
 /// The request id of a request, set by the root span.
 #[derive(Debug, Clone)]

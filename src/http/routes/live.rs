@@ -209,7 +209,7 @@ impl Drop for Relay {
             }
             let auth = &self.gw.auth;
             let record = trail.finish(101, None, |id| auth.label_of(id));
-            crate::ops::telemetry::record_on(&self.span, &record, &self.gw.replica);
+            super::record_on(&self.span, &record, &self.gw.replica);
             self.gw.requests.push(record);
         }
     }

@@ -502,9 +502,15 @@ fn hold_until_sent(
         return response;
     }
     response.map_body(|_, body| {
+        let declared = match actix_web::body::MessageBody::size(&body) {
+            actix_web::body::BodySize::Sized(n) => Some(n),
+            _ => None,
+        };
         actix_web::body::BoxBody::new(Holding {
             body,
-            _ticket: ticket,
+            ticket,
+            declared,
+            sent: 0,
             _finish: finish,
         })
     })
@@ -526,14 +532,54 @@ impl Drop for Finish {
         let record = self
             .trail
             .finish(self.status, self.kind, |id| auth.label_of(id));
-        crate::ops::telemetry::record_on(&self.span, &record, &self.gw.replica);
+        record_on(&self.span, &record, &self.gw.replica);
         self.gw.requests.push(record);
+    }
+}
+
+/// What a finished request's record says, on its span (the request span,
+/// or a Live session's).
+pub(crate) fn record_on(
+    span: &tracing::Span,
+    record: &crate::domain::requests::Record,
+    replica: &str,
+) {
+    if !crate::ops::telemetry::exporting() || span.is_disabled() {
+        return;
+    }
+    span.record("route", &*record.route);
+    span.record("replica", replica);
+    if !record.token_id.is_empty() {
+        span.record("token_id", record.token_id.as_str());
+    }
+    if let Some(model) = &record.model {
+        span.record("model", model.as_str());
+    }
+    if let Some(key) = &record.key_id {
+        span.record("key_id", key.as_str());
+    }
+    span.record("attempts", i64::from(record.attempts));
+    span.record("outcome", &*record.outcome);
+    if let Some(how) = &record.chosen_by {
+        span.record("chosen_by", &**how);
+    }
+    if let Some(t) = &record.tokens {
+        span.record("tokens.prompt", i64::try_from(t.prompt).unwrap_or(i64::MAX));
+        span.record("tokens.output", i64::try_from(t.output).unwrap_or(i64::MAX));
     }
 }
 
 struct Holding {
     body: actix_web::body::BoxBody,
-    _ticket: Option<crate::domain::limits::Ticket>,
+    /// The request's slot under its client's limits: given back as soon as
+    /// the body's last byte has been produced, before the server sends the
+    /// end of the answer, so a client that sends its next request the
+    /// moment an answer ends finds its slot free; else when dropped (the
+    /// client went away).
+    ticket: Option<crate::domain::limits::Ticket>,
+    /// The body's length when known up front, and the bytes produced so far.
+    declared: Option<u64>,
+    sent: u64,
     _finish: Option<Finish>,
 }
 
@@ -548,7 +594,19 @@ impl actix_web::body::MessageBody for Holding {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<bytes::Bytes, Self::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_next(cx)
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.body).poll_next(cx);
+        match &polled {
+            std::task::Poll::Ready(None) => this.ticket = None,
+            std::task::Poll::Ready(Some(Ok(chunk))) => {
+                this.sent += chunk.len() as u64;
+                if this.declared.is_some_and(|n| this.sent >= n) {
+                    this.ticket = None;
+                }
+            }
+            _ => {}
+        }
+        polled
     }
 }
 
