@@ -210,7 +210,10 @@ impl Windows {
                 let oldest = self.tokens.keys().next().copied().unwrap_or(now / 1000);
                 return Verdict::Refused {
                     limit: Limit::Tpm,
-                    retry_ms: ((oldest + 60) * 1000).saturating_sub(now),
+                    // At most a minute: tokens settled by a replica whose
+                    // clock ran ahead (or whose settle came after this
+                    // admission was timed) still free within one.
+                    retry_ms: ((oldest + 60) * 1000).saturating_sub(now).min(MINUTE_MS),
                     used,
                     allowed,
                 };

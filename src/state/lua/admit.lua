@@ -31,7 +31,9 @@ if tpm > 0 then
     end
   end
   if used >= tpm then
-    return {2, math.max((oldest + 60) * 1000 - now, 0), used, tpm}
+    -- At most a minute: tokens settled by a replica whose clock ran ahead
+    -- (or whose settle came after this admission was timed) free within one.
+    return {2, math.min(math.max((oldest + 60) * 1000 - now, 0), 60000), used, tpm}
   end
 end
 if lease_limit > 0 then
@@ -47,7 +49,7 @@ if rpm > 0 then
   local used = redis.call('ZCARD', KEYS[1])
   if used >= rpm then
     local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-    return {1, math.max(tonumber(oldest[2]) + 60000 - now, 0), used, rpm}
+    return {1, math.min(math.max(tonumber(oldest[2]) + 60000 - now, 0), 60000), used, rpm}
   end
   redis.call('ZADD', KEYS[1], now, ARGV[9])
   redis.call('PEXPIRE', KEYS[1], 60000)
