@@ -32,7 +32,7 @@ pub async fn run(gw: Arc<Gateway>, upstream: Upstream, replica: String) {
                 }
             }
             Ok(false) => {}
-            Err(e) => tracing::debug!(error = %e, "re-check skipped: store unavailable"),
+            Err(e) => tracing::debug!(error = %e, "re-check skipped"),
         }
     }
 }

@@ -277,7 +277,7 @@ impl KeyPool {
             Ok(Pick::AllDisabled) => Err(NoKey::AllDisabled),
             Ok(Pick::Exhausted) => Err(NoKey::Exhausted),
             Err(e) => {
-                tracing::warn!(error = %e, "state store unreachable; rotating keys locally");
+                tracing::warn!(error = %e, "rotating keys locally");
                 self.next_local(&set, exclude)
             }
         }

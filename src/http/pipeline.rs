@@ -350,7 +350,7 @@ pub fn upload_session(gw: &Gateway, named: Option<&Session>, token_id: &str) -> 
 }
 
 pub fn store_down(e: crate::state::StoreError) -> ApiError {
-    tracing::warn!(error = %e, "state store unavailable for a request that needs a binding");
+    tracing::warn!(error = %e, "a request that needs a binding answered 503");
     ApiError::store_unavailable()
 }
 
@@ -399,6 +399,22 @@ impl Served {
             None => bill.refused(gw, &self.key.id, 502, b"", "stream_cut"),
         }
         read
+    }
+
+    /// [`Self::read`], an answer that could not be read whole being the
+    /// client's 502.
+    pub async fn read_whole(
+        &mut self,
+        gw: &Gateway,
+        call: &Call,
+        limit: usize,
+    ) -> Result<Bytes, ApiError> {
+        self.read(gw, call, limit).await.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "The upstream's answer could not be read whole.",
+            )
+        })
     }
 }
 
@@ -559,6 +575,59 @@ pub async fn forward(gw: &Gateway, up: &Upstream, call: Call) -> Result<HttpResp
         Ok(served) => served.respond(gw, &call, hide_usage),
         Err(response) => response,
     })
+}
+
+/// An answer read whole: the key that gave it, and what it said.
+pub struct Answered {
+    pub key: Arc<ApiKey>,
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answered {
+    /// The answer as the client gets it.
+    pub fn back(&self) -> HttpResponse {
+        buffered_back(self.status, &self.headers, self.body.clone())
+    }
+}
+
+/// A whole request whose answer the gateway reads before it answers (to
+/// record what the answer created): pin, send with retries, then read the
+/// answer whole (at most `limit` bytes) and count it. `Ok(Err(response))`
+/// is an upstream error answer, passed on as Google gave it.
+pub async fn fetch(
+    gw: &Gateway,
+    up: &Upstream,
+    call: &Call,
+    limit: usize,
+) -> Result<Result<Answered, HttpResponse>, ApiError> {
+    let pinned = pin(gw, up, &call.body, call.session.as_ref(), &call.token_id).await?;
+    fetch_pinned(gw, up, call, pinned, limit).await
+}
+
+/// [`fetch`] with the pin already decided (a resource's owner, an upload's
+/// session).
+pub async fn fetch_pinned(
+    gw: &Gateway,
+    up: &Upstream,
+    call: &Call,
+    pinned: Option<Pinned>,
+    limit: usize,
+) -> Result<Result<Answered, HttpResponse>, ApiError> {
+    let mut served = match send(gw, up, call, pinned).await? {
+        Ok(served) => served,
+        Err(response) => return Ok(Err(response)),
+    };
+    let status = served.response.status();
+    let headers = served.response.headers().clone();
+    let body = served.read_whole(gw, call, limit).await?;
+    Ok(Ok(Answered {
+        key: served.key,
+        status,
+        headers,
+        body,
+    }))
 }
 
 /// A request pinned to a key (session or file owner) never moves to another

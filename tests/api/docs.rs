@@ -397,3 +397,53 @@ fn the_path_check_notices_what_is_gone() {
     );
     assert!(missing_paths("/v1beta/models, HTTP/1.1, e.g. and/or").is_empty());
 }
+
+/// The rows of ARCHITECTURE.md's route table whose send cell names a
+/// function that none of the row's files calls: `(row's first cell, name)`.
+fn unsent_rows(doc: &str) -> Vec<(String, String)> {
+    let table = doc
+        .split_once("| route | pin | choose key | send | count |")
+        .map(|(_, rest)| rest)
+        .unwrap_or("");
+    let mut wrong = Vec::new();
+    for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (route, send) = (cells[1], cells[4]);
+        let files: Vec<String> = route
+            .split('`')
+            .filter(|w| w.starts_with("src/") && w.ends_with(".rs"))
+            .map(|f| read(&root().join(f)))
+            .collect();
+        for name in send.split('`').skip(1).step_by(2) {
+            let item = name.rsplit("::").next().unwrap_or(name);
+            if !files.iter().any(|f| f.contains(&format!("{item}("))) {
+                wrong.push((route.to_string(), name.to_string()));
+            }
+        }
+    }
+    wrong
+}
+
+#[test]
+fn every_route_row_names_how_its_files_send() {
+    let doc = read(&root().join("ARCHITECTURE.md"));
+    assert!(
+        doc.matches("src/http/routes/").count() >= 9,
+        "the route table was found"
+    );
+    let wrong = unsent_rows(&doc);
+    assert!(
+        wrong.is_empty(),
+        "ARCHITECTURE.md's route table names a send step its files do not call: {wrong:?}"
+    );
+    // The check reads the cells: a send step the file does not call is seen.
+    let stale = "| route | pin | choose key | send | count |\n|---|---|---|---|---|\n\
+                 | uploads (`src/http/routes/store_upload.rs`) | owner | owner | `pipeline::send` | read |\n";
+    assert_eq!(
+        unsent_rows(stale),
+        [(
+            "uploads (`src/http/routes/store_upload.rs`)".to_string(),
+            "pipeline::send".to_string()
+        )]
+    );
+}

@@ -409,7 +409,7 @@ impl Relay {
         let gw = &self.gw;
         let store = gw.store();
         if let Err(e) = live::hold(store, &key.id, &self.id).await {
-            tracing::warn!(error = %e, "Live session not counted: state store unavailable");
+            tracing::warn!(error = %e, "Live session not counted");
         }
         gw.metrics.live_sessions.inc();
         gw.observe(&key.id, "success");

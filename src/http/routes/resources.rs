@@ -172,19 +172,16 @@ async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let (token, body) = authorized_json(gw, req, payload, edge, true).await?;
     let c = call(req, edge, &token.id, body);
-    let pinned = pipeline::pin(gw, up, &c.body, c.session.as_ref(), &token.id).await?;
-    let mut served = match pipeline::send(gw, up, &c, pinned).await? {
-        Ok(served) => served,
+    let answered = match pipeline::fetch(gw, up, &c, ANSWER_LIMIT).await? {
+        Ok(answered) => answered,
         Err(response) => return Ok(response),
     };
-    let status = served.response.status();
-    let answer = read_answer(gw, &mut served, &c).await?;
-    if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
+    if let Ok(v) = serde_json::from_slice::<Value>(&answered.body) {
         if let Some(name) = v.get("name").and_then(Value::as_str) {
-            record(gw, name, &served.key, &token.id, &v).await;
+            record(gw, name, &answered.key, &token.id, &v).await;
         }
     }
-    Ok(buffered_back(status, served.response.headers(), answer))
+    Ok(answered.back())
 }
 
 /// `POST /v1alpha/auth_tokens`: an ephemeral Live token, minted on the
@@ -205,42 +202,24 @@ async fn mint(
         .and_then(|t| resources::ttl_until(t, now_ms()))
         .unwrap_or_else(|| Kind::LiveToken.ttl(&gw.settings));
     let c = call(req, edge, &token.id, body);
-    let pinned = pipeline::pin(gw, up, &c.body, c.session.as_ref(), &token.id).await?;
-    let mut served = match pipeline::send(gw, up, &c, pinned).await? {
-        Ok(served) => served,
+    let answered = match pipeline::fetch(gw, up, &c, ANSWER_LIMIT).await? {
+        Ok(answered) => answered,
         Err(response) => return Ok(response),
     };
-    let status = served.response.status();
-    let answer = read_answer(gw, &mut served, &c).await?;
-    let minted = serde_json::from_slice::<Value>(&answer)
+    let minted = serde_json::from_slice::<Value>(&answered.body)
         .ok()
         .and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string));
     if let Some(minted) = minted {
         let name = resources::live_token_name(&minted);
-        let rec = OwnerRecord::new(&served.key.id, &token.id);
+        let rec = OwnerRecord::new(&answered.key.id, &token.id);
         match resources::remember(gw.store(), &name, &rec, ttl).await {
             Ok(()) => {
-                tracing::info!(key_id = %served.key.id, ttl_s = ttl.as_secs(), "ephemeral Live token recorded");
+                tracing::info!(key_id = %answered.key.id, ttl_s = ttl.as_secs(), "ephemeral Live token recorded");
             }
             Err(e) => tracing::warn!(error = %e, "ephemeral Live token minted but not recorded"),
         }
     }
-    Ok(buffered_back(status, served.response.headers(), answer))
-}
-
-/// A successful answer the gateway must read (to record what it created),
-/// whole and within the upstream deadlines, like every small body.
-async fn read_answer(
-    gw: &Gateway,
-    served: &mut pipeline::Served,
-    c: &Call,
-) -> Result<Bytes, ApiError> {
-    served.read(gw, c, ANSWER_LIMIT).await.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "The upstream's answer could not be read whole.",
-        )
-    })
+    Ok(answered.back())
 }
 
 /// A discovery failure as the client's error.
@@ -342,7 +321,7 @@ async fn owned(
         return Ok(served.respond(gw, &c, false));
     }
     let status = served.response.status();
-    let answer = read_answer(gw, &mut served, &c).await?;
+    let answer = served.read_whole(gw, &c, ANSWER_LIMIT).await?;
     if method == Method::PATCH {
         if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
             record(gw, name, &key, &token.id, &v).await;

@@ -16,7 +16,7 @@ use crate::domain::gateway::Gateway;
 use crate::domain::resources;
 use crate::domain::upload::{self, UploadRecord};
 use crate::http::error::{ApiError, Flavor};
-use crate::http::pipeline::{self, buffered_back, Call};
+use crate::http::pipeline::{self, Call};
 use crate::upstream::client::{KeyStyle, Upstream};
 
 const FLAVOR: Flavor = Flavor::Upload;
@@ -73,19 +73,14 @@ pub async fn start(
         model: None,
         trail: super::trail_of(req),
     };
-    let mut served =
-        match pipeline::send(gw, up, &call, Some(pipeline::Pinned::to(key.clone()))).await? {
-            Ok(served) => served,
-            Err(response) => return Ok(response),
-        };
-    let status = served.response.status();
-    let headers = served.response.headers().clone();
-    let answer = served
-        .read(gw, &call, ANSWER_LIMIT)
-        .await
-        .unwrap_or_default();
-    let mut response = buffered_back(status, &headers, answer);
-    let Some(upstream_url) = headers
+    let pinned = Some(pipeline::Pinned::to(key.clone()));
+    let answered = match pipeline::fetch_pinned(gw, up, &call, pinned, ANSWER_LIMIT).await? {
+        Ok(answered) => answered,
+        Err(response) => return Ok(response),
+    };
+    let mut response = answered.back();
+    let Some(upstream_url) = answered
+        .headers
         .get("x-goog-upload-url")
         .and_then(|v| v.to_str().ok())
     else {

@@ -104,26 +104,15 @@ async fn start(
     };
     let session = pipeline::upload_session(gw, call.session.as_ref(), &call.token_id);
     let pinned = pipeline::pin(gw, up, &[], session.as_ref(), &call.token_id).await?;
-    let mut served = match pipeline::send(gw, up, &call, pinned).await? {
-        Ok(served) => served,
-        Err(response) => return Ok(ensure_final(response)),
-    };
-    let Some(upstream_url) = header(served.response.headers(), "x-goog-upload-url") else {
-        return Ok(served.respond(gw, &call, false));
-    };
     // The answer is read (and so counted: Google started an upload session)
     // before anything else can fail.
-    let status = served.response.status();
-    let headers = served.response.headers().clone();
-    let body = served
-        .read(gw, &call, FINAL_BODY_LIMIT)
-        .await
-        .ok_or_else(|| {
-            upload_error(
-                StatusCode::BAD_GATEWAY,
-                "The upstream's answer to the upload start could not be read.",
-            )
-        })?;
+    let answered = match pipeline::fetch_pinned(gw, up, &call, pinned, FINAL_BODY_LIMIT).await? {
+        Ok(answered) => answered,
+        Err(response) => return Ok(ensure_final(response)),
+    };
+    let Some(upstream_url) = header(&answered.headers, "x-goog-upload-url") else {
+        return Ok(answered.back());
+    };
     let id = upload::new_upload_id().map_err(|_| {
         upload_error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -131,7 +120,7 @@ async fn start(
         )
     })?;
     let record = UploadRecord {
-        key: served.key.id.clone(),
+        key: answered.key.id.clone(),
         url: upload::strip_key_param(&upstream_url),
         session: edge.session.as_ref().map(|s| s.id.to_string()),
         owner,
@@ -144,7 +133,7 @@ async fn start(
         public_base(gw, req),
         edge.prefix
     );
-    tracing::info!(key_id = %served.key.id, session = record.session.as_deref().unwrap_or(""), "resumable upload started");
+    tracing::info!(key_id = %answered.key.id, session = record.session.as_deref().unwrap_or(""), "resumable upload started");
     gw.metrics.uploads_started.inc();
     // Fail closed: Google's upload URL never reaches the client, even when
     // ours cannot be written as a header.
@@ -154,7 +143,7 @@ async fn start(
             "The gateway could not build its upload URL for this request.",
         )
     })?;
-    let mut response = buffered_back(status, &headers, body);
+    let mut response = answered.back();
     response.headers_mut().insert(
         actix_web::http::header::HeaderName::from_static("x-goog-upload-url"),
         ours,
