@@ -382,15 +382,50 @@ async fn live_resharding_under_traffic_fails_no_request() {
 
     let traffic = Traffic::start(&gws, &files, &sids, 6);
     std::thread::sleep(Duration::from_secs(1));
-    let status = std::process::Command::new("redis-cli")
-        .args(["--cluster", "reshard", &format!("127.0.0.1:{}", from.port)])
-        .args(["--cluster-from", &from.id, "--cluster-to", &to.id])
-        .args(["--cluster-slots", &moving.to_string(), "--cluster-yes"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("redis-cli --cluster reshard");
-    assert!(status.success());
+    // `redis-cli --cluster reshard` itself can stop half way under load (a
+    // slot left open); the cluster is then mended with `--cluster fix` and
+    // the rest moved, as an operator would. Either way the traffic meets
+    // slots in migration, which is what this test is about.
+    let mut left = moving;
+    for round in 1..=3 {
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{}", from.port)])
+            .args(["--cluster-from", &from.id, "--cluster-to", &to.id])
+            .args(["--cluster-slots", &left.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster reshard");
+        if out.status.success() {
+            break;
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        eprintln!("resharding round {round} stopped: {tail:?}");
+        assert!(round < 3, "redis-cli --cluster reshard failed three times");
+        let fixed = std::process::Command::new("redis-cli")
+            .args(["--cluster", "fix", &format!("127.0.0.1:{}", from.port)])
+            .arg("--cluster-yes")
+            .output()
+            .expect("redis-cli --cluster fix");
+        assert!(fixed.status.success(), "redis-cli --cluster fix failed");
+        let still: u32 = cluster
+            .node_table()
+            .iter()
+            .find(|n| n.port == from.port)
+            .map(|n| {
+                n.slots
+                    .iter()
+                    .map(|(a, b)| {
+                        u32::from((*b).min(ring_slot).saturating_sub(*a))
+                            + u32::from(*a <= ring_slot)
+                    })
+                    .sum()
+            })
+            .unwrap_or(0);
+        if still == 0 {
+            break;
+        }
+        left = (still + 500).min(left);
+    }
     std::thread::sleep(Duration::from_secs(1));
     let outcomes = traffic.finish();
 
