@@ -449,7 +449,9 @@ pub async fn send(
     };
     let target = call.path_and_query();
     let mut tried: Vec<String> = Vec::new();
-    let mut last: Option<HttpResponse> = None;
+    // The last failure: Google's error answer, or the gateway's own error
+    // (rendered in the route's dialect at the edge).
+    let mut last: Option<Result<HttpResponse, ApiError>> = None;
     for attempt in 0..attempts {
         let key = match &pinned {
             Some(key) => key.clone(),
@@ -487,14 +489,14 @@ pub async fn send(
         {
             attempt::Sent::Answer(response) => return Ok(Ok(Served { key, response })),
             attempt::Sent::Unreachable(err) => {
-                let err = ApiError::from(err).flavor(call.flavor);
+                let err = ApiError::from(err);
                 if pinned.is_some() {
                     return Err(err);
                 }
                 tracing::info!(key_id = %key.id, attempt, "moving to another key");
                 gw.metrics.retry("transport");
                 tried.push(key.id.clone());
-                last = Some(actix_web::ResponseError::error_response(&err));
+                last = Some(Err(err));
                 continue;
             }
             attempt::Sent::Refused {
@@ -516,16 +518,16 @@ pub async fn send(
         if pinned.is_none() && outcome.retryable(status) {
             gw.metrics.retry(outcome.name());
             tried.push(key.id.clone());
-            last = Some(response);
+            last = Some(Ok(response));
             continue;
         }
         return Ok(Err(response));
     }
-    Ok(Err(last.unwrap_or_else(|| {
-        actix_web::ResponseError::error_response(
-            &ApiError::from(NoKey::Exhausted).flavor(call.flavor),
-        )
-    })))
+    match last {
+        Some(Ok(response)) => Ok(Err(response)),
+        Some(Err(err)) => Err(err),
+        None => Err(ApiError::from(NoKey::Exhausted)),
+    }
 }
 
 /// The next key by rotation. When every key's known window for the model

@@ -38,20 +38,55 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// The layers a source text names in code (comments left out), as
-/// `crate::<layer>` paths.
+/// `crate::<layer>` paths, grouped ones (`crate::{http::x, state::y}`,
+/// across lines) included.
 fn named_layers(text: &str) -> Vec<(usize, &'static str)> {
+    let code: String = text
+        .lines()
+        .map(|line| line.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // The line of the first thing that is not white space from `at` on.
+    let line_of = |at: usize| {
+        let lead = code[at..].len() - code[at..].trim_start().len();
+        code[..at + lead].matches('\n').count() + 1
+    };
+    let layer_at = |rest: &str| {
+        let rest = rest.trim_start();
+        LAYERS.iter().map(|(name, _)| *name).find(|name| {
+            rest.starts_with(name)
+                && !rest[name.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_')
+        })
+    };
     let mut found = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let code = line.split("//").next().unwrap_or("");
-        for (at, _) in code.match_indices("crate::") {
-            let rest = &code[at + "crate::".len()..];
-            for (name, _) in LAYERS {
-                let named = rest.starts_with(name)
-                    && !rest[name.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_');
-                if named {
-                    found.push((n + 1, name));
+    for (at, _) in code.match_indices("crate::") {
+        let start = at + "crate::".len();
+        let rest = &code[start..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // The group's items at its top level: each starts after `{` or `,`.
+            let mut depth = 0usize;
+            let mut item_start = 0;
+            for (i, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => {
+                        if let Some(name) = layer_at(&group[item_start..i]) {
+                            found.push((line_of(start + 1 + item_start), name));
+                        }
+                        break;
+                    }
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        if let Some(name) = layer_at(&group[item_start..i]) {
+                            found.push((line_of(start + 1 + item_start), name));
+                        }
+                        item_start = i + 1;
+                    }
+                    _ => {}
                 }
             }
+        } else if let Some(name) = layer_at(rest) {
+            found.push((line_of(at), name));
         }
     }
     found
@@ -98,7 +133,8 @@ fn the_check_sees_an_upward_name() {
     std::fs::create_dir_all(&domain).unwrap();
     std::fs::write(
         domain.join("keys.rs"),
-        "// crate::http in a comment is fine\nuse crate::state::StateStore;\nuse crate::http::error::ApiError;\n",
+        "// crate::http in a comment is fine\nuse crate::state::StateStore;\nuse crate::http::error::ApiError;\n\
+         use crate::{\n    state::now_ms,\n    http::pipeline::{self, Call},\n};\n",
     )
     .unwrap();
     std::fs::create_dir_all(dir.join("state")).unwrap();
@@ -114,6 +150,7 @@ fn the_check_sees_an_upward_name() {
         wrong,
         [
             "domain/keys.rs:3: domain names crate::http",
+            "domain/keys.rs:6: domain names crate::http",
             "state/mod.rs:1: state names crate::domain"
         ]
     );

@@ -43,27 +43,27 @@ pub(super) fn parse_time(raw: &str, end: bool) -> Option<u64> {
     if let Ok(n) = raw.parse::<u64>() {
         return Some(if n < 100_000_000_000 { n * 1000 } else { n });
     }
-    let (date, time) = raw.split_once('T').unwrap_or((raw, ""));
-    let mut parts = date.splitn(3, '-').map(|p| p.parse::<i16>().ok());
-    let (Some(Some(y)), Some(Some(m)), Some(Some(d))) = (parts.next(), parts.next(), parts.next())
-    else {
-        return None;
+    let utc_ms = |at: jiff::civil::DateTime| {
+        let ms = at
+            .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+            .ok()?
+            .timestamp()
+            .as_millisecond();
+        u64::try_from(ms).ok()
     };
-    if !(1970..=9999).contains(&y) {
+    if !raw.contains(['T', 't', ' ']) {
+        let date = raw.parse::<jiff::civil::Date>().ok()?;
+        if !(1970..=9999).contains(&date.year()) {
+            return None;
+        }
+        let start = utc_ms(date.to_datetime(jiff::civil::Time::midnight()))?;
+        return Some(if end { start + DAY_MS - 1 } else { start });
+    }
+    let at = raw.parse::<jiff::civil::DateTime>().ok()?;
+    if at.year() < 1970 {
         return None;
     }
-    let day = jiff::civil::Date::new(y, i8::try_from(m).ok()?, i8::try_from(d).ok()?)
-        .and_then(|date| date.to_zoned_datetime(jiff::tz::TimeZone::UTC))
-        .ok()?;
-    let day_ms = u64::try_from(day.timestamp().as_millisecond()).ok()?;
-    if time.is_empty() {
-        return Some(if end { day_ms + DAY_MS - 1 } else { day_ms });
-    }
-    let mut hm = time.splitn(3, ':').map(|p| p.parse::<u64>().ok());
-    let (Some(Some(h)), min) = (hm.next(), hm.next().flatten().unwrap_or(0)) else {
-        return None;
-    };
-    (h < 24 && min < 60).then_some(day_ms + h * HOUR_MS + min * 60_000)
+    utc_ms(at)
 }
 
 struct Range {
@@ -469,6 +469,12 @@ mod tests {
         );
         assert_eq!(parse_time("1700000000", false), Some(1_700_000_000_000));
         assert_eq!(parse_time("2026-13-01", false), None);
+        assert_eq!(
+            parse_time("2024-02-29 13:45", false),
+            parse_time("2024-02-29T13:45Z", false)
+        );
+        assert_eq!(parse_time("2024-02-29T25:00", false), None);
+        assert_eq!(parse_time("1969-12-31", false), None);
         assert_eq!(parse_time("yesterday", false), None);
         for bad in [
             "2026-02-29",

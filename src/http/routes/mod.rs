@@ -240,33 +240,6 @@ pub async fn authorized(
 
 const MAX_JSON_DEPTH: usize = 100;
 
-/// The deepest nesting of arrays and objects, by one pass over the bytes
-/// (brackets inside strings do not count).
-fn json_depth(body: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for &b in body {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                max = max.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    max
-}
-
 /// Rejects a body that is not JSON where JSON is required (content routes),
 /// or that claims to be JSON but is not, before it costs an upstream call.
 fn check_json(body: &[u8], headers: &HeaderMap, required: bool) -> Result<(), ApiError> {
@@ -277,7 +250,7 @@ fn check_json(body: &[u8], headers: &HeaderMap, required: bool) -> Result<(), Ap
     if !(required || declared_json) || body.is_empty() {
         return Ok(());
     }
-    if json_depth(body) > MAX_JSON_DEPTH {
+    if crate::domain::scan::depth::json_depth(body) > MAX_JSON_DEPTH {
         return Err(ApiError::bad_request(format!(
             "Invalid JSON payload received: nested deeper than {MAX_JSON_DEPTH} levels."
         )));
@@ -656,7 +629,7 @@ async fn native(
 
 #[cfg(test)]
 mod tests {
-    use super::{json_depth, label_of, Target};
+    use super::{label_of, Target};
     use actix_web::http::header::{HeaderMap, HeaderValue, AUTHORIZATION};
     use actix_web::http::Method;
 
@@ -710,30 +683,5 @@ mod tests {
             Target::of(&Method::GET, "/v1/models", &HeaderMap::new()),
             Some(Target::Native)
         ));
-    }
-
-    #[test]
-    fn depth_ignores_brackets_in_strings() {
-        assert_eq!(json_depth(br#"{"a":[1,{"b":"[[[[\"]]"}]}"#), 3);
-        assert_eq!(json_depth(b"[[[]]]"), 3);
-        assert_eq!(json_depth(b"12"), 0);
-    }
-
-    mod props {
-        use super::super::json_depth;
-        use proptest::prelude::*;
-
-        proptest! {
-            #[test]
-            fn depth_of_nested_arrays_is_counted(n in 0usize..300) {
-                let body = format!("{}{}", "[".repeat(n), "]".repeat(n));
-                prop_assert_eq!(json_depth(body.as_bytes()), n);
-            }
-
-            #[test]
-            fn depth_never_panics(body in proptest::collection::vec(any::<u8>(), 0..1024)) {
-                let _ = json_depth(&body);
-            }
-        }
     }
 }
