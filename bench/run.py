@@ -9,9 +9,9 @@ store; the gateway on Redis (unpinned and session-pinned); on a Redis Cluster;
 three replicas behind nginx (scripts/local-stack). Saturation with `wrk -t1`
 (else `oha`), latency at one connection with `oha`; SSE time to first event;
 many concurrent SSE streams (bench/streams.py); a large upload's peak RSS.
-With BENCH_BASELINE_BIN set (an earlier build's binary, named by
-BENCH_BASELINE_LABEL), that build on Redis is one more row: before and
-after a change, in one run.
+With BENCH_BASELINE_BIN set (earlier builds' binaries, comma-separated,
+named by BENCH_BASELINE_LABEL in the same order), each such build on a Redis
+of its own is one more row: before and after a change, in one run.
 Writes bench/RESULTS.md and bench/results.json.
 Usage: bench/run [--seconds N] [--conns C] [--rounds N] [--delays-ms D,D] [--streams N]
 """
@@ -283,15 +283,30 @@ def run_pass(args, delay_ms):
         # An earlier build of the gateway (BENCH_BASELINE_BIN, built from
         # another revision) on a Redis of its own: before and after a change,
         # measured in one run.
-        baseline = os.environ.get("BENCH_BASELINE_BIN")
-        if baseline:
+        baselines = []
+        labels = os.environ.get("BENCH_BASELINE_LABEL", "").split(",")
+        for i, binary in enumerate(b for b in os.environ.get("BENCH_BASELINE_BIN", "").split(",") if b):
             base_port = free_port()
             base_redis = subprocess.Popen(["redis-server", "--port", str(base_port), "--bind", "127.0.0.1",
                                            "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
             procs.append(base_redis)
             time.sleep(0.5)
-            gwb, gwb_url = start([baseline], gateway_env(fake_url, base_port), "stderr")
+            gwb, gwb_url = start([binary], gateway_env(fake_url, base_port), "stderr")
             procs.append(gwb)
+            label = labels[i] if i < len(labels) and labels[i] else f"earlier build {i + 1}"
+            baselines.append((f"baseline: {label}", gwb, gwb_url, base_port, base_redis))
+        if baselines:
+            # This build set up exactly as the baselines are (its own Redis,
+            # no limits file, no other replica on that Redis), so that the
+            # rows compare builds, not setups.
+            base_port = free_port()
+            base_redis = subprocess.Popen(["redis-server", "--port", str(base_port), "--bind", "127.0.0.1",
+                                           "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+            procs.append(base_redis)
+            time.sleep(0.5)
+            gwb, gwb_url = start([str(BIN / "gemini-balancer")], gateway_env(fake_url, base_port), "stderr")
+            procs.append(gwb)
+            baselines.append(("this build, set up as the baselines", gwb, gwb_url, base_port, base_redis))
         # The floor of the stack: actix-web in, awc out, nothing else.
         fwd, fwd_url = start([str(BIN / "bare-forwarder")],
                              dict(os.environ, FORWARD_UPSTREAM=fake_url, FORWARD_WORKERS="2"), "stdout")
@@ -318,9 +333,8 @@ def run_pass(args, delay_ms):
             Config("gateway, Redis", gwr_url, [gwr.pid], (redis_port, redis.pid), metrics_urls=[gwr_url],
                    upstream_pids=up),
         ]
-        if baseline:
-            label = os.environ.get("BENCH_BASELINE_LABEL", "an earlier build")
-            configs.append(Config(f"gateway, Redis, baseline: {label}", gwb_url, [gwb.pid],
+        for label, gwb, gwb_url, base_port, base_redis in baselines:
+            configs.append(Config(f"gateway, Redis, {label}", gwb_url, [gwb.pid],
                                   (base_port, base_redis.pid), metrics_urls=[gwb_url], upstream_pids=up))
         configs += [
             Config("gateway, Redis, session-pinned", gwr_url, [gwr.pid], (redis_port, redis.pid),
