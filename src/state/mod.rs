@@ -16,6 +16,7 @@ pub mod limits;
 pub mod memory;
 pub mod migrations;
 pub mod redis;
+pub mod snapshot;
 
 pub use connect::{RedisConfig, RedisMode};
 pub use gate::{GatedStore, LayoutGate, LayoutStatus};

@@ -22,6 +22,7 @@ use super::limits::{
     Ask, ClientUse, Held, KeySettle, KeyWindow, KeyWindowUse, LeaseSet, Limit, Settle, Verdict,
     WindowAsk, MINUTE_MS, WINDOW_MARGIN_MS,
 };
+use super::snapshot::{Snapshots, VERSION_STEP};
 use super::{
     effective_state, state_field, Applied, IndexEntry, MemberState, Pick, RedisConfig, RedisMode,
     StateStore, StoreError, Transition,
@@ -171,6 +172,7 @@ pub struct RedisStore {
     transition: Script,
     admit: Script,
     rotate_within: Script,
+    snapshots: Snapshots,
 }
 
 impl RedisStore {
@@ -219,6 +221,7 @@ impl RedisStore {
             transition: Script::new(TRANSITION),
             admit: Script::new(ADMIT),
             rotate_within: Script::new(ROTATE_WITHIN),
+            snapshots: Snapshots::default(),
         })
     }
 
@@ -595,28 +598,29 @@ impl StateStore for RedisStore {
         if members.is_empty() {
             return Ok(Pick::AllDisabled);
         }
-        // One round trip: the counter's next value and the ring's states
-        // (only keys and (key, model) pairs that are cooling or disabled have
-        // an entry), pipelined. Plain commands cost Redis less than a script
-        // doing the same; the pick itself is the rule the embedded store
-        // applies too. Both keys carry the ring's hash tag: on a cluster the
-        // pipeline goes to one master.
-        let (counter, states) = (&self.keys.ring_counter(ring), &self.keys.ring_states(ring));
-        let (next, raw): (u64, HashMap<String, String>) = self
-            .run(|mut c| async move {
-                redis::pipe()
-                    .cmd("INCR")
-                    .arg(counter)
-                    .cmd("HGETALL")
-                    .arg(states)
-                    .query_async(&mut c)
-                    .await
-            })
+        // One command: the counter's next value, which carries the ring's
+        // state version (see [`super::snapshot`]). The states are read again
+        // only when this replica's copy is not at that version. The pick
+        // itself is the rule the embedded store applies too.
+        let counter = &self.keys.ring_counter(ring);
+        let next: u64 = self
+            .run(|mut c| async move { redis::cmd("INCR").arg(counter).query_async(&mut c).await })
             .await?;
-        let decoded = decode_states(raw);
+        let snapshot = match self.snapshots.current(ring, next) {
+            Some(kept) => kept,
+            None => {
+                let states = &self.keys.ring_states(ring);
+                let raw: HashMap<String, String> = self
+                    .run(|mut c| async move {
+                        redis::cmd("HGETALL").arg(states).query_async(&mut c).await
+                    })
+                    .await?;
+                self.snapshots.keep(ring, next, decode_states(raw))
+            }
+        };
         let states: Vec<Option<MemberState>> = members
             .iter()
-            .map(|m| effective_state(&decoded, m, model, now_ms))
+            .map(|m| effective_state(&snapshot.states, m, model, now_ms))
             .collect();
         Ok(super::choose(members, &states, exclude, now_ms, || next))
     }
@@ -767,14 +771,19 @@ impl StateStore for RedisStore {
         event: &Transition,
         now_ms: u64,
     ) -> Result<Applied, StoreError> {
-        let states = self.keys.ring_states(ring).into_owned();
+        // The counter rides along: a change adds to it the step that tells
+        // every replica's rotation its copy of the states is old.
+        let keys = vec![
+            self.keys.ring_states(ring).into_owned(),
+            self.keys.ring_counter(ring).into_owned(),
+        ];
         let field = state_field(member, model);
         let (kind, num, reason) = event.wire();
         let (key_before, before, after): (String, String, String) = self
-            .script(
+            .script_on(
                 &self.transition,
                 TRANSITION,
-                states,
+                keys,
                 vec![
                     now_ms.to_string(),
                     member.to_string(),
@@ -782,6 +791,7 @@ impl StateStore for RedisStore {
                     kind.to_string(),
                     num.to_string(),
                     reason.to_string(),
+                    VERSION_STEP.to_string(),
                 ],
             )
             .await?;

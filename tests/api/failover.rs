@@ -399,14 +399,26 @@ async fn live_resharding_under_traffic_fails_no_request() {
         }
         let text = String::from_utf8_lossy(&out.stdout);
         let tail: Vec<&str> = text.lines().rev().take(5).collect();
-        eprintln!("resharding round {round} stopped: {tail:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("resharding round {round} stopped: {tail:?} {stderr}");
+        // A key that exists on both sides is a broken migration, not load:
+        // `fix` would not mend it.
+        assert!(
+            !text.contains("BUSYKEY") && !stderr.contains("BUSYKEY"),
+            "resharding met a key on both nodes: {tail:?} {stderr}"
+        );
         assert!(round < 3, "redis-cli --cluster reshard failed three times");
         let fixed = std::process::Command::new("redis-cli")
             .args(["--cluster", "fix", &format!("127.0.0.1:{}", from.port)])
             .arg("--cluster-yes")
             .output()
             .expect("redis-cli --cluster fix");
-        assert!(fixed.status.success(), "redis-cli --cluster fix failed");
+        assert!(
+            fixed.status.success(),
+            "redis-cli --cluster fix failed: {} {}",
+            String::from_utf8_lossy(&fixed.stdout),
+            String::from_utf8_lossy(&fixed.stderr)
+        );
         let still: u32 = cluster
             .node_table()
             .iter()
@@ -708,9 +720,11 @@ fn rotation_calls(redis: &Deployment) -> Vec<(u16, u64, u64)> {
         .collect()
 }
 
-/// A rotation is one pipelined round trip (counter and states in one slot)
-/// in every mode: N unpinned requests cost N round trips, plus the few of
-/// the scrapes and the replica's heartbeat.
+/// A rotation is one command, one round trip, in every mode: the counter's
+/// `INCR` carries the ring's state version, so the states are read again
+/// only after a change or once the replica's copy is a second old
+/// (`state::snapshot`). N unpinned requests cost N round trips, plus those
+/// reads and the few of the scrapes and the replica's heartbeat.
 async fn an_unpinned_request_costs_one_store_round_trip(mode: Mode) {
     let redis = Deployment::start(mode);
     let fake = FakeUpstream::start(&keys(3));
@@ -718,11 +732,13 @@ async fn an_unpinned_request_costs_one_store_round_trip(mode: Mode) {
     let n: u32 = 200;
     let before = store_round_trips(gw).await;
     let calls_before = rotation_calls(&redis);
+    let started = std::time::Instant::now();
     for _ in 0..n {
         let (status, v) = post_json(&format!("{}{GENERATE}", gw.url), &generate_body(), &[]).await;
         assert_eq!(status, 200, "{v}");
     }
     let calls_after = rotation_calls(&redis);
+    let seconds = started.elapsed().as_secs();
     let trips = store_round_trips(gw).await - before;
     // Every INCR and HGETALL went to one server: the ring's master.
     let busy: Vec<(u16, u64, u64)> = calls_after
@@ -739,7 +755,13 @@ async fn an_unpinned_request_costs_one_store_round_trip(mode: Mode) {
         .collect();
     assert_eq!(busy.len(), 1, "{mode:?}: {busy:?}");
     assert_eq!(busy[0].1, u64::from(n), "{mode:?}: one INCR a request");
-    assert_eq!(busy[0].2, u64::from(n), "{mode:?}: one HGETALL a request");
+    // No key changed state: the copy is read once, then again only when
+    // it is a second old (the bound counts each started second).
+    assert!(
+        (1..=seconds + 1).contains(&busy[0].2),
+        "{mode:?}: {} HGETALL in {seconds} s for {n} requests",
+        busy[0].2
+    );
     assert!(
         (f64::from(n)..=f64::from(n) * 1.05).contains(&trips),
         "{mode:?}: {trips} round trips for {n} requests"

@@ -664,6 +664,65 @@ async fn redis_store_passes_the_suite(mode: Mode) {
 
 in_every_redis_mode!(redis_store_passes_the_suite);
 
+/// How often each of two members was picked in `n` rotations.
+async fn picks(store: &RedisStore, ring: &[String], n: usize) -> [u32; 2] {
+    let mut seen = [0; 2];
+    for _ in 0..n {
+        match store.rotate("r", ring, &[], None, 1_000).await.unwrap() {
+            Pick::Member(i) => seen[i] += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    seen
+}
+
+/// Each replica keeps its copy of a ring's states while the counter's
+/// version is unchanged (`state::snapshot`): a change made by one replica
+/// reaches every other replica's very next rotation, and a change written
+/// without the version step (a replica of an earlier build) within a second.
+async fn a_state_change_reaches_every_replicas_next_rotation(mode: Mode) {
+    let redis = Deployment::start(mode);
+    let a = open_store(&redis, "gbsnap", Duration::from_secs(2));
+    let b = open_store(&redis, "gbsnap", Duration::from_secs(2));
+    let ring = members(2);
+    assert_eq!(
+        picks(&a, &ring, 4).await,
+        [2, 2],
+        "{mode:?}: a holds a copy now"
+    );
+    set(&b, "m0", None, cool(50_000, "per_minute"), 1_000).await;
+    assert_eq!(
+        picks(&a, &ring, 4).await,
+        [0, 4],
+        "{mode:?}: b's cooldown, seen by a at once"
+    );
+    set(&b, "m0", None, Transition::Enable, 1_000).await;
+    assert_eq!(
+        picks(&a, &ring, 4).await,
+        [2, 2],
+        "{mode:?}: the lift, seen at once"
+    );
+
+    // Written without the step, as a replica of an earlier build does.
+    let states = "gbsnap:{ring:r}:s";
+    redis.cmd(&[
+        "HSET",
+        states,
+        "m1",
+        &MemberState::cooling(50_000, "per_minute").encode(),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while picks(&a, &ring, 2).await != [2, 0] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{mode:?}: a change without the version step was never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+in_every_redis_mode!(a_state_change_reaches_every_replicas_next_rotation);
+
 #[actix_rt::test]
 async fn redis_store_fails_fast_when_redis_is_gone() {
     let redis = Redis::start();
