@@ -419,7 +419,9 @@ impl Served {
 }
 
 /// Steps 2–6 for a request with a buffered body. `Ok(Err(response))` is an
-/// upstream error answer, passed on as Google gave it.
+/// upstream error answer, passed on as Google gave it; `Err` is the
+/// gateway's own (the upstream could not be reached, every key was tried,
+/// the store is down), rendered in the route's dialect at dispatch.
 pub async fn send(
     gw: &Gateway,
     up: &Upstream,
@@ -597,7 +599,8 @@ impl Answered {
 /// A whole request whose answer the gateway reads before it answers (to
 /// record what the answer created): pin, send with retries, then read the
 /// answer whole (at most `limit` bytes) and count it. `Ok(Err(response))`
-/// is an upstream error answer, passed on as Google gave it.
+/// is an upstream error answer, passed on as Google gave it; `Err` is the
+/// gateway's own, as in [`send`], or an answer that could not be read whole.
 pub async fn fetch(
     gw: &Gateway,
     up: &Upstream,

@@ -807,6 +807,19 @@ async fn an_upload_into_a_file_search_store_starts_on_its_key_and_finishes_on_an
         404,
         "another token cannot upload into the store"
     );
+    assert_eq!(
+        resp.headers().get("x-goog-upload-status").unwrap(),
+        "final",
+        "an upload error ends the upload, or the SDKs retry"
+    );
+    // The owner key is rate-limited: Google's error, final too.
+    c.fake
+        .set_mode(&owner, json!({"mode": "quota", "retryDelay": "1s"}))
+        .await;
+    let resp = start(1, TOKEN).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    assert_eq!(resp.headers().get("x-goog-upload-status").unwrap(), "final");
+    c.fake.set_mode(&owner, json!({"mode": "normal"})).await;
     let resp = start(1, TOKEN).await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let url = resp

@@ -36,10 +36,16 @@ fn iso_date(ms: u64) -> String {
     instant(ms).strftime("%Y-%m-%d").to_string()
 }
 
-/// A time bound: Unix seconds or ms, `YYYY-MM-DD`, or `YYYY-MM-DDTHH:MM`
-/// (UTC). `end`: a bare date means the end of that day.
+/// A time bound: Unix seconds or ms, `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM[:SS]`
+/// (UTC), or an RFC 3339 instant with its offset. `end`: a bare date means
+/// the end of that day.
 pub(super) fn parse_time(raw: &str, end: bool) -> Option<u64> {
-    let raw = raw.trim().trim_end_matches('Z');
+    let raw = raw.trim();
+    // An instant with its offset (`Z`, `+02:00`) means that instant.
+    if let Ok(at) = raw.parse::<jiff::Timestamp>() {
+        return u64::try_from(at.as_millisecond()).ok();
+    }
+    let raw = raw.trim_end_matches('Z');
     if let Ok(n) = raw.parse::<u64>() {
         return Some(if n < 100_000_000_000 { n * 1000 } else { n });
     }
@@ -475,6 +481,20 @@ mod tests {
         );
         assert_eq!(parse_time("2024-02-29T25:00", false), None);
         assert_eq!(parse_time("1969-12-31", false), None);
+        assert_eq!(
+            parse_time("2026-11-29T02:00:00+02:00", false),
+            parse_time("2026-11-29T00:00", false),
+            "a numeric offset is applied, not dropped"
+        );
+        assert_eq!(
+            parse_time("2026-11-29T09:00+02:00", false),
+            parse_time("2026-11-29T07:00", false)
+        );
+        assert_eq!(
+            parse_time("2026-11-28T19:00-05:00", false),
+            parse_time("2026-11-29T00:00Z", false)
+        );
+        assert_eq!(parse_time("1969-12-31T23:00:00Z", false), None);
         assert_eq!(parse_time("yesterday", false), None);
         for bad in [
             "2026-02-29",

@@ -76,7 +76,7 @@ pub async fn start(
     let pinned = Some(pipeline::Pinned::to(key.clone()));
     let answered = match pipeline::fetch_pinned(gw, up, &call, pinned, ANSWER_LIMIT).await? {
         Ok(answered) => answered,
-        Err(response) => return Ok(response),
+        Err(response) => return Ok(super::upload::ensure_final(response)),
     };
     let mut response = answered.back();
     let Some(upstream_url) = answered

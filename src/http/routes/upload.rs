@@ -530,7 +530,7 @@ async fn stream_up(
 
 /// Every error on the upload path says `x-goog-upload-status: final`, or the
 /// SDKs keep retrying.
-fn ensure_final(mut response: HttpResponse) -> HttpResponse {
+pub(super) fn ensure_final(mut response: HttpResponse) -> HttpResponse {
     if !response.status().is_success() {
         response.headers_mut().insert(
             actix_web::http::header::HeaderName::from_static("x-goog-upload-status"),
