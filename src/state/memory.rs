@@ -2,6 +2,10 @@
 //! store, kept in maps behind one short-held lock.
 
 use std::collections::{BTreeSet, HashMap};
+
+/// Maps keyed by what clients send (session ids, request records): a
+/// seeded hash several times cheaper than the standard one on long keys.
+type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -21,7 +25,7 @@ use super::{
 /// member) like a Redis sorted set, so a page is read without a sort.
 #[derive(Default)]
 struct Index {
-    expiry: HashMap<String, u64>,
+    expiry: FastMap<String, u64>,
     order: BTreeSet<(u64, String)>,
 }
 
@@ -70,8 +74,8 @@ impl Index {
 struct Inner {
     counters: HashMap<String, u64>,
     states: HashMap<String, HashMap<String, MemberState>>,
-    bindings: HashMap<String, (String, Instant)>,
-    indexes: HashMap<String, Index>,
+    bindings: FastMap<String, (String, Instant)>,
+    indexes: FastMap<String, Index>,
     locks: HashMap<String, (String, Instant)>,
     counts: HashMap<String, (HashMap<String, u64>, Instant)>,
     /// Client limits by client token id.

@@ -12,11 +12,16 @@
 //! after `GB_USAGE_RETENTION_DAYS`, and reads never reach further back.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Series fields are looked up on every request: a seeded hash several
+/// times cheaper than the standard one on keys this long.
+type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 
 use crate::ops::metrics::{model_label, Metrics, ModelKind, ModelOutcome, TokenKind};
@@ -126,9 +131,9 @@ pub fn error_facts(body: &[u8]) -> (Option<String>, Option<String>, Option<f64>)
 #[derive(Default)]
 struct Inner {
     /// hour → field → count, not yet flushed.
-    pending: HashMap<u64, HashMap<String, u64>>,
+    pending: HashMap<u64, FastMap<String, u64>>,
     seen_hour: u64,
-    seen: HashSet<String>,
+    seen: HashSet<String, foldhash::quality::RandomState>,
     errors: Vec<ErrorEntry>,
     /// The buffer field names are built in.
     scratch: String,
@@ -143,6 +148,10 @@ pub struct Usage {
     inner: Mutex<Inner>,
     /// Where counted tokens also go: the client limits they count against.
     limits: Option<Arc<crate::domain::limits::Limiter>>,
+    /// Each client token's `gb_client_tokens_total` counters, one per kind
+    /// of [`Tokens::by_kind`], kept so that counting looks a token up by
+    /// its id instead of building a label set (and its id's copy) per kind.
+    client_counters: Mutex<FastMap<String, [Option<Counter>; 5]>>,
 }
 
 impl Usage {
@@ -160,6 +169,7 @@ impl Usage {
             seq: AtomicU64::new(0),
             inner: Mutex::new(Inner::default()),
             limits: None,
+            client_counters: Mutex::default(),
         }
     }
 
@@ -186,6 +196,35 @@ impl Usage {
         self.count(series, 0, Some(tokens), now_ms);
     }
 
+    fn count_client_tokens(&self, token_id: &str, by_kind: &[(&'static str, u64); 5]) {
+        let mut kept = self
+            .client_counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !kept.contains_key(token_id) {
+            kept.insert(token_id.to_string(), Default::default());
+        }
+        let Some(counters) = kept.get_mut(token_id) else {
+            return;
+        };
+        for (slot, (kind, n)) in counters.iter_mut().zip(by_kind) {
+            if *n == 0 {
+                continue;
+            }
+            // A series appears once its kind is first counted, as before.
+            slot.get_or_insert_with(|| {
+                self.metrics
+                    .client_tokens
+                    .get_or_create(&TokenKind {
+                        token_id: token_id.to_string(),
+                        kind,
+                    })
+                    .clone()
+            })
+            .inc_by(*n);
+        }
+    }
+
     fn count(&self, series: &Series, requests: u64, tokens: Option<&Tokens>, now_ms: u64) {
         let model = model_label(series.model.as_deref());
         if let (Some(limits), Some(t)) = (&self.limits, tokens) {
@@ -201,14 +240,10 @@ impl Usage {
                     .tokens
                     .get_or_create(&ModelKind { model, kind })
                     .inc_by(n);
-                self.metrics
-                    .client_tokens
-                    .get_or_create(&TokenKind {
-                        token_id: series.token_id.clone(),
-                        kind,
-                    })
-                    .inc_by(n);
             }
+        }
+        if by_kind.iter().any(|(_, n)| *n > 0) {
+            self.count_client_tokens(&series.token_id, &by_kind);
         }
         self.add(series, now_ms, |add| {
             if requests > 0 {
@@ -312,7 +347,7 @@ impl Usage {
         };
         let ttl = self.retention() + Duration::from_millis(2 * HOUR_MS);
         let mut failed: Option<StoreError> = None;
-        let mut keep: HashMap<u64, HashMap<String, u64>> = HashMap::new();
+        let mut keep: HashMap<u64, FastMap<String, u64>> = HashMap::new();
         for (hour, counts) in pending {
             if failed.is_some() {
                 keep.insert(hour, counts);
