@@ -9,6 +9,7 @@ use actix_web::{HttpMessage, HttpRequest};
 use crate::domain::gateway::Gateway;
 use crate::domain::identity::ClientToken;
 use crate::domain::limits::{Kind, Refusal, Ticket};
+use crate::domain::requests::Trail;
 use crate::domain::usage::{ErrorEntry, Series};
 use crate::http::error::ApiError;
 use crate::state::now_ms;
@@ -21,11 +22,10 @@ pub async fn admit(
     token: &ClientToken,
     model: impl FnOnce() -> Option<String>,
 ) -> Result<(), ApiError> {
-    let route = req
-        .extensions()
-        .get::<crate::http::routes::RouteLabel>()
-        .map_or("unknown", |r| r.0);
-    let trail = crate::http::routes::trail_of(req);
+    // The trail dispatch left: it names the route the request is counted
+    // under.
+    let trail = req.extensions().get::<Trail>().cloned();
+    let route = trail.as_ref().map_or("unknown", Trail::route);
     if let Some(t) = &trail {
         t.client(&token.id, None);
     }

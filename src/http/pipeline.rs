@@ -67,11 +67,9 @@ impl Call {
         Bill {
             token_id: self.token_id.clone(),
             model: self.model.clone(),
-            // Named once, by the router, when the request came with a trail.
-            route: self.trail.as_ref().map_or_else(
-                || crate::http::routes::label_of(&self.method, &self.path),
-                Trail::route,
-            ),
+            // Named once, by the router, in the trail it gives every API
+            // request.
+            route: self.trail.as_ref().map_or("unknown", Trail::route),
             trail: self.trail.clone(),
         }
     }
