@@ -307,8 +307,9 @@ pub enum Pick {
 /// The rotation rule both stores apply: among the usable members not
 /// excluded, take the `counter`-th (round-robin), so K usable members each get
 /// N/K ± 1 of N picks. The embedded store advances its counter only when a
-/// member is picked; Redis advances it on every call (pipelined with the
-/// read of the states), which changes nothing while members are usable.
+/// member is picked; Redis advances it on every call (the `INCR` whose
+/// answer also says whether the replica's copy of the states is current, see
+/// [`snapshot`]), which changes nothing while members are usable.
 pub fn choose(
     members: &[String],
     states: &[Option<MemberState>],
@@ -368,7 +369,8 @@ pub trait StateStore: Send + Sync {
 
     /// One round-robin step over `members` of `ring`, skipping members that are
     /// cooling (key-wide, or for `model`), disabled or in `exclude`. Atomic
-    /// across every replica, one round trip.
+    /// across every replica: one round trip, a second only when the states
+    /// changed since this replica last read them.
     async fn rotate(
         &self,
         ring: &str,

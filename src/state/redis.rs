@@ -772,11 +772,12 @@ impl StateStore for RedisStore {
         now_ms: u64,
     ) -> Result<Applied, StoreError> {
         // The counter rides along: a change adds to it the step that tells
-        // every replica's rotation its copy of the states is old.
-        let keys = vec![
-            self.keys.ring_states(ring).into_owned(),
-            self.keys.ring_counter(ring).into_owned(),
-        ];
+        // every replica's rotation its copy of the states is old. The
+        // proxies' ring is never rotated: it has no counter to write.
+        let mut keys = vec![self.keys.ring_states(ring).into_owned()];
+        if ring != super::keyspace::ring::PROXIES {
+            keys.push(self.keys.ring_counter(ring).into_owned());
+        }
         let field = state_field(member, model);
         let (kind, num, reason) = event.wire();
         let (key_before, before, after): (String, String, String) = self

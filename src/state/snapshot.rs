@@ -4,12 +4,13 @@
 //! The version rides in the ring's counter: the one `INCR` a rotation sends
 //! returns the counter, and every change of the ring's states adds
 //! [`VERSION_STEP`] to that counter in the same script that makes the change
-//! (`lua/transition.lua`). So `counter / VERSION_STEP` is the number of state
-//! changes the ring has seen, and a rotation whose `INCR` answers with the
-//! version of the kept copy needs no second command: rotation stays exact
-//! (the states used are never older than the counter's answer) at one
-//! command a request. A copy whose version differs is read again with
-//! `HGETALL`, a second round trip only after a change.
+//! (`lua/transition.lua`). So `counter / VERSION_STEP` changes whenever the
+//! states do (and, harmlessly, each time the requests counted in the low
+//! bits carry into it: one more read every 2^16 rotations), and a rotation
+//! whose `INCR` answers with the version of the kept copy needs no second
+//! command: rotation stays exact (the states used are never older than the
+//! counter's answer) at one command a request. A copy whose version differs
+//! is read again with `HGETALL`, a second round trip only after a change.
 //!
 //! A copy is also read again when it is older than [`MAX_AGE`], whatever its
 //! version: a replica of an earlier build changes states without adding the
@@ -26,11 +27,10 @@ use std::time::{Duration, Instant};
 
 use super::MemberState;
 
-/// What one change of a ring's states adds to its counter. 2^24 requests
-/// pass between two changes before the request count reaches the version
-/// bits, which only costs one more read; 2^29 changes keep the counter
-/// below 2^53, where the rotation script's Lua numbers stay exact.
-pub const VERSION_STEP: u64 = 1 << 24;
+/// What one change of a ring's states adds to its counter. The counter
+/// must stay below 2^53, where the rotation script's Lua numbers are exact:
+/// 2^37 changes (years at hundreds a second) leave room for 2^52 requests.
+pub const VERSION_STEP: u64 = 1 << 16;
 
 /// The longest a copy is used without being read again.
 pub const MAX_AGE: Duration = Duration::from_secs(1);
@@ -71,7 +71,8 @@ impl Snapshots {
     /// Keeps `states`, read after the `INCR` that answered `counter`, as the
     /// ring's copy at that counter's version. States read after the `INCR`
     /// are at that version or newer, so a copy is never older than its
-    /// label; a newer one only costs a read once the counter catches up.
+    /// label; a newer one only costs a read once the counter catches up. A
+    /// read that finishes after one of a later version does not replace it.
     pub fn keep(
         &self,
         ring: &str,
@@ -88,6 +89,11 @@ impl Snapshots {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match rings.get_mut(ring) {
+            // (Unless it is old: after the counter went back — a flushed
+            // or restored Redis — the lower versions are the current ones.)
+            Some(kept) if kept.version > snapshot.version && kept.taken.elapsed() < MAX_AGE => {
+                return Arc::clone(kept);
+            }
             Some(kept) => *kept = Arc::clone(&snapshot),
             None => {
                 rings.insert(ring.to_string(), Arc::clone(&snapshot));
@@ -118,5 +124,10 @@ mod tests {
         kept.keep("r", VERSION_STEP + 6, HashMap::new());
         let now = kept.current("r", VERSION_STEP + 7).unwrap();
         assert!(now.states.is_empty());
+        // A read of an earlier version that finishes last keeps the later copy.
+        let mut late = HashMap::new();
+        late.insert("k2".to_string(), MemberState::cooling(10, "per_minute"));
+        assert!(kept.keep("r", 7, late).states.is_empty());
+        assert!(kept.current("r", VERSION_STEP + 8).is_some());
     }
 }

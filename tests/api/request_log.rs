@@ -233,6 +233,16 @@ async fn each_request_is_found_by_its_id_with_its_key_attempts_and_tokens() {
         .unwrap()
         .iter()
         .all(|r| r["time_ms"].as_u64().unwrap() >= newest));
+    // The same bound as a time with its offset, `+` encoded or not.
+    let at = jiff::Timestamp::from_millisecond(i64::try_from(newest).unwrap())
+        .unwrap()
+        .display_with_offset(jiff::tz::offset(2))
+        .to_string();
+    assert!(at.contains("+02:00"), "{at}");
+    for form in [at.replace('+', "%2B"), at.clone()] {
+        let found = admin(&gws[0], &format!("from={form}")).await;
+        assert_eq!(found["requests"], from_newest["requests"], "{form}");
+    }
     let before_oldest = admin(&gws[0], &format!("to={}", newest - 3_600_000)).await;
     assert_eq!(before_oldest["requests"], json!([]));
     let fours = admin(&gws[1], "status=4xx").await;

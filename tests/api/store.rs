@@ -684,6 +684,10 @@ async fn a_state_change_reaches_every_replicas_next_rotation(mode: Mode) {
     let redis = Deployment::start(mode);
     let a = open_store(&redis, "gbsnap", Duration::from_secs(2));
     let b = open_store(&redis, "gbsnap", Duration::from_secs(2));
+    // Both connected first, so that a's copy is young when b writes: what
+    // a sees then comes from the version step, not from the copy's age.
+    a.ping().await.unwrap();
+    b.ping().await.unwrap();
     let ring = members(2);
     assert_eq!(
         picks(&a, &ring, 4).await,
@@ -703,7 +707,8 @@ async fn a_state_change_reaches_every_replicas_next_rotation(mode: Mode) {
         "{mode:?}: the lift, seen at once"
     );
 
-    // Written without the step, as a replica of an earlier build does.
+    // Written without the step, as a replica of an earlier build does: seen
+    // once a's copy is a second old (the deadline only bounds a hang).
     let states = "gbsnap:{ring:r}:s";
     redis.cmd(&[
         "HSET",

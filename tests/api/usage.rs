@@ -265,6 +265,13 @@ async fn token_sums_over_every_answer_shape_and_two_replicas_equal_what_the_upst
     // a clear error.
     let empty = admin_get(&gws[0], "/admin/api/usage?from=2020-01-01&to=2020-01-02").await;
     assert_eq!(empty["totals"]["requests"], 0);
+    let offset = admin_get(
+        &gws[0],
+        "/admin/api/usage?from=2020-01-01T02:00%2B02:00&to=2020-01-02T00:00+02:00",
+    )
+    .await;
+    assert_eq!(offset["from"], empty["from"], "{offset}");
+    assert_eq!(offset["totals"]["requests"], 0);
     let resp = client()
         .get(format!("{}/admin/api/usage?by=colour", gws[0].url))
         .insert_header(("authorization", format!("Bearer {ADMIN}")))

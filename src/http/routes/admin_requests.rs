@@ -29,7 +29,7 @@ fn parse(query: &str) -> Result<(Filter, usize, Option<IndexEntry>), ApiError> {
         get(name)
             .map(|v| {
                 super::admin_usage::parse_time(&v, end).ok_or_else(|| {
-                    bad("`from` and `to` are Unix seconds or ms, YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC).")
+                    bad("`from` and `to` are Unix seconds or ms, YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC), or a time with its offset.")
                 })
             })
             .transpose()

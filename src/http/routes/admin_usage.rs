@@ -41,8 +41,17 @@ fn iso_date(ms: u64) -> String {
 /// the end of that day.
 pub(super) fn parse_time(raw: &str, end: bool) -> Option<u64> {
     let raw = raw.trim();
-    // An instant with its offset (`Z`, `+02:00`) means that instant.
-    if let Ok(at) = raw.parse::<jiff::Timestamp>() {
+    // An instant with its offset (`Z`, `+02:00`) means that instant. A `+`
+    // left unencoded in a query string arrives as a space.
+    let with_offset = match raw.rsplit_once(' ') {
+        Some((at, off))
+            if at.contains(['T', 't']) && off.len() == 5 && off.as_bytes()[2] == b':' =>
+        {
+            std::borrow::Cow::Owned(format!("{at}+{off}"))
+        }
+        _ => std::borrow::Cow::Borrowed(raw),
+    };
+    if let Ok(at) = with_offset.parse::<jiff::Timestamp>() {
         return u64::try_from(at.as_millisecond()).ok();
     }
     let raw = raw.trim_end_matches('Z');
@@ -94,20 +103,16 @@ fn bad(msg: impl Into<String>) -> ApiError {
 /// `from`, `to` (default: the last 24 h) and `by` (default `model`; several
 /// may be joined with commas) of a query string.
 fn range(query: &str, now: u64) -> Result<Range, ApiError> {
-    let decode = |v: &str| {
-        v.replace("%3A", ":")
-            .replace("%3a", ":")
-            .replace("%2C", ",")
-    };
+    let decode = |v: &str| crate::upstream::client::percent_decode(v);
     let to = match query_value(query, "to") {
         Some(v) => parse_time(&decode(v), true).ok_or_else(|| {
-            bad("`to` must be a date (YYYY-MM-DD), a UTC time (YYYY-MM-DDTHH:MM) or Unix seconds.")
+            bad("`to` must be a date (YYYY-MM-DD), a UTC time (YYYY-MM-DDTHH:MM), a time with its offset or Unix seconds.")
         })?,
         None => now,
     };
     let from = match query_value(query, "from") {
         Some(v) => parse_time(&decode(v), false).ok_or_else(|| {
-            bad("`from` must be a date (YYYY-MM-DD), a UTC time (YYYY-MM-DDTHH:MM) or Unix seconds.")
+            bad("`from` must be a date (YYYY-MM-DD), a UTC time (YYYY-MM-DDTHH:MM), a time with its offset or Unix seconds.")
         })?,
         None => to.saturating_sub(DAY_MS - 1),
     };
@@ -495,6 +500,11 @@ mod tests {
             parse_time("2026-11-29T00:00Z", false)
         );
         assert_eq!(parse_time("1969-12-31T23:00:00Z", false), None);
+        assert_eq!(
+            parse_time("2026-11-29T09:00 02:00", false),
+            parse_time("2026-11-29T07:00", false),
+            "a `+` a query string turned into a space"
+        );
         assert_eq!(parse_time("yesterday", false), None);
         for bad in [
             "2026-02-29",

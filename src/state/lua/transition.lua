@@ -1,10 +1,10 @@
 -- The key-state machine, applied atomically: the twin of `store::apply`.
--- KEYS[1] the ring's state hash, KEYS[2] its counter. ARGV: now ms, member,
--- field (the member, or member|model), event kind, event number, event
--- reason, the version step. A change adds the step to the counter, so each
--- replica's next rotation sees its copy of the states is old
--- (`state::snapshot`); pruning lapsed cooldowns changes nothing a rotation
--- sees, so it adds nothing.
+-- KEYS[1] the ring's state hash, KEYS[2] its counter (absent for a ring
+-- that is never rotated). ARGV: now ms, member, field (the member, or
+-- member|model), event kind, event number, event reason, the version step.
+-- A change adds the step to the counter, so each replica's next rotation
+-- sees its copy of the states is old (`state::snapshot`); pruning lapsed
+-- cooldowns changes nothing a rotation sees, so it adds nothing.
 -- Lapsed cooldowns of the ring are pruned on the way, so per-model entries
 -- expire by themselves. Returns {key-wide before, field before, field after}
 -- (encoded states, '' for none).
@@ -50,6 +50,6 @@ end
 
 if after ~= before then
   if after == '' then redis.call('HDEL', KEYS[1], field) else redis.call('HSET', KEYS[1], field, after) end
-  redis.call('INCRBY', KEYS[2], ARGV[7])
+  if KEYS[2] then redis.call('INCRBY', KEYS[2], ARGV[7]) end
 end
 return {key_before, before, after}
