@@ -24,6 +24,14 @@
 // Detached tasks start only in `background` (see clippy.toml).
 #![deny(clippy::disallowed_methods)]
 
+/// A map for the per-request lookups by long string keys that clients send
+/// (usage series, session bindings, request records): foldhash, seeded per
+/// process, several times cheaper than the standard `SipHash` on such keys.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
+
+/// The set twin of [`FastMap`].
+pub type FastSet<T> = std::collections::HashSet<T, foldhash::quality::RandomState>;
+
 pub mod background;
 pub mod domain;
 pub mod http;

@@ -2,12 +2,10 @@
 //! store, kept in maps behind one short-held lock.
 
 use std::collections::{BTreeSet, HashMap};
-
-/// Maps keyed by what clients send (session ids, request records): a
-/// seeded hash several times cheaper than the standard one on long keys.
-type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::FastMap;
 
 use async_trait::async_trait;
 

@@ -383,7 +383,7 @@ pub fn query_param(query: &str, wanted: &str) -> Option<String> {
     })
 }
 
-pub fn percent_decode(s: &str) -> String {
+fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&percent_decode_bytes(s)).into_owned()
 }
 

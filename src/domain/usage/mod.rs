@@ -11,11 +11,7 @@
 //! `other` and the overflow is counted (metric and API). Buckets expire
 //! after `GB_USAGE_RETENTION_DAYS`, and reads never reach further back.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-
-/// Series fields are looked up on every request: a seeded hash several
-/// times cheaper than the standard one on keys this long.
-type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ops::metrics::{model_label, Metrics, ModelKind, ModelOutcome, TokenKind};
 use crate::state::{now_ms, StateStore, StoreError};
+use crate::{FastMap, FastSet};
 
 pub mod meter;
 // The scanner sits with the other byte scanners, in `domain::scan`.
@@ -133,7 +130,7 @@ struct Inner {
     /// hour → field → count, not yet flushed.
     pending: HashMap<u64, FastMap<String, u64>>,
     seen_hour: u64,
-    seen: HashSet<String, foldhash::quality::RandomState>,
+    seen: FastSet<String>,
     errors: Vec<ErrorEntry>,
     /// The buffer field names are built in.
     scratch: String,

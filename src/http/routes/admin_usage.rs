@@ -87,13 +87,9 @@ struct Range {
     by: Vec<By>,
 }
 
-fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-        .filter(|v| !v.is_empty())
+/// A parameter's decoded value, when it is there and not empty.
+fn query_value(query: &str, name: &str) -> Option<String> {
+    crate::upstream::client::query_param(query, name).filter(|v| !v.is_empty())
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -103,15 +99,14 @@ fn bad(msg: impl Into<String>) -> ApiError {
 /// `from`, `to` (default: the last 24 h) and `by` (default `model`; several
 /// may be joined with commas) of a query string.
 fn range(query: &str, now: u64) -> Result<Range, ApiError> {
-    let decode = |v: &str| crate::upstream::client::percent_decode(v);
     let to = match query_value(query, "to") {
-        Some(v) => parse_time(&decode(v), true).ok_or_else(|| {
+        Some(v) => parse_time(&v, true).ok_or_else(|| {
             bad("`to` must be a date (YYYY-MM-DD), a UTC time (YYYY-MM-DDTHH:MM), a time with its offset or Unix seconds.")
         })?,
         None => now,
     };
     let from = match query_value(query, "from") {
-        Some(v) => parse_time(&decode(v), false).ok_or_else(|| {
+        Some(v) => parse_time(&v, false).ok_or_else(|| {
             bad("`from` must be a date (YYYY-MM-DD), a UTC time (YYYY-MM-DDTHH:MM), a time with its offset or Unix seconds.")
         })?,
         None => to.saturating_sub(DAY_MS - 1),
@@ -121,7 +116,7 @@ fn range(query: &str, now: u64) -> Result<Range, ApiError> {
     }
     let by = match query_value(query, "by") {
         None => vec![By::Model],
-        Some(v) => decode(v)
+        Some(v) => v
             .split(',')
             .map(|b| {
                 By::parse(b.trim()).ok_or_else(|| {
