@@ -384,7 +384,7 @@ fn the_path_check_notices_what_is_gone() {
         ["src/nowhere.rs"]
     );
     assert_eq!(
-        missing_paths("in the diagram: http/pipeline.rs, domain/gone.rs"),
+        missing_paths("in the diagram: http/pipeline/mod.rs, domain/gone.rs"),
         ["domain/gone.rs"]
     );
     assert_eq!(
@@ -398,35 +398,40 @@ fn the_path_check_notices_what_is_gone() {
     assert!(missing_paths("/v1beta/models, HTTP/1.1, e.g. and/or").is_empty());
 }
 
-/// The rows of ARCHITECTURE.md's route table whose send cell names a
-/// function that none of the row's files calls: `(row's first cell, name)`.
-/// The route table's rows, and those whose send cell names a step none of
-/// the row's files calls. A step is matched with its last qualifier
-/// (`pipeline::send` must be called as `pipeline::send(`), so a function of
-/// the same name elsewhere does not count.
-fn unsent_rows(doc: &str) -> (usize, Vec<(String, String)>) {
+/// The route table's rows, and those whose hook cells (resolve, respond)
+/// name a hook none of the row's files uses: `(row's first cell, name)`. A
+/// hook is matched with its last qualifier (`Resolve::Owner` must be written
+/// `Resolve::Owner`, `pipeline::pin` called as `pipeline::pin(`), so a name
+/// elsewhere does not count.
+fn unhooked_rows(doc: &str) -> (usize, Vec<(String, String)>) {
     let (_, table) = doc
-        .split_once("| route | pin | choose key | send | count |")
+        .split_once("| route | resolve | respond | after the answer | count |")
         .expect("ARCHITECTURE.md has the route table's header");
     let mut rows = 0;
     let mut wrong = Vec::new();
     for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
         rows += 1;
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-        let (route, send) = (cells[1], cells[4]);
+        let route = cells[1];
         let files: Vec<String> = route
             .split('`')
             .filter(|w| w.starts_with("src/") && w.ends_with(".rs"))
             .map(|f| read(&root().join(f)))
             .collect();
         assert!(!files.is_empty(), "route row without a file: {row}");
-        for name in send.split('`').skip(1).step_by(2) {
+        for name in [cells[2], cells[3]]
+            .iter()
+            .flat_map(|cell| cell.split('`').skip(1).step_by(2))
+        {
             let parts: Vec<&str> = name.rsplitn(3, "::").collect();
-            let call = match parts.as_slice() {
-                [item, module, ..] => format!("{module}::{item}("),
+            let used = match parts.as_slice() {
+                [item, module, ..] if item.starts_with(char::is_lowercase) => {
+                    format!("{module}::{item}(")
+                }
+                [item, module, ..] => format!("{module}::{item}"),
                 _ => format!("{name}("),
             };
-            if !files.iter().any(|f| f.contains(&call)) {
+            if !files.iter().any(|f| f.contains(&used)) {
                 wrong.push((route.to_string(), name.to_string()));
             }
         }
@@ -435,22 +440,22 @@ fn unsent_rows(doc: &str) -> (usize, Vec<(String, String)>) {
 }
 
 #[test]
-fn every_route_row_names_how_its_files_send() {
+fn every_route_row_names_the_hooks_its_files_declare() {
     let doc = read(&root().join("ARCHITECTURE.md"));
-    let (rows, wrong) = unsent_rows(&doc);
+    let (rows, wrong) = unhooked_rows(&doc);
     assert!(rows >= 9, "the route table has {rows} rows");
     assert!(
         wrong.is_empty(),
-        "ARCHITECTURE.md's route table names a send step its files do not call: {wrong:?}"
+        "ARCHITECTURE.md's route table names a hook its files do not use: {wrong:?}"
     );
-    // The check reads the cells: a send step the file does not call is seen.
-    let stale = "| route | pin | choose key | send | count |\n|---|---|---|---|---|\n\
-                 | uploads (`src/http/routes/store_upload.rs`) | owner | owner | `pipeline::send` | read |\n";
+    // The check reads the cells: a hook the file does not declare is seen.
+    let stale = "| route | resolve | respond | after the answer | count |\n|---|---|---|---|---|\n\
+                 | uploads (`src/http/routes/store_upload.rs`) | `Resolve::Routed` | `Respond::Read` | – | read |\n";
     assert_eq!(
-        unsent_rows(stale).1,
+        unhooked_rows(stale).1,
         [(
             "uploads (`src/http/routes/store_upload.rs`)".to_string(),
-            "pipeline::send".to_string()
+            "Resolve::Routed".to_string()
         )]
     );
 }

@@ -3,17 +3,17 @@
 
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse};
+use bytes::Bytes;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 use super::Edge;
-use crate::domain::attempt;
 use crate::domain::files;
 use crate::domain::gateway::Gateway;
 use crate::domain::resources::{self, Kind};
-use crate::http::error::ApiError;
-use crate::http::pipeline::{self, stream_back};
-use crate::upstream::client::{KeyStyle, Upstream};
+use crate::http::error::{ApiError, Flavor};
+use crate::http::pipeline::{self, Call};
+use crate::upstream::client::Upstream;
 
 fn not_found(name: &str) -> ApiError {
     ApiError::new(
@@ -57,42 +57,19 @@ pub async fn handle(
                 .keys
                 .by_id(&record.key)
                 .ok_or_else(|| crate::http::error::gone_key(&[name.as_str()]))?;
-            let query = edge.forward_query();
-            let target = if query.is_empty() {
-                edge.path.clone()
-            } else {
-                format!("{}?{query}", edge.path)
+            let mut c = super::call_of(req, edge, Flavor::Gemini, &token.id, Bytes::new());
+            c.model = None;
+            let hooks = pipeline::Hooks {
+                resolve: pipeline::Resolve::Only(key),
+                respond: pipeline::Respond::Stream,
             };
-            let method = req.method().clone();
-            let bill = pipeline::Bill::to(&token.id, super::label_of(&method, &edge.path))
-                .traced(super::trail_of(req));
-            let request = attempt::Request {
-                method: method.clone(),
-                target: attempt::Target::Path(&target),
-                headers: req.headers(),
-                style: KeyStyle::GoogHeader,
-                api: "files",
-                timeout: None,
-            };
-            let sent =
-                pipeline::attempt_billed(gw, up, &key, request, attempt::Body::Empty, &bill, true)
-                    .await;
-            let resp = match sent {
-                attempt::Sent::Answer(resp) => resp,
-                attempt::Sent::Refused {
-                    status,
-                    headers,
-                    body,
-                    ..
-                } => return Ok(pipeline::buffered_back(status, &headers, body)),
-                attempt::Sent::Unreachable(err) => return Err(err.into()),
-            };
-            if method == Method::DELETE {
+            let reply = pipeline::run(gw, up, c, hooks).await?;
+            if req.method() == Method::DELETE && matches!(reply, pipeline::Reply::Streamed(_)) {
                 if let Err(e) = files::forget(gw.store(), &name, &token.id).await {
                     tracing::warn!(file = %name, error = %e, "deleted upstream but the binding stays until it expires");
                 }
             }
-            Ok(stream_back(resp, gw.settings.upstream.idle_timeout))
+            reply.into_response()
         }
         _ => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -119,33 +96,33 @@ async fn list(
     let records = files::owners(gw.store(), &page)
         .await
         .map_err(pipeline::store_down)?;
-    let bill = &pipeline::Bill::to(token_id, "files").traced(super::trail_of(req));
     let fetches = page.iter().zip(records).map(|(name, record)| async move {
         let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
-        let path = format!("/{ver}/{name}");
-        let request = attempt::Request {
-            method: Method::GET,
-            target: attempt::Target::Path(&path),
-            headers: req.headers(),
-            style: KeyStyle::GoogHeader,
-            api: "files",
-            timeout: None,
+        let mut c = Call::new(
+            Flavor::Gemini,
+            Method::GET,
+            format!("/{ver}/{name}"),
+            token_id,
+        );
+        c.headers = req.headers().clone();
+        c.trail = super::trail_of(req);
+        let hooks = pipeline::Hooks {
+            resolve: pipeline::Resolve::Only(key),
+            respond: pipeline::Respond::Read(1 << 20),
         };
-        let sent =
-            pipeline::attempt_billed(gw, up, &key, request, attempt::Body::Empty, bill, true).await;
-        let mut resp = match sent {
-            attempt::Sent::Answer(resp) => resp,
-            attempt::Sent::Refused { status, .. } => {
+        match pipeline::run(gw, up, c, hooks).await.ok()? {
+            pipeline::Reply::Read(answered) => {
+                serde_json::from_slice::<Value>(answered.body.as_ref()?).ok()
+            }
+            pipeline::Reply::Refused(refused) => {
+                let status = refused.status();
                 if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
                     let _ = files::forget(gw.store(), name, token_id).await;
                 }
-                return None;
+                None
             }
-            attempt::Sent::Unreachable(_) => return None,
-        };
-        let body =
-            pipeline::read_small(&mut resp, 1 << 20, gw.settings.upstream.idle_timeout).await?;
-        serde_json::from_slice::<Value>(&body).ok()
+            pipeline::Reply::Streamed(_) => None,
+        }
     });
     let found: Vec<Value> = join_all(fetches).await.into_iter().flatten().collect();
     let mut out = json!({});

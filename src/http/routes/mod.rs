@@ -5,7 +5,7 @@
 use actix_web::http::header::HeaderMap;
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 
 use crate::domain::clients::Auth;
@@ -16,7 +16,7 @@ use crate::domain::session::{self, Session};
 use crate::http::admission::admit;
 use crate::http::error::{ApiError, Flavor};
 use crate::http::pipeline::{self, Call};
-use crate::upstream::client::{filtered_query, query_param, KeyStyle, Upstream};
+use crate::upstream::client::{filtered_query, query_param, Upstream};
 
 pub mod admin;
 mod admin_access;
@@ -607,24 +607,31 @@ async fn native(
         }
     }
     let (token, body) = authorized_json(gw, req, payload, edge, action.is_some()).await?;
-    pipeline::forward(
-        gw,
-        up,
-        Call {
-            flavor,
-            method: req.method().clone(),
-            path: edge.path.clone(),
-            query: edge.forward_query(),
-            headers: req.headers().clone(),
-            body,
-            session: edge.session.clone(),
-            token_id: token.id.clone(),
-            key_style: KeyStyle::GoogHeader,
-            model: crate::domain::keys::model_from_path(&edge.path),
-            trail: trail_of(req),
-        },
-    )
-    .await
+    let call = call_of(req, edge, flavor, &token.id, body);
+    pipeline::run(gw, up, call, ROUTED_STREAM)
+        .await?
+        .into_response()
+}
+
+/// The hooks of a request routed like any other (what its body names, its
+/// session, else the rotation) and streamed back.
+const ROUTED_STREAM: pipeline::Hooks = pipeline::Hooks {
+    resolve: pipeline::Resolve::Routed,
+    respond: pipeline::Respond::Stream,
+};
+
+/// The pipeline's context for a request the edge read: its path, the query
+/// it forwards, its headers, session, model (named in the path) and trail.
+fn call_of(req: &HttpRequest, edge: &Edge, flavor: Flavor, token_id: &str, body: Bytes) -> Call {
+    Call {
+        query: edge.forward_query(),
+        headers: req.headers().clone(),
+        body,
+        session: edge.session.clone(),
+        model: crate::domain::keys::model_from_path(&edge.path),
+        trail: trail_of(req),
+        ..Call::new(flavor, req.method().clone(), edge.path.clone(), token_id)
+    }
 }
 
 #[cfg(test)]

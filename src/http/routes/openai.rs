@@ -8,7 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use super::{authorized_json, Edge};
 use crate::domain::gateway::Gateway;
 use crate::http::error::{ApiError, Flavor};
-use crate::http::pipeline::{self, Call};
+use crate::http::pipeline;
 use crate::upstream::client::{KeyStyle, Upstream};
 
 /// A request from an OpenAI client: Bearer auth and no Gemini key header.
@@ -32,22 +32,11 @@ pub async fn handle(
     let post = req.method() == actix_web::http::Method::POST;
     let (token, body) = authorized_json(gw, req, payload, edge, post).await?;
     let model = crate::domain::keys::model_from_openai_body(&body);
-    pipeline::forward(
-        gw,
-        up,
-        Call {
-            flavor,
-            method: req.method().clone(),
-            path: upstream_path,
-            query: edge.forward_query(),
-            headers: req.headers().clone(),
-            body,
-            session: edge.session.clone(),
-            token_id: token.id.clone(),
-            key_style: KeyStyle::Bearer,
-            model,
-            trail: super::trail_of(req),
-        },
-    )
-    .await
+    let mut call = super::call_of(req, edge, flavor, &token.id, body);
+    call.path = upstream_path;
+    call.key_style = KeyStyle::Bearer;
+    call.model = model;
+    pipeline::run(gw, up, call, super::ROUTED_STREAM)
+        .await?
+        .into_response()
 }

@@ -14,11 +14,11 @@ use serde_json::{json, Value};
 use super::{authorized_json, Edge};
 use crate::domain::gateway::Gateway;
 use crate::domain::keys::ApiKey;
-use crate::domain::resources::{self, Kind, OwnerRecord, RefError};
+use crate::domain::resources::{self, Kind, OwnerRecord};
 use crate::http::error::{ApiError, Flavor};
-use crate::http::pipeline::{self, buffered_back, Call};
+use crate::http::pipeline::{self, Call};
 use crate::state::{now_ms, IndexEntry};
-use crate::upstream::client::{query_param, KeyStyle, Upstream};
+use crate::upstream::client::{query_param, Upstream};
 
 const FLAVOR: Flavor = Flavor::Gemini;
 const DEFAULT_PAGE: usize = 10;
@@ -116,20 +116,14 @@ fn not_found(name: &str) -> ApiError {
 }
 
 fn call(req: &HttpRequest, edge: &Edge, token_id: &str, body: Bytes) -> Call {
-    Call {
-        flavor: FLAVOR,
-        method: req.method().clone(),
-        path: edge.path.clone(),
-        query: edge.forward_query(),
-        headers: req.headers().clone(),
-        body,
-        session: edge.session.clone(),
-        token_id: token_id.to_string(),
-        key_style: KeyStyle::GoogHeader,
-        model: crate::domain::keys::model_from_path(&edge.path),
-        trail: super::trail_of(req),
-    }
+    super::call_of(req, edge, FLAVOR, token_id, body)
 }
+
+/// The hooks of a create: routed like any request, the answer read whole.
+const CREATE: pipeline::Hooks = pipeline::Hooks {
+    resolve: pipeline::Resolve::Routed,
+    respond: pipeline::Respond::Read(ANSWER_LIMIT),
+};
 
 /// How long the owner of a freshly created or updated resource is kept: a
 /// cache's own `expireTime`, else the type's TTL.
@@ -172,16 +166,16 @@ async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let (token, body) = authorized_json(gw, req, payload, edge, true).await?;
     let c = call(req, edge, &token.id, body);
-    let answered = match pipeline::fetch(gw, up, &c, ANSWER_LIMIT).await? {
-        Ok(answered) => answered,
-        Err(response) => return Ok(response),
+    let answered = match pipeline::run(gw, up, c, CREATE).await? {
+        pipeline::Reply::Read(answered) => answered,
+        other => return other.into_response(),
     };
-    if let Ok(v) = serde_json::from_slice::<Value>(&answered.body) {
+    if let Ok(v) = serde_json::from_slice::<Value>(answered.body()?) {
         if let Some(name) = v.get("name").and_then(Value::as_str) {
             record(gw, name, &answered.key, &token.id, &v).await;
         }
     }
-    Ok(answered.back())
+    answered.back()
 }
 
 /// `POST /v1alpha/auth_tokens`: an ephemeral Live token, minted on the
@@ -202,11 +196,11 @@ async fn mint(
         .and_then(|t| resources::ttl_until(t, now_ms()))
         .unwrap_or_else(|| Kind::LiveToken.ttl(&gw.settings));
     let c = call(req, edge, &token.id, body);
-    let answered = match pipeline::fetch(gw, up, &c, ANSWER_LIMIT).await? {
-        Ok(answered) => answered,
-        Err(response) => return Ok(response),
+    let answered = match pipeline::run(gw, up, c, CREATE).await? {
+        pipeline::Reply::Read(answered) => answered,
+        other => return other.into_response(),
     };
-    let minted = serde_json::from_slice::<Value>(&answered.body)
+    let minted = serde_json::from_slice::<Value>(answered.body()?)
         .ok()
         .and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string));
     if let Some(minted) = minted {
@@ -219,7 +213,7 @@ async fn mint(
             Err(e) => tracing::warn!(error = %e, "ephemeral Live token minted but not recorded"),
         }
     }
-    Ok(answered.back())
+    answered.back()
 }
 
 /// A discovery failure as the client's error.
@@ -272,63 +266,46 @@ async fn owned(
         Ok(Some(other)) if other.id != key.id => {
             let mut names = resources::scan_refs(&body);
             names.push(name.to_string());
-            gw.metrics.mixed_owner_conflicts.inc();
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                crate::http::error::mixed_message(
-                    &names,
-                    crate::http::pipeline::split_advice(gw.settings.sessions.upload_affinity),
-                ),
-            )
-            .kind("mixed_owners"));
+            return Err(pipeline::mixed_owners(gw, &names));
         }
         Ok(_) => {}
-        Err(RefError::Store(e)) => return Err(pipeline::store_down(e)),
-        Err(RefError::Refused(e)) => return Err(ApiError::from(e)),
-        Err(RefError::GoneKey(names)) => return Err(crate::http::error::gone_key(&names)),
-        Err(RefError::Mixed(names)) => {
-            gw.metrics.mixed_owner_conflicts.inc();
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                crate::http::error::mixed_message(
-                    &names,
-                    crate::http::pipeline::split_advice(gw.settings.sessions.upload_affinity),
-                ),
-            )
-            .kind("mixed_owners"));
-        }
+        Err(e) => return Err(pipeline::ref_error(gw, e, Vec::new())),
     }
-    let c = call(req, edge, &token.id, body);
-    let mut served =
-        match pipeline::send(gw, up, &c, Some(pipeline::Pinned::to(key.clone()))).await? {
-            Ok(served) => served,
-            Err(response) => return Ok(response),
-        };
     let method = req.method();
     // `cachedContents/x`, not `fileSearchStores/x/documents/y`.
     let whole = edge.path.ends_with(name) || edge.path.ends_with(&format!("{name}:cancel"));
     let kind = Kind::of(name);
-    if method == Method::DELETE && edge.path.ends_with(name) {
-        if let Err(e) = resources::forget(gw.store(), name, &token.id).await {
-            tracing::warn!(resource = name, error = %e, "deleted upstream but the owner record stays until it expires");
-        }
-        return Ok(served.respond(gw, &c, false));
-    }
+    let deletes = method == Method::DELETE && edge.path.ends_with(name);
+    // A cache's change renews its owner record; a batch's or operation's
+    // read names the files it produced.
     let reads_answer = whole
         && ((method == Method::PATCH && kind == Some(Kind::CachedContent))
             || (method == Method::GET && matches!(kind, Some(Kind::Batch | Kind::Operation))));
-    if !reads_answer {
-        return Ok(served.respond(gw, &c, false));
+    let hooks = pipeline::Hooks {
+        resolve: pipeline::Resolve::Owner(key.clone()),
+        respond: if reads_answer {
+            pipeline::Respond::Read(ANSWER_LIMIT)
+        } else {
+            pipeline::Respond::Stream
+        },
+    };
+    let reply = pipeline::run(gw, up, call(req, edge, &token.id, body), hooks).await?;
+    if deletes && matches!(reply, pipeline::Reply::Streamed(_)) {
+        if let Err(e) = resources::forget(gw.store(), name, &token.id).await {
+            tracing::warn!(resource = name, error = %e, "deleted upstream but the owner record stays until it expires");
+        }
     }
-    let status = served.response.status();
-    let answer = served.read_whole(gw, &c, ANSWER_LIMIT).await?;
+    let pipeline::Reply::Read(answered) = reply else {
+        return reply.into_response();
+    };
+    let answer = answered.body()?;
     if method == Method::PATCH {
-        if let Ok(v) = serde_json::from_slice::<Value>(&answer) {
+        if let Ok(v) = serde_json::from_slice::<Value>(answer) {
             record(gw, name, &key, &token.id, &v).await;
         }
     } else {
         // The files a batch or operation produced belong to its key.
-        let produced = resources::produced_files(&answer);
+        let produced = resources::produced_files(answer);
         if !produced.is_empty() {
             let known = resources::owners(gw.store(), &produced)
                 .await
@@ -343,7 +320,7 @@ async fn owned(
             }
         }
     }
-    Ok(buffered_back(status, served.response.headers(), answer))
+    answered.back()
 }
 
 /// The calling token's resources of one type, newest first, paged with the
@@ -367,41 +344,28 @@ async fn list(
         .await
         .map_err(pipeline::store_down)?;
     let token_id = token.id.as_str();
-    let bill = &pipeline::Bill::to(token_id, "resources").traced(super::trail_of(req));
     let fetches = page.iter().zip(records).map(|(name, record)| async move {
         let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
-        let path = format!("/{ver}/{name}");
-        let request = crate::domain::attempt::Request {
-            method: Method::GET,
-            target: crate::domain::attempt::Target::Path(&path),
-            headers: req.headers(),
-            style: KeyStyle::GoogHeader,
-            api: "gemini",
-            timeout: None,
+        let mut c = Call::new(FLAVOR, Method::GET, format!("/{ver}/{name}"), token_id);
+        c.headers = req.headers().clone();
+        c.trail = super::trail_of(req);
+        let hooks = pipeline::Hooks {
+            resolve: pipeline::Resolve::Only(key),
+            respond: pipeline::Respond::Read(ANSWER_LIMIT),
         };
-        let mut resp = match pipeline::attempt_billed(
-            gw,
-            up,
-            &key,
-            request,
-            crate::domain::attempt::Body::Empty,
-            bill,
-            true,
-        )
-        .await
-        {
-            crate::domain::attempt::Sent::Answer(resp) => resp,
-            crate::domain::attempt::Sent::Refused { status, .. } => {
+        match pipeline::run(gw, up, c, hooks).await.ok()? {
+            pipeline::Reply::Read(answered) => {
+                serde_json::from_slice::<Value>(answered.body.as_ref()?).ok()
+            }
+            pipeline::Reply::Refused(refused) => {
+                let status = refused.status();
                 if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
                     let _ = resources::forget(gw.store(), name, token_id).await;
                 }
-                return None;
+                None
             }
-            crate::domain::attempt::Sent::Unreachable(_) => return None,
-        };
-        let body = pipeline::read_small(&mut resp, ANSWER_LIMIT, gw.settings.upstream.idle_timeout)
-            .await?;
-        serde_json::from_slice::<Value>(&body).ok()
+            pipeline::Reply::Streamed(_) => None,
+        }
     });
     let found: Vec<Value> = join_all(fetches).await.into_iter().flatten().collect();
     let mut out = json!({});

@@ -16,8 +16,8 @@ use crate::domain::gateway::Gateway;
 use crate::domain::resources;
 use crate::domain::upload::{self, UploadRecord};
 use crate::http::error::{ApiError, Flavor};
-use crate::http::pipeline::{self, Call};
-use crate::upstream::client::{KeyStyle, Upstream};
+use crate::http::pipeline;
+use crate::upstream::client::Upstream;
 
 const FLAVOR: Flavor = Flavor::Upload;
 const ANSWER_LIMIT: usize = 1 << 20;
@@ -60,25 +60,18 @@ pub async fn start(
         .by_id(&owner.key)
         .ok_or_else(|| upload_error(StatusCode::NOT_FOUND, format!("{store} was not found.")))?;
     let body = read_body(payload, req.headers(), gw.settings.listen.max_body_bytes).await?;
-    let call = Call {
-        flavor: FLAVOR,
-        method: Method::POST,
-        path: edge.path.clone(),
-        query: edge.forward_query(),
-        headers: req.headers().clone(),
-        body,
-        session: edge.session.clone(),
-        token_id: token.id.clone(),
-        key_style: KeyStyle::GoogHeader,
-        model: None,
-        trail: super::trail_of(req),
+    let mut call = super::call_of(req, edge, FLAVOR, &token.id, body);
+    call.method = Method::POST;
+    call.model = None;
+    let hooks = pipeline::Hooks {
+        resolve: pipeline::Resolve::Owner(key.clone()),
+        respond: pipeline::Respond::Read(ANSWER_LIMIT),
     };
-    let pinned = Some(pipeline::Pinned::to(key.clone()));
-    let answered = match pipeline::fetch_pinned(gw, up, &call, pinned, ANSWER_LIMIT).await? {
-        Ok(answered) => answered,
-        Err(response) => return Ok(super::upload::ensure_final(response)),
+    let answered = match pipeline::run(gw, up, call, hooks).await? {
+        pipeline::Reply::Read(answered) => answered,
+        other => return Ok(super::upload::ensure_final(other.into_response()?)),
     };
-    let mut response = answered.back();
+    let mut response = answered.back()?;
     let Some(upstream_url) = answered
         .headers
         .get("x-goog-upload-url")

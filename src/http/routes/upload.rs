@@ -13,13 +13,12 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 
 use super::{read_body, Edge};
-use crate::domain::attempt;
 use crate::domain::files::{self, FileRecord};
 use crate::domain::gateway::Gateway;
 use crate::domain::upload::{self, Commands, UploadRecord};
 use crate::http::error::{ApiError, Flavor};
-use crate::http::pipeline::{self, buffered_back, stream_back, Call};
-use crate::upstream::client::{query_param, KeyStyle, Upstream};
+use crate::http::pipeline::{self, buffered_back, Call};
+use crate::upstream::client::{query_param, Upstream};
 
 const FLAVOR: Flavor = Flavor::Upload;
 const FINAL_BODY_LIMIT: usize = 1 << 20;
@@ -89,29 +88,22 @@ async fn start(
     owner: String,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(payload, req.headers(), gw.settings.listen.max_body_bytes).await?;
-    let call = Call {
-        flavor: FLAVOR,
-        method: Method::POST,
-        path: format!("/upload/{ver}/files"),
-        query: edge.forward_query(),
-        headers: req.headers().clone(),
-        body,
-        session: edge.session.clone(),
-        token_id: owner.clone(),
-        key_style: KeyStyle::GoogHeader,
-        model: None,
-        trail: super::trail_of(req),
-    };
-    let session = pipeline::upload_session(gw, call.session.as_ref(), &call.token_id);
-    let pinned = pipeline::pin(gw, up, &[], session.as_ref(), &call.token_id).await?;
+    let mut call = super::call_of(req, edge, FLAVOR, &owner, body);
+    call.method = Method::POST;
+    call.path = format!("/upload/{ver}/files");
+    call.model = None;
     // The answer is read (and so counted: Google started an upload session)
     // before anything else can fail.
-    let answered = match pipeline::fetch_pinned(gw, up, &call, pinned, FINAL_BODY_LIMIT).await? {
-        Ok(answered) => answered,
-        Err(response) => return Ok(ensure_final(response)),
+    let hooks = pipeline::Hooks {
+        resolve: pipeline::Resolve::Upload,
+        respond: pipeline::Respond::Read(FINAL_BODY_LIMIT),
+    };
+    let answered = match pipeline::run(gw, up, call, hooks).await? {
+        pipeline::Reply::Read(answered) => answered,
+        other => return Ok(ensure_final(other.into_response()?)),
     };
     let Some(upstream_url) = header(&answered.headers, "x-goog-upload-url") else {
-        return Ok(answered.back());
+        return answered.back();
     };
     let id = upload::new_upload_id().map_err(|_| {
         upload_error(
@@ -143,7 +135,7 @@ async fn start(
             "The gateway could not build its upload URL for this request.",
         )
     })?;
-    let mut response = answered.back();
+    let mut response = answered.back()?;
     response.headers_mut().insert(
         actix_web::http::header::HeaderName::from_static("x-goog-upload-url"),
         ours,
@@ -240,66 +232,61 @@ async fn chunk(
              gateway. Start the upload again.",
         ));
     };
-    let target = attempt::Target::Url(&record.url);
-    let bill = pipeline::Bill::to(&record.owner, "upload").traced(super::trail_of(req));
-    let sent = stream_up(
-        gw,
-        up,
-        &key,
+    let trail = super::trail_of(req);
+    let mut call = Call::new(
+        FLAVOR,
         req.method().clone(),
-        target,
-        req,
-        payload,
-        &bill,
-    )
-    .await;
-    let mut resp = match sent {
-        attempt::Sent::Answer(resp) => resp,
+        req.path().to_string(),
+        &record.owner,
+    );
+    call.url = Some(record.url.clone());
+    call.headers = req.headers().clone();
+    call.stream = Some((payload, content_length(req.headers())));
+    call.trail = trail.clone();
+    // The upload is (or may be) finished: the client gets its file only once
+    // the gateway knows who owns it.
+    let hooks = pipeline::Hooks {
+        resolve: pipeline::Resolve::Only(key.clone()),
+        respond: if commands.finalize {
+            pipeline::Respond::Read(FINAL_BODY_LIMIT)
+        } else {
+            pipeline::Respond::ReadIf(is_final, FINAL_BODY_LIMIT)
+        },
+    };
+    let answered = match pipeline::run(gw, up, call, hooks).await {
+        Ok(pipeline::Reply::Read(answered)) => answered,
+        Ok(pipeline::Reply::Streamed(response)) => return Ok(response),
         // A refused or unanswered finalize may still have made the file (a
         // repeated finalize is refused; an answer can be lost): ask the
         // upload itself.
-        attempt::Sent::Refused {
-            status,
-            headers,
-            body,
-            ..
-        } => {
+        Ok(pipeline::Reply::Refused(response)) => {
             if commands.finalize {
-                if let Some((status, headers, body)) = query_final(gw, up, &record, &key).await {
+                if let Some((status, headers, body)) =
+                    query_final(gw, up, &record, &key, trail).await
+                {
                     return finish(gw, &record, status, &headers, body).await;
                 }
             }
-            return Ok(ensure_final(buffered_back(status, &headers, body)));
+            return Ok(ensure_final(response));
         }
-        attempt::Sent::Unreachable(err) => {
+        Err(err) => {
             tracing::warn!(key_id = %record.key, "upload chunk could not be forwarded");
             if commands.finalize {
-                if let Some((status, headers, body)) = query_final(gw, up, &record, &key).await {
+                if let Some((status, headers, body)) =
+                    query_final(gw, up, &record, &key, trail).await
+                {
                     return finish(gw, &record, status, &headers, body).await;
                 }
             }
-            return Err(ApiError::from(err));
+            return Err(err);
         }
     };
-    let finished = header(resp.headers(), "x-goog-upload-status").as_deref() == Some("final");
-    if !finished && !commands.finalize {
-        return Ok(stream_back(resp, gw.settings.upstream.idle_timeout));
-    }
-    // The upload is (or may already be) finished: the client gets its file
-    // only once the gateway knows who owns it.
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let read = pipeline::read_small(
-        &mut resp,
-        FINAL_BODY_LIMIT,
-        gw.settings.upstream.idle_timeout,
-    )
-    .await;
-    let (status, headers, body) = match (finished, read) {
-        (true, Some(body)) => (status, headers, body),
+    let finished = is_final(&answered.headers);
+    let (status, headers, body) = match (finished, answered.body) {
+        (true, Some(body)) => (answered.status, answered.headers, body),
         // The final answer was lost: ask the upload itself whether it made
         // a file.
-        (_, read) => match query_final(gw, up, &record, &key).await {
+        (_, read) => match query_final(gw, up, &record, &key, trail).await {
             Some(found) => found,
             None if finished => {
                 return Err(upload_error(
@@ -310,14 +297,23 @@ async fn chunk(
             }
             None => {
                 return Ok(ensure_final(buffered_back(
-                    status,
-                    &headers,
+                    answered.status,
+                    &answered.headers,
                     read.unwrap_or_default(),
                 )))
             }
         },
     };
     finish(gw, &record, status, &headers, body).await
+}
+
+/// Whether an upload's answer says it is finished.
+fn is_final(headers: &HeaderMap) -> bool {
+    header(headers, "x-goog-upload-status").as_deref() == Some("final")
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    header(headers, "content-length").and_then(|v| v.parse::<u64>().ok())
 }
 
 /// An upload's final answer reaches the client only once its file's owner
@@ -346,39 +342,27 @@ async fn query_final(
     gw: &Gateway,
     up: &Upstream,
     record: &UploadRecord,
-    key: &crate::domain::keys::ApiKey,
+    key: &std::sync::Arc<crate::domain::keys::ApiKey>,
+    trail: Option<crate::domain::requests::Trail>,
 ) -> Option<(StatusCode, HeaderMap, Bytes)> {
-    let mut headers = HeaderMap::new();
-    headers.insert(
+    let mut call = Call::new(FLAVOR, Method::POST, "/upload".to_string(), &record.owner);
+    call.url = Some(record.url.clone());
+    call.headers.insert(
         actix_web::http::header::HeaderName::from_static("x-goog-upload-command"),
         HeaderValue::from_static("query"),
     );
-    let request = attempt::Request {
-        method: Method::POST,
-        target: attempt::Target::Url(&record.url),
-        headers: &headers,
-        style: KeyStyle::GoogHeader,
-        api: "upload",
-        timeout: None,
+    call.trail = trail;
+    let hooks = pipeline::Hooks {
+        resolve: pipeline::Resolve::Only(key.clone()),
+        respond: pipeline::Respond::Read(FINAL_BODY_LIMIT),
     };
-    let bill = pipeline::Bill::to(&record.owner, "upload");
-    let attempt::Sent::Answer(mut resp) =
-        pipeline::attempt_billed(gw, up, key, request, attempt::Body::Empty, &bill, true).await
-    else {
+    let Ok(pipeline::Reply::Read(answered)) = pipeline::run(gw, up, call, hooks).await else {
         return None;
     };
-    let is_final = header(resp.headers(), "x-goog-upload-status").as_deref() == Some("final");
-    if !is_final {
+    if !is_final(&answered.headers) {
         return None;
     }
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = pipeline::read_small(
-        &mut resp,
-        FINAL_BODY_LIMIT,
-        gw.settings.upstream.idle_timeout,
-    )
-    .await?;
+    let (status, headers, body) = (answered.status, answered.headers, answered.body?);
     tracing::info!(key_id = %record.key, "upload's final answer recovered by a status query");
     Some((status, headers, body))
 }
@@ -453,42 +437,21 @@ async fn single_shot(
     ver: &str,
     owner: String,
 ) -> Result<HttpResponse, ApiError> {
-    let session = pipeline::upload_session(gw, edge.session.as_ref(), &owner);
-    let key = match pipeline::pin(gw, up, &[], session.as_ref(), &owner).await? {
-        Some(pinned) => pinned.key,
-        None => gw
-            .keys
-            .next(gw.store(), &[], None)
-            .await
-            .map_err(ApiError::from)?,
+    let mut call = super::call_of(req, edge, FLAVOR, &owner, Bytes::new());
+    call.method = Method::POST;
+    call.path = format!("/upload/{ver}/files");
+    call.model = None;
+    call.stream = Some((payload, content_length(req.headers())));
+    let hooks = pipeline::Hooks {
+        resolve: pipeline::Resolve::Upload,
+        respond: pipeline::Respond::Read(FINAL_BODY_LIMIT),
     };
-    let query = edge.forward_query();
-    let target = if query.is_empty() {
-        format!("/upload/{ver}/files")
-    } else {
-        format!("/upload/{ver}/files?{query}")
+    let answered = match pipeline::run(gw, up, call, hooks).await? {
+        pipeline::Reply::Read(answered) => answered,
+        other => return Ok(ensure_final(other.into_response()?)),
     };
-    let target = attempt::Target::Path(&target);
-    let bill = pipeline::Bill::to(&owner, "upload").traced(super::trail_of(req));
-    let mut resp = match stream_up(gw, up, &key, Method::POST, target, req, payload, &bill).await {
-        attempt::Sent::Answer(resp) => resp,
-        attempt::Sent::Refused {
-            status,
-            headers,
-            body,
-            ..
-        } => return Ok(ensure_final(buffered_back(status, &headers, body))),
-        attempt::Sent::Unreachable(err) => return Err(ApiError::from(err)),
-    };
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = pipeline::read_small(
-        &mut resp,
-        FINAL_BODY_LIMIT,
-        gw.settings.upstream.idle_timeout,
-    )
-    .await
-    .unwrap_or_default();
+    let (key, status, headers) = (answered.key, answered.status, answered.headers);
+    let body = answered.body.unwrap_or_default();
     if let Recorded::StoreFailed = record_file(gw, &body, &key.id, &owner).await {
         return Err(upload_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -498,34 +461,6 @@ async fn single_shot(
         .retry_after(1));
     }
     Ok(buffered_back(status, &headers, body))
-}
-
-/// Streams an upload's bytes upstream with its key, as they arrive.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the parts of one upstream call, each used once"
-)]
-async fn stream_up(
-    gw: &Gateway,
-    up: &Upstream,
-    key: &crate::domain::keys::ApiKey,
-    method: Method,
-    target: attempt::Target<'_>,
-    req: &HttpRequest,
-    payload: web::Payload,
-    bill: &pipeline::Bill,
-) -> attempt::Sent {
-    let length = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
-    let request = attempt::Request {
-        method,
-        target,
-        headers: req.headers(),
-        style: KeyStyle::GoogHeader,
-        api: "upload",
-        timeout: None,
-    };
-    let body = attempt::Body::Stream(payload, length);
-    pipeline::attempt_billed(gw, up, key, request, body, bill, true).await
 }
 
 /// Every error on the upload path says `x-goog-upload-status: final`, or the
