@@ -427,6 +427,52 @@ async fn single_shot_raw_and_multipart_uploads_record_the_owner() {
     assert_eq!(owners.len(), 1, "one session, one key");
 }
 
+/// A single-shot upload's body is streamed: held back or refused before it
+/// is read, the client would meet a reset instead of an answer. It goes to
+/// its session's key whatever that key's health, and Google's answer is
+/// what the client gets; a generate on the same session, whose body is
+/// buffered, is refused at once while the key cools.
+#[actix_rt::test]
+async fn a_single_shot_upload_goes_to_its_sessions_key_while_that_key_cools() {
+    let redis = Redis::start();
+    let ks = keys(2);
+    let fake = FakeUpstream::start(&ks);
+    let gw = Gateway::start(&fake, Some(&redis), &[("GB_PIN_WAIT", "1")]);
+    let url = format!("{}{GENERATE}", gw.url);
+    let session = [("x-session-id", "cooling")];
+    let (status, _) = post_json(&url, &generate_body(), &session).await;
+    assert_eq!(status, 200);
+    let key = fake.requests().await.last().unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Google rate-limits the key for two minutes, for every model.
+    fake.set_mode(&key, json!({"mode": "quota", "retryDelay": "120s"}))
+        .await;
+    let (status, _) = post_json(&url, &generate_body(), &session).await;
+    assert_eq!(status, 429);
+    fake.set_mode(&key, json!({"mode": "normal"})).await;
+    let before = fake.requests().await.len();
+    let (status, body) = post_json(&url, &generate_body(), &session).await;
+    assert_eq!(status, 429, "the pinned key cools: {body}");
+    assert_eq!(fake.requests().await.len(), before, "no upstream call");
+
+    let mut resp = client()
+        .post(format!("{}/upload/v1beta/files", gw.url))
+        .insert_header(("x-goog-api-key", TOKEN))
+        .insert_header(session[0])
+        .insert_header(("x-goog-upload-protocol", "raw"))
+        .insert_header(("content-type", "text/plain"))
+        .send_body("while cooling")
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    let name = v["file"]["name"].as_str().unwrap();
+    assert_eq!(fake.owner_key(name).await, key, "on the session's key");
+}
+
 async fn start_upload_url(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> String {
     let mut req = client()
         .post(format!("{}{path}", gw.url))

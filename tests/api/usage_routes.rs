@@ -331,6 +331,10 @@ async fn an_upload_and_its_use_are_counted() {
         .send(1, "GET", &format!("/v1beta/{file}"), None, false)
         .await;
     assert_eq!(status, 200, "{text}");
+    // A list asks each listed file's owner: one call per file.
+    let (status, text) = p.send(0, "GET", "/v1beta/files", None, false).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains(&file), "{text}");
     let (status, text) = p
         .send(
             0,

@@ -1,4 +1,4 @@
-//! The per-answer hook the pipeline's stream-back step calls: it keeps the
+//! The per-answer hook the pipeline's respond step calls: it keeps the
 //! tail of a successful answer as it streams past, reads the token counts
 //! there when the answer ends, and records the answer (or the cut).
 

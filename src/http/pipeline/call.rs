@@ -83,7 +83,8 @@ impl Call {
         match self.flavor {
             Flavor::OpenAi => "openai",
             Flavor::Upload => "upload",
-            Flavor::Gemini if self.path.split('/').nth(2) == Some("files") => "files",
+            // `/v1beta/files/…`, `/download/v1beta/files/…`
+            Flavor::Gemini if self.path.split('/').take(4).any(|s| s == "files") => "files",
             Flavor::Gemini => "gemini",
         }
     }

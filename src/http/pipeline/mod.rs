@@ -8,11 +8,14 @@
 //!    of the resources it names (409 when they have different owners), its
 //!    session's key, an upload's binding, or a key the route found; else
 //!    the next healthy key by the shared rotation. A pinned key that cools
-//!    is waited for; a disabled one is refused.
+//!    is waited for and a disabled one refused, except the only key that
+//!    reaches what the request names ([`Resolve::Only`]) and a request whose
+//!    body is streamed: those are sent as they are.
 //! 3. **attempt** ([`attempt`]) — send on the key, classify the answer,
 //!    record what it says about the key, count the call; an unpinned
-//!    request moves to another key on 429, 5xx or a transport error, up to
-//!    `GB_MAX_RETRIES` times.
+//!    request with a buffered body moves to another key on 429, 5xx or a
+//!    transport error, up to `GB_MAX_RETRIES` times (a streamed body is
+//!    sent once).
 //! 4. **respond** ([`respond`]) — a success streamed back through a usage
 //!    meter, or read whole (and counted) for the route to record what it
 //!    created; an error answer passed on as Google gave it.
@@ -113,7 +116,7 @@ pub async fn run(
             hide_usage = true;
         }
     }
-    let pinned = match hooks.resolve {
+    let resolved = match hooks.resolve {
         Resolve::Routed => pin(gw, up, &call.body, call.session.as_ref(), &call.token_id).await?,
         Resolve::Upload => {
             let session = upload_session(gw, call.session.as_ref(), &call.token_id);
@@ -121,6 +124,12 @@ pub async fn run(
         }
         Resolve::Owner(key) => Some(Pinned::to(key)),
         Resolve::Only(key) => Some(Pinned::only(key)),
+    };
+    // A streamed body is not held back or refused for its key's health: the
+    // client is still sending it, and Google's answer is what it gets.
+    let pinned = match resolved {
+        Some(p) if call.stream.is_some() => Some(p.unchecked()),
+        other => other,
     };
     let served = match attempt::send(gw, up, &mut call, pinned).await? {
         Ok(served) => served,

@@ -46,9 +46,15 @@ impl Pinned {
     /// A key that is the only way to what the request names (a file, an
     /// open upload session): sent to as it is.
     pub fn only(key: Arc<ApiKey>) -> Self {
+        Self::to(key).unchecked()
+    }
+
+    /// The same key, sent to whatever its health.
+    #[must_use]
+    pub fn unchecked(self) -> Self {
         Self {
             checked: false,
-            ..Self::to(key)
+            ..self
         }
     }
 }

@@ -102,6 +102,8 @@ async fn start(
         pipeline::Reply::Read(answered) => answered,
         other => return Ok(ensure_final(other.into_response()?)),
     };
+    // Nothing is recorded of a start whose answer could not be read whole.
+    answered.body()?;
     let Some(upstream_url) = header(&answered.headers, "x-goog-upload-url") else {
         return answered.back();
     };
