@@ -88,19 +88,11 @@ async fn start(
     owner: String,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(payload, req.headers(), gw.settings.listen.max_body_bytes).await?;
-    let mut call = super::call_of(req, edge, FLAVOR, &owner, body);
-    call.method = Method::POST;
-    call.path = format!("/upload/{ver}/files");
-    call.model = None;
     // The answer is read (and so counted: Google started an upload session)
     // before anything else can fail.
-    let hooks = pipeline::Hooks {
-        resolve: pipeline::Resolve::Upload,
-        respond: pipeline::Respond::Read(FINAL_BODY_LIMIT),
-    };
-    let answered = match pipeline::run(gw, up, call, hooks).await? {
-        pipeline::Reply::Read(answered) => answered,
-        other => return Ok(ensure_final(other.into_response()?)),
+    let answered = match first_answer(gw, up, upload_call(req, edge, ver, &owner, body)).await? {
+        Ok(answered) => answered,
+        Err(refused) => return Ok(refused),
     };
     // Nothing is recorded of a start whose answer could not be read whole.
     answered.body()?;
@@ -439,18 +431,11 @@ async fn single_shot(
     ver: &str,
     owner: String,
 ) -> Result<HttpResponse, ApiError> {
-    let mut call = super::call_of(req, edge, FLAVOR, &owner, Bytes::new());
-    call.method = Method::POST;
-    call.path = format!("/upload/{ver}/files");
-    call.model = None;
+    let mut call = upload_call(req, edge, ver, &owner, Bytes::new());
     call.stream = Some((payload, content_length(req.headers())));
-    let hooks = pipeline::Hooks {
-        resolve: pipeline::Resolve::Upload,
-        respond: pipeline::Respond::Read(FINAL_BODY_LIMIT),
-    };
-    let answered = match pipeline::run(gw, up, call, hooks).await? {
-        pipeline::Reply::Read(answered) => answered,
-        other => return Ok(ensure_final(other.into_response()?)),
+    let answered = match first_answer(gw, up, call).await? {
+        Ok(answered) => answered,
+        Err(refused) => return Ok(refused),
     };
     let (key, status, headers) = (answered.key, answered.status, answered.headers);
     let body = answered.body.unwrap_or_default();
@@ -463,6 +448,34 @@ async fn single_shot(
         .retry_after(1));
     }
     Ok(buffered_back(status, &headers, body))
+}
+
+/// The first request of an upload (a resumable start, or a single-shot
+/// upload whole), for the upload's session or token binding.
+fn upload_call(req: &HttpRequest, edge: &Edge, ver: &str, owner: &str, body: Bytes) -> Call {
+    Call {
+        method: Method::POST,
+        path: format!("/upload/{ver}/files"),
+        model: None,
+        ..super::call_of(req, edge, FLAVOR, owner, body)
+    }
+}
+
+/// An upload's first request sent on its key: the answer read whole, or
+/// the client's answer now (Google's refusal, `final`).
+async fn first_answer(
+    gw: &Gateway,
+    up: &Upstream,
+    call: Call,
+) -> Result<Result<pipeline::Answered, HttpResponse>, ApiError> {
+    let hooks = pipeline::Hooks {
+        resolve: pipeline::Resolve::Upload,
+        respond: pipeline::Respond::Read(FINAL_BODY_LIMIT),
+    };
+    Ok(match pipeline::run(gw, up, call, hooks).await? {
+        pipeline::Reply::Read(answered) => Ok(answered),
+        other => Err(ensure_final(other.into_response()?)),
+    })
 }
 
 /// Every error on the upload path says `x-goog-upload-status: final`, or the
