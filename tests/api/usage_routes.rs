@@ -261,6 +261,9 @@ async fn a_cache_create_and_a_generate_on_the_cache_are_counted() {
         read["usageMetadata"]["totalTokenCount"].as_u64().unwrap() > 0,
         "{read}"
     );
+    // A list asks each listed cache's owner: one call per cache.
+    let list = p.json(1, "GET", "/v1beta/cachedContents", None).await;
+    assert_eq!(list["cachedContents"][0]["name"], name, "{list}");
     p.assert_counted().await;
 }
 
