@@ -4,7 +4,6 @@
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
-use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 use super::Edge;
@@ -12,7 +11,7 @@ use crate::domain::files;
 use crate::domain::gateway::Gateway;
 use crate::domain::resources::{self, Kind};
 use crate::http::error::{ApiError, Flavor};
-use crate::http::pipeline::{self, Call};
+use crate::http::pipeline;
 use crate::upstream::client::Upstream;
 
 fn not_found(name: &str) -> ApiError {
@@ -57,8 +56,7 @@ pub async fn handle(
                 .keys
                 .by_id(&record.key)
                 .ok_or_else(|| crate::http::error::gone_key(&[name.as_str()]))?;
-            let mut c = super::call_of(req, edge, Flavor::Gemini, &token.id, Bytes::new());
-            c.model = None;
+            let c = super::call_of(req, edge, Flavor::Gemini, &token.id, Bytes::new());
             let hooks = pipeline::Hooks {
                 resolve: pipeline::Resolve::Only(key),
                 respond: pipeline::Respond::Stream,
@@ -96,35 +94,12 @@ async fn list(
     let records = files::owners(gw.store(), &page)
         .await
         .map_err(pipeline::store_down)?;
-    let fetches = page.iter().zip(records).map(|(name, record)| async move {
-        let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
-        let mut c = Call::new(
-            Flavor::Gemini,
-            Method::GET,
-            format!("/{ver}/{name}"),
-            token_id,
-        );
-        c.headers = req.headers().clone();
-        c.trail = super::trail_of(req);
-        let hooks = pipeline::Hooks {
-            resolve: pipeline::Resolve::Only(key),
-            respond: pipeline::Respond::Read(1 << 20),
-        };
-        match pipeline::run(gw, up, c, hooks).await.ok()? {
-            pipeline::Reply::Read(answered) => {
-                serde_json::from_slice::<Value>(answered.body.as_ref()?).ok()
-            }
-            pipeline::Reply::Refused(refused) => {
-                let status = refused.status();
-                if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
-                    let _ = files::forget(gw.store(), name, token_id).await;
-                }
-                None
-            }
-            pipeline::Reply::Streamed(_) => None,
-        }
-    });
-    let found: Vec<Value> = join_all(fetches).await.into_iter().flatten().collect();
+    let owners = records
+        .iter()
+        .map(|r| r.as_ref().and_then(|r| gw.keys.by_id(&r.key)))
+        .collect();
+    let found =
+        super::resources::read_page(gw, up, req, ver, token_id, &page, owners, 1 << 20).await;
     let mut out = json!({});
     if !found.is_empty() {
         out["files"] = Value::Array(found);

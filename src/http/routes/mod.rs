@@ -607,7 +607,10 @@ async fn native(
         }
     }
     let (token, body) = authorized_json(gw, req, payload, edge, action.is_some()).await?;
-    let call = call_of(req, edge, flavor, &token.id, body);
+    let call = Call {
+        model: crate::domain::keys::model_from_path(&edge.path),
+        ..call_of(req, edge, flavor, &token.id, body)
+    };
     pipeline::run(gw, up, call, ROUTED_STREAM)
         .await?
         .into_response()
@@ -621,14 +624,13 @@ const ROUTED_STREAM: pipeline::Hooks = pipeline::Hooks {
 };
 
 /// The pipeline's context for a request the edge read: its path, the query
-/// it forwards, its headers, session, model (named in the path) and trail.
+/// it forwards, its headers, session and trail (the route adds its model).
 fn call_of(req: &HttpRequest, edge: &Edge, flavor: Flavor, token_id: &str, body: Bytes) -> Call {
     Call {
         query: edge.forward_query(),
         headers: req.headers().clone(),
         body,
         session: edge.session.clone(),
-        model: crate::domain::keys::model_from_path(&edge.path),
         trail: trail_of(req),
         ..Call::new(flavor, req.method().clone(), edge.path.clone(), token_id)
     }

@@ -116,7 +116,10 @@ fn not_found(name: &str) -> ApiError {
 }
 
 fn call(req: &HttpRequest, edge: &Edge, token_id: &str, body: Bytes) -> Call {
-    super::call_of(req, edge, FLAVOR, token_id, body)
+    Call {
+        model: crate::domain::keys::model_from_path(&edge.path),
+        ..super::call_of(req, edge, FLAVOR, token_id, body)
+    }
 }
 
 /// The hooks of a create: routed like any request, the answer read whole.
@@ -323,6 +326,49 @@ async fn owned(
     answered.back()
 }
 
+/// One page of a list (files or other resources), each read from its owner
+/// key concurrently, one pipeline run each, in the page's order; one that
+/// could not be read is left out, one Google no longer has (404, 403) is
+/// forgotten.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the request, the page and its owners, each used once"
+)]
+pub(super) async fn read_page(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    ver: &str,
+    token_id: &str,
+    page: &[String],
+    owners: Vec<Option<std::sync::Arc<ApiKey>>>,
+    limit: usize,
+) -> Vec<Value> {
+    let reads = page.iter().zip(owners).map(|(name, key)| async move {
+        let mut c = Call::new(FLAVOR, Method::GET, format!("/{ver}/{name}"), token_id);
+        c.headers = req.headers().clone();
+        c.trail = super::trail_of(req);
+        let hooks = pipeline::Hooks {
+            resolve: pipeline::Resolve::Only(key?),
+            respond: pipeline::Respond::Read(limit),
+        };
+        match pipeline::run(gw, up, c, hooks).await.ok()? {
+            pipeline::Reply::Read(answered) => {
+                serde_json::from_slice::<Value>(answered.body.as_ref()?).ok()
+            }
+            pipeline::Reply::Refused(refused) => {
+                let status = refused.status();
+                if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
+                    let _ = resources::forget(gw.store(), name, token_id).await;
+                }
+                None
+            }
+            pipeline::Reply::Streamed(_) => None,
+        }
+    });
+    join_all(reads).await.into_iter().flatten().collect()
+}
+
 /// The calling token's resources of one type, newest first, paged with the
 /// gateway's own page tokens (a place in the list, not an offset, so
 /// resources created meanwhile shift nothing); each fetched from its owner key concurrently.
@@ -343,31 +389,11 @@ async fn list(
     let records = resources::owners(gw.store(), &page)
         .await
         .map_err(pipeline::store_down)?;
-    let token_id = token.id.as_str();
-    let fetches = page.iter().zip(records).map(|(name, record)| async move {
-        let key = record.as_ref().and_then(|r| gw.keys.by_id(&r.key))?;
-        let mut c = Call::new(FLAVOR, Method::GET, format!("/{ver}/{name}"), token_id);
-        c.headers = req.headers().clone();
-        c.trail = super::trail_of(req);
-        let hooks = pipeline::Hooks {
-            resolve: pipeline::Resolve::Only(key),
-            respond: pipeline::Respond::Read(ANSWER_LIMIT),
-        };
-        match pipeline::run(gw, up, c, hooks).await.ok()? {
-            pipeline::Reply::Read(answered) => {
-                serde_json::from_slice::<Value>(answered.body.as_ref()?).ok()
-            }
-            pipeline::Reply::Refused(refused) => {
-                let status = refused.status();
-                if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN {
-                    let _ = resources::forget(gw.store(), name, token_id).await;
-                }
-                None
-            }
-            pipeline::Reply::Streamed(_) => None,
-        }
-    });
-    let found: Vec<Value> = join_all(fetches).await.into_iter().flatten().collect();
+    let owners = records
+        .iter()
+        .map(|r| r.as_ref().and_then(|r| gw.keys.by_id(&r.key)))
+        .collect();
+    let found = read_page(gw, up, req, ver, &token.id, &page, owners, ANSWER_LIMIT).await;
     let mut out = json!({});
     if !found.is_empty() {
         // Batches are listed as operations.

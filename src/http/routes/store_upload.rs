@@ -62,7 +62,6 @@ pub async fn start(
     let body = read_body(payload, req.headers(), gw.settings.listen.max_body_bytes).await?;
     let mut call = super::call_of(req, edge, FLAVOR, &token.id, body);
     call.method = Method::POST;
-    call.model = None;
     let hooks = pipeline::Hooks {
         resolve: pipeline::Resolve::Owner(key.clone()),
         respond: pipeline::Respond::Read(ANSWER_LIMIT),

@@ -456,7 +456,6 @@ fn upload_call(req: &HttpRequest, edge: &Edge, ver: &str, owner: &str, body: Byt
     Call {
         method: Method::POST,
         path: format!("/upload/{ver}/files"),
-        model: None,
         ..super::call_of(req, edge, FLAVOR, owner, body)
     }
 }
